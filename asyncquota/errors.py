@@ -1,0 +1,172 @@
+"""The errors asyncquota raises to callers: one tree, each carrying what the caller needs.
+
+Every request that enters asyncquota ends exactly once: in a response, or in one of these::
+
+    QuotaError                       base class; .reason, .priority, .tenant, .retry_after
+    ├── RejectedError                refused before reaching the upstream (nothing was sent)
+    │   ├── QueueFullError           shed from a full queue: it was the least important waiter
+    │   ├── DeadlineUnreachableError shed early: the estimated wait is longer than its deadline
+    │   └── ClosedError              the shaper is shutting down or closed
+    ├── DeadlineExceededError        its deadline passed while it waited or was in flight
+    └── UpstreamError                the upstream said no (.status, .body)
+        ├── ThrottledError           rate limited (HTTP 429): retry after .retry_after
+        ├── OverloadedError          the service is overloaded (503, 529): not your quota
+        ├── QuotaExhaustedError      out of credit or out of daily quota: retrying won't help
+        └── TransportError           no usable reply: connection refused/reset, timeout, garbage
+
+``retry_after`` is in seconds, from now, whenever asyncquota knows one (a Retry-After
+header, the queue's estimate of the wait, a cooldown in force), so a chatbot can answer
+"busy, try again in 4 s" instead of spinning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+from .priority import Priority, describe_priority
+
+__all__ = [
+    "ClosedError",
+    "DeadlineExceededError",
+    "DeadlineUnreachableError",
+    "OverloadedError",
+    "QueueFullError",
+    "QuotaError",
+    "QuotaExhaustedError",
+    "RejectedError",
+    "ThrottledError",
+    "TransportError",
+    "UpstreamError",
+]
+
+BODY_EXCERPT_CHARS = 500
+"""How much of an upstream's error body an UpstreamError keeps (enough to read, never a dump)."""
+
+
+class QuotaError(Exception):
+    """Base class of everything asyncquota raises to a caller.
+
+    Attributes:
+        reason: a short machine-readable slug (``"queue_full"``, ``"rate_limited"``, ...).
+        priority: the request's priority class (the enum where the rank has a name).
+        tenant: the request's tenant, if it had one.
+        retry_after: seconds from now after which trying again is sensible, if known.
+    """
+
+    default_reason = "quota_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        priority: Priority | int | None = None,
+        tenant: Hashable | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.priority = describe_priority(priority) if priority is not None else None
+        self.tenant = tenant
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        fields = [repr(self.message), f"reason={self.reason!r}"]
+        if self.priority is not None:
+            fields.append(f"priority={self.priority!r}")
+        if self.tenant is not None:
+            fields.append(f"tenant={self.tenant!r}")
+        if self.retry_after is not None:
+            fields.append(f"retry_after={self.retry_after:.3f}")
+        return f"{type(self).__name__}({', '.join(fields)})"
+
+
+class RejectedError(QuotaError):
+    """The request was refused before it reached the upstream; nothing was sent."""
+
+    default_reason = "rejected"
+
+
+class QueueFullError(RejectedError):
+    """The queue was full and this was its least important waiter, so it was shed."""
+
+    default_reason = "queue_full"
+
+
+class DeadlineUnreachableError(RejectedError):
+    """Shed early: the estimated wait ahead of it is longer than its deadline allows."""
+
+    default_reason = "deadline_unreachable"
+
+
+class ClosedError(RejectedError):
+    """The shaper is shutting down or closed and accepts no more work."""
+
+    default_reason = "closed"
+
+
+class DeadlineExceededError(QuotaError):
+    """The request's deadline passed while it waited, or while it was in flight."""
+
+    default_reason = "deadline_exceeded"
+
+
+class UpstreamError(QuotaError):
+    """The upstream answered with an error (or could not be reached).
+
+    Attributes:
+        status: the HTTP status, or None when no reply arrived.
+        body: at most ``BODY_EXCERPT_CHARS`` characters of the reply body, decoded leniently.
+    """
+
+    default_reason = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        body: bytes | str | None = None,
+        reason: str | None = None,
+        priority: Priority | int | None = None,
+        tenant: Hashable | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(
+            message, reason=reason, priority=priority, tenant=tenant, retry_after=retry_after
+        )
+        self.status = status
+        self.body = excerpt(body)
+
+
+class ThrottledError(UpstreamError):
+    """The upstream rate-limited this request (HTTP 429); try again after ``retry_after``."""
+
+    default_reason = "rate_limited"
+
+
+class OverloadedError(UpstreamError):
+    """The upstream service as a whole is overloaded (503, Anthropic's 529)."""
+
+    default_reason = "overloaded"
+
+
+class QuotaExhaustedError(UpstreamError):
+    """The account is out of credit or out of its daily quota: retrying will not help."""
+
+    default_reason = "quota_exhausted"
+
+
+class TransportError(UpstreamError):
+    """No usable reply: connection refused or reset, a timeout, or a body that is not HTTP."""
+
+    default_reason = "transport"
+
+
+def excerpt(body: bytes | str | None, limit: int = BODY_EXCERPT_CHARS) -> str:
+    """The first ``limit`` characters of a body, decoded leniently, marked when cut."""
+    if body is None:
+        return ""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    return text if len(text) <= limit else text[:limit] + "…"
