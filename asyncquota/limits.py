@@ -1,0 +1,384 @@
+"""Limit algorithms: how many requests may be in flight, learned from what the upstream says.
+
+A ``Limit`` is pure and synchronous. The limiter feeds it one sample per finished request
+(when the reply arrived, how long it took, how many were in flight, whether it was a
+congestion signal) and it answers with the new limit. It never waits and never reads a
+clock, so it is tested with explicit timestamps and no event loop.
+
+Three algorithms:
+
+- ``AIMD`` listens to congestion signals (429, 503/529, timeouts): the primary signal of an
+  LLM API. It slow-starts, cuts once per congestion episode, then grows additively.
+- ``Gradient`` listens to latency, against a protected no-load baseline, and also cuts on
+  congestion signals exactly like ``AIMD`` does.
+- ``Fixed`` never changes: a plain semaphore.
+
+Both adaptive algorithms share one notion of a *congestion episode*: a drop for a request
+that was sent before the last cut reports the overload that cut already answered, and no
+two cuts come within one smoothed round trip. A burst of 500 429s from one overload is one
+cut, not 500.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+__all__ = ["AIMD", "DEFAULT_RTT", "Fixed", "Gradient", "Limit"]
+
+DEFAULT_RTT = 1.0
+"""The round trip (seconds) assumed before any success was measured; it spaces cuts apart."""
+
+RTT_SMOOTHING = 0.125
+"""Weight of a new sample in the smoothed round trip (TCP's 1/8: steady, yet tracks drift)."""
+
+MIN_GRADIENT = 0.5
+"""The most one latency sample may shrink ``Gradient``'s target: noise must not collapse it."""
+
+
+class Limit(Protocol):
+    """An algorithm that decides how many requests may be in flight.
+
+    ``on_sample`` must return an integer of at least 1; the limiter takes it as its capacity.
+    """
+
+    @property
+    def limit(self) -> int:
+        """The current limit."""
+        ...
+
+    def on_sample(self, now: float, rtt: float, inflight: int, dropped: bool) -> int:
+        """Learn from one finished request and return the new limit.
+
+        Args:
+            now: when the reply (or the failure) arrived, in event-loop seconds.
+            rtt: the request's round trip in seconds; it was sent at ``now - rtt``.
+            inflight: how many requests were in flight when it ended, itself included.
+            dropped: True for a congestion signal (429, 503/529 overload, timeout).
+        """
+        ...
+
+
+class _Episodes:
+    """Tells a new congestion episode from echoes of one that was already answered.
+
+    The idea is TCP's "one reduction per window of data": the replies to requests sent
+    before a cut say nothing about the limit after it. Keeps the smoothed round trip of
+    successes too, since that is what a window is.
+    """
+
+    __slots__ = ("_last_cut", "srtt")
+
+    def __init__(self) -> None:
+        self._last_cut = -math.inf
+        self.srtt: float | None = None
+
+    def observe(self, rtt: float) -> None:
+        """Fold a successful request's round trip into the smoothed round trip."""
+        self.srtt = rtt if self.srtt is None else self.srtt + RTT_SMOOTHING * (rtt - self.srtt)
+
+    def begins(self, now: float, rtt: float) -> bool:
+        """Whether a drop opens a new episode (then it is recorded as the latest cut)."""
+        window = DEFAULT_RTT if self.srtt is None else self.srtt
+        if now - rtt < self._last_cut or now - self._last_cut < window:
+            return False
+        self._last_cut = now
+        return True
+
+
+def _check_bounds(initial: int, min_limit: int, max_limit: int) -> None:
+    if min_limit < 1:
+        raise ValueError(f"min_limit must be at least 1, not {min_limit!r}.")
+    if max_limit < min_limit:
+        raise ValueError(
+            f"max_limit ({max_limit!r}) must not be smaller than min_limit ({min_limit!r})."
+        )
+    if not min_limit <= initial <= max_limit:
+        raise ValueError(
+            f"initial ({initial!r}) must lie between min_limit ({min_limit!r}) "
+            f"and max_limit ({max_limit!r})."
+        )
+
+
+def _check_backoff(backoff_ratio: float) -> None:
+    if not 0 < backoff_ratio < 1:
+        raise ValueError(
+            f"backoff_ratio must lie strictly between 0 and 1, not {backoff_ratio!r}: "
+            "it is the share of the limit kept after a congestion signal."
+        )
+
+
+def _cut(limit: float, backoff_ratio: float, min_limit: int) -> float:
+    # Cut the published (integer) limit, the one that was in force when the upstream said no.
+    return float(max(min_limit, math.floor(int(limit) * backoff_ratio)))
+
+
+class AIMD:
+    """Additive increase, multiplicative decrease, driven by congestion signals.
+
+    Think of TCP congestion control with a 429 for a lost packet. The limit grows only
+    while it is actually used (at least half of it in flight); an idle limit proves
+    nothing, so it stays where it is.
+
+    - Slow start: each used success adds 1, so a window of ``limit`` successes doubles the
+      limit (the growth is counted in samples, not in time, so it is self-clocked), until
+      the limit reaches the slow-start threshold, which is ``max_limit`` at first.
+    - A drop that opens a new congestion episode cuts the limit to ``backoff_ratio`` of
+      itself and sets the threshold to the cut value; drops for requests sent before that
+      cut, or within one smoothed round trip of it, are echoes and are ignored.
+    - Above the threshold used successes are counted, and every full window of them
+      (``limit`` successes) adds ``increase``.
+    - Warm restart: a request sent after ``idle_reset`` seconds without any reply finds
+      the threshold lifted back to ``max_limit``. The limit itself is kept; only the
+      permission to double returns, because what the last episode taught has gone stale
+      (per-minute quotas have refilled, other clients may have left). Measuring from the
+      send time, not the reply, keeps a single slow reply at a small limit from looking
+      like a quiet spell. Finding out costs at most one more episode, hence one cut.
+
+    The limit always lies within ``[min_limit, max_limit]``.
+
+    Raises:
+        ValueError: bounds out of order, ``backoff_ratio`` outside (0, 1), or a
+            non-positive ``increase`` or ``idle_reset``.
+    """
+
+    __slots__ = (
+        "_acked",
+        "_backoff_ratio",
+        "_episodes",
+        "_idle_reset",
+        "_increase",
+        "_last_reply",
+        "_limit",
+        "_max_limit",
+        "_min_limit",
+        "_ssthresh",
+    )
+
+    def __init__(
+        self,
+        *,
+        initial: int = 20,
+        min_limit: int = 1,
+        max_limit: int = 1000,
+        backoff_ratio: float = 0.5,
+        increase: float = 1,
+        idle_reset: float = 30.0,
+    ) -> None:
+        _check_bounds(initial, min_limit, max_limit)
+        _check_backoff(backoff_ratio)
+        if not increase > 0:
+            raise ValueError(f"increase must be positive, not {increase!r}.")
+        if not idle_reset > 0:
+            raise ValueError(
+                f"idle_reset must be a positive number of seconds, not {idle_reset!r}."
+            )
+        self._min_limit = min_limit
+        self._max_limit = max_limit
+        self._backoff_ratio = backoff_ratio
+        self._increase = increase
+        self._idle_reset = idle_reset
+        self._limit = float(initial)
+        self._ssthresh = float(max_limit)
+        self._last_reply: float | None = None
+        self._acked = 0
+        self._episodes = _Episodes()
+
+    @property
+    def limit(self) -> int:
+        """The current limit."""
+        return int(self._limit)
+
+    @property
+    def ssthresh(self) -> int:
+        """The slow-start threshold: below it the limit doubles per window, above it adds."""
+        return int(self._ssthresh)
+
+    def on_sample(self, now: float, rtt: float, inflight: int, dropped: bool) -> int:
+        """Learn from one finished request and return the new limit (see ``Limit``)."""
+        if self._last_reply is not None and now - rtt - self._last_reply >= self._idle_reset:
+            self._ssthresh = float(self._max_limit)
+        self._last_reply = now
+        if dropped:
+            if self._episodes.begins(now, rtt):
+                self._limit = _cut(self._limit, self._backoff_ratio, self._min_limit)
+                self._ssthresh = self._limit
+                self._acked = 0
+            return int(self._limit)
+        self._episodes.observe(rtt)
+        limit = int(self._limit)
+        if inflight * 2 < limit:
+            return limit
+        if self._limit < self._ssthresh:
+            self._limit = min(self._limit + 1.0, self._ssthresh)
+        else:
+            self._acked += 1
+            if self._acked < limit:
+                return limit
+            self._acked = 0
+            self._limit = min(self._limit + self._increase, float(self._max_limit))
+        return int(self._limit)
+
+    def __repr__(self) -> str:
+        return (
+            f"AIMD(limit={self.limit}, ssthresh={self.ssthresh}, "
+            f"min_limit={self._min_limit}, max_limit={self._max_limit})"
+        )
+
+
+class Gradient:
+    """A latency-driven limit, after Envoy's gradient controller and Netflix's Gradient2.
+
+    The idea: while replies come back about as fast as they do with no load, the upstream
+    has room, so the limit grows by a queue allowance (``sqrt(limit)``); when they slow
+    down beyond ``tolerance`` times that, requests are queueing upstream, so the limit
+    shrinks in proportion::
+
+        gradient = clamp(baseline * tolerance / rtt, 0.5, 1)
+        target   = limit * gradient + sqrt(limit)
+        limit    = (1 - smoothing) * limit + smoothing * target
+
+    The *baseline* is the no-load round trip, and it is protected against creeping up
+    under load (which would make any load look normal). It falls at once to any faster
+    reply. It rises only when a whole re-measure window (``baseline_window`` seconds)
+    never came within ``tolerance`` of it: then the upstream itself got slower, not busier
+    (our own queueing would have been cut back and shown a fast reply), and the baseline
+    takes that window's fastest reply. A steady moderate load therefore leaves it alone.
+
+    Like ``AIMD``, the limit does not move while less than half of it is in flight, and a
+    congestion signal cuts it by ``backoff_ratio`` once per congestion episode. It always
+    lies within ``[min_limit, max_limit]``. Latency is the weaker signal for LLM APIs
+    (it scales with output length), so prefer ``AIMD`` unless the upstream never says 429.
+
+    Raises:
+        ValueError: bounds out of order, ``smoothing`` outside (0, 1], ``tolerance`` below
+            1, ``backoff_ratio`` outside (0, 1), or a non-positive ``baseline_window``.
+    """
+
+    __slots__ = (
+        "_backoff_ratio",
+        "_baseline",
+        "_baseline_window",
+        "_episodes",
+        "_limit",
+        "_max_limit",
+        "_min_limit",
+        "_smoothing",
+        "_tolerance",
+        "_window_min",
+        "_window_start",
+    )
+
+    def __init__(
+        self,
+        *,
+        initial: int = 20,
+        min_limit: int = 1,
+        max_limit: int = 1000,
+        smoothing: float = 0.2,
+        tolerance: float = 2.0,
+        baseline_window: float = 60.0,
+        backoff_ratio: float = 0.5,
+    ) -> None:
+        _check_bounds(initial, min_limit, max_limit)
+        _check_backoff(backoff_ratio)
+        if not 0 < smoothing <= 1:
+            raise ValueError(
+                f"smoothing must lie in (0, 1], not {smoothing!r}: it is the weight of "
+                "each new target in the limit."
+            )
+        if not tolerance >= 1:
+            raise ValueError(
+                f"tolerance must be at least 1, not {tolerance!r}: it is how many times "
+                "the no-load round trip still counts as unloaded."
+            )
+        if not baseline_window > 0:
+            raise ValueError(
+                f"baseline_window must be a positive number of seconds, not {baseline_window!r}."
+            )
+        self._min_limit = min_limit
+        self._max_limit = max_limit
+        self._smoothing = smoothing
+        self._tolerance = tolerance
+        self._baseline_window = baseline_window
+        self._backoff_ratio = backoff_ratio
+        self._limit = float(initial)
+        self._baseline: float | None = None
+        self._window_start: float | None = None
+        self._window_min = math.inf
+        self._episodes = _Episodes()
+
+    @property
+    def limit(self) -> int:
+        """The current limit."""
+        return int(self._limit)
+
+    @property
+    def baseline(self) -> float | None:
+        """The protected no-load round trip in seconds, or None before the first success."""
+        return self._baseline
+
+    def on_sample(self, now: float, rtt: float, inflight: int, dropped: bool) -> int:
+        """Learn from one finished request and return the new limit (see ``Limit``)."""
+        if dropped:
+            if self._episodes.begins(now, rtt):
+                self._limit = _cut(self._limit, self._backoff_ratio, self._min_limit)
+            return int(self._limit)
+        self._episodes.observe(rtt)
+        baseline = self._measure(now, rtt)
+        if inflight * 2 < int(self._limit):
+            return int(self._limit)
+        allowed = baseline * self._tolerance
+        gradient = 1.0 if rtt <= allowed else max(MIN_GRADIENT, allowed / rtt)
+        target = self._limit * gradient + math.sqrt(self._limit)
+        smoothed = self._limit + self._smoothing * (target - self._limit)
+        self._limit = min(float(self._max_limit), max(float(self._min_limit), smoothed))
+        return int(self._limit)
+
+    def _measure(self, now: float, rtt: float) -> float:
+        """Fold a success into the baseline and its re-measure window; return the baseline."""
+        baseline = rtt if self._baseline is None else min(self._baseline, rtt)
+        if self._window_start is None:
+            self._window_start = now
+        self._window_min = min(self._window_min, rtt)
+        if now - self._window_start >= self._baseline_window:
+            if self._window_min > baseline * self._tolerance:
+                baseline = self._window_min
+            self._window_start = now
+            self._window_min = math.inf
+        self._baseline = baseline
+        return baseline
+
+    def __repr__(self) -> str:
+        baseline = "None" if self._baseline is None else f"{self._baseline:.3f}"
+        return (
+            f"Gradient(limit={self.limit}, baseline={baseline}, "
+            f"min_limit={self._min_limit}, max_limit={self._max_limit})"
+        )
+
+
+class Fixed:
+    """A limit that never changes: the limiter then behaves as a plain FIFO semaphore.
+
+    Raises:
+        ValueError: a limit below 1.
+    """
+
+    __slots__ = ("_limit",)
+
+    def __init__(self, limit: int) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"A fixed limit must be an integer of at least 1, not {limit!r}.")
+        self._limit = limit
+
+    @property
+    def limit(self) -> int:
+        """The limit, as configured."""
+        return self._limit
+
+    def on_sample(self, now: float, rtt: float, inflight: int, dropped: bool) -> int:
+        """Ignore the sample; the limit stays what it was."""
+        return self._limit
+
+    def __repr__(self) -> str:
+        return f"Fixed({self._limit})"
