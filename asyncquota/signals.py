@@ -1,0 +1,736 @@
+"""Reading what the upstream says: Retry-After, rate-limit headers, error bodies.
+
+Every reply from an LLM API carries hints about the quota behind it, in dialects that
+differ by provider: OpenAI's ``x-ratelimit-*`` headers with Go durations, Anthropic's
+``anthropic-ratelimit-*`` headers with RFC 3339 timestamps, Gemini's ``RetryInfo`` and
+``QuotaFailure`` details inside the error body, ``retry-after-ms`` and ``retry-after`` in
+seconds or as an HTTP date. This module turns them into three plain answers:
+
+- :func:`parse_retry_after`: how long the upstream asked us to wait;
+- :func:`parse_rate_limit_headers`: how much quota is left, per window, as a
+  :class:`QuotaSnapshot`;
+- :func:`classify_error_body`: what kind of reply this is (an :class:`Outcome`): success,
+  rate limited, out of quota, overloaded, a transient failure, or a refusal.
+
+Everything here is pure and synchronous, takes ``now`` (Unix seconds) where a timestamp
+must be resolved, and never raises on any input: what cannot be read is reported as
+``None`` ("the upstream told us nothing"). It runs on every response, so each call builds
+one lowercase view of the headers and uses precompiled patterns.
+
+Headers may be any ``Mapping[str, str]`` (a dict, aiohttp's ``CIMultiDictProxy``) or an
+iterable of ``(name, value)`` pairs; names are matched case-insensitively and, when a
+name repeats, its first value wins. Pairs that are not two strings are skipped.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
+from typing import Literal, TypeAlias, cast
+
+import orjson
+
+__all__ = [
+    "MAX_RETRY_AFTER",
+    "MESSAGE_EXCERPT_CHARS",
+    "Classification",
+    "HeadersLike",
+    "Outcome",
+    "Provider",
+    "QuotaSnapshot",
+    "QuotaWindow",
+    "classify_error_body",
+    "classify_stream_event",
+    "parse_duration",
+    "parse_rate_limit_headers",
+    "parse_retry_after",
+]
+
+MAX_RETRY_AFTER = 86_400.0
+"""The longest wait (seconds) any hint is taken at: a day, the longest quota window
+(per-day limits) any provider documents. A larger value is clamped to it, so a bogus
+header cannot park the fleet for a year, while long legitimate waits are still honoured
+(unlike the SDKs, which ignore anything past 60 s)."""
+
+MESSAGE_EXCERPT_CHARS = 300
+"""How much of a provider's error message a :class:`Classification` keeps."""
+
+MAX_BODY_CHARS = 64 * 1024
+"""Bodies longer than this are not parsed: provider error reports are a few hundred bytes,
+and a long 200 body is a completion, not an error, so skipping it keeps success cheap."""
+
+HeadersLike: TypeAlias = Mapping[str, str] | Iterable[tuple[str, str]]
+"""Reply headers: a mapping (plain or case-insensitive multidict) or ``(name, value)`` pairs."""
+
+Provider: TypeAlias = Literal["openai", "anthropic"]
+"""The rate-limit header dialect seen in a reply."""
+
+# ASCII so that float() never sees other scripts' digits, which it would happily accept.
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+# Go's two micro signs (U+00B5, U+03BC) are both accepted, as Go does.
+_DURATION_PARTS = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)", re.ASCII)
+_DURATION = re.compile(rf"(?:{_DURATION_PARTS.pattern})+", re.ASCII)
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?(?:[Zz]|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,
+)
+
+
+def _lower_view(headers: HeadersLike | None) -> dict[str, str]:
+    """Header names lowercased, first value of each; anything malformed is skipped."""
+    view: dict[str, str] = {}
+    if headers is None:
+        return view
+    try:
+        items: Iterable[object] = headers.items() if isinstance(headers, Mapping) else headers
+        for item in items:
+            try:
+                name, value = cast("tuple[object, object]", item)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(name, str) and isinstance(value, str):
+                view.setdefault(name.lower(), value)
+    except TypeError:
+        # Not iterable at all: the caller handed us something that is not headers.
+        return view
+    return view
+
+
+def _clamp(seconds: float) -> float:
+    return seconds if seconds <= MAX_RETRY_AFTER else MAX_RETRY_AFTER
+
+
+def _non_negative_number(text: str) -> float | None:
+    """A plain decimal number ≥ 0; None for garbage, negatives, and the words nan/inf.
+
+    A number too large for a float comes back as ``inf``; callers clamp it.
+    """
+    text = text.strip()
+    if not _NUMBER.fullmatch(text):
+        return None
+    value = float(text)
+    return value if value >= 0.0 else None
+
+
+def _http_date(text: str) -> float | None:
+    """An HTTP date (IMF-fixdate, RFC 850 or asctime) as Unix seconds, else None."""
+    try:
+        when = parsedate_to_datetime(text)
+    except (ValueError, TypeError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        # asctime carries no zone and "-0000" means "zone unknown": HTTP dates are GMT.
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _rfc3339(text: str) -> float | None:
+    """An RFC 3339 timestamp (``2026-11-27T22:40:05.5+02:00``) as Unix seconds, else None."""
+    match = _RFC3339.fullmatch(text.strip())
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, fraction, sign, off_h, off_m = match.groups()
+    leap = 1 if second == "60" else 0  # RFC 3339 allows a leap second; datetime does not
+    try:
+        zone = UTC
+        if sign is not None:
+            offset = timedelta(hours=int(off_h), minutes=int(off_m))
+            zone = timezone(offset if sign == "+" else -offset)
+        when = datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour),
+            int(minute),
+            int(second) - leap,
+            tzinfo=zone,
+        )
+        return when.timestamp() + leap + (float(fraction) if fraction else 0.0)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _until(timestamp: float, now: float) -> float | None:
+    """Seconds from ``now`` until ``timestamp``: 0.0 if it has passed, clamped, None if NaN."""
+    delta = timestamp - now
+    if math.isnan(delta):
+        return None
+    return _clamp(max(delta, 0.0))
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in a Go-style duration (``1s``, ``20ms``, ``6m0s``, ``1h2m3.5s``), or None.
+
+    OpenAI writes its ``x-ratelimit-reset-*`` headers this way, Gemini its ``retryDelay``.
+    Units are ``h``, ``m``, ``s``, ``ms``, ``us``/``µs``/``μs`` and ``ns``, case-sensitive
+    as in Go; fractions (``0.5s``, ``.5s``) are fine. A plain number (``"12"``,
+    ``"1.5"``) is taken as seconds, which is what OpenAI-compatible servers often send.
+    Negative durations, NaN, infinities and anything else come back as None. The value is
+    not clamped: callers decide how long is too long.
+    """
+    text = text.strip()
+    seconds = _non_negative_number(text)
+    if seconds is None:
+        if not _DURATION.fullmatch(text):
+            return None
+        seconds = 0.0
+        for amount, unit in _DURATION_PARTS.findall(text):
+            seconds += float(amount) * _DURATION_UNITS[unit]
+    return seconds if math.isfinite(seconds) else None
+
+
+def _retry_after(view: Mapping[str, str], now: float | None) -> float | None:
+    """The rules of :func:`parse_retry_after`, on an already lowercased view."""
+    text = view.get("retry-after-ms")
+    if text is not None:
+        millis = _non_negative_number(text)
+        if millis is not None:
+            return _clamp(millis / 1000.0)
+    text = view.get("retry-after")
+    if text is None:
+        return None
+    seconds = _non_negative_number(text)
+    if seconds is not None:
+        return _clamp(seconds)
+    if now is None:
+        return None
+    timestamp = _http_date(text)
+    return None if timestamp is None else _until(timestamp, now)
+
+
+def parse_retry_after(headers: HeadersLike, *, now: float) -> float | None:
+    """How many seconds the upstream asked us to wait, or None if it did not say.
+
+    The rules, in order (the same as the OpenAI SDK's, minus its 60 s cap):
+
+    1. ``retry-after-ms``: a number of milliseconds (fractions allowed). If it is missing,
+       negative or garbage, the next rule is tried.
+    2. ``retry-after`` as a number of seconds (fractions allowed, as OpenAI sends).
+       A negative number is garbage: None.
+    3. ``retry-after`` as an HTTP date (RFC 9110 IMF-fixdate
+       ``Sun, 06 Nov 1994 08:49:37 GMT``, or the obsolete RFC 850 and asctime forms;
+       a date without a zone is GMT), resolved against ``now``. A date in the past
+       means "now": 0.0.
+
+    The words ``nan``/``inf`` and any other garbage give None; a number too large to be
+    plausible (even one too large for a float) is clamped to :data:`MAX_RETRY_AFTER`.
+
+    Args:
+        headers: the reply's headers (see the module docstring for accepted shapes).
+        now: the current time in Unix seconds, used only to resolve an HTTP date.
+    """
+    return _retry_after(_lower_view(headers), now)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaWindow:
+    """One quota window as the upstream reported it; each field None when it did not say.
+
+    Attributes:
+        limit: the window's capacity (requests or tokens).
+        remaining: how much of it is left.
+        reset_after: seconds from the snapshot's ``now`` until the window is full again
+            (not until one more request fits), within ``[0, MAX_RETRY_AFTER]``.
+    """
+
+    limit: int | None = None
+    remaining: int | None = None
+    reset_after: float | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the upstream said nothing about this window."""
+        return self.limit is None and self.remaining is None and self.reset_after is None
+
+    @property
+    def fraction_remaining(self) -> float | None:
+        """How much of the window is left, in ``[0, 1]``: 0 is exhausted, 1 is untouched.
+
+        None unless both ``limit`` and ``remaining`` are known. A zero limit counts as
+        exhausted; a remaining above the limit (Anthropic rounds remaining tokens to the
+        nearest thousand) counts as untouched.
+        """
+        if self.limit is None or self.remaining is None:
+            return None
+        if self.limit == 0:
+            return 0.0
+        return min(self.remaining, self.limit) / self.limit
+
+
+_EMPTY_WINDOW = QuotaWindow()
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaSnapshot:
+    """What one reply's headers said about the quota behind it.
+
+    Attributes:
+        requests: the request-count window (RPM, or RPD for some tiers).
+        tokens: the token window (OpenAI: all tokens; Anthropic: the combined limit).
+        input_tokens: Anthropic's input-token window.
+        output_tokens: Anthropic's output-token window.
+        provider: which header dialect was seen, None if neither.
+        retry_after: the reply's Retry-After hint (see :func:`parse_retry_after`).
+    """
+
+    requests: QuotaWindow = _EMPTY_WINDOW
+    tokens: QuotaWindow = _EMPTY_WINDOW
+    input_tokens: QuotaWindow = _EMPTY_WINDOW
+    output_tokens: QuotaWindow = _EMPTY_WINDOW
+    provider: Provider | None = None
+    retry_after: float | None = None
+
+    @property
+    def windows(self) -> tuple[QuotaWindow, QuotaWindow, QuotaWindow, QuotaWindow]:
+        """The four windows: requests, tokens, input tokens, output tokens."""
+        return (self.requests, self.tokens, self.input_tokens, self.output_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the reply carried no quota information at all (DeepSeek, Gemini)."""
+        return self.retry_after is None and all(window.is_empty for window in self.windows)
+
+    @property
+    def fraction_remaining(self) -> float | None:
+        """The tightest window's :attr:`QuotaWindow.fraction_remaining`, None if none known."""
+        fractions = [f for f in (w.fraction_remaining for w in self.windows) if f is not None]
+        return min(fractions) if fractions else None
+
+
+# (limit, remaining, reset) header names per window, precomputed once.
+_OPENAI_WINDOWS = {
+    kind: (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+    for kind in ("requests", "tokens")
+}
+_ANTHROPIC_WINDOWS = {
+    kind: (
+        f"anthropic-ratelimit-{kind}-limit",
+        f"anthropic-ratelimit-{kind}-remaining",
+        f"anthropic-ratelimit-{kind}-reset",
+    )
+    for kind in ("requests", "tokens", "input-tokens", "output-tokens")
+}
+_OPENAI_NAMES = tuple(name for names in _OPENAI_WINDOWS.values() for name in names)
+_ANTHROPIC_NAMES = tuple(name for names in _ANTHROPIC_WINDOWS.values() for name in names)
+
+
+def _count(text: str | None) -> int | None:
+    """A count ≥ 0 (``"59"``, ``"59.0"``; fractions are floored), else None.
+
+    Negatives are None: Azure sends ``-1`` to mean "unknown".
+    """
+    if text is None:
+        return None
+    value = _non_negative_number(text)
+    if value is None or math.isinf(value):
+        return None
+    return int(value)
+
+
+def _reset_after(text: str | None, now: float) -> float | None:
+    """A window reset as seconds from now: a Go duration or an RFC 3339 timestamp.
+
+    Both dialects are accepted under either provider's header names, since OpenAI-compatible
+    servers and proxies mix them; the two forms cannot be mistaken for each other.
+    """
+    if text is None:
+        return None
+    seconds = parse_duration(text)
+    if seconds is not None:
+        return _clamp(seconds)
+    timestamp = _rfc3339(text)
+    return None if timestamp is None else _until(timestamp, now)
+
+
+def _window(view: Mapping[str, str], names: tuple[str, str, str], now: float) -> QuotaWindow:
+    limit_name, remaining_name, reset_name = names
+    window = QuotaWindow(
+        limit=_count(view.get(limit_name)),
+        remaining=_count(view.get(remaining_name)),
+        reset_after=_reset_after(view.get(reset_name), now),
+    )
+    return _EMPTY_WINDOW if window.is_empty else window
+
+
+def parse_rate_limit_headers(headers: HeadersLike, *, now: float) -> QuotaSnapshot:
+    """Read the quota windows a reply's headers describe, and its Retry-After.
+
+    Two dialects are understood. If any ``anthropic-ratelimit-*`` header is present the
+    reply is read as Anthropic's (``anthropic-ratelimit-{requests,tokens,input-tokens,
+    output-tokens}-{limit,remaining,reset}``, resets as RFC 3339 timestamps resolved
+    against ``now``); otherwise, if any ``x-ratelimit-{limit,remaining,reset}-{requests,
+    tokens}`` header is present, as OpenAI's (resets as Go durations such as ``6m0s``).
+    A reset may be written in either form under either dialect.
+
+    Counts are integers ≥ 0; ``"59.0"`` is read as 59, and a negative count (Azure's
+    ``-1``) or garbage as None. Resets are seconds from ``now``, 0.0 for a reset in the
+    past, clamped to :data:`MAX_RETRY_AFTER`. Any field the reply does not carry, or
+    carries as garbage, stays None.
+
+    Args:
+        headers: the reply's headers (see the module docstring for accepted shapes).
+        now: the current time in Unix seconds, to resolve absolute timestamps.
+    """
+    view = _lower_view(headers)
+    retry_after = _retry_after(view, now)
+    if any(name in view for name in _ANTHROPIC_NAMES):
+        return QuotaSnapshot(
+            requests=_window(view, _ANTHROPIC_WINDOWS["requests"], now),
+            tokens=_window(view, _ANTHROPIC_WINDOWS["tokens"], now),
+            input_tokens=_window(view, _ANTHROPIC_WINDOWS["input-tokens"], now),
+            output_tokens=_window(view, _ANTHROPIC_WINDOWS["output-tokens"], now),
+            provider="anthropic",
+            retry_after=retry_after,
+        )
+    if any(name in view for name in _OPENAI_NAMES):
+        return QuotaSnapshot(
+            requests=_window(view, _OPENAI_WINDOWS["requests"], now),
+            tokens=_window(view, _OPENAI_WINDOWS["tokens"], now),
+            provider="openai",
+            retry_after=retry_after,
+        )
+    return QuotaSnapshot(retry_after=retry_after)
+
+
+class Outcome(enum.StrEnum):
+    """What kind of reply the upstream gave: decides retrying and congestion control."""
+
+    SUCCESS = "success"
+    """The request was served."""
+    THROTTLED = "throttled"
+    """Rate limited (429): our traffic is above our quota. Retry after a while; congestion."""
+    QUOTA_EXHAUSTED = "quota_exhausted"
+    """Out of credit, or out of a per-day quota: retrying will not help until it resets."""
+    OVERLOADED = "overloaded"
+    """The service as a whole is busy (503, 529): retry later; congestion."""
+    RETRYABLE = "retryable"
+    """A transient failure (500, 502, 504, 408, 409): retry within budget; not congestion."""
+    FATAL = "fatal"
+    """The request itself was refused (400, 401, 403, 404, 413, 422, ...): do not retry."""
+
+
+_RETRYABLE_OUTCOMES = frozenset({Outcome.THROTTLED, Outcome.OVERLOADED, Outcome.RETRYABLE})
+_CONGESTION_OUTCOMES = frozenset({Outcome.THROTTLED, Outcome.OVERLOADED})
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """What :func:`classify_error_body` made of a reply.
+
+    Attributes:
+        kind: the :class:`Outcome`.
+        retry_after: seconds to wait before trying again, if the upstream said (a
+            Retry-After header, else Gemini's ``RetryInfo.retryDelay``), within
+            ``[0, MAX_RETRY_AFTER]``.
+        code: the provider's error code or type (``"rate_limit_exceeded"``,
+            ``"overloaded_error"``, ``"RESOURCE_EXHAUSTED"``), if the body named one.
+        message: an excerpt of the provider's message, at most
+            :data:`MESSAGE_EXCERPT_CHARS` characters.
+        should_retry: OpenAI's ``x-should-retry`` header (True/False), None if absent.
+    """
+
+    kind: Outcome
+    retry_after: float | None = None
+    code: str | None = None
+    message: str | None = None
+    should_retry: bool | None = None
+
+    @property
+    def retryable(self) -> bool:
+        """Whether sending the same request again may succeed.
+
+        THROTTLED, OVERLOADED and RETRYABLE are; SUCCESS, QUOTA_EXHAUSTED and FATAL are
+        not. An ``x-should-retry`` header overrides this for every outcome except SUCCESS
+        (nothing to retry) and QUOTA_EXHAUSTED (an explicit "out of credit" or "daily
+        quota gone" is more specific than a generic hint). Retry-After and the retry
+        budget still decide when, and whether, a retry is sent.
+        """
+        if self.kind is Outcome.SUCCESS or self.kind is Outcome.QUOTA_EXHAUSTED:
+            return False
+        if self.should_retry is not None:
+            return self.should_retry
+        return self.kind in _RETRYABLE_OUTCOMES
+
+    @property
+    def congestion(self) -> bool:
+        """Whether this reply says "too much traffic" (THROTTLED or OVERLOADED).
+
+        A congestion signal should cut the concurrency limit; a RETRYABLE failure should not.
+        """
+        return self.kind in _CONGESTION_OUTCOMES
+
+
+_SUCCESS = Classification(Outcome.SUCCESS)
+
+# Provider error codes/types/statuses (lowercased) that name the outcome outright.
+_QUOTA_NAMES = frozenset(
+    {"insufficient_quota", "billing_error", "billing_hard_limit_reached", "billing_not_active"}
+)
+_THROTTLED_NAMES = frozenset({"rate_limit_exceeded", "rate_limit_error", "resource_exhausted"})
+_OVERLOADED_NAMES = frozenset({"overloaded_error"})
+_RETRYABLE_NAMES = frozenset(
+    {"api_error", "server_error", "internal", "timeout_error", "deadline_exceeded"}
+)
+_PER_DAY = re.compile(r"per[_-]?day", re.IGNORECASE)
+# Anthropic reports an empty balance as a 400 invalid_request_error with this message.
+_NO_CREDIT = re.compile(r"credit balance is too low", re.IGNORECASE)
+# OpenAI answers a single request larger than the whole TPM window with a 429
+# rate_limit_exceeded that no amount of waiting will cure.
+_TOO_LARGE = re.compile(r"\s*request too large", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class _Report:
+    """What a provider's error body says, whatever its shape."""
+
+    names: frozenset[str]  # lowercased code / type / status strings
+    code: str | None
+    message: str | None
+    is_error: bool  # an "error" key, or Anthropic's top-level "type": "error"
+    is_envelope: bool  # Anthropic's top-level "type": "error"
+    per_day: bool  # a Gemini QuotaFailure naming a per-day quota
+    retry_delay: float | None  # Gemini RetryInfo.retryDelay
+
+
+def _excerpt(text: object) -> str | None:
+    if not isinstance(text, str):
+        return None
+    text = text.strip()
+    if not text:
+        return None
+    if len(text) <= MESSAGE_EXCERPT_CHARS:
+        return text
+    return text[: MESSAGE_EXCERPT_CHARS - 1] + "…"
+
+
+def _load(body: bytes | str | None) -> object:
+    if not body or len(body) > MAX_BODY_CHARS:
+        return None
+    try:
+        return orjson.loads(body)
+    except (orjson.JSONDecodeError, TypeError):
+        return None
+
+
+def _read_details(details: object) -> tuple[bool, float | None]:
+    """Gemini's ``error.details``: (a per-day quota failed, the RetryInfo delay)."""
+    per_day = False
+    retry_delay = None
+    if not isinstance(details, list):
+        return per_day, retry_delay
+    for detail in details:
+        if not isinstance(detail, dict):
+            continue
+        kind = detail.get("@type")
+        if not isinstance(kind, str):
+            continue
+        if kind.endswith("google.rpc.RetryInfo"):
+            delay = detail.get("retryDelay")
+            if isinstance(delay, str) and retry_delay is None:
+                seconds = parse_duration(delay)
+                retry_delay = None if seconds is None else _clamp(seconds)
+        elif kind.endswith("google.rpc.QuotaFailure"):
+            violations = detail.get("violations")
+            if isinstance(violations, list):
+                per_day = per_day or any(
+                    isinstance(v, dict)
+                    and any(
+                        isinstance(v.get(key), str) and _PER_DAY.search(v[key]) is not None
+                        for key in ("quotaId", "quotaMetric")
+                    )
+                    for v in violations
+                )
+    return per_day, retry_delay
+
+
+def _read(body: bytes | str | None) -> _Report | None:
+    """Whatever error report a body holds (OpenAI, Anthropic, Gemini, or a list of them)."""
+    doc = _load(body)
+    if isinstance(doc, list):
+        # Gemini sometimes wraps its error object in a list.
+        doc = next((item for item in doc if isinstance(item, dict)), None)
+    if not isinstance(doc, dict):
+        return None
+    is_envelope = doc.get("type") == "error"
+    error = doc.get("error")
+    source = error if isinstance(error, dict) else doc
+    # Most specific first: OpenAI's code, Gemini's status, then the type (Anthropic's only).
+    names = [
+        name
+        for name in (source.get("code"), source.get("status"), source.get("type"))
+        # Anthropic's envelope says "type": "error" at the top; that names no error.
+        if isinstance(name, str) and name and name != "error"
+    ]
+    message = source.get("message")
+    if message is None:
+        message = error if isinstance(error, str) else doc.get("detail")
+    per_day, retry_delay = _read_details(source.get("details"))
+    return _Report(
+        names=frozenset(name.lower() for name in names),
+        code=_excerpt(names[0]) if names else None,
+        message=_excerpt(message),
+        is_error=error is not None or is_envelope,
+        is_envelope=is_envelope,
+        per_day=per_day,
+        retry_delay=retry_delay,
+    )
+
+
+def _named_outcome(report: _Report) -> Outcome | None:
+    """The outcome the body names outright, if it names one."""
+    names = report.names
+    message = report.message or ""
+    if (
+        report.per_day
+        or not names.isdisjoint(_QUOTA_NAMES)
+        or _NO_CREDIT.search(message) is not None
+    ):
+        return Outcome.QUOTA_EXHAUSTED
+    if not names.isdisjoint(_OVERLOADED_NAMES):
+        return Outcome.OVERLOADED
+    if not names.isdisjoint(_THROTTLED_NAMES):
+        return Outcome.FATAL if _TOO_LARGE.match(message) else Outcome.THROTTLED
+    if not names.isdisjoint(_RETRYABLE_NAMES):
+        return Outcome.RETRYABLE
+    return None
+
+
+def _status_outcome(status: int) -> Outcome:
+    """The outcome the HTTP status alone implies."""
+    if 200 <= status < 300:
+        return Outcome.SUCCESS
+    if status == 429:
+        return Outcome.THROTTLED
+    if status == 402:
+        return Outcome.QUOTA_EXHAUSTED
+    if status in (503, 529):
+        return Outcome.OVERLOADED
+    # 408 (the server timed out waiting for us) and 409 (OpenAI's lock timeout) are
+    # retried by the official SDKs, like every 5xx.
+    if status in (408, 409) or 500 <= status < 600:
+        return Outcome.RETRYABLE
+    return Outcome.FATAL
+
+
+_BOOLEANS = {"true": True, "false": False}
+
+
+def _should_retry(view: Mapping[str, str]) -> bool | None:
+    text = view.get("x-should-retry")
+    if text is None:
+        return None
+    return _BOOLEANS.get(text.strip().lower())
+
+
+def _may_hold_error(body: bytes | str | None) -> bool:
+    # A cheap scan before parsing a 200 body: an error report has an "error" key.
+    if isinstance(body, bytes):
+        return b'"error"' in body
+    return isinstance(body, str) and '"error"' in body
+
+
+def classify_error_body(
+    status: int,
+    body: bytes | str | None,
+    headers: HeadersLike | None = None,
+    *,
+    now: float | None = None,
+) -> Classification:
+    """Tell what kind of reply this is, and what the upstream said about retrying.
+
+    The status decides, refined by the body:
+
+    - 2xx is SUCCESS, unless the body is a JSON object with ``"type": "error"``
+      (Anthropic reports ``overloaded_error`` that way inside a 200); then the body's
+      error type decides, and an unknown one is FATAL.
+    - 429 is THROTTLED; 402 is QUOTA_EXHAUSTED; 503 and 529 are OVERLOADED.
+    - 408, 409 and the other 5xx are RETRYABLE: transient, but not congestion. A 504 is a
+      proxy's timeout, usually a long generation rather than a busy service, so it does not
+      cut the concurrency limit; a 408 is our own connection idling out.
+    - Any other status (other 4xx, 1xx, 3xx, nonsense) is FATAL.
+
+    A body that names its error overrides the status: OpenAI ``insufficient_quota`` (as
+    type or code, even on a 429), billing errors, Anthropic's "credit balance is too
+    low" and a Gemini ``QuotaFailure`` naming a per-day quota are QUOTA_EXHAUSTED;
+    ``overloaded_error`` is OVERLOADED; ``rate_limit_exceeded``, ``rate_limit_error``
+    and Gemini's other ``RESOURCE_EXHAUSTED`` are THROTTLED, except OpenAI's "Request too
+    large" (one request above the whole window: waiting never helps), which is FATAL.
+    Generic server-error names never override the status.
+
+    ``retry_after`` comes from the headers (the rules of :func:`parse_retry_after`; an
+    HTTP date needs ``now``, numbers do not), else from Gemini's ``RetryInfo.retryDelay``.
+    ``x-should-retry`` is kept in ``should_retry`` and overrides
+    :attr:`Classification.retryable` (see there). Nothing here raises: an empty, HTML or
+    otherwise unreadable body leaves the status to decide alone.
+
+    Args:
+        status: the HTTP status code.
+        body: the reply body (only bodies up to :data:`MAX_BODY_CHARS` are parsed).
+        headers: the reply's headers, if at hand.
+        now: the current time in Unix seconds, to resolve a Retry-After date.
+    """
+    report: _Report | None
+    if 200 <= status < 300:
+        report = _read(body) if _may_hold_error(body) else None
+        if report is None or not report.is_envelope:
+            return _SUCCESS
+        kind = _named_outcome(report) or Outcome.FATAL
+    else:
+        report = _read(body)
+        named = _named_outcome(report) if report is not None else None
+        kind = (
+            named
+            if named is not None and named is not Outcome.RETRYABLE
+            else _status_outcome(status)
+        )
+    view = _lower_view(headers)
+    retry_after = _retry_after(view, now)
+    if retry_after is None and report is not None:
+        retry_after = report.retry_delay
+    return Classification(
+        kind,
+        retry_after=retry_after,
+        code=report.code if report is not None else None,
+        message=report.message if report is not None else None,
+        should_retry=_should_retry(view),
+    )
+
+
+def classify_stream_event(data: bytes | str) -> Classification | None:
+    """Classify one server-sent event's ``data:`` payload, or None if it is not an error.
+
+    Anthropic reports trouble in the middle of a 200 stream as
+    ``{"type": "error", "error": {"type": "overloaded_error", "message": ...}}``;
+    OpenAI-compatible servers as ``{"error": {...}}``. The error's name decides as in
+    :func:`classify_error_body` (``overloaded_error`` → OVERLOADED, ``rate_limit_error``
+    → THROTTLED, ``api_error`` → RETRYABLE, ...); an error with an unknown name is FATAL.
+    Ordinary events, ``[DONE]`` and garbage give None.
+    """
+    report = _read(data)
+    if report is None or not report.is_error:
+        return None
+    return Classification(
+        _named_outcome(report) or Outcome.FATAL,
+        retry_after=report.retry_delay,
+        code=report.code,
+        message=report.message,
+    )
