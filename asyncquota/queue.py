@@ -1,0 +1,703 @@
+"""The shared waiting room: the one place where the order of requests is decided.
+
+Callers ``push`` a waiter and await its ``future``; a single dispatcher ``pop``s the head
+when the gates open and calls ``Waiter.admit``. Nothing after the queue reorders, so the
+order decided here is the order the upstream sees:
+
+1. **strict between classes**: a waiter of a more important class (smaller rank) always
+   goes before any waiter of a less important one;
+2. **round robin between tenants within a class**: the tenants of a class take turns, one
+   waiter each, so a tenant with 10 000 waiters delays another tenant by at most one round;
+3. **oldest first within a tenant**: by ``enqueued_at``, then arrival, so a retry that
+   re-enters with its original ``enqueued_at`` goes before the newer waiters of its tenant.
+
+The queue also ends waiters itself, each exactly once: at its deadline (one timer for the
+whole queue), when the queue is full (the least important waiter is shed), and on
+``close``. A caller who gives up cancels the future (or its task is cancelled while
+awaiting it), and the waiter leaves.
+
+Shape: a sorted list of the ranks present; per class an ordered ring of tenants (the
+round robin) and the tenants grouped by how many waiters each has (for the heaviest tenant
+to shed from, and for ``ahead_of``); per tenant a deque in age order plus a heap for the
+few that arrive out of order; one heap of deadlines behind one timer. A waiter that
+leaves from the middle is dropped lazily from those containers, which are rebuilt when
+dead entries dominate; the counts themselves are always exact. Push, pop and shed are O(log n) at
+worst, O(1) for waiters that arrive in age order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import contextvars
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from heapq import heapify, heappop, heappush
+from typing import Generic, NoReturn, TypeVar
+
+from .errors import ClosedError, DeadlineExceededError, QueueFullError
+from .priority import Priority, PriorityLike, coerce_priority, describe_priority
+
+__all__ = ["PriorityQueue", "QueueStatistics", "Waiter"]
+
+T = TypeVar("T")
+
+_SLACK = 32
+"""Dead heap entries tolerated beyond the live ones before a heap is rebuilt."""
+
+
+class Waiter(Generic[T]):
+    """One place in the queue: a payload, its rank and age, and the future its caller awaits.
+
+    The future is resolved by ``admit`` (after the dispatcher popped the waiter), failed by
+    the queue (shed, deadline, close), or cancelled by the caller, which takes the waiter
+    out of the queue: out of the counts when the loop runs the future's callbacks (the
+    same iteration in which a cancelled caller resumes), and never popped even before.
+
+    Attributes:
+        item: the payload (the Shaper's request ticket).
+        priority: the integer rank; smaller is more important.
+        tenant: whose request it is; ``None`` is a tenant like any other.
+        enqueued_at: loop time it first entered the queue (a retry keeps its original one).
+        deadline: absolute loop time after which it is of no use, or None.
+        future: resolves to None when admitted.
+    """
+
+    __slots__ = ("_seq", "_slot", "deadline", "enqueued_at", "future", "item", "priority", "tenant")
+
+    def __init__(
+        self,
+        slot: _Tenant[T],
+        seq: int,
+        item: T,
+        priority: int,
+        tenant: Hashable | None,
+        enqueued_at: float,
+        deadline: float | None,
+        future: asyncio.Future[None],
+    ) -> None:
+        self._slot: _Tenant[T] | None = slot
+        self._seq = seq  # arrival number: breaks ties of age
+        self.item = item
+        self.priority = priority
+        self.tenant = tenant
+        self.enqueued_at = enqueued_at
+        self.deadline = deadline
+        self.future = future
+
+    def admit(self) -> bool:
+        """Let the caller go on; False if the caller already left (it was cancelled).
+
+        Raises:
+            RuntimeError: the waiter is still queued (admit only what ``pop`` returned).
+        """
+        if self._slot is not None:
+            raise RuntimeError("Only a popped waiter can be admitted; this one is still queued.")
+        if self.future.done():
+            return False
+        self.future.set_result(None)
+        return True
+
+    def __repr__(self) -> str:
+        state = "queued" if self._slot is not None else "left"
+        deadline = "" if self.deadline is None else f" deadline={self.deadline:.3f}"
+        return (
+            f"<Waiter {_class_name(self.priority)} tenant={self.tenant!r} "
+            f"enqueued_at={self.enqueued_at:.3f}{deadline} {state}>"
+        )
+
+
+_Late = tuple[float, int, Waiter[T]]
+"""A heap entry for a waiter that arrived out of age order: ``(enqueued_at, seq, waiter)``."""
+
+
+class _Tenant(Generic[T]):
+    """One tenant's waiters within one class, oldest first.
+
+    Nearly every waiter arrives younger than all its tenant's others (``enqueued_at`` is
+    now), so those sit in a deque in age order: O(1) at both ends. Only a waiter that
+    arrives older than the youngest (a retry with its original age) goes to a heap, and
+    in a bounded queue to a max-heap as well, to find the newest to shed.
+    """
+
+    __slots__ = ("cls", "in_order", "key", "late", "late_newest", "live")
+
+    def __init__(self, cls: _Class[T], key: Hashable | None) -> None:
+        self.cls = cls
+        self.key = key
+        self.live = 0
+        self.in_order: deque[Waiter[T]] = deque()
+        self.late: list[_Late[T]] = []
+        self.late_newest: list[_Late[T]] = []  # keys negated
+
+    def add(self, waiter: Waiter[T], bounded: bool) -> None:
+        in_order = self.in_order
+        # Arrival numbers only grow, so an equal age is younger too.
+        if not in_order or waiter.enqueued_at >= in_order[-1].enqueued_at:
+            in_order.append(waiter)
+        else:
+            heappush(self.late, (waiter.enqueued_at, waiter._seq, waiter))
+            if bounded:
+                heappush(self.late_newest, (-waiter.enqueued_at, -waiter._seq, waiter))
+
+    def first(self) -> Waiter[T]:
+        """The oldest waiter still queued (dead entries at the fronts are dropped)."""
+        in_order, late = self.in_order, self.late
+        while in_order and in_order[0]._slot is None:
+            in_order.popleft()
+        while late and late[0][2]._slot is None:
+            heappop(late)
+        if late and (not in_order or _older(late[0][2], in_order[0])):
+            return late[0][2]
+        return in_order[0]
+
+    def drop_first(self) -> None:
+        """Remove the waiter ``first`` just returned."""
+        in_order, late = self.in_order, self.late
+        if late and (not in_order or _older(late[0][2], in_order[0])):
+            heappop(late)
+        else:
+            in_order.popleft()
+
+    def newest(self) -> Waiter[T]:
+        """The youngest waiter still queued (dead entries at the backs are dropped)."""
+        in_order, late_newest = self.in_order, self.late_newest
+        while in_order and in_order[-1]._slot is None:
+            in_order.pop()
+        while late_newest and late_newest[0][2]._slot is None:
+            heappop(late_newest)
+        if late_newest and (not in_order or _older(in_order[-1], late_newest[0][2])):
+            return late_newest[0][2]
+        return in_order[-1]
+
+    def compact(self) -> None:
+        """Drop the entries of waiters that left from the middle."""
+        self.in_order = deque(waiter for waiter in self.in_order if waiter._slot is not None)
+        self.late = [entry for entry in self.late if entry[2]._slot is not None]
+        heapify(self.late)
+        self.late_newest = [entry for entry in self.late_newest if entry[2]._slot is not None]
+        heapify(self.late_newest)
+
+    def size(self) -> int:
+        """Entries held, live or dead."""
+        return len(self.in_order) + len(self.late) + len(self.late_newest)
+
+    def waiters(self) -> list[Waiter[T]]:
+        """The waiters still queued, oldest first."""
+        alive = [w for w in (*self.in_order, *(e[2] for e in self.late)) if w._slot is not None]
+        return sorted(alive, key=lambda w: (w.enqueued_at, w._seq))
+
+
+def _older(a: Waiter[T], b: Waiter[T]) -> bool:
+    return (a.enqueued_at, a._seq) < (b.enqueued_at, b._seq)
+
+
+class _Class(Generic[T]):
+    """One priority class: its tenants in round-robin order, and grouped by depth."""
+
+    __slots__ = ("deepest", "depths", "live", "rank", "ring")
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.live = 0
+        self.ring: OrderedDict[Hashable | None, _Tenant[T]] = OrderedDict()
+        # depth -> the tenants with that many waiters, in the order they reached it
+        self.depths: dict[int, OrderedDict[_Tenant[T], None]] = {}
+        self.deepest = 0
+
+    def grew(self, tenant: _Tenant[T]) -> None:
+        """Move a tenant whose count just went up by one to its new depth."""
+        depth = tenant.live
+        depths = self.depths
+        if depth > 1:
+            below = depths[depth - 1]
+            del below[tenant]
+            if not below:
+                del depths[depth - 1]
+        bucket = depths.get(depth)
+        if bucket is None:
+            depths[depth] = OrderedDict(((tenant, None),))
+        else:
+            bucket[tenant] = None
+        if depth > self.deepest:
+            self.deepest = depth
+
+    def shrank(self, tenant: _Tenant[T]) -> None:
+        """Move a tenant whose count just went down by one to its new depth."""
+        depth = tenant.live
+        depths = self.depths
+        above = depths[depth + 1]
+        del above[tenant]
+        if not above:
+            del depths[depth + 1]
+            if self.deepest == depth + 1:
+                self.deepest = depth
+        if depth:
+            bucket = depths.get(depth)
+            if bucket is None:
+                depths[depth] = OrderedDict(((tenant, None),))
+            else:
+                bucket[tenant] = None
+
+    def heaviest(self) -> _Tenant[T]:
+        """The tenant with the most waiters; of equals, the one that got there last."""
+        return next(reversed(self.depths[self.deepest]))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatistics:
+    """A snapshot of a queue.
+
+    Every push that passes validation is counted in ``pushed`` and ends in exactly one of
+    the other counters or is still waiting, so
+    ``pushed == depth + admitted + shed + expired + cancelled + failed_on_close``.
+    A newcomer refused at the door counts as shed (full) or expired (deadline passed).
+
+    Attributes:
+        depth: live waiters.
+        depth_by_priority: ``(priority, count)`` pairs, most important first.
+        tenants: distinct tenants with at least one waiter.
+        maxsize: the bound, or None.
+        closed: whether ``close`` was called.
+        pushed: waiters that arrived.
+        admitted: waiters that left by the head (``pop``), to be admitted.
+        shed: waiters shed (or refused) because the queue was full.
+        expired: waiters whose deadline passed while queued (or before they arrived).
+        cancelled: waiters whose caller left while they were queued.
+        failed_on_close: waiters failed by ``close``.
+    """
+
+    depth: int
+    depth_by_priority: tuple[tuple[Priority | int, int], ...]
+    tenants: int
+    maxsize: int | None
+    closed: bool
+    pushed: int
+    admitted: int
+    shed: int
+    expired: int
+    cancelled: int
+    failed_on_close: int
+
+
+class PriorityQueue(Generic[T]):
+    """The waiting room in front of the gates: strict by class, fair by tenant, oldest first.
+
+    It is not a work queue with many consumers racing for items: one dispatcher pops the
+    head and admits it, and the callers wait on their own futures. ``pop`` is safe under
+    cancellation for several poppers all the same (a cancelled ``pop`` loses no waiter).
+
+    Args:
+        maxsize: how many waiters may wait at once; when a newcomer finds the queue full,
+            the least important waiter (maybe the newcomer) is shed. None: unbounded.
+
+    Raises:
+        ValueError: ``maxsize`` is not a positive integer.
+    """
+
+    def __init__(self, *, maxsize: int | None = None) -> None:
+        if maxsize is not None and (
+            isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1
+        ):
+            raise ValueError(f"maxsize must be a positive integer or None, not {maxsize!r}.")
+        self._maxsize = maxsize
+        self._closed = False
+        self._seq = itertools.count()
+        self._ranks: list[int] = []
+        self._classes: dict[int, _Class[T]] = {}
+        self._tenant_classes: dict[Hashable | None, int] = {}
+        self._live = 0
+        self._deadlines: list[tuple[float, int, Waiter[T]]] = []
+        self._deadline_live = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._poppers: deque[asyncio.Future[None]] = deque()
+        # The cancellation callback reads no context variables; sharing one empty context
+        # spares a copy of the caller's per waiter.
+        self._callback_context = contextvars.Context()
+        self._waiting: dict[asyncio.Future[None], Waiter[T]] = {}
+        self._on_future_done = self._future_done
+        self._pushed = 0
+        self._admitted = 0
+        self._shed = 0
+        self._expired = 0
+        self._cancelled = 0
+        self._failed_on_close = 0
+
+    @property
+    def maxsize(self) -> int | None:
+        """How many waiters may wait at once (None: unbounded)."""
+        return self._maxsize
+
+    def push(
+        self,
+        item: T,
+        *,
+        priority: PriorityLike = Priority.INTERACTIVE,
+        tenant: Hashable | None = None,
+        deadline: float | None = None,
+        enqueued_at: float | None = None,
+    ) -> Waiter[T]:
+        """Queue a waiter for ``item`` and return it; its caller awaits ``waiter.future``.
+
+        Args:
+            item: the payload handed back by ``pop``.
+            priority: the class (enum, name or integer rank; smaller is more important).
+            tenant: whose request it is, for fairness within the class.
+            deadline: absolute loop time at which the waiter leaves with
+                ``DeadlineExceededError`` if it is still queued.
+            enqueued_at: loop time it first entered the queue; a retry passes its
+                original one to keep its age. Defaults to now.
+
+        Raises:
+            ClosedError: the queue is closed.
+            DeadlineExceededError: ``deadline`` has already passed.
+            QueueFullError: the queue is full and the newcomer is its least important waiter.
+            ValueError, TypeError: ``priority`` is not a priority.
+        """
+        rank = coerce_priority(priority)
+        if self._closed:
+            raise ClosedError(
+                "The queue is closed and accepts no more requests.", priority=rank, tenant=tenant
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if enqueued_at is None:
+            enqueued_at = now
+        self._pushed += 1
+        if deadline is not None and deadline <= now:
+            self._expired += 1
+            raise DeadlineExceededError(
+                f"The request's deadline had passed {now - deadline:.3f} s before it reached "
+                "the queue, so it was not queued.",
+                priority=rank,
+                tenant=tenant,
+            )
+        if self._maxsize is not None and self._live >= self._maxsize:
+            self._make_room(rank, tenant, enqueued_at)
+
+        cls = self._classes.get(rank)
+        if cls is None:
+            cls = self._classes[rank] = _Class(rank)
+            bisect.insort(self._ranks, rank)
+        slot = cls.ring.get(tenant)
+        if slot is None:
+            slot = cls.ring[tenant] = _Tenant(cls, tenant)
+            self._tenant_classes[tenant] = self._tenant_classes.get(tenant, 0) + 1
+        future: asyncio.Future[None] = loop.create_future()
+        seq = next(self._seq)
+        waiter = Waiter(slot, seq, item, rank, tenant, enqueued_at, deadline, future)
+        future.add_done_callback(self._on_future_done, context=self._callback_context)
+        self._waiting[future] = waiter
+        slot.add(waiter, self._maxsize is not None)
+        slot.live += 1
+        cls.live += 1
+        self._live += 1
+        cls.grew(slot)
+        if deadline is not None:
+            heappush(self._deadlines, (deadline, seq, waiter))
+            self._deadline_live += 1
+            timer = self._timer
+            if timer is None or deadline < timer.when():
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(deadline, self._expire_due)
+        if self._poppers:
+            self._wake_popper()
+        return waiter
+
+    async def pop(self) -> Waiter[T]:
+        """Wait until there is a head, then remove and return it.
+
+        Raises:
+            ClosedError: the queue is closed (and therefore empty).
+        """
+        while True:
+            waiter = self._head()
+            if waiter is not None:
+                return self._take(waiter)
+            if self._closed:
+                raise ClosedError("The queue is closed; no more requests will come out of it.")
+            popper: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._poppers.append(popper)
+            try:
+                await popper
+            except BaseException:
+                with contextlib.suppress(ValueError):
+                    self._poppers.remove(popper)
+                # A wake-up this popper received but will not use goes to the next one.
+                if popper.done() and not popper.cancelled() and self._live:
+                    self._wake_popper()
+                raise
+
+    def pop_nowait(self) -> Waiter[T]:
+        """Remove and return the head at once.
+
+        Raises:
+            asyncio.QueueEmpty: nobody is waiting.
+        """
+        waiter = self._head()
+        if waiter is None:
+            raise asyncio.QueueEmpty
+        return self._take(waiter)
+
+    def peek(self) -> Waiter[T] | None:
+        """The head, the waiter ``pop_nowait`` would return, without removing it."""
+        return self._head()
+
+    def ahead_of(self, priority: PriorityLike, tenant: Hashable | None) -> int:
+        """Estimate how many waiters would be served before a newcomer of this class and tenant.
+
+        The estimate counts every waiter of a more important class, plus, within the class,
+        the round robin: a tenant with ``d`` waiters is served its newcomer in round
+        ``d + 1``, by which time every tenant ``u`` of the class has been served
+        ``min(d_u, d + 1)`` waiters. For a tenant new to the class that is exact (it joins
+        the ring at the back); for a tenant already there it may be one round high, since
+        tenants behind it in the ring get only ``d`` turns. Arrivals and departures after
+        the call are not foreseen. Divide by the service rate for the expected wait.
+
+        Cost: O(classes + distinct tenant depths in the class).
+        """
+        rank = coerce_priority(priority)
+        ahead = 0
+        for other in self._ranks:
+            if other >= rank:
+                break
+            ahead += self._classes[other].live
+        cls = self._classes.get(rank)
+        if cls is None:
+            return ahead
+        slot = cls.ring.get(tenant)
+        turns = (slot.live if slot is not None else 0) + 1
+        if turns >= cls.deepest:
+            return ahead + cls.live
+        return ahead + sum(len(group) * min(depth, turns) for depth, group in cls.depths.items())
+
+    def close(self, exc: BaseException | Callable[[Waiter[T]], BaseException]) -> None:
+        """Fail every waiter still queued and refuse later pushes (shutdown).
+
+        Args:
+            exc: the exception every waiter fails with, or a function that makes one per
+                waiter (better: callers then do not share one traceback). Poppers waiting
+                on the empty queue get ``ClosedError``.
+        """
+        self._closed = True
+        waiters = [
+            waiter
+            for rank in self._ranks
+            for slot in self._classes[rank].ring.values()
+            for waiter in slot.waiters()
+        ]
+        for waiter in waiters:
+            if waiter.future.done():
+                self._forget_cancelled(waiter)
+            else:
+                self._fail(waiter, exc if isinstance(exc, BaseException) else exc(waiter))
+                self._failed_on_close += 1
+        while self._poppers:
+            self._wake_popper()
+
+    def statistics(self) -> QueueStatistics:
+        """A snapshot of the live counts and of how waiters have left."""
+        return QueueStatistics(
+            depth=self._live,
+            depth_by_priority=tuple(
+                (describe_priority(rank), self._classes[rank].live) for rank in self._ranks
+            ),
+            tenants=len(self._tenant_classes),
+            maxsize=self._maxsize,
+            closed=self._closed,
+            pushed=self._pushed,
+            admitted=self._admitted,
+            shed=self._shed,
+            expired=self._expired,
+            cancelled=self._cancelled,
+            failed_on_close=self._failed_on_close,
+        )
+
+    def __len__(self) -> int:
+        return self._live
+
+    def __repr__(self) -> str:
+        by_class = ", ".join(
+            f"{_class_name(rank)}={self._classes[rank].live}" for rank in self._ranks
+        )
+        bound = "" if self._maxsize is None else f"/{self._maxsize}"
+        closed = " closed" if self._closed else ""
+        return (
+            f"<PriorityQueue depth={self._live}{bound} [{by_class}] "
+            f"tenants={len(self._tenant_classes)}{closed}>"
+        )
+
+    def _head(self) -> Waiter[T] | None:
+        """The next waiter to serve, dropping any that already left or are past deadline."""
+        while self._ranks:
+            cls = self._classes[self._ranks[0]]
+            waiter = next(iter(cls.ring.values())).first()
+            if waiter.future.done():
+                # Cancelled, and the callback that would remove it has not run yet.
+                self._forget_cancelled(waiter)
+            elif waiter.deadline is not None and waiter.deadline <= (
+                now := asyncio.get_running_loop().time()
+            ):
+                # Due in this very tick, before the timer's callback came round.
+                self._expire(waiter, now)
+            else:
+                return waiter
+        return None
+
+    def _take(self, waiter: Waiter[T]) -> Waiter[T]:
+        """Remove the head (as ``_head`` returned it) and pass its tenant's turn on."""
+        slot = waiter._slot
+        assert slot is not None
+        slot.drop_first()
+        self._leave(waiter)
+        if slot.live:
+            slot.cls.ring.move_to_end(slot.key)
+        self._admitted += 1
+        waiter.future.remove_done_callback(self._on_future_done)
+        return waiter
+
+    def _leave(self, waiter: Waiter[T]) -> None:
+        """Take a queued waiter out of every count (its heap entries die lazily)."""
+        slot = waiter._slot
+        assert slot is not None
+        waiter._slot = None
+        del self._waiting[waiter.future]
+        cls = slot.cls
+        slot.live -= 1
+        cls.live -= 1
+        self._live -= 1
+        cls.shrank(slot)
+        if not slot.live:
+            del cls.ring[slot.key]
+            remaining = self._tenant_classes[slot.key] - 1
+            if remaining:
+                self._tenant_classes[slot.key] = remaining
+            else:
+                del self._tenant_classes[slot.key]
+            if not cls.live:
+                del self._classes[cls.rank]
+                self._ranks.remove(cls.rank)
+        elif slot.size() > 2 * slot.live + _SLACK:
+            slot.compact()
+        if waiter.deadline is not None:
+            self._deadline_live -= 1
+            if not self._deadline_live:
+                self._deadlines.clear()
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+            elif len(self._deadlines) > 2 * self._deadline_live + _SLACK:
+                self._deadlines = [e for e in self._deadlines if e[2]._slot is not None]
+                heapify(self._deadlines)
+
+    def _fail(self, waiter: Waiter[T], exc: BaseException) -> None:
+        self._leave(waiter)
+        waiter.future.remove_done_callback(self._on_future_done)
+        waiter.future.set_exception(exc)
+
+    def _future_done(self, future: asyncio.Future[None]) -> None:
+        waiter = self._waiting.get(future)
+        if waiter is not None:
+            self._forget_cancelled(waiter)
+
+    def _forget_cancelled(self, waiter: Waiter[T]) -> None:
+        self._leave(waiter)
+        self._cancelled += 1
+
+    def _expire(self, waiter: Waiter[T], now: float) -> None:
+        self._expired += 1
+        self._fail(
+            waiter,
+            DeadlineExceededError(
+                f"The request waited {now - waiter.enqueued_at:.3f} s in the queue and its "
+                "deadline passed before it could be admitted.",
+                priority=waiter.priority,
+                tenant=waiter.tenant,
+            ),
+        )
+
+    def _expire_due(self) -> None:
+        """The one timer: expire every waiter whose deadline has come, re-arm for the next."""
+        timer, self._timer = self._timer, None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        # The loop runs a timer up to its clock resolution early; the timer's time is the truth.
+        due = now if timer is None else max(now, timer.when())
+        while self._deadlines:
+            deadline, _, waiter = self._deadlines[0]
+            if waiter._slot is None:
+                heappop(self._deadlines)
+            elif deadline > due:
+                self._timer = loop.call_at(deadline, self._expire_due)
+                return
+            else:
+                heappop(self._deadlines)
+                if waiter.future.done():
+                    self._forget_cancelled(waiter)
+                else:
+                    self._expire(waiter, now)
+
+    def _make_room(self, rank: int, tenant: Hashable | None, enqueued_at: float) -> None:
+        """Shed the least important waiter for a newcomer, or refuse the newcomer.
+
+        The victim is in the least important class present; within it, the newest waiter
+        of the tenant with the most waiters (counting the newcomer when it joins that
+        class; of equal tenants, the one that got there last, which is the newcomer's).
+
+        Raises:
+            QueueFullError: the newcomer is itself the least important waiter.
+        """
+        least = self._classes[self._ranks[-1]]
+        if rank > least.rank:
+            self._refuse(rank, tenant)
+        if rank == least.rank:
+            own = least.ring.get(tenant)
+            if (own.live if own is not None else 0) + 1 >= least.deepest:
+                if own is None or enqueued_at >= own.newest().enqueued_at:
+                    self._refuse(rank, tenant)
+                victim_tenant = own
+            else:
+                victim_tenant = least.heaviest()
+        else:
+            victim_tenant = least.heaviest()
+        victim = victim_tenant.newest()
+        if victim.future.done():
+            # Its caller has already left: that is the room.
+            self._forget_cancelled(victim)
+            return
+        self._shed += 1
+        self._fail(
+            victim,
+            QueueFullError(
+                f"The queue is full ({self._maxsize} waiters) and this "
+                f"{_class_name(victim.priority)} request was its least important waiter "
+                "(the newest of the busiest tenant in the least important class), so it was shed.",
+                priority=victim.priority,
+                tenant=victim.tenant,
+            ),
+        )
+
+    def _refuse(self, rank: int, tenant: Hashable | None) -> NoReturn:
+        self._shed += 1
+        raise QueueFullError(
+            f"The queue is full ({self._maxsize} waiters) and this {_class_name(rank)} "
+            "request would have been its least important waiter, so it was not queued.",
+            priority=rank,
+            tenant=tenant,
+        )
+
+    def _wake_popper(self) -> None:
+        while self._poppers:
+            popper = self._poppers.popleft()
+            if not popper.done():
+                popper.set_result(None)
+                return
+
+
+def _class_name(rank: int) -> str:
+    named = describe_priority(rank)
+    return named.name.lower() if isinstance(named, Priority) else f"rank {rank}"
