@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import random
+import weakref
 from collections.abc import AsyncIterator, Hashable
 
 import pytest
@@ -428,6 +430,25 @@ async def test_dead_entries_do_not_pile_up_behind_a_waiter_that_never_moves():
     assert slot.size() <= 2 + 32 + 1
     assert len(queue._deadlines) <= 2 + 32 + 1
     assert queue.statistics().cancelled == 5_000
+
+
+async def test_a_served_request_is_not_kept_alive_by_its_tenants_remaining_queue():
+    class Ticket:
+        pass
+
+    queue: PriorityQueue[Ticket] = PriorityQueue()
+    served = Ticket()
+    alive = weakref.ref(served)
+    queue.push(served, tenant="t")
+    queue.push(Ticket(), tenant="t")
+
+    waiter = queue.pop_nowait()
+    waiter.admit()
+    del served, waiter
+    gc.collect()
+
+    assert alive() is None
+    assert len(queue) == 1
 
 
 # --- popping -------------------------------------------------------------------------------
