@@ -18,7 +18,7 @@ awaiting it), and the waiter leaves.
 
 Shape: a sorted list of the ranks present; per class an ordered ring of tenants (the
 round robin) and the tenants grouped by how many waiters each has (for the heaviest tenant
-to shed from, and for ``ahead_of``); per tenant a deque in age order plus a heap for the
+to shed from, and for ``ahead_of``); per tenant a list in age order plus a heap for the
 few that arrive out of order; one heap of deadlines behind one timer. A waiter that
 leaves from the middle is dropped lazily from those containers, which are rebuilt when
 dead entries dominate; the counts themselves are always exact. Push, pop and shed are O(log n) at
@@ -46,7 +46,7 @@ __all__ = ["PriorityQueue", "QueueStatistics", "Waiter"]
 T = TypeVar("T")
 
 _SLACK = 32
-"""Dead heap entries tolerated beyond the live ones before a heap is rebuilt."""
+"""Dead entries tolerated beyond the live ones before a container is rebuilt."""
 
 
 class Waiter(Generic[T]):
