@@ -584,15 +584,17 @@ class AiohttpTransport:
     that loop. Works on the standard loop and on uvloop.
 
     Cancelling a caller cancels its attempt: an unfinished connection is closed, so the
-    upstream sees the caller leave and the pool gets the slot back.
+    upstream sees the caller leave and the pool gets the slot back. Redirects are not
+    followed: one attempt is one HTTP exchange, and a 3xx is returned as it came.
 
     Args:
         max_connections: the most sockets open at once (to each host and in total).
         connect_timeout: seconds to open a socket (TLS included); waiting for a pooled
             connection is bounded by the request's own timeout instead.
         keepalive: seconds an idle socket stays open for reuse.
-        session: a session to use instead of creating one. Its connector then rules (the
-            two options above do not apply), and ``aclose`` leaves it open: it is yours.
+        session: a session to use instead of creating one. Its connector then rules
+            (``max_connections`` and ``keepalive`` do not apply), and ``aclose`` leaves it
+            open: it is yours.
 
     Raises:
         ValueError: a non-positive limit or duration.
