@@ -18,10 +18,14 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Literal
 
-from .limits import Fixed, Limit
+from .limits import AIMD, Fixed, Limit
 
-__all__ = ["ConcurrencyLimiter", "LimiterStatistics", "Permit", "WouldBlock"]
+__all__ = ["ConcurrencyLimiter", "LimiterStatistics", "Outcome", "Permit", "WouldBlock"]
+
+Outcome = Literal["success", "dropped", "ignore"]
+"""How a permit ended: a round-trip sample, a congestion signal, or nothing learned."""
 
 
 class WouldBlock(RuntimeError):
@@ -59,7 +63,8 @@ class ConcurrencyLimiter:
     reached; one cancelled just after its grant gives the slot straight to the next waiter.
 
     Args:
-        limit: the algorithm that sets the capacity, or an integer for a ``Fixed`` limit.
+        limit: the algorithm that sets the capacity, an integer for a ``Fixed`` limit, or
+            None for a fresh ``AIMD()`` (429-driven, the right default for LLM APIs).
 
     Raises:
         ValueError: an integer limit below 1.
@@ -76,7 +81,9 @@ class ConcurrencyLimiter:
         "_waiting",
     )
 
-    def __init__(self, limit: Limit | int = 20) -> None:
+    def __init__(self, limit: Limit | int | None = None) -> None:
+        if limit is None:
+            limit = AIMD()
         self._limit: Limit = Fixed(limit) if isinstance(limit, int) else limit
         self._capacity = 1
         self._resize(self._limit.limit)
@@ -181,7 +188,7 @@ class ConcurrencyLimiter:
             self._waiting -= 1
             self._inflight += 1
 
-    def _release(self, permit: Permit, outcome: str) -> None:
+    def _release(self, permit: Permit, outcome: Outcome) -> None:
         """End a permit: free its slot, count the outcome, feed the limit, wake waiters."""
         inflight = self._inflight
         self._inflight = inflight - 1
@@ -225,11 +232,11 @@ class Permit:
     def __init__(self, limiter: ConcurrencyLimiter, loop: asyncio.AbstractEventLoop) -> None:
         self._limiter = limiter
         self._loop = loop
-        self._outcome: str | None = None
+        self._outcome: Outcome | None = None
         self.acquired_at = loop.time()
 
     @property
-    def outcome(self) -> str | None:
+    def outcome(self) -> Outcome | None:
         """How the permit ended (``"success"``, ``"dropped"``, ``"ignore"``), or None if held."""
         return self._outcome
 
@@ -257,7 +264,7 @@ class Permit:
         """
         self._end("ignore")
 
-    def _end(self, outcome: str) -> None:
+    def _end(self, outcome: Outcome) -> None:
         if self._outcome is not None:
             raise RuntimeError(
                 f"This permit already ended with {self._outcome}(); a permit ends exactly once, "

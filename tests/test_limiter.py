@@ -37,10 +37,13 @@ async def waiting_task(limiter: ConcurrencyLimiter) -> asyncio.Task[Permit]:
     return task
 
 
-async def test_an_integer_limit_means_a_fixed_one_and_must_be_positive():
+async def test_an_integer_limit_means_a_fixed_one_and_the_default_is_aimd():
     limiter = ConcurrencyLimiter(3)
     assert isinstance(limiter.limit, Fixed)
     assert limiter.capacity == 3
+    default = ConcurrencyLimiter()
+    assert isinstance(default.limit, AIMD)
+    assert default.capacity == AIMD().limit
     with pytest.raises(ValueError, match="integer of at least 1"):
         ConcurrencyLimiter(0)
 
