@@ -1,0 +1,810 @@
+"""Gates the head of the queue waits on before it is sent: rate, tokens, cooldown.
+
+The queue decides the order once; the dispatcher then holds the head of the queue at three
+gates, in this order, before it sends it:
+
+- ``CooldownGate``: the fleet-wide "the upstream said wait N s" (Retry-After). Closed until
+  an absolute loop time; waiters wake spread over a short ramp, not all at one instant.
+- ``RateGate``: requests per minute, a token bucket.
+- ``TokenGate``: tokens per minute, a token bucket with reservations: reserve an estimate
+  before sending, reconcile with the actual usage afterwards.
+
+Normally only one task (the dispatcher) waits on a gate, but every gate stays correct and
+cancellation-safe with many: waiters are futures served first come, first served, woken by
+one timer (``loop.call_at``) rather than a sleeping task each, and a cancelled waiter takes
+nothing. ``TokenBucket`` is the pure arithmetic under both bucket gates: it takes ``now``
+and never touches the event loop.
+
+None of these gates raises a ``QuotaError``: they only wait. ``WouldBlock`` (a
+``RuntimeError``) is for ``reserve_nowait`` when the caller asked not to wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import random
+from collections import deque
+from dataclasses import dataclass
+
+__all__ = [
+    "CooldownGate",
+    "CooldownStatistics",
+    "GateStatistics",
+    "RateGate",
+    "Reservation",
+    "TokenBucket",
+    "TokenGate",
+    "TokenGateStatistics",
+    "WouldBlock",
+]
+
+_EPSILON = 1e-9
+"""Relative float noise below which a shortfall is treated as none (no 1e-16 s waits)."""
+
+_TIMER_SLACK = 1e-6
+"""Loops fire timers up to their clock resolution early (looptime rounds to 1 µs); a
+deadline this close counts as reached, so an early timer does not re-arm itself forever."""
+
+
+class WouldBlock(RuntimeError):
+    """A ``*_nowait`` call would have had to wait; nothing was taken."""
+
+
+def _check_positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}.")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number greater than 0, not {value!r}.")
+    return float(value)
+
+
+def _check_amount(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}.")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number of at least 0, not {value!r}.")
+    return float(value)
+
+
+def _loop_time(default: float) -> float:
+    """The running loop's time; outside a loop time stands still at ``default``."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return default
+
+
+class TokenBucket:
+    """A token bucket in pure arithmetic: every method takes ``now``; no event loop.
+
+    The bucket holds up to ``burst`` units and refills at ``rate`` units per second. A
+    request for ``amount`` may go when the bucket holds it. A request for more than
+    ``burst`` can never find that much, so it waits until the bucket is full and then
+    takes everything and more: the level goes negative (debt) and later requests wait
+    while the debt refills. ``take`` itself never refuses; asking first is the caller's
+    job (``time_until``), and going into debt is how ``reconcile`` charges usage that
+    exceeded its estimate.
+
+    ``sync`` folds in what the upstream says in its rate-limit headers, and may add a
+    *pace*: a second, temporary constraint that lasts until the upstream's reset (see
+    ``sync`` for exactly how). Time that runs backwards is treated as standing still.
+
+    Args:
+        rate: units added per second.
+        burst: the most the bucket holds. It starts full.
+        now: the current time. ``-math.inf`` means "full since forever": the first
+            call with a real ``now`` finds it full (gates use this to be built outside
+            a running loop).
+
+    Raises:
+        ValueError: ``rate`` or ``burst`` is not a finite number greater than 0.
+    """
+
+    __slots__ = (
+        "_burst",
+        "_level",
+        "_pace_cushion",
+        "_pace_rate",
+        "_pace_sent",
+        "_pace_start",
+        "_pace_until",
+        "_rate",
+        "_stamp",
+    )
+
+    def __init__(self, *, rate: float, burst: float, now: float) -> None:
+        self._rate = _check_positive("rate", rate)
+        self._burst = _check_positive("burst", burst)
+        self._level = self._burst
+        self._stamp = now
+        self._pace_until: float | None = None
+        self._pace_start = now
+        self._pace_rate = 0.0
+        self._pace_cushion = 0.0
+        self._pace_sent = 0.0
+
+    @property
+    def rate(self) -> float:
+        """Units added per second."""
+        return self._rate
+
+    @property
+    def burst(self) -> float:
+        """The most the bucket holds."""
+        return self._burst
+
+    @property
+    def stamp(self) -> float:
+        """The latest ``now`` the bucket has seen."""
+        return self._stamp
+
+    def configure(self, *, rate: float, burst: float, now: float) -> None:
+        """Change rate and burst; the level earned so far is kept, capped at the new burst.
+
+        Raises:
+            ValueError: ``rate`` or ``burst`` is not a finite number greater than 0.
+        """
+        rate = _check_positive("rate", rate)
+        burst = _check_positive("burst", burst)
+        self._advance(now)
+        self._rate = rate
+        self._burst = burst
+        self._level = min(self._level, burst)
+
+    def level(self, now: float) -> float:
+        """The units in the bucket at ``now`` (negative while in debt)."""
+        return self._advance(now)
+
+    def paced_until(self, now: float) -> float | None:
+        """When the pace set by the last ``sync`` ends, or None if there is none at ``now``."""
+        self._advance(now)
+        return self._pace_until
+
+    def time_until(self, amount: float, now: float) -> float:
+        """Seconds from ``now`` until ``amount`` may be taken: 0 if it may be taken now.
+
+        An ``amount`` above ``burst`` waits until the bucket is full (then goes into debt).
+
+        Raises:
+            ValueError: ``amount`` is negative or not finite.
+        """
+        amount = _check_amount("amount", amount)
+        level = self._advance(now)
+        need = min(amount, self._burst)
+        shortfall = need - level
+        wait = 0.0 if shortfall <= _EPSILON * max(1.0, need) else shortfall / self._rate
+        return max(wait, self._pace_wait(amount, now))
+
+    def take(self, amount: float, now: float) -> None:
+        """Remove ``amount`` units, going into debt if the bucket holds less.
+
+        Raises:
+            ValueError: ``amount`` is negative or not finite.
+        """
+        amount = _check_amount("amount", amount)
+        self._advance(now)
+        self._level -= amount
+        if self._pace_until is not None:
+            self._pace_sent += amount
+
+    def refund(self, amount: float, now: float) -> None:
+        """Give back ``amount`` units, never filling the bucket above ``burst``.
+
+        A refund does not give back the pace: what the pace let through stays spent, which
+        errs on the side of fewer 429s.
+
+        Raises:
+            ValueError: ``amount`` is negative or not finite.
+        """
+        amount = _check_amount("amount", amount)
+        self._advance(now)
+        self._level = min(self._burst, self._level + amount)
+
+    def sync(
+        self,
+        *,
+        remaining: float,
+        reset_after: float | None,
+        limit: float | None,
+        now: float,
+    ) -> None:
+        """Align the bucket with what the upstream says is left (``x-ratelimit-*`` headers).
+
+        1. **Level.** When the upstream reports fewer ``remaining`` than the bucket holds,
+           the level drops to ``remaining``. It is never raised to match: sends still in
+           flight may not be counted upstream yet. A negative or non-finite ``remaining``
+           (Azure has sent ``-1``) says nothing and is ignored altogether.
+        2. **Pace.** With a ``reset_after`` > 0, the bucket works out what the upstream will
+           accept before that reset, its *supply* ``S``:
+
+           - ``limit`` unknown: the cautious reading, a window that refills only at its
+             reset: ``S = remaining``.
+           - ``limit`` known: the upstream is a bucket that refills to ``limit`` by the
+             reset (OpenAI's and Anthropic's resets mean "full again"):
+             ``S = limit`` (``remaining`` now plus ``limit - remaining`` refilled).
+
+           If the bucket alone would let through more than that before the reset
+           (``level + rate * reset_after > S``), it also paces until the reset: one
+           unit (``c = min(remaining, 1)``) may go at once, and the rest of the supply
+           arrives evenly at ``(S - c) / reset_after`` units per second; a send of
+           ``amount`` waits until the pace has delivered everything sent so far plus
+           ``amount``. What goes out by time ``t`` is then at most ``c + (S - c) * t /
+           reset_after``, never more than the upstream can have by ``t`` under either
+           reading, so no 429; and since it spreads over the window, it does not burst
+           what a shared quota has left. ``remaining = 2`` with a reset in 2 s and no
+           limit: one send now, the next at the reset. With nothing left (``S = 0``) the
+           bucket is closed until the reset.
+
+        Each ``sync`` replaces the previous pace: the newest headers win. At the reset the
+        pace ends and the bucket alone rules again.
+
+        Args:
+            remaining: ``x-ratelimit-remaining-*``: units the upstream says are left.
+            reset_after: seconds until the upstream's window resets, if it said.
+            limit: ``x-ratelimit-limit-*``: the upstream's full capacity, if it said.
+            now: the current time.
+
+        Raises:
+            ValueError: ``reset_after`` is negative or not finite, or ``limit`` is not a
+                finite number greater than 0.
+        """
+        if reset_after is not None:
+            reset_after = _check_amount("reset_after", reset_after)
+        if limit is not None:
+            limit = _check_positive("limit", limit)
+        if isinstance(remaining, bool) or not isinstance(remaining, int | float):
+            raise TypeError(f"remaining must be a number, not {type(remaining).__name__}.")
+        if not math.isfinite(remaining) or remaining < 0:
+            return
+        level = self._advance(now)
+        if remaining < level:
+            self._level = level = float(remaining)
+        self._pace_until = None
+        if reset_after is None or reset_after == 0:
+            return
+        supply = float(remaining) if limit is None else max(limit, float(remaining))
+        if level + self._rate * reset_after <= supply:
+            return
+        self._pace_cushion = min(float(remaining), 1.0)
+        self._pace_rate = (supply - self._pace_cushion) / reset_after
+        self._pace_sent = 0.0
+        self._pace_start = now
+        self._pace_until = now + reset_after
+
+    def _advance(self, now: float) -> float:
+        if now > self._stamp:
+            self._level = min(self._burst, self._level + self._rate * (now - self._stamp))
+            self._stamp = now
+        if self._pace_until is not None and now >= self._pace_until:
+            self._pace_until = None
+        return self._level
+
+    def _pace_wait(self, amount: float, now: float) -> float:
+        if self._pace_until is None:
+            return 0.0
+        owed = self._pace_sent + amount - self._pace_cushion
+        delivered = self._pace_rate * max(0.0, now - self._pace_start)
+        if owed - delivered <= _EPSILON * max(1.0, owed):
+            return 0.0
+        until_reset = self._pace_until - now
+        if self._pace_rate == 0:
+            return until_reset
+        return min(until_reset, (owed - delivered) / self._pace_rate)
+
+    def __repr__(self) -> str:
+        pace = "" if self._pace_until is None else f", paced_until={self._pace_until:.3f}"
+        return (
+            f"TokenBucket(rate={self._rate:g}, burst={self._burst:g}, "
+            f"level={self._level:.3f} at {self._stamp:.3f}{pace})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GateStatistics:
+    """A snapshot of a bucket gate.
+
+    Attributes:
+        per_minute: the configured rate.
+        burst: the most the bucket holds.
+        level: what it holds now (negative while in debt).
+        waiters: tasks waiting to take from it.
+        paced_until: when the pace from the upstream's headers ends, if one is in force.
+    """
+
+    per_minute: float
+    burst: float
+    level: float
+    waiters: int
+    paced_until: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGateStatistics(GateStatistics):
+    """A snapshot of a ``TokenGate``: a bucket gate plus its open reservations.
+
+    Attributes:
+        open_reservations: reservations neither reconciled nor cancelled yet.
+        reserved: the sum of their estimates.
+    """
+
+    open_reservations: int
+    reserved: int
+
+
+class _BucketGate:
+    """The waiting mechanism shared by RateGate and TokenGate: FIFO futures, one timer.
+
+    ``_wake`` is the only place that grants: it serves the head while the bucket allows,
+    then arms one timer for the moment the head can go. Anything that changes the bucket
+    (a refund, a charge, a new rate, a sync, a cancelled head) calls it again.
+    """
+
+    __slots__ = ("_bucket", "_burst_option", "_per_minute", "_timer", "_waiters")
+
+    def __init__(self, *, per_minute: float, burst: float | None = None) -> None:
+        self._per_minute = per_minute = _check_positive("per_minute", per_minute)
+        self._burst_option = None if burst is None else _check_positive("burst", burst)
+        self._bucket = TokenBucket(
+            rate=per_minute / 60, burst=self._burst_for(per_minute), now=-math.inf
+        )
+        self._waiters: deque[tuple[asyncio.Future[None], float]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _burst_for(self, per_minute: float) -> float:
+        # One second's worth by default: upstreams enforce per-minute limits over shorter
+        # spans (OpenAI says so), so a minute's worth at once would be refused.
+        if self._burst_option is not None:
+            return self._burst_option
+        return max(1.0, per_minute / 60)
+
+    @property
+    def per_minute(self) -> float:
+        """The rate, in units per minute. Assigning keeps the level and wakes waiters.
+
+        Without an explicit ``burst``, the burst follows the rate (one second's worth);
+        a level above a smaller new burst is cut to it.
+
+        Raises:
+            ValueError: on assignment, not a finite number greater than 0.
+        """
+        return self._per_minute
+
+    @per_minute.setter
+    def per_minute(self, value: float) -> None:
+        value = _check_positive("per_minute", value)
+        self._bucket.configure(rate=value / 60, burst=self._burst_for(value), now=self._now())
+        self._per_minute = value
+        self._wake()
+
+    def time_until(self, amount: float = 1) -> float:
+        """Seconds until the bucket holds ``amount`` (ignoring waiters ahead), 0 if now.
+
+        Raises:
+            ValueError: ``amount`` is negative or not finite.
+        """
+        return self._bucket.time_until(amount, self._now())
+
+    def sync(
+        self, *, remaining: float, reset_after: float | None, limit: float | None = None
+    ) -> None:
+        """Align with the upstream's rate-limit headers; see ``TokenBucket.sync``.
+
+        Raises:
+            ValueError: ``reset_after`` negative or not finite; ``limit`` not > 0.
+        """
+        self._bucket.sync(
+            remaining=remaining, reset_after=reset_after, limit=limit, now=self._now()
+        )
+        self._wake()
+
+    def _now(self) -> float:
+        return _loop_time(self._bucket.stamp)
+
+    def _try_take(self, amount: float) -> bool:
+        amount = _check_amount("amount", amount)
+        # FIFO: a newcomer may not pass tasks already waiting, even if it would fit.
+        if self._waiters or self._bucket.time_until(amount, self._now()) > 0:
+            return False
+        self._bucket.take(amount, self._now())
+        return True
+
+    async def _take(self, amount: float) -> None:
+        if self._try_take(amount):
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters.append((fut, amount))
+        self._wake()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                # Granted, then cancelled before it could run: it sends nothing, so the
+                # units go back and the next waiter may use them.
+                self._bucket.refund(amount, loop.time())
+            self._wake()
+            raise
+
+    def _wake(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiters = self._waiters
+        while waiters and waiters[0][0].done():
+            waiters.popleft()
+        if not waiters:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while waiters:
+            fut, amount = waiters[0]
+            if not fut.done():
+                wait = self._bucket.time_until(amount, now)
+                if wait > _TIMER_SLACK:
+                    self._timer = loop.call_at(now + wait, self._wake)
+                    return
+                self._bucket.take(amount, now)
+                fut.set_result(None)
+            waiters.popleft()
+
+    def _waiting(self) -> int:
+        return sum(1 for fut, _ in self._waiters if not fut.done())
+
+    def _snapshot(self) -> GateStatistics:
+        now = self._now()
+        return GateStatistics(
+            per_minute=self.per_minute,
+            burst=self._bucket.burst,
+            level=self._bucket.level(now),
+            waiters=self._waiting(),
+            paced_until=self._bucket.paced_until(now),
+        )
+
+    def _state(self) -> str:
+        stats = self._snapshot()
+        pace = "" if stats.paced_until is None else f" paced_until={stats.paced_until:.3f}"
+        return (
+            f"per_minute={stats.per_minute:g} level={stats.level:.3f}/{stats.burst:g} "
+            f"waiters={stats.waiters}{pace}"
+        )
+
+
+class RateGate(_BucketGate):
+    """Requests per minute: the head of the queue takes one unit per request it sends.
+
+    A token bucket refilling at ``per_minute / 60`` per second, holding up to ``burst``.
+    Waiters are served first come, first served, and a cancelled waiter takes nothing.
+    It is not a concurrency limit: a request that has been sent gives nothing back.
+
+    Args:
+        per_minute: requests per minute (assignable later; waiters are woken).
+        burst: the most that may go at once; default one second's worth, at least 1.
+
+    Raises:
+        ValueError: ``per_minute`` or ``burst`` is not a finite number greater than 0.
+    """
+
+    __slots__ = ()
+
+    async def acquire(self, amount: float = 1) -> None:
+        """Wait until ``amount`` requests' worth is available, then take it.
+
+        Raises:
+            ValueError: ``amount`` is negative or not finite.
+        """
+        await self._take(amount)
+
+    def try_acquire(self, amount: float = 1) -> bool:
+        """Take ``amount`` if it is available now and nobody is waiting; else False.
+
+        Raises:
+            ValueError: ``amount`` is negative or not finite.
+        """
+        return self._try_take(amount)
+
+    def statistics(self) -> GateStatistics:
+        """A snapshot of the live state."""
+        return self._snapshot()
+
+    def __repr__(self) -> str:
+        return f"<RateGate {self._state()}>"
+
+
+class Reservation:
+    """Tokens set aside for one request, to be settled once with what it really used.
+
+    It ends exactly once: ``reconcile`` when the reply's usage is known, or ``cancel``
+    when the request never reached the upstream. Ending it twice is a bug and raises.
+    """
+
+    __slots__ = ("_actual", "_ended", "_gate", "estimate")
+
+    def __init__(self, gate: TokenGate, estimate: int) -> None:
+        self._gate = gate
+        self.estimate = estimate
+        self._actual: int | None = None
+        self._ended = False
+
+    @property
+    def ended(self) -> bool:
+        """Whether it has been reconciled or cancelled."""
+        return self._ended
+
+    @property
+    def actual(self) -> int | None:
+        """The usage it was reconciled with; None while open or if it was cancelled."""
+        return self._actual
+
+    def reconcile(self, actual: int) -> None:
+        """Settle with the real usage: refund what was over-estimated, charge the rest.
+
+        A charge may push the bucket into debt; later reservations then wait longer.
+
+        Raises:
+            RuntimeError: the reservation has already ended.
+            ValueError: ``actual`` is negative.
+        """
+        actual = _check_tokens("actual", actual)
+        self._end()
+        self._actual = actual
+        self._gate._settle(self.estimate, actual)
+
+    def cancel(self) -> None:
+        """Give every reserved token back: the request was never sent.
+
+        Raises:
+            RuntimeError: the reservation has already ended.
+        """
+        self._end()
+        self._gate._settle(self.estimate, 0)
+
+    def _end(self) -> None:
+        if self._ended:
+            raise RuntimeError(
+                "This reservation has already been reconciled or cancelled; "
+                "each reservation ends exactly once."
+            )
+        self._ended = True
+
+    def __repr__(self) -> str:
+        if not self._ended:
+            state = "open"
+        elif self._actual is None:
+            state = "cancelled"
+        else:
+            state = f"reconciled actual={self._actual}"
+        return f"<Reservation estimate={self.estimate} {state}>"
+
+
+def _check_tokens(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer number of tokens, not {value!r}.")
+    if value < 0:
+        raise ValueError(f"{name} must be at least 0 tokens, not {value}.")
+    return value
+
+
+class TokenGate(_BucketGate):
+    """Tokens per minute, with reservations settled after the fact.
+
+    Before sending, the head of the queue reserves its estimate (prompt tokens plus the
+    ``max_tokens`` it asked for, say); after the reply it reconciles with the ``usage``
+    the upstream reported. Reserving first keeps concurrent requests from overshooting
+    the limit together; reconciling keeps the bucket honest. An estimate larger than
+    ``burst`` waits until the bucket is full and then goes into debt.
+
+    Args:
+        per_minute: tokens per minute (assignable later; waiters are woken).
+        burst: the most that may be reserved at once; default one second's worth.
+
+    Raises:
+        ValueError: ``per_minute`` or ``burst`` is not a finite number greater than 0.
+    """
+
+    __slots__ = ("_open", "_reserved")
+
+    def __init__(self, *, per_minute: float, burst: float | None = None) -> None:
+        super().__init__(per_minute=per_minute, burst=burst)
+        self._open = 0
+        self._reserved = 0
+
+    async def reserve(self, estimate: int) -> Reservation:
+        """Wait until ``estimate`` tokens are available and set them aside.
+
+        Raises:
+            ValueError: ``estimate`` is negative.
+            TypeError: ``estimate`` is not an integer.
+        """
+        await self._take(_check_tokens("estimate", estimate))
+        return self._open_reservation(estimate)
+
+    def reserve_nowait(self, estimate: int) -> Reservation:
+        """Set ``estimate`` tokens aside if that needs no wait.
+
+        Raises:
+            WouldBlock: the tokens are not available now, or others are waiting.
+            ValueError: ``estimate`` is negative.
+            TypeError: ``estimate`` is not an integer.
+        """
+        if not self._try_take(_check_tokens("estimate", estimate)):
+            raise WouldBlock(
+                f"Reserving {estimate} tokens would wait "
+                f"{self.time_until(estimate):.3f} s or more."
+            )
+        return self._open_reservation(estimate)
+
+    def statistics(self) -> TokenGateStatistics:
+        """A snapshot of the live state."""
+        base = self._snapshot()
+        return TokenGateStatistics(
+            per_minute=base.per_minute,
+            burst=base.burst,
+            level=base.level,
+            waiters=base.waiters,
+            paced_until=base.paced_until,
+            open_reservations=self._open,
+            reserved=self._reserved,
+        )
+
+    def _open_reservation(self, estimate: int) -> Reservation:
+        self._open += 1
+        self._reserved += estimate
+        return Reservation(self, estimate)
+
+    def _settle(self, estimate: int, actual: int) -> None:
+        self._open -= 1
+        self._reserved -= estimate
+        now = self._now()
+        if actual < estimate:
+            self._bucket.refund(estimate - actual, now)
+        elif actual > estimate:
+            self._bucket.take(actual - estimate, now)
+        self._wake()
+
+    def __repr__(self) -> str:
+        return (
+            f"<TokenGate {self._state()} open_reservations={self._open} "
+            f"reserved={self._reserved}>"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CooldownStatistics:
+    """A snapshot of a ``CooldownGate``.
+
+    Attributes:
+        closed_until: the loop time it opens at, or None while open.
+        waiters: tasks still waiting (including those whose jitter has not run out).
+        closures: how many times it closed from open (extensions are not counted).
+    """
+
+    closed_until: float | None
+    waiters: int
+    closures: int
+
+
+class CooldownGate:
+    """The fleet-wide pause: "the upstream said wait N seconds", so everyone waits.
+
+    ``close_until(t)`` shuts the gate until the absolute loop time ``t``; while shut, the
+    gate only ever moves later (a shorter Retry-After does not cut the pause short). Each
+    waiter draws a jitter in ``[0, ramp)`` and wakes at ``closed_until + jitter``, so the
+    fleet comes back over a ramp instead of in one stampede. If the gate is closed again
+    later before a waiter wakes, that waiter keeps waiting for the new time. Waiting holds
+    nothing, so cancelling a waiter needs no clean-up beyond forgetting it.
+
+    Args:
+        ramp: seconds over which waiters are spread after the gate opens (0: no jitter).
+        rng: the jitter's source; pass a seeded ``random.Random`` for determinism.
+
+    Raises:
+        ValueError: ``ramp`` is negative or not finite.
+    """
+
+    __slots__ = ("_closures", "_heap", "_order", "_ramp", "_rng", "_timer", "_until")
+
+    def __init__(self, *, ramp: float = 1.0, rng: random.Random | None = None) -> None:
+        self._ramp = _check_amount("ramp", ramp)
+        self._rng = rng if rng is not None else random.Random()
+        self._until = -math.inf
+        self._closures = 0
+        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def ramp(self) -> float:
+        """Seconds over which waiters are spread after the gate opens."""
+        return self._ramp
+
+    @property
+    def closed_until(self) -> float | None:
+        """The loop time the gate opens at, or None if it is open."""
+        return self._until if not self.is_open() else None
+
+    def is_open(self, now: float | None = None) -> bool:
+        """Whether a newcomer would pass at once (at ``now``, default the loop's time)."""
+        if now is None:
+            now = _loop_time(-math.inf)
+        return now >= self._until
+
+    def remaining(self, now: float | None = None) -> float:
+        """Seconds until the gate opens (0 if open), at ``now``, default the loop's time."""
+        if now is None:
+            now = _loop_time(-math.inf)
+        return max(0.0, self._until - now)
+
+    def close_until(self, t: float) -> None:
+        """Close the gate until loop time ``t``; a time no later than the current one is ignored.
+
+        Raises:
+            ValueError: ``t`` is not finite.
+        """
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
+            raise ValueError(f"close_until needs a finite loop time, not {t!r}.")
+        if t <= self._until:
+            return
+        now = _loop_time(-math.inf)
+        if t <= now:
+            return
+        if now >= self._until:
+            self._closures += 1
+        self._until = float(t)
+        self._arm()
+
+    async def wait(self) -> None:
+        """Return at once if the gate is open; else wait until it opens, plus jitter."""
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._until:
+            return
+        fut: asyncio.Future[None] = loop.create_future()
+        jitter = self._rng.random() * self._ramp
+        heapq.heappush(self._heap, (jitter, next(self._order), fut))
+        self._arm()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            self._arm()
+            raise
+
+    def statistics(self) -> CooldownStatistics:
+        """A snapshot of the live state."""
+        return CooldownStatistics(
+            closed_until=self.closed_until,
+            waiters=sum(1 for _, _, fut in self._heap if not fut.done()),
+            closures=self._closures,
+        )
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        heap = self._heap
+        while heap and heap[0][2].done():
+            heapq.heappop(heap)
+        if heap:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(self._until + heap[0][0], self._release)
+
+    def _release(self) -> None:
+        self._timer = None
+        now = asyncio.get_running_loop().time()
+        heap = self._heap
+        while heap and self._until + heap[0][0] <= now + _TIMER_SLACK:
+            _, _, fut = heapq.heappop(heap)
+            if not fut.done():
+                fut.set_result(None)
+        self._arm()
+
+    def __repr__(self) -> str:
+        stats = self.statistics()
+        state = (
+            "open" if stats.closed_until is None else f"closed_until={stats.closed_until:.3f}"
+        )
+        return (
+            f"<CooldownGate {state} ramp={self._ramp:g} waiters={stats.waiters} "
+            f"closures={stats.closures}>"
+        )

@@ -1,0 +1,574 @@
+"""Gates in virtual time: every timestamp below is exact loop time (looptime starts at 0)."""
+
+import asyncio
+import math
+import random
+
+import pytest
+
+from asyncquota.errors import QuotaError
+from asyncquota.gates import (
+    CooldownGate,
+    GateStatistics,
+    RateGate,
+    TokenBucket,
+    TokenGate,
+    WouldBlock,
+)
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+async def admission_times(gate: RateGate, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        await gate.acquire()
+        times.append(now())
+    return times
+
+
+# TokenBucket: pure arithmetic ------------------------------------------------------------
+
+
+def test_a_bucket_starts_full_and_refills_at_its_rate():
+    bucket = TokenBucket(rate=2.0, burst=4.0, now=10.0)
+    assert bucket.time_until(4, 10.0) == 0.0
+    bucket.take(4, 10.0)
+    assert bucket.level(10.0) == 0.0
+    assert bucket.time_until(1, 10.0) == 0.5
+    assert bucket.level(11.0) == 2.0
+    assert bucket.level(100.0) == 4.0
+
+
+def test_a_request_larger_than_the_burst_waits_for_a_full_bucket_then_goes_into_debt():
+    bucket = TokenBucket(rate=1.0, burst=4.0, now=0.0)
+    bucket.take(1, 0.0)
+    assert bucket.time_until(10, 0.0) == 1.0  # until full, not forever
+    bucket.take(10, 1.0)
+    assert bucket.level(1.0) == -6.0
+    assert bucket.time_until(1, 1.0) == 7.0
+
+
+def test_a_refund_never_fills_above_the_burst():
+    bucket = TokenBucket(rate=1.0, burst=4.0, now=0.0)
+    bucket.take(3, 0.0)
+    bucket.refund(2, 0.0)
+    assert bucket.level(0.0) == 3.0
+    bucket.refund(5, 0.0)
+    assert bucket.level(0.0) == 4.0
+
+
+def test_time_running_backwards_stands_still():
+    bucket = TokenBucket(rate=1.0, burst=4.0, now=5.0)
+    bucket.take(4, 5.0)
+    assert bucket.level(3.0) == 0.0
+    assert bucket.level(6.0) == 1.0
+
+
+def test_a_bucket_stamped_at_minus_infinity_is_full_when_first_read():
+    bucket = TokenBucket(rate=1.0, burst=4.0, now=-math.inf)
+    assert bucket.level(123.0) == 4.0
+    bucket.take(4, 123.0)
+    assert bucket.level(124.0) == 1.0
+
+
+def test_sync_lowers_the_level_to_what_the_upstream_reports_but_never_raises_it():
+    bucket = TokenBucket(rate=1.0, burst=10.0, now=0.0)
+    bucket.sync(remaining=6, reset_after=None, limit=None, now=0.0)
+    assert bucket.level(0.0) == 6.0
+    bucket.sync(remaining=9, reset_after=None, limit=None, now=0.0)
+    assert bucket.level(0.0) == 6.0
+
+
+def test_a_negative_remaining_says_nothing_and_is_ignored():
+    bucket = TokenBucket(rate=1.0, burst=10.0, now=0.0)
+    bucket.sync(remaining=-1, reset_after=5.0, limit=None, now=0.0)
+    assert bucket.level(0.0) == 10.0
+    assert bucket.paced_until(0.0) is None
+
+
+def test_without_a_limit_what_is_left_is_spread_until_the_reset():
+    bucket = TokenBucket(rate=10.0, burst=10.0, now=0.0)
+    bucket.sync(remaining=5, reset_after=2.0, limit=None, now=0.0)
+    assert bucket.paced_until(0.0) == 2.0
+    # one unit at once, the other four at (5 - 1) / 2 = 2 per second
+    sent = []
+    t = 0.0
+    while t < 2.0:
+        t += bucket.time_until(1, t)
+        bucket.take(1, t)
+        sent.append(t)
+    assert sent == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert bucket.paced_until(2.0) is None
+
+
+def test_nothing_left_and_no_limit_closes_the_bucket_until_the_reset():
+    bucket = TokenBucket(rate=10.0, burst=10.0, now=0.0)
+    bucket.sync(remaining=0, reset_after=3.0, limit=None, now=0.0)
+    assert bucket.level(0.0) == 0.0
+    assert bucket.time_until(1, 0.0) == 3.0
+    assert bucket.time_until(1, 3.0) == 0.0
+
+
+def test_with_a_limit_an_upstream_that_refills_at_our_own_rate_needs_no_pace():
+    # OpenAI, 60 RPM: 2 left, "full again in 58 s" -> it refills 1/s, exactly our rate.
+    bucket = TokenBucket(rate=1.0, burst=5.0, now=0.0)
+    bucket.sync(remaining=2, reset_after=58.0, limit=60, now=0.0)
+    assert bucket.level(0.0) == 2.0
+    assert bucket.paced_until(0.0) is None
+
+
+def test_with_a_limit_a_bucket_faster_than_the_upstream_is_paced_to_its_refill():
+    bucket = TokenBucket(rate=10.0, burst=10.0, now=0.0)
+    bucket.sync(remaining=2, reset_after=60.0, limit=61, now=0.0)
+    assert bucket.paced_until(0.0) == 60.0
+    bucket.take(1, 0.0)
+    assert bucket.time_until(1, 0.0) == 1.0  # (61 - 1) / 60 = one per second
+
+
+def test_a_new_sync_replaces_the_pace():
+    bucket = TokenBucket(rate=10.0, burst=10.0, now=0.0)
+    bucket.sync(remaining=0, reset_after=30.0, limit=None, now=0.0)
+    bucket.sync(remaining=0, reset_after=0.0, limit=None, now=1.0)
+    assert bucket.paced_until(1.0) is None
+    assert bucket.time_until(1, 1.1) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rate": 0.0, "burst": 1.0}, "rate must be a finite number greater than 0"),
+        ({"rate": 1.0, "burst": -1.0}, "burst must be a finite number greater than 0"),
+        ({"rate": math.inf, "burst": 1.0}, "rate must be a finite number"),
+    ],
+)
+def test_a_bucket_validates_its_configuration(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TokenBucket(now=0.0, **kwargs)
+
+
+def test_a_bucket_refuses_negative_amounts_and_bad_headers():
+    bucket = TokenBucket(rate=1.0, burst=1.0, now=0.0)
+    with pytest.raises(ValueError, match="amount must be a finite number of at least 0"):
+        bucket.take(-1, 0.0)
+    with pytest.raises(ValueError, match="reset_after"):
+        bucket.sync(remaining=1, reset_after=-2.0, limit=None, now=0.0)
+    with pytest.raises(ValueError, match="limit"):
+        bucket.sync(remaining=1, reset_after=1.0, limit=0, now=0.0)
+
+
+# RateGate --------------------------------------------------------------------------------
+
+
+async def test_a_60_rpm_gate_admits_its_burst_at_once_then_one_per_second():
+    gate = RateGate(per_minute=60, burst=3)
+    assert await admission_times(gate, 6) == [0.0, 0.0, 0.0, 1.0, 2.0, 3.0]
+
+
+async def test_the_default_burst_is_one_seconds_worth():
+    assert RateGate(per_minute=60).statistics().burst == 1.0
+    assert RateGate(per_minute=600).statistics().burst == 10.0
+    assert await admission_times(RateGate(per_minute=120), 4) == [0.0, 0.0, 0.5, 1.0]
+
+
+async def test_waiters_are_served_first_come_first_served_by_one_timer():
+    gate = RateGate(per_minute=60, burst=1)
+    order = []
+
+    async def caller(name, amount):
+        await gate.acquire(amount)
+        order.append((name, now()))
+
+    tasks = [asyncio.create_task(caller(n, a)) for n, a in [("a", 1), ("big", 2), ("c", 1)]]
+    await asyncio.sleep(0)
+    assert gate.statistics().waiters == 2
+    assert not gate.try_acquire()  # may not jump the queue
+    await asyncio.gather(*tasks)
+    # "big" (above the burst) goes when the bucket is full, into debt; "c" waits its turn
+    assert order == [("a", 0.0), ("big", 1.0), ("c", 3.0)]
+
+
+async def test_reassigning_per_minute_keeps_the_level_and_wakes_the_waiter():
+    gate = RateGate(per_minute=6, burst=1)  # one request per 10 s
+    await gate.acquire()
+    waiter = asyncio.create_task(gate.acquire())
+    await asyncio.sleep(1.0)
+    gate.per_minute = 60  # 0.1 earned so far, the other 0.9 now takes 0.9 s
+    await waiter
+    assert now() == pytest.approx(1.9, abs=1e-6)
+    assert gate.per_minute == 60
+
+
+async def test_reassigning_per_minute_validates():
+    gate = RateGate(per_minute=60)
+    with pytest.raises(ValueError, match="per_minute must be a finite number greater than 0"):
+        gate.per_minute = 0
+    assert gate.per_minute == 60
+
+
+async def test_two_left_with_a_reset_in_2s_paces_the_sends_across_the_window():
+    gate = RateGate(per_minute=600, burst=10)  # alone it would send 10 at once: 8 429s
+    gate.sync(remaining=2, reset_after=2.0)
+    assert gate.statistics().paced_until == 2.0
+    times = await admission_times(gate, 4)
+    # one now, the next at the reset: never more than the 2 left before it
+    assert times == [0.0, 2.0, 2.0, 2.0]
+    assert sum(1 for t in times if t < 2.0) <= 2
+
+
+async def test_five_left_with_a_reset_in_2s_go_evenly_not_in_a_burst():
+    gate = RateGate(per_minute=600, burst=10)
+    gate.sync(remaining=5, reset_after=2.0)
+    assert await admission_times(gate, 5) == [0.0, 0.5, 1.0, 1.5, 2.0]
+
+
+async def test_a_sync_that_relaxes_the_pace_wakes_the_waiter_at_once():
+    gate = RateGate(per_minute=600, burst=10)
+    gate.sync(remaining=0, reset_after=30.0)
+    waiter = asyncio.create_task(gate.acquire())
+    await asyncio.sleep(1.0)
+    assert not waiter.done()
+    gate.sync(remaining=5, reset_after=None)
+    await waiter
+    assert now() == 1.0
+
+
+async def test_rate_gate_statistics_and_repr_show_the_live_state():
+    gate = RateGate(per_minute=60, burst=2)
+    await gate.acquire(2)
+    waiter = asyncio.create_task(gate.acquire())
+    await asyncio.sleep(0.5)
+    assert gate.statistics() == GateStatistics(
+        per_minute=60, burst=2, level=0.5, waiters=1, paced_until=None
+    )
+    assert repr(gate) == "<RateGate per_minute=60 level=0.500/2 waiters=1>"
+    await waiter
+
+
+async def test_cancelling_the_head_lets_the_next_waiter_in_on_time():
+    gate = RateGate(per_minute=60, burst=1)
+    await gate.acquire()
+    big = asyncio.create_task(gate.acquire(1))
+    small = asyncio.create_task(gate.acquire(1))
+    await asyncio.sleep(0.5)
+    big.cancel()
+    await small
+    assert now() == 1.0
+
+
+async def test_random_cancellation_leaks_no_unit_and_strands_no_waiter():
+    rng = random.Random(20240601)
+    gate = RateGate(per_minute=60, burst=3)
+    admitted: list[float] = []
+    tasks = []
+
+    async def caller(amount: int) -> None:
+        await gate.acquire(amount)
+        admitted.append(amount)
+
+    loop = asyncio.get_running_loop()
+    for _ in range(60):
+        # demand (about 2.5 units per second) outruns supply (1/s): the bucket stays
+        # below its burst, so the ledger below is exact
+        task = asyncio.create_task(caller(rng.choice([1, 1, 2, 4])))
+        tasks.append(task)
+        if rng.random() < 0.5:
+            loop.call_later(rng.choice([0.0, 0.5, 1.0, 3.0, 10.0]), task.cancel)
+        await asyncio.sleep(rng.choice([0.0, 0.5, 1.0]))
+    done, pending = await asyncio.wait(tasks, timeout=1000)
+    assert not pending
+    cancelled = sum(1 for t in done if t.cancelled())
+    assert 0 < cancelled < len(tasks)
+    assert len(admitted) == len(tasks) - cancelled
+    # what the bucket holds = burst + everything refilled - what the admitted kept
+    t_end = now()
+    assert gate.statistics().level == pytest.approx(3 + t_end - sum(admitted))
+    assert gate.statistics().level < 3
+    assert gate.statistics().waiters == 0
+    assert "waiters=0" in repr(gate)
+
+
+# TokenGate -------------------------------------------------------------------------------
+
+
+async def test_a_reservation_reconciled_down_refunds_and_lets_the_next_in_earlier():
+    gate = TokenGate(per_minute=6000, burst=100)  # 100 tokens per second
+    first = await gate.reserve(100)
+    second = asyncio.create_task(gate.reserve(100))
+    await asyncio.sleep(0.2)
+    first.reconcile(40)  # 20 refilled + 60 refunded: 20 short, 0.2 s away
+    await second
+    assert now() == pytest.approx(0.4, abs=1e-6)
+
+
+async def test_a_reservation_reconciled_up_goes_into_debt_and_delays_the_next():
+    gate = TokenGate(per_minute=6000, burst=100)
+    first = await gate.reserve(100)
+    second = asyncio.create_task(gate.reserve(100))
+    await asyncio.sleep(0.2)
+    first.reconcile(150)  # 20 refilled - 50 charged = -30: 130 short, 1.3 s away
+    assert gate.statistics().level == pytest.approx(-30)
+    await second
+    assert now() == pytest.approx(1.5, abs=1e-6)
+
+
+async def test_a_cancelled_reservation_gives_everything_back():
+    gate = TokenGate(per_minute=6000, burst=100)
+    reservation = await gate.reserve(80)
+    assert gate.statistics().level == 20
+    reservation.cancel()
+    assert gate.statistics().level == 100
+    assert reservation.ended and reservation.actual is None
+    assert repr(reservation) == "<Reservation estimate=80 cancelled>"
+
+
+async def test_a_waiter_granted_then_cancelled_before_it_ran_gives_its_tokens_back():
+    gate = TokenGate(per_minute=60, burst=100)
+    first = await gate.reserve(100)
+    waiter = asyncio.create_task(gate.reserve(100))
+    await asyncio.sleep(1.0)
+    first.cancel()  # the refund grants the waiter synchronously...
+    waiter.cancel()  # ...and it is cancelled before it could resume
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    stats = gate.statistics()
+    assert stats.level == 100  # nothing kept by the cancelled waiter
+    assert (stats.waiters, stats.open_reservations) == (0, 0)
+
+
+async def test_a_reservation_ends_exactly_once():
+    gate = TokenGate(per_minute=6000, burst=100)
+    reservation = await gate.reserve(10)
+    reservation.reconcile(12)
+    assert repr(reservation) == "<Reservation estimate=10 reconciled actual=12>"
+    with pytest.raises(RuntimeError, match="ends exactly once"):
+        reservation.reconcile(12)
+    with pytest.raises(RuntimeError, match="ends exactly once"):
+        reservation.cancel()
+    assert gate.statistics().level == pytest.approx(88)
+
+
+async def test_reserve_nowait_refuses_with_would_block_which_is_not_a_quota_error():
+    gate = TokenGate(per_minute=6000, burst=100)
+    gate.reserve_nowait(70)
+    with pytest.raises(WouldBlock, match=r"Reserving 50 tokens would wait 0\.200 s"):
+        gate.reserve_nowait(50)
+    assert issubclass(WouldBlock, RuntimeError)
+    assert not issubclass(WouldBlock, QuotaError)
+    assert gate.statistics().level == 30
+
+
+async def test_an_estimate_above_the_burst_waits_for_a_full_bucket_then_goes_into_debt():
+    gate = TokenGate(per_minute=6000, burst=100)
+    await gate.reserve(50)
+    await gate.reserve(250)  # waits 0.5 s for a full bucket, not forever
+    assert now() == 0.5
+    assert gate.statistics().level == -150
+    await gate.reserve(100)
+    assert now() == 3.0
+
+
+async def test_token_estimates_are_validated():
+    gate = TokenGate(per_minute=6000)
+    with pytest.raises(ValueError, match="estimate must be at least 0 tokens"):
+        await gate.reserve(-1)
+    with pytest.raises(TypeError, match="integer number of tokens"):
+        gate.reserve_nowait(1.5)  # type: ignore[arg-type]
+    reservation = await gate.reserve(5)
+    with pytest.raises(ValueError, match="actual must be at least 0 tokens"):
+        reservation.reconcile(-3)
+    assert not reservation.ended
+
+
+async def test_token_gate_statistics_and_repr_count_open_reservations():
+    gate = TokenGate(per_minute=6000, burst=100)
+    a = await gate.reserve(30)
+    await gate.reserve(20)
+    stats = gate.statistics()
+    assert (stats.open_reservations, stats.reserved, stats.level) == (2, 50, 50)
+    a.cancel()
+    assert repr(gate) == (
+        "<TokenGate per_minute=6000 level=80.000/100 waiters=0 open_reservations=1 reserved=20>"
+    )
+
+
+async def test_random_cancellation_of_token_waiters_leaks_no_token():
+    rng = random.Random(777)
+    gate = TokenGate(per_minute=6000, burst=5000)  # 100 tokens per second
+    drain = await gate.reserve(5000)
+    drain.reconcile(5000)
+    charged = [5000]
+    tasks = []
+    waiting: list[asyncio.Task[None]] = []
+
+    async def request(estimate: int) -> None:
+        me = asyncio.current_task()
+        waiting.append(me)
+        try:
+            reservation = await gate.reserve(estimate)
+        finally:
+            waiting.remove(me)
+        try:
+            await asyncio.sleep(rng.choice([0.1, 0.5, 2.0]))
+        except asyncio.CancelledError:
+            reservation.cancel()  # never reached the upstream
+            raise
+        actual = rng.randint(0, 2 * estimate)
+        reservation.reconcile(actual)  # may grant the next waiter synchronously...
+        charged.append(actual)
+        if waiting and rng.random() < 0.5:  # ...which is cancelled before it can resume
+            waiting[0].cancel()
+
+    loop = asyncio.get_running_loop()
+    for _ in range(60):
+        # demand (about 300 tokens per second) outruns supply, so the bucket never
+        # refills to its burst and the ledger below stays exact
+        task = asyncio.create_task(request(rng.choice([50, 100, 300, 600])))
+        tasks.append(task)
+        if rng.random() < 0.5:
+            loop.call_later(rng.choice([0.0, 0.1, 0.5, 1.0, 4.0]), task.cancel)
+        await asyncio.sleep(rng.choice([0.0, 0.5, 1.0]))
+    done, pending = await asyncio.wait(tasks, timeout=10_000)
+    assert not pending
+    assert 0 < sum(1 for t in done if t.cancelled()) < len(tasks)
+    stats = gate.statistics()
+    assert (stats.waiters, stats.open_reservations, stats.reserved) == (0, 0, 0)
+    assert stats.level == pytest.approx(5000 + 100 * now() - sum(charged))
+    assert stats.level < 5000
+
+
+# CooldownGate ----------------------------------------------------------------------------
+
+
+async def test_an_open_cooldown_lets_everyone_through_at_once():
+    gate = CooldownGate()
+    await gate.wait()
+    assert now() == 0.0
+    assert gate.is_open() and gate.closed_until is None and gate.remaining() == 0.0
+
+
+async def release_times(gate: CooldownGate, count: int) -> list[float]:
+    async def waiter() -> float:
+        await gate.wait()
+        return now()
+
+    return list(await asyncio.gather(*(waiter() for _ in range(count))))
+
+
+async def test_a_retry_after_of_7s_holds_every_waiter_and_releases_them_over_the_ramp():
+    gate = CooldownGate(ramp=1.0, rng=random.Random(5))
+    gate.close_until(7.0)
+    assert gate.closed_until == 7.0 and gate.remaining() == 7.0 and not gate.is_open()
+    times = await release_times(gate, 20)
+    assert all(7.0 <= t < 8.0 for t in times)
+    assert len(set(times)) > 10  # not one stampede at a single instant
+    assert gate.is_open() and gate.statistics().waiters == 0
+
+
+async def test_the_ramp_is_deterministic_with_a_seeded_rng():
+    one, two = (CooldownGate(ramp=2.0, rng=random.Random(99)) for _ in range(2))
+    one.close_until(7.0)
+    two.close_until(7.0)
+    first, second = await asyncio.gather(release_times(one, 5), release_times(two, 5))
+    assert first == second
+
+
+async def test_a_cooldown_with_no_ramp_releases_everyone_at_the_instant():
+    gate = CooldownGate(ramp=0.0)
+    gate.close_until(7.0)
+    assert await release_times(gate, 3) == [7.0, 7.0, 7.0]
+
+
+async def test_an_extension_while_waiting_keeps_them_waiting():
+    gate = CooldownGate(ramp=1.0, rng=random.Random(1))
+    gate.close_until(7.0)
+
+    async def extend() -> None:
+        await asyncio.sleep(3.0)
+        gate.close_until(10.0)
+
+    extender = asyncio.create_task(extend())
+    times = await release_times(gate, 10)
+    await extender
+    assert all(10.0 <= t < 11.0 for t in times)
+    assert gate.statistics().closures == 1  # an extension is not a new closure
+
+
+async def test_a_closure_during_the_ramp_holds_those_not_yet_released():
+    gate = CooldownGate(ramp=1.0, rng=random.Random(3))
+    gate.close_until(7.0)
+    loop = asyncio.get_running_loop()
+    loop.call_at(7.5, gate.close_until, 20.0)
+    times = await release_times(gate, 20)
+    early = [t for t in times if t < 7.5]
+    assert early and all(7.0 <= t < 7.5 for t in early)
+    assert all(20.0 <= t < 21.0 for t in times if t >= 7.5)
+    assert gate.statistics().closures == 2
+
+
+async def test_an_earlier_close_until_is_ignored():
+    gate = CooldownGate(ramp=0.0)
+    gate.close_until(7.0)
+    gate.close_until(5.0)
+    assert gate.closed_until == 7.0
+    await gate.wait()
+    assert now() == 7.0
+
+
+async def test_a_close_until_in_the_past_does_not_close():
+    gate = CooldownGate()
+    await asyncio.sleep(5.0)
+    gate.close_until(4.0)
+    assert gate.is_open() and gate.statistics().closures == 0
+
+
+async def test_cooldown_statistics_and_repr_show_the_live_state():
+    gate = CooldownGate(ramp=0.5, rng=random.Random(0))
+    gate.close_until(3.0)
+    waiter = asyncio.create_task(gate.wait())
+    await asyncio.sleep(1.0)
+    assert gate.remaining() == 2.0
+    assert gate.is_open(now=3.0)
+    assert repr(gate) == "<CooldownGate closed_until=3.000 ramp=0.5 waiters=1 closures=1>"
+    await waiter
+    assert repr(gate) == "<CooldownGate open ramp=0.5 waiters=0 closures=1>"
+
+
+def test_cooldown_validates_its_configuration():
+    with pytest.raises(ValueError, match="ramp must be a finite number of at least 0"):
+        CooldownGate(ramp=-1.0)
+    with pytest.raises(ValueError, match="finite loop time"):
+        CooldownGate().close_until(math.nan)
+
+
+async def test_random_cancellation_of_cooldown_waiters_strands_no_one():
+    rng = random.Random(4242)
+    gate = CooldownGate(ramp=1.0, rng=random.Random(8))
+    released: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def waiter() -> None:
+        await gate.wait()
+        released.append(now())
+
+    tasks = []
+    gate.close_until(5.0)
+    final = 5.0
+    for step in range(40):
+        task = asyncio.create_task(waiter())
+        tasks.append(task)
+        if rng.random() < 0.5:
+            loop.call_later(rng.choice([0.0, 0.25, 1.0, 5.0]), task.cancel)
+        if step == 20:
+            final = now() + 6.0
+            gate.close_until(final)
+        await asyncio.sleep(rng.choice([0.0, 0.25]))
+    done, pending = await asyncio.wait(tasks, timeout=100)
+    assert not pending
+    cancelled = sum(1 for t in done if t.cancelled())
+    assert 0 < cancelled < len(tasks)
+    assert len(released) == len(tasks) - cancelled
+    assert all(final <= t < final + 1.0 for t in released)
+    assert gate.is_open() and gate.statistics().waiters == 0
