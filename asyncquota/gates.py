@@ -250,6 +250,7 @@ class TokenBucket:
         Raises:
             ValueError: ``reset_after`` is negative or not finite, or ``limit`` is not a
                 finite number greater than 0.
+            TypeError: ``remaining`` is not a number.
         """
         if reset_after is not None:
             reset_after = _check_amount("reset_after", reset_after)
@@ -546,6 +547,7 @@ class Reservation:
         Raises:
             RuntimeError: the reservation has already ended.
             ValueError: ``actual`` is negative.
+            TypeError: ``actual`` is not an integer.
         """
         actual = _check_tokens("actual", actual)
         self._end()
