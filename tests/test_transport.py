@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import random
 import socket
 import struct
@@ -32,22 +31,6 @@ from asyncquota.transport import (
 OVERLOADED = orjson.dumps(
     {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
 ).decode()
-
-
-@pytest.fixture(autouse=True)
-def close_the_loop_looptime_opens_for_a_sync_test(request):
-    """Close the event loop looptime's hook creates (and drops) around each sync test.
-
-    With pytest-asyncio's autouse ``event_loop_policy``, looptime calls
-    ``policy.get_event_loop()`` for sync tests too, which creates a loop nobody closes; the
-    next async test replaces it and its ``__del__`` warns. A conftest should own this fix.
-    """
-    yield
-    if not inspect.iscoroutinefunction(request.function):
-        policy = asyncio.get_event_loop_policy()
-        with contextlib.suppress(RuntimeError):
-            policy.get_event_loop().close()
-        policy.set_event_loop(None)
 
 
 def parse(*chunks: bytes) -> list[SSEEvent]:
