@@ -1,5 +1,14 @@
-"""asyncquota: load shaping for asyncio clients of rate-limited LLM APIs."""
+"""asyncquota: load shaping for asyncio clients of rate-limited LLM APIs.
 
+The request path, one stage a module::
+
+    queue (priority.py, queue.py) → gates (gates.py) → concurrency (limiter.py, limits.py)
+    → transport (transport.py) → classify (signals.py) → retry or result (backoff.py)
+
+Every error a caller can see is in errors.py, under QuotaError.
+"""
+
+from .backoff import RetryBudget, backoff_delay, retry_delay
 from .errors import (
     ClosedError,
     DeadlineExceededError,
@@ -13,21 +22,69 @@ from .errors import (
     TransportError,
     UpstreamError,
 )
+from .gates import CooldownGate, RateGate, Reservation, TokenBucket, TokenGate
+from .limiter import ConcurrencyLimiter, LimiterStatistics, Permit
+from .limits import AIMD, Fixed, Gradient, Limit
 from .priority import Priority, PriorityLike, coerce_priority
+from .queue import PriorityQueue, QueueStatistics, Waiter
+from .signals import (
+    Classification,
+    Outcome,
+    QuotaSnapshot,
+    QuotaWindow,
+    classify_error_body,
+    classify_stream_event,
+    parse_duration,
+    parse_rate_limit_headers,
+    parse_retry_after,
+)
+from .transport import AiohttpTransport, MockTransport, Request, Response, Transport
 
 __all__ = [
+    "AIMD",
+    "AiohttpTransport",
+    "Classification",
     "ClosedError",
+    "ConcurrencyLimiter",
+    "CooldownGate",
     "DeadlineExceededError",
     "DeadlineUnreachableError",
+    "Fixed",
+    "Gradient",
+    "Limit",
+    "LimiterStatistics",
+    "MockTransport",
+    "Outcome",
     "OverloadedError",
+    "Permit",
     "Priority",
     "PriorityLike",
+    "PriorityQueue",
     "QueueFullError",
+    "QueueStatistics",
     "QuotaError",
     "QuotaExhaustedError",
+    "QuotaSnapshot",
+    "QuotaWindow",
+    "RateGate",
     "RejectedError",
+    "Request",
+    "Reservation",
+    "Response",
+    "RetryBudget",
     "ThrottledError",
+    "TokenBucket",
+    "TokenGate",
+    "Transport",
     "TransportError",
     "UpstreamError",
+    "Waiter",
+    "backoff_delay",
+    "classify_error_body",
+    "classify_stream_event",
     "coerce_priority",
+    "parse_duration",
+    "parse_rate_limit_headers",
+    "parse_retry_after",
+    "retry_delay",
 ]

@@ -22,9 +22,9 @@ from typing import Literal
 
 from .limits import AIMD, Fixed, Limit
 
-__all__ = ["ConcurrencyLimiter", "LimiterStatistics", "Outcome", "Permit", "WouldBlock"]
+__all__ = ["ConcurrencyLimiter", "Ending", "LimiterStatistics", "Permit", "WouldBlock"]
 
-Outcome = Literal["success", "dropped", "ignore"]
+Ending = Literal["success", "dropped", "ignore"]
 """How a permit ended: a round-trip sample, a congestion signal, or nothing learned."""
 
 
@@ -188,7 +188,7 @@ class ConcurrencyLimiter:
             self._waiting -= 1
             self._inflight += 1
 
-    def _release(self, permit: Permit, outcome: Outcome) -> None:
+    def _release(self, permit: Permit, outcome: Ending) -> None:
         """End a permit: free its slot, count the outcome, feed the limit, wake waiters."""
         inflight = self._inflight
         self._inflight = inflight - 1
@@ -232,11 +232,11 @@ class Permit:
     def __init__(self, limiter: ConcurrencyLimiter, loop: asyncio.AbstractEventLoop) -> None:
         self._limiter = limiter
         self._loop = loop
-        self._outcome: Outcome | None = None
+        self._outcome: Ending | None = None
         self.acquired_at = loop.time()
 
     @property
-    def outcome(self) -> Outcome | None:
+    def outcome(self) -> Ending | None:
         """How the permit ended (``"success"``, ``"dropped"``, ``"ignore"``), or None if held."""
         return self._outcome
 
@@ -264,7 +264,7 @@ class Permit:
         """
         self._end("ignore")
 
-    def _end(self, outcome: Outcome) -> None:
+    def _end(self, outcome: Ending) -> None:
         if self._outcome is not None:
             raise RuntimeError(
                 f"This permit already ended with {self._outcome}(); a permit ends exactly once, "
