@@ -19,6 +19,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from .window import SlidingCount
+
 __all__ = ["RetryBudget", "RetryBudgetStatistics", "backoff_delay", "retry_delay"]
 
 
@@ -161,18 +163,7 @@ class RetryBudget:
     BUCKETS = 10
     """Slices the window is cut into."""
 
-    __slots__ = (
-        "_denied",
-        "_epoch",
-        "_floor",
-        "_ratio",
-        "_requests",
-        "_retries",
-        "_slice_requests",
-        "_slice_retries",
-        "_width",
-        "_window",
-    )
+    __slots__ = ("_denied", "_floor", "_ratio", "_requests", "_retries", "_window")
 
     def __init__(
         self, *, ratio: float = 0.1, min_per_second: float = 1.0, window: float = 10.0
@@ -181,68 +172,42 @@ class RetryBudget:
         floor_rate = _check_number("min_per_second", min_per_second, positive=False)
         self._window = _check_number("window", window, positive=True)
         self._floor = floor_rate * self._window
-        self._width = self._window / self.BUCKETS
-        self._slice_requests = [0] * self.BUCKETS
-        self._slice_retries = [0] * self.BUCKETS
-        self._requests = 0
-        self._retries = 0
+        self._requests = SlidingCount(window=self._window, slices=self.BUCKETS)
+        self._retries = SlidingCount(window=self._window, slices=self.BUCKETS)
         self._denied = 0
-        self._epoch: int | None = None
 
     def record_request(self, now: float) -> None:
         """Count one request (a first attempt, not a retry) at ``now``."""
-        index = self._advance(now)
-        self._slice_requests[index] += 1
-        self._requests += 1
+        self._requests.add(now)
 
     def try_spend(self, now: float) -> bool:
         """Spend one retry if the budget allows it at ``now``; say whether it did."""
-        index = self._advance(now)
-        if self._retries + 1 > self._allowed():
+        if self._retries.total(now) + 1 > self._allowed(now):
             self._denied += 1
             return False
-        self._slice_retries[index] += 1
-        self._retries += 1
+        self._retries.add(now)
         return True
 
     def available(self, now: float) -> float:
         """How many retries may be spent at ``now`` (may be fractional)."""
-        self._advance(now)
-        return max(0.0, self._allowed() - self._retries)
+        return max(0.0, self._allowed(now) - self._retries.total(now))
 
     def statistics(self, now: float) -> RetryBudgetStatistics:
         """A snapshot at ``now``."""
         available = self.available(now)
         return RetryBudgetStatistics(
-            requests=self._requests,
-            retries=self._retries,
+            requests=self._requests.total(now),
+            retries=self._retries.total(now),
             available=available,
             denied=self._denied,
         )
 
-    def _allowed(self) -> float:
-        return self._ratio * self._requests + self._floor
-
-    def _advance(self, now: float) -> int:
-        epoch = math.floor(now / self._width)
-        last = self._epoch
-        if last is None or epoch - last >= self.BUCKETS:
-            self._slice_requests = [0] * self.BUCKETS
-            self._slice_retries = [0] * self.BUCKETS
-            self._requests = self._retries = 0
-        elif epoch > last:
-            for expired in range(last + 1, epoch + 1):
-                index = expired % self.BUCKETS
-                self._requests -= self._slice_requests[index]
-                self._retries -= self._slice_retries[index]
-                self._slice_requests[index] = self._slice_retries[index] = 0
-        else:
-            epoch = last
-        self._epoch = epoch
-        return epoch % self.BUCKETS
+    def _allowed(self, now: float) -> float:
+        return self._ratio * self._requests.total(now) + self._floor
 
     def __repr__(self) -> str:
         return (
             f"<RetryBudget ratio={self._ratio:g} floor={self._floor:g}/{self._window:g}s "
-            f"requests={self._requests} retries={self._retries} denied={self._denied}>"
+            f"requests={self._requests.counted} retries={self._retries.counted} "
+            f"denied={self._denied}>"
         )

@@ -1,0 +1,141 @@
+"""Instrumentation: what happens to each request, as frozen events handed to hooks.
+
+A hook is anything with an ``on_event(event)`` method. It is called synchronously on the
+event loop, so it must be quick and must not raise (an exception from a hook is logged
+and swallowed: instrumentation never fails a request). Events are frozen, slotted
+dataclasses that share the fields of :class:`Event`; their class says what happened:
+
+    Queued      the request entered the queue (or re-entered it, for a retry)
+    Admitted    it left the queue through the gates and is being sent
+    Throttled   the upstream answered with a congestion signal (429, 503, 529)
+    Retried     it goes back into the queue after a failed attempt
+    Shed        it was rejected without being sent (queue full, deadline unreachable,
+                a cooldown longer than its deadline, shutdown)
+    Completed   it ended: ``outcome`` is "ok" or the error's reason
+
+The default, :class:`LoggingHook`, logs sheds and throttling at INFO and WARNING and
+the rest at DEBUG on the ``asyncquota`` logger. No request header (API keys live there)
+is ever part of an event.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .priority import Priority
+
+__all__ = [
+    "Admitted",
+    "Completed",
+    "Event",
+    "Hook",
+    "LoggingHook",
+    "Queued",
+    "Retried",
+    "Shed",
+    "Throttled",
+]
+
+logger = logging.getLogger("asyncquota")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """What every event carries.
+
+    Attributes:
+        at: loop time of the event.
+        method: the request's HTTP method.
+        path: the request's path (never its query string or headers).
+        priority: its priority class.
+        tenant: its tenant, if any.
+        attempt: 1 for the first attempt, 2 for the first retry, ...
+    """
+
+    at: float
+    method: str
+    path: str
+    priority: Priority | int
+    tenant: Hashable | None
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Queued(Event):
+    """The request entered the queue; ``depth`` waiters were queued after it arrived."""
+
+    depth: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Admitted(Event):
+    """The request passed the queue and the gates after ``waited`` seconds."""
+
+    waited: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Throttled(Event):
+    """The upstream answered ``status`` (a congestion signal), asking to wait ``retry_after``."""
+
+    status: int
+    retry_after: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Retried(Event):
+    """The request goes back into the queue after ``delay`` seconds because of ``reason``."""
+
+    reason: str
+    delay: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Shed(Event):
+    """The request was rejected unsent for ``reason``; try again after ``retry_after``."""
+
+    reason: str
+    retry_after: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Completed(Event):
+    """The request ended: ``outcome`` is "ok" or an error reason; ``latency`` since it began."""
+
+    outcome: str
+    status: int | None
+    latency: float
+
+
+class Hook(Protocol):
+    """Receives every event; must be quick and must not block."""
+
+    def on_event(self, event: Event) -> None:
+        """Handle one event."""
+
+
+class LoggingHook:
+    """Logs events on the ``asyncquota`` logger (or the one given).
+
+    Sheds at INFO, throttling at WARNING, everything else at DEBUG, so a production log
+    at INFO shows exactly the moments the load shaping had to say no.
+    """
+
+    __slots__ = ("_logger",)
+
+    def __init__(self, logger_: logging.Logger | None = None) -> None:
+        self._logger = logger_ or logger
+
+    def on_event(self, event: Event) -> None:
+        """Log the event at its level (cheaply skipped when that level is off)."""
+        if isinstance(event, Throttled):
+            level = logging.WARNING
+        elif isinstance(event, Shed):
+            level = logging.INFO
+        else:
+            level = logging.DEBUG
+        if self._logger.isEnabledFor(level):
+            self._logger.log(level, "%s", event)
