@@ -1,0 +1,888 @@
+"""The Shaper: the whole request path, one object that async callers use instead of the upstream.
+
+    caller ─► Shaper.request()   estimate tokens; refuse at once what cannot be served in time
+              │
+              ▼
+            queue                priority class → tenant round robin → age; deadlines; bounded
+              │  (only the head waits on the gates, so nothing after the queue reorders)
+              ▼
+            gates                cooldown (Retry-After) → requests/min → tokens/min → permit
+              │
+              ▼
+            transport.send()     one attempt, bounded by the attempt timeout and the deadline
+              │
+              ▼
+            classify             success | throttled | overloaded | retryable | quota | fatal
+              │  feeds: the adaptive limit, the cooldown, the gates (rate-limit headers), tokens
+              ▼
+            done, or back into the queue (same priority, original age) within budget and deadline
+
+The caller's own task sends its request once the dispatcher has admitted it, so cancelling
+the caller cancels the upstream request, and every request ends exactly once: in a
+:class:`~asyncquota.transport.Response` or in a :class:`~asyncquota.errors.QuotaError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .backoff import RetryBudget, backoff_delay
+from .errors import (
+    ClosedError,
+    DeadlineExceededError,
+    DeadlineUnreachableError,
+    OverloadedError,
+    QueueFullError,
+    QuotaError,
+    QuotaExhaustedError,
+    ThrottledError,
+    TransportError,
+    UpstreamError,
+)
+from .gates import CooldownGate, RateGate, Reservation, TokenGate
+from .hooks import (
+    Admitted,
+    Completed,
+    Event,
+    Hook,
+    LoggingHook,
+    Queued,
+    Retried,
+    Shed,
+    Throttled,
+    logger,
+)
+from .limiter import ConcurrencyLimiter, Permit
+from .limits import AIMD, Limit
+from .priority import Priority, PriorityLike, coerce_priority, describe_priority
+from .queue import PriorityQueue, QueueStatistics
+from .signals import Classification, Outcome, QuotaSnapshot, classify_error_body
+from .signals import parse_rate_limit_headers as _parse_quota
+from .tokens import estimate_tokens, usage_tokens
+from .transport import AiohttpTransport, Request, Response, Transport
+from .window import SlidingCount
+
+__all__ = ["Shaper", "ShaperStatistics"]
+
+UNBOUNDED_PER_MINUTE = 1e12
+"""The rate of a gate with no configured quota: it only paces by the upstream's headers."""
+
+SERVICE_RATE_WINDOW = 5.0
+"""Seconds of admissions behind the service-rate estimate used to shed early."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShaperStatistics:
+    """A snapshot of a Shaper's live state and its counters since it started.
+
+    Attributes:
+        queued: requests waiting, per priority class (only classes with waiters).
+        inflight: requests sent and not yet answered.
+        limit: the adaptive concurrency limit now.
+        cooldown_until: loop time until which the upstream asked everyone to wait, if so.
+        rpm_level, tpm_level: what the request and token gates hold now (None: no quota).
+        service_rate: admissions per second lately (what early shedding divides by).
+        quota: the upstream's last rate-limit headers, parsed.
+        sent, ok, throttled, retried, shed, deadline, failed: counters. ``sent`` counts
+            attempts; ``throttled`` counts congestion replies (429, 503, 529); ``shed``
+            requests rejected unsent; ``deadline`` requests that ended by their deadline;
+            ``failed`` requests that ended in any other error.
+    """
+
+    queued: tuple[tuple[Priority | int, int], ...]
+    inflight: int
+    limit: int
+    cooldown_until: float | None
+    rpm_level: float | None
+    tpm_level: float | None
+    service_rate: float
+    quota: QuotaSnapshot | None
+    sent: int
+    ok: int
+    throttled: int
+    retried: int
+    shed: int
+    deadline: int
+    failed: int
+
+
+class _Ticket:
+    """One request's journey: what to send, its place in line, and the grant to send it."""
+
+    __slots__ = (
+        "attempt",
+        "body",
+        "cost",
+        "deadline",
+        "enqueued_at",
+        "headers",
+        "method",
+        "path",
+        "permit",
+        "priority",
+        "reservation",
+        "sent",
+        "started",
+        "tenant",
+        "url",
+    )
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        path: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        priority: int,
+        tenant: Hashable | None,
+        deadline: float | None,
+        cost: int,
+        now: float,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.url = url
+        self.headers = headers
+        self.body = body
+        self.priority = priority
+        self.tenant = tenant
+        self.deadline = deadline
+        self.cost = cost
+        self.started = now
+        self.enqueued_at = now
+        self.attempt = 1
+        self.sent = 0
+        self.permit: Permit | None = None
+        self.reservation: Reservation | None = None
+
+
+class _Failure:
+    """A failed attempt: the error to raise, unless the request may be retried."""
+
+    __slots__ = ("error", "retry_after", "retryable")
+
+    def __init__(self, error: QuotaError, *, retryable: bool, retry_after: float | None) -> None:
+        self.error = error
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+Send = Callable[[_Ticket, float | None], Awaitable[Response]]
+
+
+class Shaper:
+    """Shapes the load a fleet of async callers puts on one rate-limited upstream.
+
+    Use it as an async context manager and call :meth:`request` wherever the code called the
+    upstream before. Requests wait in one priority queue; the head goes out when the
+    cooldown, the rate gates and the adaptive concurrency limit allow, so the upstream is
+    kept full but not flooded; what cannot be served before its deadline is refused at
+    once with a ``retry_after``.
+
+    Args:
+        base_url: the upstream's base URL; request paths are joined to it, and nothing is
+            ever sent elsewhere.
+        limit: the concurrency algorithm (default ``AIMD()``: slow start, cut once per
+            congestion episode).
+        rpm, tpm: the upstream's known requests and tokens per minute, if known. Without
+            them the gates pace only by the upstream's rate-limit headers.
+        max_attempts: attempts per request, first included.
+        retry_budget: retries allowed per recent request, fleet-wide (0.1: one in ten).
+        max_retry_after: the longest Retry-After honoured by retrying (seconds); a longer
+            one ends the request with a ThrottledError carrying it. The cooldown itself
+            always honours what the upstream said.
+        max_queue: waiters the queue holds before it sheds the least important.
+        default_deadline: seconds a request may take, queueing included, when the caller
+            gives none (None: no deadline).
+        timeout: the longest one attempt may take, in seconds.
+        max_connections: the connection pool's bound (default transport only).
+        transport: how attempts are sent (default: a pooled aiohttp transport).
+        headers: headers added to every request (credentials go here; never logged).
+        hooks: instrumentation hooks (default: one LoggingHook).
+        cooldown_ramp: seconds over which waiters resume after a cooldown (jitter).
+        default_output_tokens: the output allowance of a request that names no max_tokens.
+        shutdown_grace: seconds in-flight requests get to finish when the Shaper closes.
+        seed: seeds the jitter, for reproducible runs.
+        wall_clock: Unix time, used only to read HTTP-date and RFC 3339 values in replies
+            that carry no ``Date`` header (everything else runs on the event loop's clock).
+
+    Raises:
+        ValueError: a configuration value out of range.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        limit: Limit | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        max_attempts: int = 4,
+        retry_budget: float = 0.1,
+        max_retry_after: float = 300.0,
+        max_queue: int = 100_000,
+        default_deadline: float | None = 60.0,
+        timeout: float = 120.0,
+        max_connections: int = 100,
+        transport: Transport | None = None,
+        headers: Mapping[str, str] | None = None,
+        hooks: Sequence[Hook] | None = None,
+        cooldown_ramp: float = 1.0,
+        default_output_tokens: int = 256,
+        shutdown_grace: float = 10.0,
+        seed: int | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must be an http:// or https:// URL, not {base_url!r}.")
+        _check("max_attempts", max_attempts, minimum=1, integer=True)
+        _check("retry_budget", retry_budget, minimum=0)
+        _check("max_retry_after", max_retry_after, minimum=0)
+        _check("max_queue", max_queue, minimum=1, integer=True)
+        if default_deadline is not None:
+            _check("default_deadline", default_deadline, minimum=0, strict=True)
+        _check("timeout", timeout, minimum=0, strict=True)
+        _check("shutdown_grace", shutdown_grace, minimum=0)
+        _check("default_output_tokens", default_output_tokens, minimum=0, integer=True)
+        self.base_url = base_url.rstrip("/")
+        self._max_attempts = max_attempts
+        self._max_retry_after = float(max_retry_after)
+        self._default_deadline = default_deadline
+        self._timeout = float(timeout)
+        self._default_output_tokens = default_output_tokens
+        self._shutdown_grace = float(shutdown_grace)
+        self._wall_clock = wall_clock
+        self._headers = dict(headers or {})
+        self._hooks: tuple[Hook, ...] = tuple(hooks) if hooks is not None else (LoggingHook(),)
+        self._rng = random.Random(seed)
+        self._transport: Transport = transport or AiohttpTransport(max_connections=max_connections)
+        self._rpm = rpm
+        self._tpm = tpm
+        self._queue: PriorityQueue[_Ticket] = PriorityQueue(maxsize=max_queue)
+        self._limiter = ConcurrencyLimiter(limit if limit is not None else AIMD())
+        self._rate = RateGate(per_minute=rpm if rpm is not None else UNBOUNDED_PER_MINUTE)
+        self._tokens = TokenGate(per_minute=tpm if tpm is not None else UNBOUNDED_PER_MINUTE)
+        self._cooldown = CooldownGate(ramp=cooldown_ramp, rng=self._rng)
+        self._budget = RetryBudget(ratio=retry_budget)
+        self._served = SlidingCount(window=SERVICE_RATE_WINDOW)
+        self._first_served: float | None = None
+        self._quota: QuotaSnapshot | None = None
+        self._work = asyncio.Event()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._active: set[asyncio.Task[Any]] = set()  # tasks with a request under way
+        self._idle = asyncio.Event()
+        self._closing: set[asyncio.Task[Any]] = set()  # those aclose had to cancel
+        self._state = "new"
+        self._sent = self._ok = self._throttled = self._retried = 0
+        self._shed = self._deadline_count = self._failed = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Shaper:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def start(self) -> None:
+        """Start dispatching (``async with`` does this). Needs a running event loop.
+
+        Raises:
+            ClosedError: the Shaper was closed already.
+        """
+        if self._state == "closed":
+            raise ClosedError("This Shaper is closed; make a new one.")
+        if self._dispatcher is None:
+            self._dispatcher = asyncio.get_running_loop().create_task(
+                self._dispatch(), name="asyncquota-dispatcher"
+            )
+            self._state = "open"
+
+    async def aclose(self) -> None:
+        """Shut down: reject the waiting, let in-flight requests finish, close the pool.
+
+        Waiting callers get a ClosedError at once; requests in flight get
+        ``shutdown_grace`` seconds to finish and are then cancelled (their callers get a
+        ClosedError). Idempotent.
+        """
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        self._queue.close(
+            lambda waiter: ClosedError(
+                "The Shaper is shutting down; this request was not sent.",
+                priority=waiter.priority,
+                tenant=waiter.tenant,
+            )
+        )
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+        if self._active:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self._shutdown_grace)
+            self._closing = set(self._active)
+            for task in self._closing:
+                task.cancel()
+            while self._active:
+                self._idle.clear()
+                await self._idle.wait()
+        await self._transport.aclose()
+
+    # ------------------------------------------------------------------ the public call
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        priority: PriorityLike = Priority.INTERACTIVE,
+        tenant: Hashable | None = None,
+        deadline: float | None = None,
+        cost_tokens: int | None = None,
+    ) -> Response:
+        """Send one request through the queue and the gates; return the upstream's reply.
+
+        Args:
+            method: the HTTP method.
+            path: the path under ``base_url`` (a full URL is refused: nothing is sent
+                anywhere but the configured upstream).
+            json: the JSON body, encoded with orjson.
+            headers: extra headers for this request.
+            priority: ``"critical"``, ``"interactive"``, ``"batch"``, a Priority or an
+                integer rank (smaller goes first).
+            tenant: who the request is for; tenants of one class share it fairly.
+            deadline: seconds from now this request may take in all, queueing and
+                retries included (None: the Shaper's ``default_deadline``).
+            cost_tokens: the tokens to reserve, when the caller knows better than the
+                estimate (see :mod:`asyncquota.tokens`).
+
+        Returns:
+            The successful (2xx) response, with ``attempts`` set.
+
+        Raises:
+            RejectedError: not sent: the queue shed it, its deadline is unreachable, or the
+                Shaper is closed. ``retry_after`` says when to try again.
+            ThrottledError: the upstream keeps rate limiting (or asked for a wait longer
+                than the deadline or ``max_retry_after``): ``retry_after`` says how long.
+            DeadlineExceededError: the deadline passed while it waited or was in flight.
+            OverloadedError, QuotaExhaustedError, TransportError, UpstreamError: the
+                upstream's final answer, when retrying is pointless or out of budget.
+            ValueError, TypeError: the arguments are malformed.
+        """
+        ticket = self._ticket(method, path, json, headers, priority, tenant, deadline, cost_tokens)
+        return await self._run(ticket, self._send)
+
+    def statistics(self) -> ShaperStatistics:
+        """A frozen snapshot of the live state and the counters."""
+        now = asyncio.get_running_loop().time()
+        queue: QueueStatistics = self._queue.statistics()
+        rates = self._rate.statistics()
+        tokens = self._tokens.statistics()
+        return ShaperStatistics(
+            queued=queue.depth_by_priority,
+            inflight=self._limiter.inflight,
+            limit=self._limiter.capacity,
+            cooldown_until=self._cooldown.closed_until,
+            rpm_level=rates.level if self._rpm is not None else None,
+            tpm_level=tokens.level if self._tpm is not None else None,
+            service_rate=self._service_rate(now),
+            quota=self._quota,
+            sent=self._sent,
+            ok=self._ok,
+            throttled=self._throttled,
+            retried=self._retried,
+            shed=self._shed,
+            deadline=self._deadline_count,
+            failed=self._failed,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<Shaper {self.base_url} {self._state} queued={len(self._queue)} "
+            f"inflight={self._limiter.inflight}/{self._limiter.capacity} sent={self._sent} "
+            f"ok={self._ok} throttled={self._throttled} shed={self._shed}>"
+        )
+
+    # ------------------------------------------------------------------ building a request
+
+    def _ticket(
+        self,
+        method: str,
+        path: str,
+        payload: Any,
+        headers: Mapping[str, str] | None,
+        priority: PriorityLike,
+        tenant: Hashable | None,
+        deadline: float | None,
+        cost_tokens: int | None,
+    ) -> _Ticket:
+        if self._state != "open":
+            raise ClosedError(
+                "The Shaper is not running: use `async with Shaper(...)` or call start()."
+                if self._state == "new"
+                else "The Shaper is closed and accepts no more requests."
+            )
+        if not path.startswith("/"):
+            raise ValueError(
+                f"path must start with '/' and stay under the configured upstream, not {path!r}."
+            )
+        rank = coerce_priority(priority)
+        if deadline is None:
+            deadline = self._default_deadline
+        elif not (isinstance(deadline, int | float) and deadline > 0):
+            raise ValueError(f"deadline must be a number of seconds > 0, not {deadline!r}.")
+        if cost_tokens is not None and (
+            isinstance(cost_tokens, bool) or not isinstance(cost_tokens, int) or cost_tokens < 0
+        ):
+            raise ValueError(f"cost_tokens must be an integer ≥ 0, not {cost_tokens!r}.")
+        body = None if payload is None else orjson.dumps(payload)
+        merged = dict(self._headers)
+        if headers:
+            merged.update(headers)
+        if body is not None and not any(k.lower() == "content-type" for k in merged):
+            merged["Content-Type"] = "application/json"
+        if cost_tokens is None:
+            cost_tokens = estimate_tokens(
+                body, payload, default_output_tokens=self._default_output_tokens
+            )
+        now = asyncio.get_running_loop().time()
+        return _Ticket(
+            method=method.upper(),
+            path=path,
+            url=self.base_url + path,
+            headers=merged,
+            body=body,
+            priority=rank,
+            tenant=tenant,
+            deadline=None if deadline is None else now + deadline,
+            cost=cost_tokens,
+            now=now,
+        )
+
+    # ------------------------------------------------------------------ the request's life
+
+    async def _run(self, ticket: _Ticket, send: Send) -> Response:
+        """Queue, send, classify, retry: until the request ends, exactly once."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._active.add(task)
+        self._budget.record_request(ticket.started)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await self._wait_turn(ticket)
+                result = await self._attempt(ticket, send)
+                if isinstance(result, Response):
+                    result.attempts = ticket.attempt
+                    self._ok += 1
+                    self._complete(ticket, "ok", result.status)
+                    return result
+                delay = self._retry_delay(ticket, result, loop.time())
+                if delay is None:
+                    raise result.error
+                self._retried += 1
+                self._emit(Retried, ticket, reason=result.error.reason, delay=delay)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                ticket.attempt += 1
+        except QuotaError as exc:
+            self._count_error(ticket, exc)
+            raise
+        except asyncio.CancelledError:
+            if task not in self._closing:
+                self._complete(ticket, "cancelled", None)
+                raise
+            closed = ClosedError(
+                "The Shaper shut down before this request finished.",
+                priority=ticket.priority,
+                tenant=ticket.tenant,
+            )
+            self._count_error(ticket, closed)
+            raise closed from None
+        finally:
+            self._active.discard(task)
+            if not self._active:
+                self._idle.set()
+
+    def _count_error(self, ticket: _Ticket, exc: QuotaError) -> None:
+        if isinstance(exc, DeadlineExceededError):
+            self._deadline_count += 1
+        elif ticket.sent == 0:  # refused unsent: shed, whatever the reason
+            self._shed += 1
+            if self._hooks:
+                self._emit(Shed, ticket, reason=exc.reason, retry_after=exc.retry_after)
+        else:
+            self._failed += 1
+        self._complete(ticket, exc.reason, getattr(exc, "status", None))
+
+    async def _wait_turn(self, ticket: _Ticket) -> None:
+        """Wait in the queue until the dispatcher hands this ticket a permit to send."""
+        if ticket.attempt == 1:
+            self._refuse_early(ticket)
+        try:
+            waiter = self._queue.push(
+                ticket,
+                priority=ticket.priority,
+                tenant=ticket.tenant,
+                deadline=ticket.deadline,
+                enqueued_at=ticket.enqueued_at,
+            )
+        except QueueFullError as exc:
+            exc.retry_after = self._estimate_wait(ticket)
+            raise
+        self._work.set()
+        if self._hooks:
+            self._emit(Queued, ticket, depth=len(self._queue))
+        try:
+            await waiter.future
+        except asyncio.CancelledError:
+            if ticket.permit is not None:  # admitted, then cancelled before it could run
+                self._give_back(ticket)
+            raise
+        except QueueFullError as exc:
+            exc.retry_after = self._estimate_wait(ticket)
+            raise
+        if self._hooks:
+            self._emit(Admitted, ticket, waited=self._now() - ticket.enqueued_at)
+
+    def _refuse_early(self, ticket: _Ticket) -> None:
+        """Reject now what cannot be served before its deadline, with a retry hint."""
+        if ticket.deadline is None:
+            return
+        now = ticket.started
+        left = ticket.deadline - now
+        cooling = self._cooldown.remaining(now)
+        if cooling > left:
+            raise ThrottledError(
+                f"The upstream asked every caller to wait {cooling:.1f} s, longer than this "
+                f"request's deadline of {left:.1f} s; it was not sent.",
+                priority=ticket.priority,
+                tenant=ticket.tenant,
+                retry_after=cooling,
+            )
+        wait = self._estimate_wait(ticket)
+        if wait is not None and wait > left:
+            raise DeadlineUnreachableError(
+                f"About {wait:.1f} s of work is queued ahead of this request, longer than its "
+                f"deadline of {left:.1f} s; it was not sent.",
+                priority=ticket.priority,
+                tenant=ticket.tenant,
+                retry_after=wait,
+            )
+
+    def _estimate_wait(self, ticket: _Ticket) -> float | None:
+        """Seconds until a newcomer like ``ticket`` would be admitted, or None if unknown."""
+        now = self._now()
+        cooling = self._cooldown.remaining(now)
+        ahead = self._queue.ahead_of(ticket.priority, ticket.tenant)
+        if ahead == 0:
+            return cooling
+        rate = self._service_rate(now)
+        return cooling + ahead / rate if rate > 0 else None
+
+    def _service_rate(self, now: float) -> float:
+        """Admissions per second lately (over the time since the first, while that is short)."""
+        if self._first_served is None:
+            return 0.0
+        span = min(SERVICE_RATE_WINDOW, now - self._first_served)
+        return self._served.total(now) / span if span > 0 else 0.0
+
+    async def _attempt(self, ticket: _Ticket, send: Send) -> Response | _Failure:
+        """Send once with the grant the dispatcher gave; feed what came back to the gates."""
+        permit, reservation = ticket.permit, ticket.reservation
+        assert permit is not None and reservation is not None
+        ticket.permit = ticket.reservation = None
+        now = self._now()
+        timeout = self._timeout
+        if ticket.deadline is not None:
+            timeout = min(timeout, ticket.deadline - now)
+            if timeout <= 0:
+                permit.ignore()
+                reservation.cancel()
+                raise self._deadline_error(ticket, "before it could be sent")
+        self._sent += 1
+        ticket.sent += 1
+        try:
+            reply = await send(ticket, timeout)
+        except asyncio.CancelledError:
+            # The upstream may have started on it: keep the tokens charged, learn nothing.
+            permit.ignore()
+            reservation.reconcile(reservation.estimate)
+            raise
+        except TransportError as exc:
+            return self._transport_failed(ticket, exc, permit, reservation)
+        now = self._now()
+        self._observe_quota(reply.headers)
+        verdict = classify_error_body(
+            reply.status,
+            reply.body,
+            None if reply.ok else reply.headers,
+            now=self._reply_time(reply.headers),
+        )
+        if verdict.kind is Outcome.SUCCESS:
+            permit.success()
+            used = usage_tokens(reply.body)
+            reservation.reconcile(used if used is not None else reservation.estimate)
+            return reply
+        if verdict.congestion:
+            permit.dropped()
+            reservation.cancel()
+            self._throttled += 1
+            if verdict.retry_after is not None:
+                self._cooldown.close_until(now + verdict.retry_after)
+            if self._hooks:
+                self._emit(Throttled, ticket, status=reply.status, retry_after=verdict.retry_after)
+        else:
+            permit.ignore()
+            reservation.cancel()
+        return _Failure(
+            self._upstream_error(ticket, reply, verdict),
+            retryable=verdict.retryable,
+            retry_after=verdict.retry_after,
+        )
+
+    def _transport_failed(
+        self, ticket: _Ticket, exc: TransportError, permit: Permit, reservation: Reservation
+    ) -> _Failure:
+        """Account for an attempt that got no usable reply; say whether to retry it."""
+        deadline = ticket.deadline
+        if exc.reason == "timeout" and deadline is not None and self._now() >= deadline - 1e-6:
+            permit.ignore()
+            reservation.reconcile(reservation.estimate)
+            raise self._deadline_error(ticket, "while it was in flight") from exc
+        if exc.reason == "timeout":
+            permit.dropped()  # an upstream too slow to answer is a congestion signal
+        else:
+            permit.ignore()
+        if exc.reason == "connect_failed":
+            reservation.cancel()  # nothing reached the upstream
+        else:
+            reservation.reconcile(reservation.estimate)
+        exc.priority = describe_priority(ticket.priority)
+        exc.tenant = ticket.tenant
+        return _Failure(exc, retryable=exc.reason != "closed", retry_after=None)
+
+    def _retry_delay(self, ticket: _Ticket, failure: _Failure, now: float) -> float | None:
+        """Seconds to wait before re-queueing ``ticket``, or None: it ends with its error."""
+        if not failure.retryable or ticket.attempt >= self._max_attempts:
+            return None
+        retry_after = failure.retry_after
+        if retry_after is not None:
+            if retry_after > self._max_retry_after:
+                return None
+            # The cooldown gate already holds the whole fleet for it: re-queue at once.
+            delay, ready = 0.0, now + retry_after
+        else:
+            delay = backoff_delay(ticket.attempt - 1, rng=self._rng)
+            ready = now + delay
+        if ticket.deadline is not None and ready >= ticket.deadline:
+            return None
+        if not self._budget.try_spend(now):
+            return None
+        return delay
+
+    def _give_back(self, ticket: _Ticket) -> None:
+        """Return an unused grant: nothing was sent, so no sample and no tokens."""
+        assert ticket.permit is not None and ticket.reservation is not None
+        ticket.permit.ignore()
+        ticket.reservation.cancel()
+        ticket.permit = ticket.reservation = None
+
+    # ------------------------------------------------------------------ the dispatcher
+
+    async def _dispatch(self) -> None:
+        """Hand the head of the queue its grant whenever the gates let one more request go.
+
+        The only task that waits on the gates. It takes what one request needs (a rate
+        unit, the head's tokens, a concurrency permit) and only then pops the head, so the
+        queue alone decides who goes, and a head that leaves meanwhile (deadline, cancel)
+        leaves its grant to the next.
+        """
+        queue, loop = self._queue, asyncio.get_running_loop()
+        permit: Permit | None = None
+        reservation: Reservation | None = None
+        rate_taken = False
+        try:
+            while True:
+                head = queue.peek()
+                if head is None:
+                    self._work.clear()
+                    await self._work.wait()
+                    continue
+                await self._cooldown.wait()
+                if not rate_taken:
+                    await self._rate.acquire()
+                    rate_taken = True
+                head = queue.peek()
+                if head is None:
+                    continue
+                if reservation is None or reservation.estimate < head.item.cost:
+                    if reservation is not None:
+                        reservation.cancel()
+                        reservation = None
+                    reservation = await self._tokens.reserve(head.item.cost)
+                if permit is None:
+                    permit = await self._limiter.acquire()
+                head = queue.peek()
+                if (
+                    head is None
+                    or head.item.cost > reservation.estimate
+                    or not self._cooldown.is_open()
+                ):
+                    continue
+                waiter = queue.pop_nowait()
+                ticket = waiter.item
+                ticket.permit, ticket.reservation = permit, reservation
+                if waiter.admit():
+                    permit, reservation, rate_taken = None, None, False
+                    now = loop.time()
+                    if self._first_served is None:
+                        self._first_served = now
+                    self._served.add(now)
+                else:  # the caller left between pop and admit: the grant goes to the next
+                    ticket.permit = ticket.reservation = None
+        finally:
+            if permit is not None:
+                permit.ignore()
+            if reservation is not None:
+                reservation.cancel()
+
+    # ------------------------------------------------------------------ reading replies
+
+    def _observe_quota(self, headers: Mapping[str, str]) -> None:
+        """Let the gates pace by what the upstream says is left (``x-ratelimit-*``)."""
+        snapshot = _parse_quota(headers, now=self._reply_time(headers))
+        if snapshot.is_empty:
+            return
+        self._quota = snapshot
+        requests = snapshot.requests
+        if requests.remaining is not None:
+            self._rate.sync(
+                remaining=requests.remaining,
+                reset_after=requests.reset_after,
+                limit=requests.limit or None,
+            )
+        tokens = snapshot.tokens if not snapshot.tokens.is_empty else snapshot.input_tokens
+        if tokens.remaining is not None:
+            self._tokens.sync(
+                remaining=tokens.remaining,
+                reset_after=tokens.reset_after,
+                limit=tokens.limit or None,
+            )
+
+    def _reply_time(self, headers: Mapping[str, str]) -> float:
+        """Unix time of a reply: its ``Date`` header, else the wall clock (dates only)."""
+        date = headers.get("date")
+        if date:
+            with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+                parsed = email.utils.parsedate_to_datetime(date).timestamp()
+                if math.isfinite(parsed):
+                    return parsed
+        return self._wall_clock()
+
+    def _upstream_error(
+        self, ticket: _Ticket, reply: Response, verdict: Classification
+    ) -> UpstreamError:
+        kind = verdict.kind
+        detail = f": {verdict.message}" if verdict.message else "."
+        where = f"{ticket.method} {ticket.path} got HTTP {reply.status}"
+        error_class: type[UpstreamError]
+        if kind is Outcome.THROTTLED:
+            error_class = ThrottledError
+            wait = (
+                f" and asked to wait {verdict.retry_after:g} s"
+                if verdict.retry_after is not None
+                else ""
+            )
+            message = f"{where}: the upstream is rate limiting{wait}{detail}"
+        elif kind is Outcome.OVERLOADED:
+            error_class = OverloadedError
+            message = f"{where}: the upstream service is overloaded{detail}"
+        elif kind is Outcome.QUOTA_EXHAUSTED:
+            error_class = QuotaExhaustedError
+            message = f"{where}: the account's quota or credit is exhausted{detail}"
+        else:
+            error_class = UpstreamError
+            message = f"{where}{detail}"
+        return error_class(
+            message,
+            status=reply.status,
+            body=reply.body,
+            reason=verdict.code if kind is Outcome.FATAL and verdict.code else None,
+            priority=ticket.priority,
+            tenant=ticket.tenant,
+            retry_after=verdict.retry_after,
+        )
+
+    def _deadline_error(self, ticket: _Ticket, when: str) -> DeadlineExceededError:
+        waited = self._now() - ticket.started
+        return DeadlineExceededError(
+            f"{ticket.method} {ticket.path} reached its deadline {when}, after {waited:.2f} s.",
+            priority=ticket.priority,
+            tenant=ticket.tenant,
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _send(self, ticket: _Ticket, budget: float | None) -> Response:
+        return await self._transport.send(
+            Request(ticket.method, ticket.url, ticket.headers, ticket.body, budget)
+        )
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _complete(self, ticket: _Ticket, outcome: str, status: int | None) -> None:
+        if self._hooks:
+            self._emit(
+                Completed,
+                ticket,
+                outcome=outcome,
+                status=status,
+                latency=self._now() - ticket.started,
+            )
+
+    def _emit(self, kind: type[Event], ticket: _Ticket, **fields: Any) -> None:
+        event = kind(
+            at=self._now(),
+            method=ticket.method,
+            path=ticket.path,
+            priority=describe_priority(ticket.priority),
+            tenant=ticket.tenant,
+            attempt=ticket.attempt,
+            **fields,
+        )
+        for hook in self._hooks:
+            try:
+                hook.on_event(event)
+            except Exception:  # instrumentation never fails a request
+                logger.exception("The asyncquota hook %r failed on %s.", hook, event)
+
+
+def _check(
+    name: str, value: float, *, minimum: float, strict: bool = False, integer: bool = False
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name} must be {kind}, not {value!r}.")
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        bound = f"greater than {minimum:g}" if strict else f"at least {minimum:g}"
+        raise ValueError(f"{name} must be {bound}, not {value!r}.")
