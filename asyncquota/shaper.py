@@ -64,6 +64,7 @@ from .hooks import (
 )
 from .limiter import ConcurrencyLimiter, Permit
 from .limits import AIMD, Limit
+from .middleware import ShaperMiddleware
 from .priority import Priority, PriorityLike, coerce_priority, describe_priority
 from .queue import PriorityQueue, QueueStatistics
 from .signals import Classification, Outcome, QuotaSnapshot, classify_error_body
@@ -261,7 +262,7 @@ class Shaper:
         self._max_retry_after = float(max_retry_after)
         self._default_deadline = default_deadline
         self._timeout = float(timeout)
-        self._default_output_tokens = default_output_tokens
+        self.default_output_tokens = default_output_tokens
         self._shutdown_grace = float(shutdown_grace)
         self._wall_clock = wall_clock
         self._headers = dict(headers or {})
@@ -423,6 +424,15 @@ class Shaper:
 
     # ------------------------------------------------------------------ building a request
 
+    @property
+    def middleware(self) -> ShaperMiddleware:
+        """An aiohttp client middleware shaping a session's requests to this upstream.
+
+        ``aiohttp.ClientSession(middlewares=[shaper.middleware])``; see
+        :mod:`asyncquota.middleware` for the per-request option headers.
+        """
+        return ShaperMiddleware(self)
+
     def _ticket(
         self,
         method: str,
@@ -434,25 +444,10 @@ class Shaper:
         deadline: float | None,
         cost_tokens: int | None,
     ) -> _Ticket:
-        if self._state != "open":
-            raise ClosedError(
-                "The Shaper is not running: use `async with Shaper(...)` or call start()."
-                if self._state == "new"
-                else "The Shaper is closed and accepts no more requests."
-            )
         if not path.startswith("/"):
             raise ValueError(
                 f"path must start with '/' and stay under the configured upstream, not {path!r}."
             )
-        rank = coerce_priority(priority)
-        if deadline is None:
-            deadline = self._default_deadline
-        elif not (isinstance(deadline, int | float) and deadline > 0):
-            raise ValueError(f"deadline must be a number of seconds > 0, not {deadline!r}.")
-        if cost_tokens is not None and (
-            isinstance(cost_tokens, bool) or not isinstance(cost_tokens, int) or cost_tokens < 0
-        ):
-            raise ValueError(f"cost_tokens must be an integer ≥ 0, not {cost_tokens!r}.")
         body = None if payload is None else orjson.dumps(payload)
         merged = dict(self._headers)
         if headers:
@@ -461,14 +456,55 @@ class Shaper:
             merged["Content-Type"] = "application/json"
         if cost_tokens is None:
             cost_tokens = estimate_tokens(
-                body, payload, default_output_tokens=self._default_output_tokens
+                len(body or b""), payload, default_output_tokens=self.default_output_tokens
             )
+        return self._new_ticket(
+            method=method,
+            path=path,
+            url=self.base_url + path,
+            headers=merged,
+            body=body,
+            priority=priority,
+            tenant=tenant,
+            deadline=deadline,
+            cost_tokens=cost_tokens,
+        )
+
+    def _new_ticket(
+        self,
+        *,
+        method: str,
+        path: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        priority: PriorityLike,
+        tenant: Hashable | None,
+        deadline: float | None,
+        cost_tokens: int,
+    ) -> _Ticket:
+        """Validate the caller's options and make the ticket (also for the middleware)."""
+        if self._state != "open":
+            raise ClosedError(
+                "The Shaper is not running: use `async with Shaper(...)` or call start()."
+                if self._state == "new"
+                else "The Shaper is closed and accepts no more requests."
+            )
+        rank = coerce_priority(priority)
+        if deadline is None:
+            deadline = self._default_deadline
+        elif isinstance(deadline, bool) or not (
+            isinstance(deadline, int | float) and math.isfinite(deadline) and deadline > 0
+        ):
+            raise ValueError(f"deadline must be a number of seconds > 0, not {deadline!r}.")
+        if isinstance(cost_tokens, bool) or not isinstance(cost_tokens, int) or cost_tokens < 0:
+            raise ValueError(f"cost_tokens must be an integer ≥ 0, not {cost_tokens!r}.")
         now = asyncio.get_running_loop().time()
         return _Ticket(
             method=method.upper(),
             path=path,
-            url=self.base_url + path,
-            headers=merged,
+            url=url,
+            headers=headers,
             body=body,
             priority=rank,
             tenant=tenant,

@@ -35,15 +35,15 @@ _USAGE_PAIRS = (
 _ANTHROPIC_CACHE_KEYS = ("cache_creation_input_tokens", "cache_read_input_tokens")
 
 
-def estimate_tokens(body: bytes | None, payload: Any, *, default_output_tokens: int) -> int:
+def estimate_tokens(body_size: int, payload: Any, *, default_output_tokens: int) -> int:
     """Tokens to reserve for a request: its encoded body's prompt share plus its output cap.
 
     Args:
-        body: the encoded request body (its length is the prompt estimate).
+        body_size: the encoded request body's length in bytes (the prompt estimate).
         payload: the decoded JSON the body came from, to find ``max_tokens``; may be None.
         default_output_tokens: the output allowance when the request names no cap.
     """
-    prompt = math.ceil(len(body) / CHARS_PER_TOKEN) if body else 0
+    prompt = math.ceil(body_size / CHARS_PER_TOKEN)
     output = default_output_tokens
     if isinstance(payload, Mapping):
         for key in _OUTPUT_KEYS:

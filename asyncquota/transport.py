@@ -502,7 +502,7 @@ def _scrub(text: str, url: str) -> str:
     return text
 
 
-def _transport_error(
+def transport_error(
     exc: BaseException, request: Request | None, *, streaming: bool = False
 ) -> TransportError:
     """Name in one sentence what went wrong with ``request``, keeping secrets out."""
@@ -550,7 +550,7 @@ def _failure(
     """Count a failed attempt and name it as a TransportError (raise it ``from exc``)."""
     if counters is not None:
         counters.failures += 1
-    return _transport_error(exc, request, streaming=streaming)
+    return transport_error(exc, request, streaming=streaming)
 
 
 def _closed_error(name: str) -> TransportError:
