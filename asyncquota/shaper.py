@@ -69,8 +69,9 @@ from .priority import Priority, PriorityLike, coerce_priority, describe_priority
 from .queue import PriorityQueue, QueueStatistics
 from .signals import Classification, Outcome, QuotaSnapshot, classify_error_body
 from .signals import parse_rate_limit_headers as _parse_quota
+from .streaming import ShapedStream
 from .tokens import estimate_tokens, usage_tokens
-from .transport import AiohttpTransport, Request, Response, Transport
+from .transport import AiohttpTransport, Request, Response, StreamResponse, Transport
 from .window import SlidingCount
 
 __all__ = ["Shaper", "ShaperStatistics"]
@@ -127,6 +128,7 @@ class _Ticket:
         "deadline",
         "enqueued_at",
         "headers",
+        "hold",
         "method",
         "path",
         "permit",
@@ -134,6 +136,7 @@ class _Ticket:
         "reservation",
         "sent",
         "started",
+        "stream",
         "tenant",
         "url",
     )
@@ -167,6 +170,8 @@ class _Ticket:
         self.sent = 0
         self.permit: Permit | None = None
         self.reservation: Reservation | None = None
+        self.hold = False  # a stream: keep the grant past a 2xx until the stream ends
+        self.stream: StreamResponse | None = None
 
 
 class _Failure:
@@ -390,6 +395,29 @@ class Shaper:
         """
         ticket = self._ticket(method, path, json, headers, priority, tenant, deadline, cost_tokens)
         return await self._run(ticket, self._send)
+
+    def stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        priority: PriorityLike = Priority.INTERACTIVE,
+        tenant: Hashable | None = None,
+        deadline: float | None = None,
+        cost_tokens: int | None = None,
+    ) -> ShapedStream:
+        """A request whose reply is a stream of Server-Sent Events; use with ``async with``.
+
+        Takes the same arguments as :meth:`request`. Entering the block waits for a turn
+        and opens the stream (raising what ``request`` raises); iterating it yields
+        :class:`~asyncquota.transport.SSEEvent` s. The stream holds its permit until it
+        ends; an error event inside it raises the matching typed error. See
+        :mod:`asyncquota.streaming`.
+        """
+        ticket = self._ticket(method, path, json, headers, priority, tenant, deadline, cost_tokens)
+        return ShapedStream(self, ticket)
 
     def statistics(self) -> ShaperStatistics:
         """A frozen snapshot of the live state and the counters."""
@@ -674,6 +702,9 @@ class Shaper:
             now=self._reply_time(reply.headers),
         )
         if verdict.kind is Outcome.SUCCESS:
+            if ticket.hold:
+                ticket.permit, ticket.reservation = permit, reservation
+                return reply
             permit.success()
             used = usage_tokens(reply.body)
             reservation.reconcile(used if used is not None else reservation.estimate)
@@ -882,6 +913,16 @@ class Shaper:
         return await self._transport.send(
             Request(ticket.method, ticket.url, ticket.headers, ticket.body, budget)
         )
+
+    async def _open_stream(self, ticket: _Ticket, budget: float | None) -> Response:
+        """Open a stream; a 2xx one waits on the ticket, an error one is read whole."""
+        stream = await self._transport.open_stream(
+            Request(ticket.method, ticket.url, ticket.headers, ticket.body, budget)
+        )
+        if not stream.ok:
+            return Response(stream.status, stream.headers, await stream.read())
+        ticket.stream = stream
+        return Response(stream.status, stream.headers)
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()

@@ -1,0 +1,107 @@
+"""Shaped streams on virtual time: the permit lasts as long as the stream; errors in it count."""
+
+import asyncio
+
+import pytest
+
+from asyncquota import AIMD, MockTransport, OverloadedError, Response
+from asyncquota.shaper import Shaper
+from asyncquota.transport import StreamResponse
+
+SSE = {"content-type": "text/event-stream"}
+
+
+def anthropic_stream(closed: list[str], *, fail_after: int | None = None):
+    async def chunks():
+        try:
+            yield (
+                b'event: message_start\ndata: {"type": "message_start", "message": '
+                b'{"usage": {"input_tokens": 30, "output_tokens": 1}}}\n\n'
+            )
+            for i in range(3):
+                await asyncio.sleep(0.5)
+                if fail_after is not None and i == fail_after:
+                    yield (
+                        b'event: error\ndata: {"type": "error", "error": '
+                        b'{"type": "overloaded_error", "message": "Overloaded"}}\n\n'
+                    )
+                yield b'event: content_block_delta\ndata: {"type": "content_block_delta"}\n\n'
+            yield (
+                b'event: message_delta\ndata: {"type": "message_delta", '
+                b'"usage": {"output_tokens": 70}}\n\n'
+            )
+        finally:
+            closed.append("closed")
+
+    return chunks()
+
+
+async def test_a_stream_holds_its_permit_until_it_ends_and_reconciles_its_usage():
+    closed: list[str] = []
+    transport = MockTransport(lambda request: StreamResponse(200, SSE, anthropic_stream(closed)))
+    loop = asyncio.get_running_loop()
+    async with Shaper("http://upstream.test", transport=transport, tpm=6000, hooks=()) as shaper:
+        start = loop.time()
+        async with shaper.stream("POST", "/v1/messages", json={"max_tokens": 500}) as events:
+            names = []
+            async for event in events:
+                names.append(event.event)
+                assert shaper.statistics().inflight == 1  # the generation is load on the upstream
+        assert loop.time() - start == pytest.approx(1.5)
+        assert names[0] == "message_start" and names[-1] == "message_delta"
+        assert shaper.statistics().inflight == 0
+        assert closed == ["closed"]
+        # 100 tokens used (30 in + 70 out), not the ~500 reserved: 6000 tpm = 100 per second
+        # refill, burst 100; after 1.5 s the bucket holds its burst again only if reconciled.
+        assert shaper.statistics().tpm_level == pytest.approx(100.0)
+
+
+async def test_an_overloaded_reply_before_the_stream_is_retried_like_any_529():
+    closed: list[str] = []
+    replies = iter(
+        [
+            Response(529, {"retry-after": "2"}, b'{"error": {"type": "overloaded_error"}}'),
+            StreamResponse(200, SSE, anthropic_stream(closed)),
+        ]
+    )
+    loop = asyncio.get_running_loop()
+    async with Shaper(
+        "http://upstream.test", transport=MockTransport(lambda r: next(replies)), hooks=()
+    ) as shaper, shaper.stream("POST", "/v1/messages", json={}) as events:
+        assert events.attempts == 2
+        assert loop.time() >= 2.0  # the cooldown the 529 asked for
+        assert len([event async for event in events]) == 5
+
+
+async def test_an_overloaded_error_inside_a_200_is_a_congestion_signal_and_a_typed_error():
+    closed: list[str] = []
+    transport = MockTransport(
+        lambda request: StreamResponse(200, SSE, anthropic_stream(closed, fail_after=1))
+    )
+    async with Shaper(
+        "http://upstream.test", transport=transport, limit=AIMD(initial=40), hooks=()
+    ) as shaper:
+        seen = []
+        with pytest.raises(OverloadedError, match="overloaded_error") as caught:
+            async with shaper.stream("POST", "/v1/messages", json={}) as events:
+                async for event in events:
+                    seen.append(event.event)
+        stats = shaper.statistics()
+    assert seen == ["message_start", "content_block_delta"]
+    assert caught.value.status == 200
+    assert stats.limit == 20 and stats.throttled == 1 and stats.inflight == 0
+    assert closed == ["closed"]
+
+
+async def test_a_caller_leaving_early_closes_the_stream_and_frees_the_permit():
+    closed: list[str] = []
+    transport = MockTransport(lambda request: StreamResponse(200, SSE, anthropic_stream(closed)))
+    async with Shaper(
+        "http://upstream.test", transport=transport, limit=AIMD(initial=8), hooks=()
+    ) as shaper:
+        async with shaper.stream("POST", "/v1/messages", json={}) as events:
+            async for _ in events:
+                break
+        stats = shaper.statistics()
+    assert closed == ["closed"]  # the upstream saw the caller leave and stopped generating
+    assert stats.inflight == 0 and stats.limit == 8  # nothing learnt from an abandoned stream
