@@ -1,6 +1,7 @@
 """asyncquota: load shaping for asyncio clients of rate-limited LLM APIs.
 
-The request path, one stage a module::
+Use :class:`Shaper` (``shaper.request``, ``shaper.stream``, ``shaper.middleware``). The
+request path, one stage a module::
 
     queue (priority.py, queue.py) → gates (gates.py) → concurrency (limiter.py, limits.py)
     → transport (transport.py) → classify (signals.py) → retry or result (backoff.py)
@@ -23,10 +24,12 @@ from .errors import (
     UpstreamError,
 )
 from .gates import CooldownGate, RateGate, Reservation, TokenBucket, TokenGate
+from .hooks import Admitted, Completed, Event, Hook, LoggingHook, Queued, Retried, Shed, Throttled
 from .limiter import ConcurrencyLimiter, LimiterStatistics, Permit
 from .limits import AIMD, Fixed, Gradient, Limit
 from .priority import Priority, PriorityLike, coerce_priority
 from .queue import PriorityQueue, QueueStatistics, Waiter
+from .shaper import Shaper, ShaperStatistics
 from .signals import (
     Classification,
     Outcome,
@@ -38,21 +41,35 @@ from .signals import (
     parse_rate_limit_headers,
     parse_retry_after,
 )
-from .transport import AiohttpTransport, MockTransport, Request, Response, Transport
+from .streaming import ShapedStream
+from .transport import (
+    AiohttpTransport,
+    MockTransport,
+    Request,
+    Response,
+    SSEEvent,
+    StreamResponse,
+    Transport,
+)
 
 __all__ = [
     "AIMD",
+    "Admitted",
     "AiohttpTransport",
     "Classification",
     "ClosedError",
+    "Completed",
     "ConcurrencyLimiter",
     "CooldownGate",
     "DeadlineExceededError",
     "DeadlineUnreachableError",
+    "Event",
     "Fixed",
     "Gradient",
+    "Hook",
     "Limit",
     "LimiterStatistics",
+    "LoggingHook",
     "MockTransport",
     "Outcome",
     "OverloadedError",
@@ -62,6 +79,7 @@ __all__ = [
     "PriorityQueue",
     "QueueFullError",
     "QueueStatistics",
+    "Queued",
     "QuotaError",
     "QuotaExhaustedError",
     "QuotaSnapshot",
@@ -71,7 +89,15 @@ __all__ = [
     "Request",
     "Reservation",
     "Response",
+    "Retried",
     "RetryBudget",
+    "SSEEvent",
+    "ShapedStream",
+    "Shaper",
+    "ShaperStatistics",
+    "Shed",
+    "StreamResponse",
+    "Throttled",
     "ThrottledError",
     "TokenBucket",
     "TokenGate",
