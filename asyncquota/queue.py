@@ -1,6 +1,6 @@
 """The shared waiting room: the one place where the order of requests is decided.
 
-Callers ``push`` a waiter and await its ``future``; a single dispatcher ``pop``s the head
+Callers ``push`` a waiter and await it; a single dispatcher ``pop``s the head
 when the gates open and calls ``Waiter.admit``. Nothing after the queue reorders, so the
 order decided here is the order the upstream sees:
 
@@ -13,16 +13,23 @@ order decided here is the order the upstream sees:
 
 The queue also ends waiters itself, each exactly once: at its deadline (one timer for the
 whole queue), when the queue is full (the least important waiter is shed), and on
-``close``. A caller who gives up cancels the future (or its task is cancelled while
-awaiting it), and the waiter leaves.
+``close``. A caller who gives up cancels the waiter (or its task is cancelled while
+awaiting it), and the waiter leaves the queue there and then.
 
 Shape: a sorted list of the ranks present; per class an ordered ring of tenants (the
 round robin) and the tenants grouped by how many waiters each has (for the heaviest tenant
 to shed from, and for ``ahead_of``); per tenant a list in age order plus a heap for the
-few that arrive out of order; one heap of deadlines behind one timer. A waiter that
-leaves from the middle is dropped lazily from those containers, which are rebuilt when
-dead entries dominate; the counts themselves are always exact. Push, pop and shed are O(log n) at
-worst, O(1) for waiters that arrive in age order.
+few that arrive out of order; the waiters that have a deadline grouped by it, with a heap
+of those deadlines behind one timer. A waiter that leaves from the middle is dropped
+lazily from the tenant lists, which are rebuilt when dead entries dominate; the counts
+themselves are always exact. Push, pop and shed are O(log n) at worst, O(1) for waiters
+that arrive in age order.
+
+Garbage collection shapes the cost at depth: a waiter that waits long enough reaches the
+oldest generation, and every full collection walks all of them. So a queued waiter is one
+tracked object (it is its own future: no separate future, no done-callback entries), and
+the queue keeps no reference to a waiter served from the head (a left waiter's deadline
+may linger in the heap, as a bare float).
 """
 
 from __future__ import annotations
@@ -30,13 +37,12 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import contextvars
 import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from heapq import heapify, heappop, heappush
-from typing import Generic, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from .errors import ClosedError, DeadlineExceededError, QueueFullError
 from .priority import Priority, PriorityLike, coerce_priority, describe_priority
@@ -49,13 +55,23 @@ _SLACK = 32
 """Dead entries tolerated beyond the live ones before a container is rebuilt."""
 
 
-class Waiter(Generic[T]):
-    """One place in the queue: a payload, its rank and age, and the future its caller awaits.
+# The base class's own methods, called unbound: the queue settles a waiter that has already
+# left through these, past the overrides that take a still-queued waiter out first.
+_future_init = asyncio.Future.__init__
+_future_set_result = asyncio.Future.set_result
+_future_set_exception = asyncio.Future.set_exception
 
-    The future is resolved by ``admit`` (after the dispatcher popped the waiter), failed by
-    the queue (shed, deadline, close), or cancelled by the caller, which takes the waiter
-    out of the queue: out of the counts when the loop runs the future's callbacks (the
-    same iteration in which a cancelled caller resumes), and never popped even before.
+
+class Waiter(asyncio.Future[None], Generic[T]):
+    """One place in the queue: a payload, its rank and age; also the future its caller awaits.
+
+    The waiter is itself an ``asyncio.Future[None]`` (``waiter.future`` is the waiter, for
+    callers who prefer to say what they await). It is resolved by ``admit`` (after the
+    dispatcher popped it), failed by the queue (shed, deadline, close), or cancelled by
+    the caller: ``cancel()``, called directly or by ``Task.cancel()`` on a task awaiting
+    the waiter (or by ``asyncio.wait_for``), takes it out of the queue and its counts at
+    once. Settling a queued waiter by any other hand (``set_result``, ``set_exception``)
+    takes it out too, counted as cancelled: its caller has left.
 
     Attributes:
         item: the payload (the Shaper's request ticket).
@@ -63,13 +79,22 @@ class Waiter(Generic[T]):
         tenant: whose request it is; ``None`` is a tenant like any other.
         enqueued_at: loop time it first entered the queue (a retry keeps its original one).
         deadline: absolute loop time after which it is of no use, or None.
-        future: resolves to None when admitted.
     """
 
-    __slots__ = ("_seq", "_slot", "deadline", "enqueued_at", "future", "item", "priority", "tenant")
+    __slots__ = (
+        "_queue",
+        "_seq",
+        "_slot",
+        "deadline",
+        "enqueued_at",
+        "item",
+        "priority",
+        "tenant",
+    )
 
     def __init__(
         self,
+        queue: PriorityQueue[T],
         slot: _Tenant[T],
         seq: int,
         item: T,
@@ -77,8 +102,10 @@ class Waiter(Generic[T]):
         tenant: Hashable | None,
         enqueued_at: float,
         deadline: float | None,
-        future: asyncio.Future[None],
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
+        _future_init(self, loop=loop)
+        self._queue = queue
         self._slot: _Tenant[T] | None = slot
         self._seq = seq  # arrival number: breaks ties of age
         self.item = item
@@ -86,7 +113,11 @@ class Waiter(Generic[T]):
         self.tenant = tenant
         self.enqueued_at = enqueued_at
         self.deadline = deadline
-        self.future = future
+
+    @property
+    def future(self) -> asyncio.Future[None]:
+        """What the caller awaits: the waiter itself; resolves to None when admitted."""
+        return self
 
     def admit(self) -> bool:
         """Let the caller go on; False if the caller already left (it was cancelled).
@@ -96,10 +127,28 @@ class Waiter(Generic[T]):
         """
         if self._slot is not None:
             raise RuntimeError("Only a popped waiter can be admitted; this one is still queued.")
-        if self.future.done():
+        if self.done():
             return False
-        self.future.set_result(None)
+        _future_set_result(self, None)
         return True
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        """Cancel the wait: a queued waiter leaves the queue at once (see ``Future.cancel``)."""
+        if self._slot is not None:
+            self._queue._forget_cancelled(self)
+        return super().cancel(msg)
+
+    def set_result(self, result: None, /) -> None:
+        """Resolve the future (``admit`` is the way); a queued waiter leaves the queue first."""
+        if self._slot is not None:
+            self._queue._forget_cancelled(self)
+        _future_set_result(self, result)
+
+    def set_exception(self, exception: type | BaseException, /) -> None:
+        """Fail the future; a queued waiter leaves the queue first."""
+        if self._slot is not None:
+            self._queue._forget_cancelled(self)
+        _future_set_exception(self, exception)
 
     def __repr__(self) -> str:
         state = "queued" if self._slot is not None else "left"
@@ -350,15 +399,14 @@ class PriorityQueue(Generic[T]):
         self._classes: dict[int, _Class[T]] = {}
         self._tenant_classes: dict[Hashable | None, int] = {}
         self._live = 0
-        self._deadlines: list[tuple[float, int, Waiter[T]]] = []
-        self._deadline_live = 0
+        # deadline -> the queued waiter due then, or those due then in arrival order (a lone
+        # waiter is kept bare: a dict per waiter would be a second tracked object each); and
+        # a heap of those deadlines (an entry may outlive its group: skipped when reached,
+        # rebuilt when stale ones dominate)
+        self._due: dict[float, Waiter[T] | dict[Waiter[T], None]] = {}
+        self._deadlines: list[float] = []
         self._timer: asyncio.TimerHandle | None = None
         self._poppers: deque[asyncio.Future[None]] = deque()
-        # The cancellation callback reads no context variables; sharing one empty context
-        # spares a copy of the caller's per waiter.
-        self._callback_context = contextvars.Context()
-        self._waiting: dict[asyncio.Future[None], Waiter[T]] = {}
-        self._on_future_done = self._future_done
         self._pushed = 0
         self._admitted = 0
         self._shed = 0
@@ -380,7 +428,7 @@ class PriorityQueue(Generic[T]):
         deadline: float | None = None,
         enqueued_at: float | None = None,
     ) -> Waiter[T]:
-        """Queue a waiter for ``item`` and return it; its caller awaits ``waiter.future``.
+        """Queue a waiter for ``item`` and return it; its caller awaits it (``waiter.future``).
 
         Args:
             item: the payload handed back by ``pop``.
@@ -426,24 +474,28 @@ class PriorityQueue(Generic[T]):
         if slot is None:
             slot = cls.ring[tenant] = _Tenant(cls, tenant)
             self._tenant_classes[tenant] = self._tenant_classes.get(tenant, 0) + 1
-        future: asyncio.Future[None] = loop.create_future()
-        seq = next(self._seq)
-        waiter = Waiter(slot, seq, item, rank, tenant, enqueued_at, deadline, future)
-        future.add_done_callback(self._on_future_done, context=self._callback_context)
-        self._waiting[future] = waiter
+        waiter = Waiter(
+            self, slot, next(self._seq), item, rank, tenant, enqueued_at, deadline, loop
+        )
         slot.add(waiter, self._maxsize is not None)
         slot.live += 1
         cls.live += 1
         self._live += 1
         cls.grew(slot)
         if deadline is not None:
-            heappush(self._deadlines, (deadline, seq, waiter))
-            self._deadline_live += 1
-            timer = self._timer
-            if timer is None or deadline < timer.when():
-                if timer is not None:
-                    timer.cancel()
-                self._timer = loop.call_at(deadline, self._expire_due)
+            group = self._due.get(deadline)
+            if group is None:
+                self._due[deadline] = waiter
+                heappush(self._deadlines, deadline)
+                timer = self._timer
+                if timer is None or deadline < timer.when():
+                    if timer is not None:
+                        timer.cancel()
+                    self._timer = loop.call_at(deadline, self._expire_due)
+            elif isinstance(group, Waiter):
+                self._due[deadline] = {group: None, waiter: None}
+            else:
+                group[waiter] = None
         if self._poppers:
             self._wake_popper()
         return waiter
@@ -531,9 +583,8 @@ class PriorityQueue(Generic[T]):
             for waiter in slot.waiters()
         ]
         for waiter in waiters:
-            if waiter.future.done():
-                self._forget_cancelled(waiter)
-            else:
+            # A factory that cancels a waiter still to come takes it out of the queue.
+            if waiter._slot is not None:
                 self._fail(waiter, exc if isinstance(exc, BaseException) else exc(waiter))
                 self._failed_on_close += 1
         while self._poppers:
@@ -576,10 +627,7 @@ class PriorityQueue(Generic[T]):
         while self._ranks:
             cls = self._classes[self._ranks[0]]
             waiter = next(iter(cls.ring.values())).first()
-            if waiter.future.done():
-                # Cancelled, and the callback that would remove it has not run yet.
-                self._forget_cancelled(waiter)
-            elif waiter.deadline is not None and waiter.deadline <= (
+            if waiter.deadline is not None and waiter.deadline <= (
                 now := asyncio.get_running_loop().time()
             ):
                 # Due in this very tick, before the timer's callback came round.
@@ -597,7 +645,6 @@ class PriorityQueue(Generic[T]):
         if slot.live:
             slot.cls.ring.move_to_end(slot.key)
         self._admitted += 1
-        waiter.future.remove_done_callback(self._on_future_done)
         return waiter
 
     def _leave(self, waiter: Waiter[T]) -> None:
@@ -605,7 +652,6 @@ class PriorityQueue(Generic[T]):
         slot = waiter._slot
         assert slot is not None
         waiter._slot = None
-        del self._waiting[waiter.future]
         cls = slot.cls
         slot.live -= 1
         cls.live -= 1
@@ -623,28 +669,28 @@ class PriorityQueue(Generic[T]):
                 self._ranks.remove(cls.rank)
         elif slot.size() > 2 * slot.live + _SLACK:
             slot.compact()
-        if waiter.deadline is not None:
-            self._deadline_live -= 1
-            if not self._deadline_live:
-                self._deadlines.clear()
-                if self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
-            elif len(self._deadlines) > 2 * self._deadline_live + _SLACK:
-                self._deadlines = [e for e in self._deadlines if e[2]._slot is not None]
-                heapify(self._deadlines)
+        deadline = waiter.deadline
+        if deadline is not None:
+            group = self._due[deadline]
+            if not isinstance(group, Waiter):
+                del group[waiter]
+            if group is waiter or not group:
+                del self._due[deadline]
+                if not self._due:
+                    self._deadlines.clear()
+                    if self._timer is not None:
+                        self._timer.cancel()
+                        self._timer = None
+                elif len(self._deadlines) > 2 * len(self._due) + _SLACK:
+                    self._deadlines = list(self._due)
+                    heapify(self._deadlines)
 
     def _fail(self, waiter: Waiter[T], exc: BaseException) -> None:
         self._leave(waiter)
-        waiter.future.remove_done_callback(self._on_future_done)
-        waiter.future.set_exception(exc)
-
-    def _future_done(self, future: asyncio.Future[None]) -> None:
-        waiter = self._waiting.get(future)
-        if waiter is not None:
-            self._forget_cancelled(waiter)
+        _future_set_exception(waiter, exc)
 
     def _forget_cancelled(self, waiter: Waiter[T]) -> None:
+        """Take out a queued waiter whose caller left (``Waiter.cancel`` and kin call this)."""
         self._leave(waiter)
         self._cancelled += 1
 
@@ -667,18 +713,18 @@ class PriorityQueue(Generic[T]):
         now = loop.time()
         # The loop runs a timer up to its clock resolution early; the timer's time is the truth.
         due = now if timer is None else max(now, timer.when())
+        # Re-read each time round: expiring the last waiters may clear or rebuild the heap.
         while self._deadlines:
-            deadline, _, waiter = self._deadlines[0]
-            if waiter._slot is None:
+            deadline = self._deadlines[0]
+            group = self._due.get(deadline)
+            if group is None:
                 heappop(self._deadlines)
             elif deadline > due:
                 self._timer = loop.call_at(deadline, self._expire_due)
                 return
             else:
                 heappop(self._deadlines)
-                if waiter.future.done():
-                    self._forget_cancelled(waiter)
-                else:
+                for waiter in [group] if isinstance(group, Waiter) else list(group):
                     self._expire(waiter, now)
 
     def _make_room(self, rank: int, tenant: Hashable | None, enqueued_at: float) -> None:
@@ -705,10 +751,6 @@ class PriorityQueue(Generic[T]):
         else:
             victim_tenant = least.heaviest()
         victim = victim_tenant.newest()
-        if victim.future.done():
-            # Its caller has already left: that is the room.
-            self._forget_cancelled(victim)
-            return
         self._shed += 1
         self._fail(
             victim,

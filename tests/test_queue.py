@@ -198,12 +198,34 @@ async def test_an_earlier_deadline_re_arms_the_one_timer_instead_of_adding_one()
     assert len(queue) == 1
 
 
+async def test_waiters_sharing_a_deadline_expire_together_in_arrival_order():
+    loop = asyncio.get_running_loop()
+    queue: PriorityQueue[str] = PriorityQueue()
+    expired: list[str] = []
+    waiters = [queue.push(name, deadline=5.0, tenant=name) for name in "abcd"]
+    for waiter in waiters:
+        waiter.add_done_callback(lambda w: expired.append(w.item))  # type: ignore[attr-defined]
+    assert queue.pop_nowait() is waiters[0]
+    waiters[0].admit()
+    waiters[1].cancel()
+
+    await asyncio.sleep(5)
+
+    assert loop.time() == 5.0
+    assert expired == ["a", "b", "c", "d"]  # settled in that order: admitted, cancelled, expired
+    assert all(isinstance(w.exception(), DeadlineExceededError) for w in waiters[2:])
+    assert live_timers() == 0
+    assert len(queue) == 0
+    stats = queue.statistics()
+    assert (stats.admitted, stats.cancelled, stats.expired) == (1, 1, 2)
+
+
 async def test_a_waiter_cancelled_in_the_tick_its_deadline_comes_ends_once_as_cancelled():
     loop = asyncio.get_running_loop()
     queue: PriorityQueue[str] = PriorityQueue()
     waiters: list[Waiter[str]] = []
-    # Armed before the queue's timer for the same moment: when the timer runs, the future
-    # is cancelled but the callback that would take it out of the queue has not run yet.
+    # Armed before the queue's timer for the same moment, so the cancellation comes first
+    # in that tick and the timer finds the waiter gone.
     loop.call_at(6.0, lambda: waiters[0].future.cancel())
     waiters.append(queue.push("racing", deadline=6.0))
     queue.push("other", deadline=9.0)
@@ -348,7 +370,8 @@ async def test_a_full_queue_whose_victim_already_left_makes_room_without_sheddin
     queue: PriorityQueue[str] = PriorityQueue(maxsize=2)
     keep = queue.push("keep", priority=Priority.INTERACTIVE)
     gone = queue.push("gone", priority=Priority.BATCH)
-    gone.future.cancel()  # its callback has not run yet: the queue still counts it
+    gone.future.cancel()  # it leaves at once, before the loop runs again: that is the room
+    assert len(queue) == 1
 
     queue.push("new", priority=Priority.INTERACTIVE)
 
@@ -399,12 +422,76 @@ async def test_a_head_cancelled_a_moment_ago_is_never_popped():
     head = queue.push("head")
     queue.push("next")
 
-    head.future.cancel()  # no loop iteration yet: the callback is still pending
+    head.future.cancel()  # no loop iteration in between
 
+    assert queue.statistics().cancelled == 1
     assert queue.pop_nowait().item == "next"
     assert len(queue) == 0
     await asyncio.sleep(0)
     assert queue.statistics().cancelled == 1
+
+
+async def test_cancelling_the_task_that_awaits_a_waiter_takes_it_out_before_the_task_runs():
+    queue: PriorityQueue[str] = PriorityQueue()
+    waiter = queue.push("call", tenant="t", deadline=30.0)
+    queue.push("other")
+
+    async def call() -> None:
+        await waiter.future
+
+    caller = asyncio.create_task(call())
+    await asyncio.sleep(0)  # the caller is parked on the waiter
+
+    caller.cancel("the user closed the chat")
+
+    # Task.cancel() cancels the future the task awaits, and that is the waiter itself.
+    assert waiter.cancelled()
+    stats = queue.statistics()
+    assert (stats.depth, stats.cancelled, stats.tenants) == (1, 1, 1)
+    assert "left" in repr(waiter)
+    with pytest.raises(asyncio.CancelledError, match="the user closed the chat"):
+        await caller
+    assert live_timers() == 0  # its deadline left with it
+    assert_books_balance(queue)
+
+
+async def test_a_waiter_is_its_own_future_and_settling_it_by_hand_counts_as_its_caller_leaving():
+    queue: PriorityQueue[str] = PriorityQueue()
+    resolved = queue.push("resolved", deadline=10.0)
+    failed = queue.push("failed", priority=Priority.BATCH)
+    kept = queue.push("kept")
+
+    assert resolved.future is resolved
+    assert isinstance(resolved, asyncio.Future)
+    resolved.set_result(None)
+    failed.set_exception(LookupError("settled elsewhere"))
+
+    assert isinstance(failed.exception(), LookupError)
+    stats = queue.statistics()
+    assert (stats.depth, stats.cancelled, stats.admitted) == (1, 2, 0)
+    assert live_timers() == 0
+    assert queue.pop_nowait() is kept
+    assert kept.admit()
+    assert kept.result() is None
+    assert_books_balance(queue)
+
+
+async def test_a_close_whose_error_factory_cancels_a_later_waiter_ends_each_waiter_once():
+    queue: PriorityQueue[str] = PriorityQueue()
+    first = queue.push("first")
+    second = queue.push("second")
+
+    def error_for(waiter: Waiter[str]) -> BaseException:
+        second.cancel()  # say, the shutdown also cancels the callers' tasks
+        return ClosedError(f"{waiter.item} was not sent.")
+
+    queue.close(error_for)
+
+    assert isinstance(first.exception(), ClosedError)
+    assert second.cancelled()
+    stats = queue.statistics()
+    assert (stats.failed_on_close, stats.cancelled, stats.depth) == (1, 1, 0)
+    assert_books_balance(queue)
 
 
 async def test_admit_reports_a_caller_who_left_between_pop_and_admission():
@@ -449,6 +536,44 @@ async def test_a_served_request_is_not_kept_alive_by_its_tenants_remaining_queue
 
     assert alive() is None
     assert len(queue) == 1
+
+
+async def test_a_served_waiter_is_freed_by_reference_counting_alone_deadline_and_all():
+    queue: PriorityQueue[str] = PriorityQueue()
+    queue.push("shares the deadline", deadline=50.0, tenant="t")
+    queue.push("stays", deadline=60.0, tenant="t")
+    gc.disable()  # a collection would hide a cycle or a leftover reference
+    try:
+        for deadline in (50.0, 40.0):  # one shares a deadline with another waiter, one does not
+            waiter = queue.push("served", deadline=deadline, priority=Priority.CRITICAL)
+            popped = queue.pop_nowait()
+            assert popped is waiter
+            waiter.admit()
+            alive = weakref.ref(waiter)
+            del waiter, popped
+            assert alive() is None
+    finally:
+        gc.enable()
+    assert len(queue) == 2
+
+
+async def test_a_queued_waiter_is_one_object_for_the_garbage_collector_to_track():
+    """Full collections walk every tracked object that has lived long, so long waits cost
+    one tracked object each: the waiter, which is also its future (no future, callback
+    list or heap entry of its own)."""
+    queue: PriorityQueue[str] = PriorityQueue()
+    loop = asyncio.get_running_loop()
+    queue.push("warm-up", deadline=1e6)
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(1_000):
+        # distinct deadlines for some, shared ones for others; four tenants, two classes
+        deadline = loop.time() + 100 + (i if i % 2 else 0)
+        queue.push(f"w{i}", tenant=i % 4, priority=i % 3 and Priority.BATCH, deadline=deadline)
+    gc.collect()
+    added = len(gc.get_objects()) - before
+
+    assert 900 < added < 1_100
 
 
 # --- popping -------------------------------------------------------------------------------
@@ -529,7 +654,7 @@ async def test_close_fails_every_waiter_with_the_given_error_and_refuses_later_p
         queue.push("b", priority=Priority.BATCH),
         queue.push("c", enqueued_at=-3.0),
     ]
-    queue.push("leaving").future.cancel()  # its callback is still pending at close
+    queue.push("leaving").future.cancel()  # left before the close
 
     queue.close(lambda w: ClosedError(f"Shutting down; {w.item} was not sent.", tenant=w.tenant))
 
