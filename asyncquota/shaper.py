@@ -27,11 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import itertools
 import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from heapq import heapify, heappop, heappush
 from typing import Any
 
 import orjson
@@ -66,7 +68,7 @@ from .limiter import ConcurrencyLimiter, Permit
 from .limits import AIMD, Limit
 from .middleware import ShaperMiddleware
 from .priority import Priority, PriorityLike, coerce_priority, describe_priority
-from .queue import PriorityQueue, QueueStatistics
+from .queue import PriorityQueue, QueueStatistics, Waiter
 from .signals import Classification, Outcome, QuotaSnapshot, classify_error_body
 from .signals import parse_rate_limit_headers as _parse_quota
 from .streaming import ShapedStream
@@ -284,6 +286,9 @@ class Shaper:
         self._budget = RetryBudget(ratio=retry_budget)
         self._served = SlidingCount(window=SERVICE_RATE_WINDOW)
         self._first_served: float | None = None
+        # Queued requests by deadline, for ending at once those a new cooldown outlasts.
+        self._deadlines: list[tuple[float, int, Waiter[_Ticket]]] = []
+        self._deadline_order = itertools.count()
         self._quota: QuotaSnapshot | None = None
         self._work = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
@@ -612,6 +617,8 @@ class Shaper:
         except QueueFullError as exc:
             exc.retry_after = self._estimate_wait(ticket)
             raise
+        if ticket.deadline is not None:
+            self._track_deadline(ticket.deadline, waiter)
         self._work.set()
         if self._hooks:
             self._emit(Queued, ticket, depth=len(self._queue))
@@ -650,6 +657,36 @@ class Shaper:
                 priority=ticket.priority,
                 tenant=ticket.tenant,
                 retry_after=wait,
+            )
+
+    def _track_deadline(self, deadline: float, waiter: Waiter[_Ticket]) -> None:
+        heap = self._deadlines
+        heappush(heap, (deadline, next(self._deadline_order), waiter))
+        if len(heap) > 2 * len(self._queue) + 64:  # drop the entries of waiters that left
+            self._deadlines = [entry for entry in heap if not entry[2].future.done()]
+            heapify(self._deadlines)
+
+    def _end_outlasted(self, now: float) -> None:
+        """End at once the queued requests whose deadline falls inside the cooldown.
+
+        Like a newcomer refused by ``_refuse_early``, they get a ThrottledError carrying
+        the cooldown, rather than a DeadlineExceededError at their deadline.
+        """
+        cooling = self._cooldown.remaining(now)
+        heap = self._deadlines
+        while heap and heap[0][0] < now + cooling:
+            deadline, _, waiter = heappop(heap)
+            if waiter.future.done():  # admitted, or gone
+                continue
+            ticket = waiter.item
+            waiter.future.set_exception(
+                ThrottledError(
+                    f"The upstream asked every caller to wait {cooling:.1f} s, past this "
+                    f"request's deadline in {deadline - now:.1f} s; it was not sent.",
+                    priority=ticket.priority,
+                    tenant=ticket.tenant,
+                    retry_after=cooling,
+                )
             )
 
     def _estimate_wait(self, ticket: _Ticket) -> float | None:
@@ -715,6 +752,7 @@ class Shaper:
             self._throttled += 1
             if verdict.retry_after is not None:
                 self._cooldown.close_until(now + verdict.retry_after)
+                self._end_outlasted(now)
             if self._hooks:
                 self._emit(Throttled, ticket, status=reply.status, retry_after=verdict.retry_after)
         else:
