@@ -1,0 +1,355 @@
+"""The Shaper told to slow down: Retry-After cooldowns, pacing by headers, the adaptive limit.
+
+Every test runs on virtual time with a MockTransport: hand-written handlers where the exact
+timeline matters, the simulated upstream where the behaviour is about load.
+"""
+
+import asyncio
+import collections
+import statistics
+
+import pytest
+
+from asyncquota import (
+    AIMD,
+    MockTransport,
+    QuotaError,
+    Request,
+    Response,
+    Shaper,
+)
+from asyncquota.testing import SimulatedUpstream, UpstreamConfig
+
+URL = "http://upstream.test"
+CHAT = "/v1/chat/completions"
+BODY = {"model": "m", "messages": [{"role": "user", "content": "Where is my parcel?"}]}
+RATE_LIMITED = b'{"error": {"type": "requests", "code": "rate_limit_exceeded"}}'
+
+
+def frozen_wall_clock() -> float:
+    return 1_800_000_000.0
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+async def outcome(call) -> tuple[str, float, QuotaError | None]:
+    """What one call ended in, and when."""
+    try:
+        await call
+    except QuotaError as exc:
+        return type(exc).__name__, now(), exc
+    return "ok", now(), None
+
+
+# -- Retry-After ------------------------------------------------------------------------
+
+
+async def test_a_429_with_retry_after_7_holds_every_waiter_7_s_and_cuts_the_limit_once():
+    sends: list[float] = []
+
+    async def upstream(request: Request) -> Response:
+        sent = now()
+        sends.append(sent)
+        await asyncio.sleep(0.1)
+        if sent < 1:  # the first wave finds the quota gone
+            return Response(429, {"retry-after": "7"}, RATE_LIMITED)
+        return Response(200, {}, b"{}")
+
+    async with Shaper(
+        URL,
+        transport=MockTransport(upstream),
+        hooks=(),
+        limit=AIMD(initial=20),
+        retry_budget=1.0,
+        seed=7,
+    ) as shaper:
+        calls = [
+            asyncio.create_task(outcome(shaper.request("GET", "/v1/models"))) for _ in range(50)
+        ]
+        await asyncio.sleep(0.1 + 1e-3)
+        during = shaper.statistics()
+        results = await asyncio.gather(*calls)
+
+    # The first wave of 20 (the initial limit) all got 429 at 0.1: one congestion episode.
+    assert sends[:20] == [0.0] * 20
+    assert during.throttled == 20
+    assert during.limit == 10  # cut once, not 20 times
+    assert during.cooldown_until == pytest.approx(7.1)
+    # Nobody, waiting or retrying, was sent during the cooldown.
+    resumed = sends[20:]
+    assert min(resumed) > 7.1
+    # The fleet resumes after a jittered moment inside the ramp, not at 7.1 sharp.
+    assert 7.1 < min(resumed) < 7.1 + 1.0
+    assert len(set(resumed)) > 1
+    assert [name for name, _, _ in results] == ["ok"] * 50
+    assert all(at > 7.1 for _, at, _ in results)
+
+
+async def test_the_moment_the_fleet_resumes_after_a_cooldown_depends_on_the_jitter_seed():
+    async def first_resume(seed: int) -> float:
+        sends: list[float] = []
+
+        async def upstream(request: Request) -> Response:
+            sends.append(now())
+            if len(sends) == 1:
+                return Response(429, {"retry-after": "7"}, RATE_LIMITED)
+            return Response(200)
+
+        async with Shaper(URL, transport=MockTransport(upstream), hooks=(), seed=seed) as shaper:
+            await shaper.request("GET", "/v1/models")
+        return sends[1] - sends[0]  # from the 429 to the retry
+
+    resumes = {await first_resume(seed) for seed in range(5)}
+    assert len(resumes) == 5
+    assert all(7.0 < t < 8.0 for t in resumes)
+
+
+async def test_a_retry_after_of_200_s_is_honoured_not_given_up_on():
+    calls: list[float] = []
+
+    async def upstream(request: Request) -> Response:
+        calls.append(now())
+        if len(calls) == 1:
+            return Response(429, {"retry-after": "200"}, RATE_LIMITED)
+        return Response(200, {}, b'{"ok": true}')
+
+    async with Shaper(
+        URL, transport=MockTransport(upstream), hooks=(), cooldown_ramp=0.0
+    ) as shaper:
+        response = await shaper.request("GET", "/v1/models", deadline=300)
+        stats = shaper.statistics()
+
+    assert response.attempts == 2
+    assert calls == [0.0, 200.0]
+    assert now() == 200.0
+    assert stats.retried == 1 and stats.throttled == 1
+
+
+async def test_a_retry_after_past_the_deadline_ends_the_caller_at_the_429_with_the_hint():
+    async def upstream(request: Request) -> Response:
+        await asyncio.sleep(0.5)
+        return Response(429, {"retry-after": "7"}, RATE_LIMITED)
+
+    transport = MockTransport(upstream)
+    async with Shaper(URL, transport=transport, hooks=()) as shaper:
+        name, at, error = await outcome(shaper.request("GET", "/v1/models", deadline=5))
+
+    assert name == "ThrottledError"
+    assert at == 0.5  # at the 429, not at the deadline
+    assert error is not None and error.retry_after == 7.0
+    assert transport.calls == 1
+
+
+async def test_a_newcomer_whose_deadline_ends_inside_the_cooldown_is_refused_unsent():
+    calls: list[float] = []
+
+    async def upstream(request: Request) -> Response:
+        calls.append(now())
+        return Response(429, {"retry-after": "30"}, RATE_LIMITED)
+
+    async with Shaper(URL, transport=MockTransport(upstream), hooks=()) as shaper:
+        await outcome(shaper.request("GET", "/v1/models", deadline=10))
+        await asyncio.sleep(5)
+        name, at, error = await outcome(shaper.request("GET", "/v1/models", deadline=10))
+        stats = shaper.statistics()
+
+    assert (name, at) == ("ThrottledError", 5.0)
+    assert error is not None and error.retry_after == pytest.approx(25.0)
+    assert calls == [0.0]
+    assert stats.shed == 1
+
+
+async def test_queued_requests_whose_deadline_falls_inside_a_new_cooldown_end_at_once():
+    gate = asyncio.Event()
+
+    async def upstream(request: Request) -> Response:
+        await gate.wait()
+        return Response(429, {"retry-after": "30"}, RATE_LIMITED)
+
+    async with Shaper(
+        URL, transport=MockTransport(upstream), hooks=(), limit=AIMD(initial=1)
+    ) as shaper:
+        first = asyncio.create_task(outcome(shaper.request("GET", "/a", deadline=60)))
+        await asyncio.sleep(1)
+        short = asyncio.create_task(outcome(shaper.request("GET", "/b", deadline=10)))
+        long = asyncio.create_task(outcome(shaper.request("GET", "/c", deadline=100)))
+        await asyncio.sleep(1)
+        gate.set()  # the 429 arrives at t=2 and closes the gate until t=32
+        name, at, error = await short
+        long.cancel()
+        await asyncio.gather(first, long, return_exceptions=True)
+
+    assert (name, at) == ("ThrottledError", 2.0)
+    assert error is not None and error.retry_after == pytest.approx(30.0)
+
+
+# -- pacing by the upstream's rate-limit headers -----------------------------------------
+
+
+def paced_upstream(**overrides) -> SimulatedUpstream:
+    """20 requests a bucket, refilling in 2 s: replies say "remaining ~0, reset 2s" under load."""
+    config = dict(
+        rps=10.0,
+        burst_seconds=2.0,
+        latency_base=0.1,
+        latency_per_token=0.0,
+        wall_clock=frozen_wall_clock,
+    )
+    config.update(overrides)
+    return SimulatedUpstream(UpstreamConfig(**config))
+
+
+async def drive(upstream: SimulatedUpstream, n: int, **options) -> collections.Counter[str]:
+    results: collections.Counter[str] = collections.Counter()
+    async with Shaper(
+        URL,
+        transport=MockTransport(upstream.handle),
+        hooks=(),
+        default_deadline=None,
+        wall_clock=frozen_wall_clock,
+        seed=1,
+        **options,
+    ) as shaper:
+
+        async def one() -> None:
+            name, _, _ = await outcome(
+                shaper.request("POST", CHAT, json={**BODY, "max_tokens": 64})
+            )
+            results[name] += 1
+
+        await asyncio.gather(*(one() for _ in range(n)))
+    return results
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="A rate unit granted before a header sync is sent after it and counted by neither: "
+    "the dispatcher takes its unit before waiting for a permit, and each sync restarts the "
+    "pace from zero, so 1-2 requests per sync burst overshoot and get a 429.",
+)
+@pytest.mark.parametrize("style", ["openai", "anthropic"])
+async def test_pacing_by_remaining_requests_headers_avoids_every_429(style):
+    upstream = paced_upstream(headers_style=style)
+    results = await drive(upstream, 200)
+    assert results == {"ok": 200}
+    assert upstream.stats()["totals"]["429"] == 0
+
+
+@pytest.mark.parametrize("style", ["openai", "anthropic"])
+async def test_pacing_by_remaining_requests_headers_keeps_the_upstream_full_with_few_429s(style):
+    upstream = paced_upstream(headers_style=style)
+    results = await drive(upstream, 200)
+    totals = upstream.stats()["totals"]
+    assert results == {"ok": 200}
+    assert totals["429"] <= 2  # what the xfail above is about
+    # 20 at once from the full bucket, then 10 a second: the quota, not less.
+    assert 18.0 <= now() <= 19.0
+
+
+async def test_pacing_by_remaining_tokens_headers_avoids_every_429():
+    # ~69 tokens a request against 6000 tokens a minute: the token quota is what binds.
+    upstream = paced_upstream(rps=1000.0, tpm=6000.0)
+    results = await drive(upstream, 200)
+    totals = upstream.stats()["totals"]
+    assert results == {"ok": 200}
+    assert totals["429"] == 0
+    served = totals["prompt_tokens"] + totals["completion_tokens"]
+    assert now() >= (served - 6000) / 100  # never faster than the quota refills
+
+
+# -- the adaptive limit ------------------------------------------------------------------
+
+
+async def test_the_limit_follows_an_upstream_concurrency_cap_down_and_back_up():
+    inflight = 0
+
+    def cap(t: float) -> int:
+        return 32 if 20 <= t < 40 else 64
+
+    async def upstream(request: Request) -> Response:
+        nonlocal inflight
+        if inflight >= cap(now()):
+            return Response(429, {}, RATE_LIMITED)  # no Retry-After, like DeepSeek
+        inflight += 1
+        try:
+            await asyncio.sleep(0.5)
+        finally:
+            inflight -= 1
+        return Response(200, {}, b"{}")
+
+    samples: list[tuple[float, int]] = []
+    async with Shaper(
+        URL,
+        transport=MockTransport(upstream),
+        hooks=(),
+        default_deadline=None,
+        max_attempts=10,
+        retry_budget=1.0,
+    ) as shaper:
+
+        async def caller() -> None:
+            while now() < 60:
+                await outcome(shaper.request("GET", "/v1/models", priority="batch"))
+
+        async def sampler() -> None:
+            while now() < 60:
+                samples.append((now(), shaper.statistics().limit))
+                await asyncio.sleep(0.25)
+
+        await asyncio.gather(sampler(), *(caller() for _ in range(200)))
+
+    def phase(start: float, end: float) -> list[int]:
+        return [limit for t, limit in samples if start <= t < end]
+
+    for start, end, capacity in ((5, 20, 64), (25, 40, 32), (45, 60, 64)):
+        limits = phase(start, end)
+        assert 0.5 * capacity <= statistics.median(limits) <= 1.5 * capacity, (start, limits)
+    assert min(limit for _, limit in samples) >= 8  # never collapsed towards the floor
+
+
+async def test_a_burst_of_429s_from_one_overload_cuts_the_limit_once():
+    async def upstream(request: Request) -> Response:
+        await asyncio.sleep(1)
+        return Response(429, {}, RATE_LIMITED)
+
+    async with Shaper(
+        URL,
+        transport=MockTransport(upstream),
+        hooks=(),
+        limit=AIMD(initial=100),
+        max_attempts=1,
+    ) as shaper:
+        results = await asyncio.gather(
+            *(outcome(shaper.request("GET", "/v1/models")) for _ in range(100))
+        )
+        stats = shaper.statistics()
+
+    assert [name for name, _, _ in results] == ["ThrottledError"] * 100
+    assert stats.throttled == 100
+    assert stats.limit == 50
+
+
+async def test_a_queued_request_whose_deadline_outlasts_the_cooldown_keeps_its_place():
+    calls: list[float] = []
+
+    async def upstream(request: Request) -> Response:
+        calls.append(now())
+        if len(calls) == 1:
+            await asyncio.sleep(1)
+            return Response(429, {"retry-after": "5"}, RATE_LIMITED)
+        return Response(200)
+
+    async with Shaper(
+        URL, transport=MockTransport(upstream), hooks=(), limit=AIMD(initial=1), cooldown_ramp=0
+    ) as shaper:
+        first = asyncio.create_task(outcome(shaper.request("GET", "/a", deadline=60)))
+        await asyncio.sleep(0.5)
+        queued = await outcome(shaper.request("GET", "/b", deadline=30))
+        earlier = await first
+
+    # The throttled first request retries first (it is older), then the queued one goes.
+    assert calls == [0.0, 6.0, 6.0]
+    assert queued == ("ok", 6.0, None)
+    assert earlier == ("ok", 6.0, None)
