@@ -604,8 +604,7 @@ class Shaper:
 
     async def _wait_turn(self, ticket: _Ticket) -> None:
         """Wait in the queue until the dispatcher hands this ticket a permit to send."""
-        if ticket.attempt == 1:
-            self._refuse_early(ticket)
+        self._refuse_early(ticket)
         try:
             waiter = self._queue.push(
                 ticket,
@@ -635,10 +634,14 @@ class Shaper:
             self._emit(Admitted, ticket, waited=self._now() - ticket.enqueued_at)
 
     def _refuse_early(self, ticket: _Ticket) -> None:
-        """Reject now what cannot be served before its deadline, with a retry hint."""
+        """Reject now what cannot be served before its deadline, with a retry hint.
+
+        A retry is held to the cooldown only: it keeps its original age, so the newcomer's
+        estimate of the wait does not apply to it.
+        """
         if ticket.deadline is None:
             return
-        now = ticket.started
+        now = self._now()
         left = ticket.deadline - now
         cooling = self._cooldown.remaining(now)
         if cooling > left:
@@ -649,6 +652,8 @@ class Shaper:
                 tenant=ticket.tenant,
                 retry_after=cooling,
             )
+        if ticket.attempt > 1:
+            return
         wait = self._estimate_wait(ticket)
         if wait is not None and wait > left:
             raise DeadlineUnreachableError(
