@@ -37,6 +37,7 @@ __all__ = [
     "ThrottledError",
     "TransportError",
     "UpstreamError",
+    "WouldBlock",
 ]
 
 BODY_EXCERPT_CHARS = 500
@@ -170,3 +171,11 @@ def excerpt(body: bytes | str | None, limit: int = BODY_EXCERPT_CHARS) -> str:
         return ""
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+class WouldBlock(RuntimeError):
+    """A ``*_nowait`` call would have had to wait; nothing was taken.
+
+    Not a QuotaError: primitives raise it to their own callers (the Shaper), never to a
+    request's caller.
+    """

@@ -29,6 +29,8 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
+from .errors import WouldBlock
+
 __all__ = [
     "CooldownGate",
     "CooldownStatistics",
@@ -49,8 +51,6 @@ _TIMER_SLACK = 1e-6
 deadline this close counts as reached, so an early timer does not re-arm itself forever."""
 
 
-class WouldBlock(RuntimeError):
-    """A ``*_nowait`` call would have had to wait; nothing was taken."""
 
 
 def _check_positive(name: str, value: float) -> float:

@@ -129,6 +129,11 @@ class LoggingHook:
     def __init__(self, logger_: logging.Logger | None = None) -> None:
         self._logger = logger_ or logger
 
+    @property
+    def debug_enabled(self) -> bool:
+        """Whether DEBUG records would be logged (else the frequent events need not be made)."""
+        return self._logger.isEnabledFor(logging.DEBUG)
+
     def on_event(self, event: Event) -> None:
         """Log the event at its level (cheaply skipped when that level is off)."""
         if isinstance(event, Throttled):

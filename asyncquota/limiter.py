@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
+from .errors import WouldBlock
 from .limits import AIMD, Fixed, Limit
 
 __all__ = ["ConcurrencyLimiter", "Ending", "LimiterStatistics", "Permit", "WouldBlock"]
@@ -28,8 +29,6 @@ Ending = Literal["success", "dropped", "ignore"]
 """How a permit ended: a round-trip sample, a congestion signal, or nothing learned."""
 
 
-class WouldBlock(RuntimeError):
-    """``acquire_nowait()`` found no free permit: a control-flow signal, not a caller error."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,7 +64,7 @@ from .hooks import (
     Throttled,
     logger,
 )
-from .limiter import ConcurrencyLimiter, Permit
+from .limiter import ConcurrencyLimiter, Permit, WouldBlock
 from .limits import AIMD, Limit
 from .middleware import ShaperMiddleware
 from .priority import Priority, PriorityLike, coerce_priority, describe_priority
@@ -290,6 +290,7 @@ class Shaper:
         self._deadlines: list[tuple[float, int, Waiter[_Ticket]]] = []
         self._deadline_order = itertools.count()
         self._quota: QuotaSnapshot | None = None
+        self._last_date: tuple[str, float] = ("", 0.0)
         self._work = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._active: set[asyncio.Task[Any]] = set()  # tasks with a request under way
@@ -605,6 +606,10 @@ class Shaper:
     async def _wait_turn(self, ticket: _Ticket) -> None:
         """Wait in the queue until the dispatcher hands this ticket a permit to send."""
         self._refuse_early(ticket)
+        if self._take_turn_now(ticket):
+            if self._tracing():
+                self._emit(Admitted, ticket, waited=self._now() - ticket.enqueued_at)
+            return
         try:
             waiter = self._queue.push(
                 ticket,
@@ -619,7 +624,7 @@ class Shaper:
         if ticket.deadline is not None:
             self._track_deadline(ticket.deadline, waiter)
         self._work.set()
-        if self._hooks:
+        if self._tracing():
             self._emit(Queued, ticket, depth=len(self._queue))
         try:
             await waiter.future
@@ -630,8 +635,32 @@ class Shaper:
         except QueueFullError as exc:
             exc.retry_after = self._estimate_wait(ticket)
             raise
-        if self._hooks:
+        if self._tracing():
             self._emit(Admitted, ticket, waited=self._now() - ticket.enqueued_at)
+
+    def _take_turn_now(self, ticket: _Ticket) -> bool:
+        """The fast path: nobody is waiting and every gate is open, so go without queueing.
+
+        Order is not at stake (the queue is empty and the gates serve their own waiters
+        first), and skipping the hop through the dispatcher is most of what asyncquota
+        costs when the upstream has room to spare.
+        """
+        limiter = self._limiter
+        if len(self._queue) or limiter.inflight >= limiter.capacity:
+            return False
+        now = self._now()
+        if not self._cooldown.is_open(now):
+            return False
+        try:
+            reservation = self._tokens.reserve_nowait(ticket.cost)
+        except WouldBlock:
+            return False
+        if not self._rate.try_acquire():
+            reservation.cancel()
+            return False
+        ticket.permit, ticket.reservation = limiter.acquire_nowait(), reservation
+        self._count_served(now)
+        return True
 
     def _refuse_early(self, ticket: _Ticket) -> None:
         """Reject now what cannot be served before its deadline, with a retry hint.
@@ -863,10 +892,7 @@ class Shaper:
                 ticket.permit, ticket.reservation = permit, reservation
                 if waiter.admit():
                     permit, reservation, rate_taken = None, None, False
-                    now = loop.time()
-                    if self._first_served is None:
-                        self._first_served = now
-                    self._served.add(now)
+                    self._count_served(loop.time())
                 else:  # the caller left between pop and admit: the grant goes to the next
                     ticket.permit = ticket.reservation = None
         finally:
@@ -883,28 +909,26 @@ class Shaper:
         if snapshot.is_empty:
             return
         self._quota = snapshot
-        requests = snapshot.requests
-        if requests.remaining is not None:
-            self._rate.sync(
-                remaining=requests.remaining,
-                reset_after=requests.reset_after,
-                limit=requests.limit or None,
-            )
         tokens = snapshot.tokens if not snapshot.tokens.is_empty else snapshot.input_tokens
-        if tokens.remaining is not None:
-            self._tokens.sync(
-                remaining=tokens.remaining,
-                reset_after=tokens.reset_after,
-                limit=tokens.limit or None,
+        for gate, window in ((self._rate, snapshot.requests), (self._tokens, tokens)):
+            if window.remaining is None:
+                continue
+            gate.sync(
+                remaining=window.remaining,
+                reset_after=window.reset_after,
+                limit=window.limit or None,
             )
 
     def _reply_time(self, headers: Mapping[str, str]) -> float:
         """Unix time of a reply: its ``Date`` header, else the wall clock (dates only)."""
         date = headers.get("date")
         if date:
+            if date == self._last_date[0]:  # replies within one second share a Date
+                return self._last_date[1]
             with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
                 parsed = email.utils.parsedate_to_datetime(date).timestamp()
                 if math.isfinite(parsed):
+                    self._last_date = (date, parsed)
                     return parsed
         return self._wall_clock()
 
@@ -970,8 +994,19 @@ class Shaper:
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
 
+    def _count_served(self, now: float) -> None:
+        if self._first_served is None:
+            self._first_served = now
+        self._served.add(now)
+
+    def _tracing(self) -> bool:
+        """Whether the frequent events (queued, admitted, ok) have anyone to hear them."""
+        return any(
+            not isinstance(hook, LoggingHook) or hook.debug_enabled for hook in self._hooks
+        )
+
     def _complete(self, ticket: _Ticket, outcome: str, status: int | None) -> None:
-        if self._hooks:
+        if outcome != "ok" or self._tracing():
             self._emit(
                 Completed,
                 ticket,

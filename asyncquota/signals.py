@@ -25,6 +25,7 @@ name repeats, its first value wins. Pairs that are not two strings are skipped.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -34,6 +35,7 @@ from email.utils import parsedate_to_datetime
 from typing import Literal, TypeAlias, cast
 
 import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
     "MAX_RETRY_AFTER",
@@ -96,6 +98,10 @@ def _lower_view(headers: HeadersLike | None) -> dict[str, str]:
     view: dict[str, str] = {}
     if headers is None:
         return view
+    if isinstance(headers, CIMultiDictProxy | CIMultiDict):
+        # Already case-insensitive, first value first: the reply headers of every response,
+        # so this is the hot path. A non-str value cannot occur in a str multidict.
+        return cast("dict[str, str]", headers)
     try:
         items: Iterable[object] = headers.items() if isinstance(headers, Mapping) else headers
         for item in items:
@@ -173,6 +179,7 @@ def _until(timestamp: float, now: float) -> float | None:
     return _clamp(max(delta, 0.0))
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_duration(text: str) -> float | None:
     """Seconds in a Go-style duration (``1s``, ``20ms``, ``6m0s``, ``1h2m3.5s``), or None.
 
@@ -340,6 +347,8 @@ def _count(text: str | None) -> int | None:
     """
     if text is None:
         return None
+    if len(text) < 19 and text.isdigit() and text.isascii():  # the usual case, no regex
+        return int(text)
     value = _non_negative_number(text)
     if value is None or math.isinf(value):
         return None
