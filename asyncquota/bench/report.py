@@ -1,0 +1,164 @@
+"""What a person sees: the progress bar while it runs, the JSON document, the table.
+
+The JSON document (:func:`document`) has the shape the benchmark issue fixes::
+
+    {"scenario", "sessions", "duration_s", "upstream": {...}, "results": {STRATEGY: {
+      "requests", "ok", "ok_in_deadline", "shed", "deadline_exceeded", "errors", "lost",
+      "goodput_rps", "goodput_ratio", "upstream_requests", "upstream_429",
+      "upstream_429_ratio", "latency_ms": {"interactive": {"p50", "p99"}, "batch": {...}},
+      "ok_in_deadline_by_class": {"interactive", "batch"}, "reject_ms": {"p50", "p99"},
+      "cpu_s", "peak_rss_mb", "wall_s", ...}}}
+
+plus, per strategy, the outcome counts, the busy window, the quota over it, the upstream's
+per-second ``timeline`` and the client's per-second ``samples``; and at the top the mode,
+the seed, the session model and the machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TextIO
+
+from ..testing import UpstreamConfig
+from .metrics import summarize
+from .sessions import SessionModel
+
+if TYPE_CHECKING:
+    from .runner import StrategyRun
+
+__all__ = ["Progress", "document", "table"]
+
+_BAR_WIDTH = 24
+
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn each second of the run (only on a terminal).
+
+    Args:
+        label: what is running (the strategy's name).
+        horizon: the run's longest possible length, in seconds.
+        stream: where to draw (stderr by default).
+    """
+
+    __slots__ = ("_drawn", "_horizon", "_label", "_stream")
+
+    def __init__(self, label: str, horizon: float, *, stream: TextIO | None = None) -> None:
+        self._label = label
+        self._horizon = horizon
+        self._stream = stream if stream is not None else sys.stderr
+        self._drawn = False
+
+    def update(self, t: float, sample: Mapping[str, float]) -> None:
+        """Redraw for time ``t`` with the live counts of ``sample``."""
+        if not self._stream.isatty():
+            return
+        filled = min(_BAR_WIDTH, int(_BAR_WIDTH * t / self._horizon))
+        bar = "#" * filled + "." * (_BAR_WIDTH - filled)
+        self._stream.write(
+            f"\r{self._label:<11} [{bar}] {t:6.0f}/{self._horizon:.0f} s"
+            f"  sent {int(sample['started']):>7}  ok {int(sample['ok']):>7}"
+            f"  open {int(sample['open']):>6}"
+        )
+        self._stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        """End the bar's line."""
+        if self._drawn:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def _upstream_description(scenario: str, config: UpstreamConfig) -> dict[str, Any]:
+    described = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name != "wall_clock"
+    }
+    described["schedule"] = [list(step) for step in config.schedule]
+    return {"preset": scenario, **described}
+
+
+def document(
+    *,
+    scenario: str,
+    config: UpstreamConfig,
+    model: SessionModel,
+    virtual: bool,
+    runs: Mapping[str, StrategyRun],
+) -> dict[str, Any]:
+    """The whole report as JSON-ready data (see the module docstring for its shape)."""
+    deadlines = {"interactive": model.interactive_deadline, "batch": model.batch_deadline}
+    results: dict[str, Any] = {}
+    for name, run in runs.items():
+        result = summarize(
+            run.log,
+            config=config,
+            deadlines=deadlines,
+            upstream_totals=run.upstream.get("totals", {}),
+            stopped_at=run.stopped_at,
+        )
+        result["cpu_s"] = round(run.cpu_s, 2)
+        result["peak_rss_mb"] = round(run.peak_rss_mb, 1)
+        result["wall_s"] = round(run.wall_s, 2)
+        result["timeline"] = run.upstream.get("timeline", [])
+        result["samples"] = run.samples
+        results[name] = result
+    return {
+        "scenario": scenario,
+        "sessions": model.sessions,
+        "duration_s": model.duration,
+        "mode": "virtual" if virtual else "real",
+        "seed": model.seed,
+        "model": {
+            f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.init
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "upstream": _upstream_description(scenario, config),
+        "results": results,
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+_COLUMNS = (
+    ("strategy", "<11"), ("requests", ">8"), ("ok", ">7"), ("in dl", ">7"), ("shed", ">6"),
+    ("deadline", ">8"), ("errors", ">7"), ("lost", ">5"), ("good/s", ">7"), ("ratio", ">6"),
+    ("429 %", ">6"), ("p99 int", ">8"), ("p99 bat", ">8"), ("rej p99", ">8"), ("cpu s", ">6"),
+    ("rss MB", ">7"), ("wall s", ">7"),
+)
+
+
+def table(doc: Mapping[str, Any]) -> str:
+    """The results as a fixed-width text table, one row per strategy, latencies in ms."""
+    header = " ".join(format(title, spec) for title, spec in _COLUMNS)
+    lines = [
+        f"{doc['scenario']}: {doc['sessions']} sessions, {doc['duration_s']:g} s, "
+        f"{doc['mode']} time, seed {doc['seed']}",
+        header,
+        "-" * len(header),
+    ]
+    for name, r in doc["results"].items():
+        cells = (
+            name, r["requests"], r["ok"], r["ok_in_deadline"], r["shed"],
+            r["deadline_exceeded"], r["errors"], r["lost"], _fmt(r["goodput_rps"], ".1f"),
+            _fmt(r["goodput_ratio"], ".3f"), _fmt(100 * r["upstream_429_ratio"], ".1f"),
+            _fmt(r["latency_ms"]["interactive"]["p99"], ".0f"),
+            _fmt(r["latency_ms"]["batch"]["p99"], ".0f"),
+            _fmt(r["reject_ms"]["p99"], ".0f"), _fmt(r["cpu_s"], ".1f"),
+            _fmt(r["peak_rss_mb"], ".0f"), _fmt(r["wall_s"], ".1f"),
+        )
+        lines.append(
+            " ".join(format(cell, spec) for cell, (_, spec) in zip(cells, _COLUMNS, strict=True))
+        )
+    return "\n".join(lines)

@@ -1,0 +1,286 @@
+"""Replaying the night against one strategy, each strategy in its own fresh process.
+
+:func:`drive` is the night itself: one task per session, each request inside
+``asyncio.timeout(deadline)`` and ending in exactly one recorded outcome, a tick every
+second for samples and the progress bar, and a hard stop at ``duration + the longest
+deadline + STOP_GRACE`` after which whatever is still open is cancelled and counted lost.
+
+:func:`run_strategy` runs it in a spawned process, so ``cpu_s`` and ``peak_rss_mb`` are
+that strategy's own. Real runs use uvloop and talk over loopback to a simulated upstream in
+yet another process (:func:`run_strategies` starts a fresh one per strategy). Virtual runs
+put the simulated upstream in the strategy's process, on looptime's virtual clock: a 60 s
+night runs as fast as the CPU allows, and ``cpu_s``/``peak_rss_mb`` then include the
+upstream model's share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import resource
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from ..testing import SimulatedUpstream, UpstreamConfig, run_in_process
+from .metrics import RequestLog
+from .outcomes import Outcome, classify
+from .report import Progress
+from .sessions import CLASSES, SessionModel
+from .strategies import Strategy, Target, load_strategy
+from .virtual import new_virtual_loop
+
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "STOP_GRACE",
+    "VIRTUAL_BASE_URL",
+    "RunSpec",
+    "StrategyRun",
+    "drive",
+    "run_strategies",
+    "run_strategy",
+]
+
+STOP_GRACE = 5.0
+"""Seconds past the last possible deadline before the run cancels what is still open."""
+
+CLOSE_TIMEOUT = 10.0
+"""Seconds a strategy gets to close its client after the run."""
+
+VIRTUAL_BASE_URL = "http://simulated.upstream"
+"""The base URL strategies see in virtual runs (nothing resolves it: no socket is opened)."""
+
+_CLASS_CODES = {name: code for code, name in enumerate(CLASSES)}
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    """One strategy's run, as sent to its process.
+
+    Attributes:
+        strategy: the strategy's registered name.
+        config: the upstream.
+        model: the night.
+        virtual: in process on virtual time, or for real.
+        base_url: the upstream process's URL (real runs only).
+        progress: draw a progress bar on stderr.
+    """
+
+    strategy: str
+    config: UpstreamConfig
+    model: SessionModel
+    virtual: bool
+    base_url: str | None = None
+    progress: bool = False
+
+
+@dataclass(slots=True)
+class StrategyRun:
+    """What one strategy's process brings back.
+
+    Attributes:
+        strategy: its name.
+        log: every request it was asked to make.
+        samples: one per second: ``t``, ``started``, ``ok``, ``open``, plus the strategy's own.
+        upstream: the upstream's ``stats()`` (totals and per-second timeline).
+        stopped_at: seconds from the start when the run stopped.
+        cpu_s: CPU seconds (user + system) the run took in its process.
+        peak_rss_mb: the process's peak resident memory.
+        wall_s: wall seconds of the run (process start-up and imports excluded).
+    """
+
+    strategy: str
+    log: RequestLog
+    samples: list[dict[str, float]] = field(default_factory=list)
+    upstream: dict[str, Any] = field(default_factory=dict)
+    stopped_at: float = 0.0
+    cpu_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    wall_s: float = 0.0
+
+
+async def drive(
+    strategy: Strategy,
+    model: SessionModel,
+    log: RequestLog,
+    *,
+    on_second: Callable[[float], None] | None = None,
+) -> float:
+    """Replay the night against ``strategy``, recording into ``log``; when it stopped.
+
+    Every request ends in one outcome, recorded once, unless the hard stop cancels it
+    first: then it keeps no outcome, and the report counts it lost.
+    """
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+
+    def now() -> float:
+        return loop.time() - t0
+
+    async def ask(class_code: int, deadline: float, call: Any) -> None:
+        index = log.begin(class_code, now())
+        try:
+            async with asyncio.timeout(deadline):
+                await strategy.complete(call)
+        except asyncio.CancelledError:
+            raise  # the run is being stopped: this request stays without an outcome
+        except Exception as exc:
+            log.end(index, now(), classify(exc))
+        else:
+            log.end(index, now(), Outcome.OK)
+
+    async def converse(index: int) -> None:
+        session = model.session(index)
+        if session.first_at >= model.duration:
+            return
+        await asyncio.sleep(max(0.0, session.first_at - now()))
+        class_code = _CLASS_CODES[session.priority]
+        number = 0
+        while True:
+            turn = model.turn(index, number)
+            call = model.call(session, turn)
+            await ask(class_code, call.deadline, call)
+            if now() + turn.think >= model.duration:
+                return
+            await asyncio.sleep(turn.think)
+            number += 1
+
+    async def tick(callback: Callable[[float], None]) -> None:
+        while True:
+            await asyncio.sleep(1.0 - now() % 1.0)
+            callback(round(now(), 6))
+
+    ticker = asyncio.create_task(tick(on_second)) if on_second is not None else None
+    tasks = [asyncio.create_task(converse(i)) for i in range(model.sessions)]
+    try:
+        _, pending = await asyncio.wait(
+            tasks, timeout=model.duration + model.max_deadline + STOP_GRACE
+        )
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+    return now()
+
+
+async def _run(spec: RunSpec) -> StrategyRun:
+    """The run inside its process: build the target and strategy, drive, collect."""
+    upstream: SimulatedUpstream | None = None
+    if spec.virtual:
+        upstream = SimulatedUpstream(spec.config)
+        target = Target(VIRTUAL_BASE_URL, spec.config, upstream.handle)
+    else:
+        assert spec.base_url is not None
+        target = Target(spec.base_url, spec.config)
+    log = RequestLog()
+    run = StrategyRun(strategy=spec.strategy, log=log)
+    strategy = load_strategy(spec.strategy)(target)
+    horizon = spec.model.duration + spec.model.max_deadline + STOP_GRACE
+    progress = Progress(spec.strategy, horizon) if spec.progress else None
+
+    def on_second(t: float) -> None:
+        sample: dict[str, float] = {"t": t, "started": len(log), "ok": log.ok, "open": log.open}
+        sample.update(strategy.sample())
+        run.samples.append(sample)
+        if progress is not None:
+            progress.update(t, sample)
+
+    try:
+        run.stopped_at = await drive(strategy, spec.model, log, on_second=on_second)
+    finally:
+        if progress is not None:
+            progress.close()
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await strategy.aclose()
+    if upstream is not None:
+        run.upstream = upstream.stats()
+    else:
+        run.upstream = await _fetch_stats(target.base_url)
+    return run
+
+
+async def _fetch_stats(base_url: str) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(base_url + "/stats", timeout=aiohttp.ClientTimeout(total=30)) as reply,
+    ):
+        reply.raise_for_status()
+        stats: dict[str, Any] = await reply.json()
+        return stats
+
+
+def _real_loop() -> asyncio.AbstractEventLoop:
+    import uvloop
+
+    return uvloop.new_event_loop()
+
+
+def run_strategy(spec: RunSpec) -> StrategyRun:
+    """Run one strategy in this process, measuring its CPU, peak memory and wall time.
+
+    Meant to be the whole life of a fresh process (see :func:`run_strategies`): the peak
+    memory is the process's.
+    """
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    # The benchmark's own stopwatch: how long the run took on the machine, virtual or not.
+    started = time.perf_counter()
+    with asyncio.Runner(loop_factory=new_virtual_loop if spec.virtual else _real_loop) as runner:
+        run = runner.run(_run(spec))
+    run.wall_s = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    run.cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    run.peak_rss_mb = after.ru_maxrss / 1024.0  # Linux reports kilobytes
+    return run
+
+
+@contextlib.contextmanager
+def _upstream_for(spec: RunSpec) -> Iterator[RunSpec]:
+    """The spec, with a fresh upstream process behind it for a real run."""
+    if spec.virtual:
+        yield spec
+        return
+    with run_in_process(spec.config) as base_url:
+        yield RunSpec(
+            strategy=spec.strategy,
+            config=spec.config,
+            model=spec.model,
+            virtual=False,
+            base_url=base_url,
+            progress=spec.progress,
+        )
+
+
+def run_strategies(
+    names: Sequence[str],
+    *,
+    config: UpstreamConfig,
+    model: SessionModel,
+    virtual: bool,
+    progress: bool,
+    on_done: Callable[[StrategyRun], None] | None = None,
+) -> Mapping[str, StrategyRun]:
+    """Run each strategy, one after the other, each in a fresh spawned process.
+
+    A real run also gets a fresh upstream process per strategy, so no strategy inherits
+    another's debts (penalty windows, an emptied bucket).
+    """
+    context = multiprocessing.get_context("spawn")
+    runs: dict[str, StrategyRun] = {}
+    for name in names:
+        spec = RunSpec(strategy=name, config=config, model=model, virtual=virtual,
+                       progress=progress)
+        with _upstream_for(spec) as ready, ProcessPoolExecutor(1, mp_context=context) as pool:
+            run = pool.submit(run_strategy, ready).result()
+        runs[name] = run
+        if on_done is not None:
+            on_done(run)
+    return runs
