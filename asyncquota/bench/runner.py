@@ -194,13 +194,15 @@ async def _run(spec: RunSpec) -> StrategyRun:
         if progress is not None:
             progress.update(t, sample)
 
+    # Entered and left by hand, so that leaving is bounded by CLOSE_TIMEOUT and the run not.
+    await strategy.__aenter__()
     try:
         run.stopped_at = await drive(strategy, spec.model, log, on_second=on_second)
     finally:
         if progress is not None:
             progress.close()
         async with asyncio.timeout(CLOSE_TIMEOUT):
-            await strategy.aclose()
+            await strategy.__aexit__(None, None, None)
     if upstream is not None:
         run.upstream = upstream.stats()
     else:

@@ -130,9 +130,11 @@ class Target:
 class Strategy(abc.ABC):
     """A way of calling the upstream, written as its users would write it.
 
-    Subclasses set :attr:`name`, build their client in ``__init__`` (or lazily), answer
-    calls in :meth:`complete` and release everything in :meth:`aclose`. :meth:`sample` may
-    report live internals once a second (the plot draws ``limit`` and ``queue_*`` keys).
+    Subclasses set :attr:`name`, build their client in ``__init__`` (or in ``__aenter__``
+    when it must start inside the running loop, like an ``async with`` client), answer calls
+    in :meth:`complete` and release everything in :meth:`aclose` (``__aexit__`` calls it).
+    :meth:`sample` may report live internals once a second (the plot draws ``limit`` and
+    ``queue_*`` keys). The runner enters the strategy before the night and leaves it after.
 
     Args:
         target: the upstream.
