@@ -706,13 +706,25 @@ class CooldownGate:
         ValueError: ``ramp`` is negative or not finite.
     """
 
-    __slots__ = ("_closures", "_heap", "_order", "_ramp", "_rng", "_timer", "_until")
+    __slots__ = (
+        "_closures",
+        "_first_pass",
+        "_heap",
+        "_order",
+        "_passes",
+        "_ramp",
+        "_rng",
+        "_timer",
+        "_until",
+    )
 
     def __init__(self, *, ramp: float = 1.0, rng: random.Random | None = None) -> None:
         self._ramp = _check_amount("ramp", ramp)
         self._rng = rng if rng is not None else random.Random()
         self._until = -math.inf
         self._closures = 0
+        self._passes = 0  # spread passes since the last reopening
+        self._first_pass = -math.inf
         self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
@@ -754,12 +766,38 @@ class CooldownGate:
             return
         if now >= self._until:
             self._closures += 1
+            self._passes = 0
         self._until = float(t)
         self._arm()
 
-    async def wait(self) -> None:
-        """Return at once if the gate is open; else wait until it opens, plus jitter."""
+    def settled(self, now: float) -> bool:
+        """Open, and past the ramp that follows a reopening: nothing to spread any more."""
+        return now + _TIMER_SLACK >= self._until + self._ramp
+
+    async def wait(self, *, spread: int = 1) -> None:
+        """Return at once if the gate is open; else wait until it opens, plus jitter.
+
+        Args:
+            spread: for one task that passes on behalf of many (a dispatcher): after a
+                reopening, its passes are spaced evenly, ``spread`` of them over the ramp,
+                counted from its first pass; 1 (default) spaces nothing.
+        """
         loop = asyncio.get_running_loop()
+        while True:
+            await self._wait_open(loop)
+            now = loop.time()
+            if spread <= 1 or self.settled(now):
+                return
+            if self._passes == 0:
+                self._first_pass = now
+            slot = self._first_pass + self._ramp * self._passes / spread
+            if slot <= now + _TIMER_SLACK:
+                self._passes += 1
+                return
+            # Then look again (it may have closed meanwhile); the ramp's end frees all.
+            await asyncio.sleep(min(slot, self._until + self._ramp) - now)
+
+    async def _wait_open(self, loop: asyncio.AbstractEventLoop) -> None:
         if loop.time() >= self._until:
             return
         fut: asyncio.Future[None] = loop.create_future()

@@ -179,12 +179,20 @@ class _Ticket:
 class _Failure:
     """A failed attempt: the error to raise, unless the request may be retried."""
 
-    __slots__ = ("error", "retry_after", "retryable")
+    __slots__ = ("congestion", "error", "retry_after", "retryable")
 
-    def __init__(self, error: QuotaError, *, retryable: bool, retry_after: float | None) -> None:
+    def __init__(
+        self,
+        error: QuotaError,
+        *,
+        retryable: bool,
+        retry_after: float | None,
+        congestion: bool = False,
+    ) -> None:
         self.error = error
         self.retryable = retryable
         self.retry_after = retry_after
+        self.congestion = congestion
 
 
 Send = Callable[[_Ticket, float | None], Awaitable[Response]]
@@ -649,7 +657,7 @@ class Shaper:
         if len(self._queue) or limiter.inflight >= limiter.capacity:
             return False
         now = self._now()
-        if not self._cooldown.is_open(now):
+        if not self._cooldown.settled(now):
             return False
         try:
             reservation = self._tokens.reserve_nowait(ticket.cost)
@@ -796,6 +804,7 @@ class Shaper:
             self._upstream_error(ticket, reply, verdict),
             retryable=verdict.retryable,
             retry_after=verdict.retry_after,
+            congestion=verdict.congestion,
         )
 
     def _transport_failed(
@@ -827,8 +836,11 @@ class Shaper:
         if retry_after is not None:
             if retry_after > self._max_retry_after:
                 return None
-            # The cooldown gate already holds the whole fleet for it: re-queue at once.
-            delay, ready = 0.0, now + retry_after
+            # After a congestion reply the cooldown holds the whole fleet for it: re-queue
+            # at once. Any other reply's Retry-After (a 500's, a 503 from a proxy) is this
+            # request's own wait.
+            delay = 0.0 if failure.congestion else retry_after
+            ready = now + retry_after
         else:
             delay = backoff_delay(ticket.attempt - 1, rng=self._rng)
             ready = now + delay
@@ -866,7 +878,8 @@ class Shaper:
                     self._work.clear()
                     await self._work.wait()
                     continue
-                await self._cooldown.wait()
+                # After a cooldown the fleet comes back over the ramp, not in one burst.
+                await self._cooldown.wait(spread=self._limiter.capacity)
                 if not rate_taken:
                     await self._rate.acquire()
                     rate_taken = True

@@ -572,3 +572,30 @@ async def test_random_cancellation_of_cooldown_waiters_strands_no_one():
     assert len(released) == len(tasks) - cancelled
     assert all(final <= t < final + 1.0 for t in released)
     assert gate.is_open() and gate.statistics().waiters == 0
+
+
+async def test_a_dispatcher_passing_for_many_is_spread_evenly_over_the_ramp():
+    loop = asyncio.get_running_loop()
+    gate = CooldownGate(ramp=1.0, rng=random.Random(3))
+    gate.close_until(10.0)
+    passes = []
+    for _ in range(8):
+        await gate.wait(spread=4)
+        passes.append(loop.time())
+    first = passes[0]
+    assert 10.0 <= first < 11.0
+    # a quarter of a second apart (four a ramp) from the first pass; the ramp's end frees all
+    expected = [min(first + 0.25 * k, 11.0) for k in range(8)]
+    assert passes == pytest.approx(expected)
+    assert gate.settled(loop.time())
+
+
+async def test_a_new_closure_during_the_ramp_restarts_the_spread():
+    loop = asyncio.get_running_loop()
+    gate = CooldownGate(ramp=1.0, rng=random.Random(3))
+    gate.close_until(5.0)
+    await gate.wait(spread=10)
+    gate.close_until(loop.time() + 5.0)
+    reopened = gate.closed_until
+    await gate.wait(spread=10)
+    assert reopened is not None and loop.time() >= reopened

@@ -42,6 +42,23 @@ def failing_once(first: Response | BaseException):
     return upstream, calls
 
 
+async def test_a_500_asking_for_a_wait_is_retried_after_it_and_holds_nobody_else():
+    upstream, _ = failing_once(Response(500, {"retry-after": "3"}))
+    times: list[float] = []
+
+    async def timed(request: Request) -> Response:
+        times.append(now())
+        return await upstream(request)
+
+    async with Shaper(URL, transport=MockTransport(timed), hooks=(), seed=3) as shaper:
+        response = await shaper.request("GET", "/v1/models")
+        other = await shaper.request("GET", "/v1/models")
+    assert response.attempts == 2 and other.attempts == 1
+    # The retry waited its own 3 s; a 500 is no congestion, so no fleet-wide cooldown.
+    assert times == pytest.approx([0.0, 3.0, 3.0])
+    assert shaper.statistics().throttled == 0
+
+
 @pytest.mark.parametrize(
     "first",
     [
