@@ -21,7 +21,7 @@ from ..testing import PRESETS, UpstreamConfig
 from .report import document, table
 from .runner import StrategyRun, run_strategies
 from .sessions import SessionModel
-from .strategies import PEERS, STRATEGIES
+from .strategies import STRATEGIES
 
 __all__ = ["MAX_DURATION", "MAX_SESSIONS", "main"]
 
@@ -55,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--sessions", type=int, default=30_000)
     bench.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
     bench.add_argument(
-        "--strategies", type=_strategies, default=list(PEERS),
-        help=f"comma-separated, from {', '.join(STRATEGIES)} (default: {','.join(PEERS)})",
+        "--strategies", type=_strategies, default=list(STRATEGIES),
+        help=f"comma-separated, from {', '.join(STRATEGIES)} (default: all)",
     )
     bench.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
     bench.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of the runs")

@@ -18,6 +18,7 @@ __all__ = ["PEERS", "STRATEGIES", "Strategy", "Target", "load_strategy"]
 
 STRATEGIES: Mapping[str, str] = MappingProxyType(
     {
+        "asyncquota": "asyncquota.bench.strategies.shaper:ShaperStrategy",
         "naive": "asyncquota.bench.strategies.naive:NaiveStrategy",
         "openai-sdk": "asyncquota.bench.strategies.openai_sdk:OpenAISDKStrategy",
         "tenacity": "asyncquota.bench.strategies.tenacity_limiter:TenacityStrategy",
