@@ -590,6 +590,32 @@ class PriorityQueue(Generic[T]):
         while self._poppers:
             self._wake_popper()
 
+    def fail_due_before(self, t: float, exc: Callable[[Waiter[T]], BaseException]) -> int:
+        """Fail at once every waiter whose deadline comes before ``t``; say how many.
+
+        For a wait that everyone must sit out (the upstream's Retry-After): a waiter whose
+        deadline falls inside it cannot be served, and is better told now than at its
+        deadline. They count as shed. O(k log n) for k waiters failed.
+
+        Args:
+            t: loop time; waiters with a deadline strictly before it are failed.
+            exc: makes each waiter's exception.
+        """
+        failed = 0
+        while self._deadlines:
+            deadline = self._deadlines[0]
+            group = self._due.get(deadline)
+            if group is not None and deadline >= t:
+                break
+            heappop(self._deadlines)
+            if group is None:
+                continue
+            for waiter in [group] if isinstance(group, Waiter) else list(group):
+                self._shed += 1
+                self._fail(waiter, exc(waiter))
+                failed += 1
+        return failed
+
     def statistics(self) -> QueueStatistics:
         """A snapshot of the live counts and of how waiters have left."""
         return QueueStatistics(

@@ -27,13 +27,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import itertools
 import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from heapq import heapify, heappop, heappush
 from typing import Any
 
 import orjson
@@ -80,6 +78,9 @@ __all__ = ["Shaper", "ShaperStatistics"]
 
 UNBOUNDED_PER_MINUTE = 1e12
 """The rate of a gate with no configured quota: it only paces by the upstream's headers."""
+
+RTT_GAIN = 0.125
+"""Weight of each new sample in the smoothed reply time (as TCP's SRTT)."""
 
 SERVICE_RATE_WINDOW = 5.0
 """Seconds of admissions behind the service-rate estimate used to shed early."""
@@ -294,9 +295,7 @@ class Shaper:
         self._budget = RetryBudget(ratio=retry_budget)
         self._served = SlidingCount(window=SERVICE_RATE_WINDOW)
         self._first_served: float | None = None
-        # Queued requests by deadline, for ending at once those a new cooldown outlasts.
-        self._deadlines: list[tuple[float, int, Waiter[_Ticket]]] = []
-        self._deadline_order = itertools.count()
+        self._rtt = 0.0  # smoothed seconds from send to a successful reply
         self._quota: QuotaSnapshot | None = None
         self._last_date: tuple[str, float] = ("", 0.0)
         self._work = asyncio.Event()
@@ -629,8 +628,6 @@ class Shaper:
         except QueueFullError as exc:
             exc.retry_after = self._estimate_wait(ticket)
             raise
-        if ticket.deadline is not None:
-            self._track_deadline(ticket.deadline, waiter)
         self._work.set()
         if self._tracing():
             self._emit(Queued, ticket, depth=len(self._queue))
@@ -692,21 +689,15 @@ class Shaper:
         if ticket.attempt > 1:
             return
         wait = self._estimate_wait(ticket)
-        if wait is not None and wait > left:
+        if wait is not None and wait + self._rtt > left:
             raise DeadlineUnreachableError(
-                f"About {wait:.1f} s of work is queued ahead of this request, longer than its "
-                f"deadline of {left:.1f} s; it was not sent.",
+                f"About {wait:.1f} s of work is queued ahead of this request and a reply takes "
+                f"about {self._rtt:.1f} s, longer than its deadline of {left:.1f} s; it was not "
+                "sent.",
                 priority=ticket.priority,
                 tenant=ticket.tenant,
                 retry_after=wait,
             )
-
-    def _track_deadline(self, deadline: float, waiter: Waiter[_Ticket]) -> None:
-        heap = self._deadlines
-        heappush(heap, (deadline, next(self._deadline_order), waiter))
-        if len(heap) > 2 * len(self._queue) + 64:  # drop the entries of waiters that left
-            self._deadlines = [entry for entry in heap if not entry[2].future.done()]
-            heapify(self._deadlines)
 
     def _end_outlasted(self, now: float) -> None:
         """End at once the queued requests whose deadline falls inside the cooldown.
@@ -715,21 +706,18 @@ class Shaper:
         the cooldown, rather than a DeadlineExceededError at their deadline.
         """
         cooling = self._cooldown.remaining(now)
-        heap = self._deadlines
-        while heap and heap[0][0] < now + cooling:
-            deadline, _, waiter = heappop(heap)
-            if waiter.future.done():  # admitted, or gone
-                continue
-            ticket = waiter.item
-            waiter.future.set_exception(
-                ThrottledError(
-                    f"The upstream asked every caller to wait {cooling:.1f} s, past this "
-                    f"request's deadline in {deadline - now:.1f} s; it was not sent.",
-                    priority=ticket.priority,
-                    tenant=ticket.tenant,
-                    retry_after=cooling,
-                )
+
+        def outlasted(waiter: Waiter[_Ticket]) -> ThrottledError:
+            left = (waiter.deadline or now) - now
+            return ThrottledError(
+                f"The upstream asked every caller to wait {cooling:.1f} s, past this "
+                f"request's deadline in {left:.1f} s; it was not sent.",
+                priority=waiter.priority,
+                tenant=waiter.tenant,
+                retry_after=cooling,
             )
+
+        self._queue.fail_due_before(now + cooling, outlasted)
 
     def _estimate_wait(self, ticket: _Ticket) -> float | None:
         """Seconds until a newcomer like ``ticket`` would be admitted, or None if unknown."""
@@ -761,8 +749,19 @@ class Shaper:
                 permit.ignore()
                 reservation.cancel()
                 raise self._deadline_error(ticket, "before it could be sent")
+            if timeout < self._rtt:
+                # It would use up the upstream's quota only to be cut off at its deadline.
+                permit.ignore()
+                reservation.cancel()
+                raise DeadlineUnreachableError(
+                    f"{ticket.method} {ticket.path} has {timeout:.2f} s left, less than a "
+                    f"typical reply takes ({self._rtt:.2f} s); it was not sent.",
+                    priority=ticket.priority,
+                    tenant=ticket.tenant,
+                )
         self._sent += 1
         ticket.sent += 1
+        sent_at = now
         try:
             reply = await send(ticket, timeout)
         except asyncio.CancelledError:
@@ -781,6 +780,7 @@ class Shaper:
             now=self._reply_time(reply.headers),
         )
         if verdict.kind is Outcome.SUCCESS:
+            self._rtt += RTT_GAIN * (now - sent_at - self._rtt)
             if ticket.hold:
                 ticket.permit, ticket.reservation = permit, reservation
                 return reply
@@ -878,8 +878,10 @@ class Shaper:
                     self._work.clear()
                     await self._work.wait()
                     continue
-                # After a cooldown the fleet comes back over the ramp, not in one burst.
-                await self._cooldown.wait(spread=self._limiter.capacity)
+                # After a cooldown the fleet comes back spread over the ramp, not in one
+                # burst, and at least at the pace it was served before.
+                pace = self._service_rate(loop.time()) * self._cooldown.ramp
+                await self._cooldown.wait(spread=max(self._limiter.capacity, int(pace)))
                 if not rate_taken:
                     await self._rate.acquire()
                     rate_taken = True

@@ -847,3 +847,22 @@ async def test_every_pop_is_the_strict_class_head_the_ring_front_and_the_tenants
 
 def _age(key: tuple[int, Hashable | None, float, int]) -> tuple[float, int]:
     return key[2], key[3]
+
+
+async def test_a_wait_everyone_must_sit_out_fails_at_once_the_waiters_whose_deadline_it_passes():
+    queue: PriorityQueue[str] = PriorityQueue()
+    soon = queue.push("soon", deadline=3.0)
+    also_soon = queue.push("also soon", deadline=3.0)
+    later = queue.push("later", deadline=9.0)
+    never = queue.push("no deadline")
+    failed = queue.fail_due_before(5.0, lambda w: QueueFullError(f"{w.item} cannot wait"))
+    assert failed == 2
+    for waiter in (soon, also_soon):
+        with pytest.raises(QueueFullError, match="cannot wait"):
+            await waiter
+    assert not later.done() and not never.done()
+    assert len(queue) == 2 and queue.statistics().shed == 2
+    # the one timer still expires the rest at their own deadline
+    await asyncio.sleep(9.0)
+    assert isinstance(later.exception(), DeadlineExceededError)
+    assert [queue.pop_nowait().item] == ["no deadline"]
