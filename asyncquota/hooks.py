@@ -13,8 +13,9 @@ dataclasses that share the fields of :class:`Event`; their class says what happe
                 a cooldown longer than its deadline, shutdown)
     Completed   it ended: ``outcome`` is "ok" or the error's reason
 
-The default, :class:`LoggingHook`, logs sheds and throttling at INFO and WARNING and
-the rest at DEBUG on the ``asyncquota`` logger. No request header (API keys live there)
+The default, :class:`LoggingHook`, logs sheds and throttling at INFO and the rest at
+DEBUG on the ``asyncquota`` logger (INFO, not WARNING: on a bad night there are thousands,
+and they are the library doing its job, not a fault). No request header (API keys live there)
 is ever part of an event.
 """
 
@@ -120,8 +121,8 @@ class Hook(Protocol):
 class LoggingHook:
     """Logs events on the ``asyncquota`` logger (or the one given).
 
-    Sheds at INFO, throttling at WARNING, everything else at DEBUG, so a production log
-    at INFO shows exactly the moments the load shaping had to say no.
+    Sheds and throttling at INFO, everything else at DEBUG, so a production log at INFO
+    shows exactly the moments the load shaping had to say no.
     """
 
     __slots__ = ("_logger",)
@@ -136,11 +137,6 @@ class LoggingHook:
 
     def on_event(self, event: Event) -> None:
         """Log the event at its level (cheaply skipped when that level is off)."""
-        if isinstance(event, Throttled):
-            level = logging.WARNING
-        elif isinstance(event, Shed):
-            level = logging.INFO
-        else:
-            level = logging.DEBUG
+        level = logging.INFO if isinstance(event, Throttled | Shed) else logging.DEBUG
         if self._logger.isEnabledFor(level):
             self._logger.log(level, "%s", event)
