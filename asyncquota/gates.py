@@ -9,6 +9,13 @@ gates, in this order, before it sends it:
 - ``TokenGate``: tokens per minute, a token bucket with reservations: reserve an estimate
   before sending, reconcile with the actual usage afterwards.
 
+Both bucket gates also keep a *mirror* of the upstream's own bucket, learnt from its
+rate-limit headers (``sync``): its size (``limit``), its refill rate
+(``(limit - remaining) / reset``) and a level that every grant debits at once and each
+sync only lowers. A send must fit our bucket and the mirror, so the upstream is kept
+full at its own pace, even when no quota of ours is configured, and a grant the
+upstream has not seen yet is never counted twice as available.
+
 Normally only one task (the dispatcher) waits on a gate, but every gate stays correct and
 cancellation-safe with many: waiters are futures served first come, first served, woken by
 one timer (``loop.call_at``) rather than a sleeping task each, and a cancelled waiter takes
@@ -35,6 +42,7 @@ __all__ = [
     "CooldownGate",
     "CooldownStatistics",
     "GateStatistics",
+    "MirrorStatistics",
     "RateGate",
     "Reservation",
     "TokenBucket",
@@ -45,6 +53,9 @@ __all__ = [
 
 _EPSILON = 1e-9
 """Relative float noise below which a shortfall is treated as none (no 1e-16 s waits)."""
+
+_LEDGER_SIZE = 1024
+"""Takes remembered while there is no mirror, to start one where our sends left the upstream."""
 
 _TIMER_SLACK = 1e-6
 """Loops fire timers up to their clock resolution early (looptime rounds to 1 µs); a
@@ -78,19 +89,24 @@ def _loop_time(default: float) -> float:
 
 
 class TokenBucket:
-    """A token bucket in pure arithmetic: every method takes ``now``; no event loop.
+    """A token bucket, and a mirror of the upstream's, in pure arithmetic: methods take ``now``.
 
-    The bucket holds up to ``burst`` units and refills at ``rate`` units per second. A
-    request for ``amount`` may go when the bucket holds it. A request for more than
-    ``burst`` can never find that much, so it waits until the bucket is full and then
-    takes everything and more: the level goes negative (debt) and later requests wait
-    while the debt refills. ``take`` itself never refuses; asking first is the caller's
-    job (``time_until``), and going into debt is how ``reconcile`` charges usage that
-    exceeded its estimate.
+    **Its own bucket** holds up to ``burst`` units and refills at ``rate`` units per second:
+    the quota we were configured with. A request for ``amount`` may go when the bucket
+    holds it. A request for more than ``burst`` can never find that much, so it waits until
+    the bucket is full and then takes everything and more: the level goes negative (debt)
+    and later requests wait while the debt refills. ``take`` itself never refuses; asking
+    first is the caller's job (``time_until``), and going into debt is how ``reconcile``
+    charges usage that exceeded its estimate.
 
-    ``sync`` folds in what the upstream says in its rate-limit headers, and may add a
-    *pace*: a second, temporary constraint that lasts until the upstream's reset (see
-    ``sync`` for exactly how). Time that runs backwards is treated as standing still.
+    **The mirror** is our copy of the upstream's own bucket, learnt from its rate-limit
+    headers by ``sync`` (see there for exactly how): a level, a refill rate, a burst.
+    Every ``take`` and ``refund`` moves both buckets alike, so the mirror counts a send the
+    moment it is granted, before the upstream has seen it, and a ``sync`` only ever
+    lowers it. A send must fit both. Before the first ``sync`` there is no mirror and the
+    bucket alone rules.
+
+    Time that runs backwards is treated as standing still.
 
     Args:
         rate: units added per second.
@@ -105,12 +121,14 @@ class TokenBucket:
 
     __slots__ = (
         "_burst",
+        "_learnt_rate",
+        "_ledger",
         "_level",
-        "_pace_cushion",
-        "_pace_rate",
-        "_pace_sent",
-        "_pace_start",
-        "_pace_until",
+        "_mirror_burst",
+        "_mirror_level",
+        "_mirror_rate",
+        "_mirror_until",
+        "_pending",
         "_rate",
         "_stamp",
     )
@@ -120,11 +138,18 @@ class TokenBucket:
         self._burst = _check_positive("burst", burst)
         self._level = self._burst
         self._stamp = now
-        self._pace_until: float | None = None
-        self._pace_start = now
-        self._pace_rate = 0.0
-        self._pace_cushion = 0.0
-        self._pace_sent = 0.0
+        # No mirror while _mirror_burst is None. A bucket mirror refills at _mirror_rate and
+        # never lapses (_mirror_until = inf); a fixed-window mirror has rate 0 and lapses at
+        # _mirror_until. _learnt_rate: the upstream's refill rate last learnt (0: none yet).
+        self._mirror_burst: float | None = None
+        self._mirror_level = 0.0
+        self._mirror_rate = 0.0
+        self._mirror_until = math.inf
+        self._learnt_rate = 0.0
+        # The last reported remaining, not yet folded into the mirror's level.
+        self._pending: float | None = None
+        # While there is no mirror: recent (time, units) taken (negative: refunded).
+        self._ledger: deque[tuple[float, float]] = deque(maxlen=_LEDGER_SIZE)
 
     @property
     def rate(self) -> float:
@@ -144,6 +169,8 @@ class TokenBucket:
     def configure(self, *, rate: float, burst: float, now: float) -> None:
         """Change rate and burst; the level earned so far is kept, capped at the new burst.
 
+        The mirror is left as it is: it describes the upstream, not our configuration.
+
         Raises:
             ValueError: ``rate`` or ``burst`` is not a finite number greater than 0.
         """
@@ -156,45 +183,61 @@ class TokenBucket:
 
     def level(self, now: float) -> float:
         """The units in the bucket at ``now`` (negative while in debt)."""
-        return self._advance(now)
-
-    def paced_until(self, now: float) -> float | None:
-        """When the pace set by the last ``sync`` ends, or None if there is none at ``now``."""
         self._advance(now)
-        return self._pace_until
+        return self._level
+
+    def mirror(self, now: float) -> MirrorStatistics | None:
+        """The mirror of the upstream's bucket at ``now``, or None while there is none."""
+        self._settle(now)
+        if self._mirror_burst is None:
+            return None
+        until = self._mirror_until
+        return MirrorStatistics(
+            level=self._mirror_level,
+            rate=self._mirror_rate,
+            burst=self._mirror_burst,
+            lapses_at=None if until == math.inf else until,
+        )
 
     def time_until(self, amount: float, now: float) -> float:
-        """Seconds from ``now`` until ``amount`` may be taken: 0 if it may be taken now.
+        """Seconds from ``now`` until ``amount`` fits the bucket and the mirror: 0 if now.
 
-        An ``amount`` above ``burst`` waits until the bucket is full (then goes into debt).
+        An ``amount`` above a burst waits until that bucket is full (then goes into debt).
+        A fixed-window mirror short of ``amount`` makes it wait until the mirror lapses.
 
         Raises:
             ValueError: ``amount`` is negative or not finite.
         """
         amount = _check_amount("amount", amount)
-        level = self._advance(now)
-        need = min(amount, self._burst)
-        shortfall = need - level
-        wait = 0.0 if shortfall <= _EPSILON * max(1.0, need) else shortfall / self._rate
-        return max(wait, self._pace_wait(amount, now))
+        self._settle(now)
+        wait = _shortfall(amount, self._level, self._burst, self._rate)
+        if self._mirror_burst is not None:
+            if self._mirror_until == math.inf:
+                mirror = _shortfall(
+                    amount, self._mirror_level, self._mirror_burst, self._mirror_rate
+                )
+            else:  # a fixed window supplies what it has left, then nothing until it lapses
+                enough = amount - self._mirror_level <= _EPSILON * max(1.0, amount)
+                mirror = 0.0 if enough else self._mirror_until - now
+            wait = max(wait, mirror)
+        return wait
 
     def take(self, amount: float, now: float) -> None:
-        """Remove ``amount`` units, going into debt if the bucket holds less.
+        """Remove ``amount`` units from the bucket and the mirror, going into debt if need be.
 
         Raises:
             ValueError: ``amount`` is negative or not finite.
         """
         amount = _check_amount("amount", amount)
-        self._advance(now)
+        self._settle(now)
         self._level -= amount
-        if self._pace_until is not None:
-            self._pace_sent += amount
+        if self._mirror_burst is not None:
+            self._mirror_level -= amount
+        else:
+            self._ledger.append((now, amount))
 
     def refund(self, amount: float, now: float) -> None:
-        """Give back ``amount`` units, never filling the bucket above ``burst``.
-
-        A refund does not give back the pace: what the pace let through stays spent, which
-        errs on the side of fewer 429s.
+        """Give back ``amount`` units to the bucket and the mirror, neither above its burst.
 
         Raises:
             ValueError: ``amount`` is negative or not finite.
@@ -202,6 +245,10 @@ class TokenBucket:
         amount = _check_amount("amount", amount)
         self._advance(now)
         self._level = min(self._burst, self._level + amount)
+        if self._mirror_burst is not None:
+            self._mirror_level = min(self._mirror_burst, self._mirror_level + amount)
+        else:
+            self._ledger.append((now, -amount))
 
     def sync(
         self,
@@ -211,40 +258,43 @@ class TokenBucket:
         limit: float | None,
         now: float,
     ) -> None:
-        """Align the bucket with what the upstream says is left (``x-ratelimit-*`` headers).
+        """Fold what the upstream says in its rate-limit headers into the mirror.
 
-        1. **Level.** When the upstream reports fewer ``remaining`` than the bucket holds,
-           the level drops to ``remaining``. It is never raised to match: sends still in
-           flight may not be counted upstream yet. A negative or non-finite ``remaining``
-           (Azure has sent ``-1``) says nothing and is ignored altogether.
-        2. **Pace.** With a ``reset_after`` > 0, the bucket works out what the upstream will
-           accept before that reset, its *supply* ``S``:
+        OpenAI and Anthropic describe a quota as a bucket: ``limit`` is its size,
+        ``remaining`` what is left, ``reset_after`` the time until it is full again.
 
-           - ``limit`` unknown: the cautious reading, a window that refills only at its
-             reset: ``S = remaining``.
-           - ``limit`` known: the upstream is a bucket that refills to ``limit`` by the
-             reset (OpenAI's and Anthropic's resets mean "full again"):
-             ``S = limit`` (``remaining`` now plus ``limit - remaining`` refilled).
+        - **Rate.** With ``remaining < limit`` and ``reset_after > 0`` the upstream
+          refills at ``(limit - remaining) / reset_after`` units per second, and that
+          becomes the mirror's rate. Otherwise (a full bucket, no reset) the headers say
+          nothing about the rate and the last rate learnt is kept.
+        - **Burst.** The mirror holds up to ``limit``.
+        - **Level.** A ``sync`` only ever lowers the mirror's level, to ``remaining``;
+          it never raises it: our sends not yet seen by the upstream are debited in the
+          mirror already but not in ``remaining``. The lowering is folded in at the next
+          ``take``, ``time_until`` or ``mirror`` call, after any refund made meanwhile:
+          the headers of a reply describe the upstream once it has settled that request,
+          and the caller settles its own reservation for it right after the sync.
+        - **A new mirror** (the first sync, or the first after a fixed window lapsed)
+          starts where our own record says the upstream is: full at our first recent
+          send, less what we took since, refilled at the rate learnt (so a grant taken
+          but not yet sent is not forgotten), and no higher than ``remaining``.
 
-           If the bucket alone would let through more than that before the reset
-           (``level + rate * reset_after > S``), it also paces until the reset: one
-           unit (``c = min(remaining, 1)``) may go at once, and the rest of the supply
-           arrives evenly at ``(S - c) / reset_after`` units per second; a send of
-           ``amount`` waits until the pace has delivered everything sent so far plus
-           ``amount``. What goes out by time ``t`` is then at most ``c + (S - c) * t /
-           reset_after``, never more than the upstream can have by ``t`` under either
-           reading, so no 429; and since it spreads over the window, it does not burst
-           what a shared quota has left. ``remaining = 2`` with a reset in 2 s and no
-           limit: one send now, the next at the reset. With nothing left (``S = 0``) the
-           bucket is closed until the reset.
+        So with ``limit`` and a rate known, the mirror is a bucket that never lapses:
+        ``limit`` 60, ``remaining`` 2, reset in 58 s: two go now, then one a second.
 
-        Each ``sync`` replaces the previous pace: the newest headers win. At the reset the
-        pace ends and the bucket alone rules again.
+        Otherwise (``limit`` unknown, or no rate learnt yet) the cautious reading of a
+        fixed window: the upstream has ``remaining`` until its reset and says nothing of
+        after. The mirror holds ``remaining``, at rate 0, until ``reset_after``, then
+        lapses; without a reset it is not started (an existing one is only lowered).
+        ``remaining`` 0, reset in 3 s: nothing until then.
+
+        A negative or non-finite ``remaining`` (Azure has sent ``-1``) says nothing and
+        is ignored altogether.
 
         Args:
             remaining: ``x-ratelimit-remaining-*``: units the upstream says are left.
-            reset_after: seconds until the upstream's window resets, if it said.
-            limit: ``x-ratelimit-limit-*``: the upstream's full capacity, if it said.
+            reset_after: seconds until the upstream's bucket is full again, if it said.
+            limit: ``x-ratelimit-limit-*``: the upstream's bucket size, if it said.
             now: the current time.
 
         Raises:
@@ -260,47 +310,102 @@ class TokenBucket:
             raise TypeError(f"remaining must be a number, not {type(remaining).__name__}.")
         if not math.isfinite(remaining) or remaining < 0:
             return
-        level = self._advance(now)
-        if remaining < level:
-            self._level = level = float(remaining)
-        self._pace_until = None
-        if reset_after is None or reset_after == 0:
+        remaining = float(remaining)
+        self._settle(now)
+        if limit is not None and remaining < limit and reset_after:
+            self._learnt_rate = (limit - remaining) / reset_after
+        fresh = self._mirror_burst is None
+        if limit is not None and self._learnt_rate > 0:
+            self._mirror_rate = self._learnt_rate
+            self._mirror_burst = limit
+            self._mirror_until = math.inf
+            if fresh:
+                self._mirror_level = self._replay(limit, now)
+            self._mirror_level = min(self._mirror_level, limit)
+        elif reset_after:
+            self._mirror_rate = 0.0
+            self._mirror_burst = remaining
+            self._mirror_until = now + reset_after
+            if fresh:
+                self._mirror_level = remaining
+        elif fresh:
             return
-        supply = float(remaining) if limit is None else max(limit, float(remaining))
-        if level + self._rate * reset_after <= supply:
-            return
-        self._pace_cushion = min(float(remaining), 1.0)
-        self._pace_rate = (supply - self._pace_cushion) / reset_after
-        self._pace_sent = 0.0
-        self._pace_start = now
-        self._pace_until = now + reset_after
+        self._ledger.clear()
+        self._pending = remaining
 
-    def _advance(self, now: float) -> float:
+    def _replay(self, limit: float, now: float) -> float:
+        """Where our own record puts the upstream: full at our first recorded take."""
+        ledger, rate = self._ledger, self._learnt_rate
+        if not ledger:
+            return limit
+        level, last = limit, ledger[0][0]
+        for at, amount in ledger:
+            level = min(limit, level + rate * (at - last)) - amount
+            last = at
+        return min(limit, level + rate * (now - last))
+
+    def _settle(self, now: float) -> None:
+        """Advance to ``now`` and fold in the last reported remaining (see ``sync``)."""
+        self._advance(now)
+        if self._pending is not None:
+            if self._mirror_burst is not None:
+                self._mirror_level = min(self._mirror_level, self._pending)
+            self._pending = None
+
+    def _advance(self, now: float) -> None:
         if now > self._stamp:
-            self._level = min(self._burst, self._level + self._rate * (now - self._stamp))
+            elapsed = now - self._stamp
+            self._level = min(self._burst, self._level + self._rate * elapsed)
+            if self._mirror_burst is not None:
+                self._mirror_level = min(
+                    self._mirror_burst, self._mirror_level + self._mirror_rate * elapsed
+                )
+                if self._pending is not None:
+                    self._pending += self._mirror_rate * elapsed
             self._stamp = now
-        if self._pace_until is not None and now >= self._pace_until:
-            self._pace_until = None
-        return self._level
-
-    def _pace_wait(self, amount: float, now: float) -> float:
-        if self._pace_until is None:
-            return 0.0
-        owed = self._pace_sent + amount - self._pace_cushion
-        delivered = self._pace_rate * max(0.0, now - self._pace_start)
-        if owed - delivered <= _EPSILON * max(1.0, owed):
-            return 0.0
-        until_reset = self._pace_until - now
-        if self._pace_rate == 0:
-            return until_reset
-        return min(until_reset, (owed - delivered) / self._pace_rate)
+        if now >= self._mirror_until:
+            self._mirror_burst = None
+            self._mirror_until = math.inf
+            self._pending = None
 
     def __repr__(self) -> str:
-        pace = "" if self._pace_until is None else f", paced_until={self._pace_until:.3f}"
+        mirror = ""
+        if self._mirror_burst is not None:
+            lapse = "" if self._mirror_until == math.inf else f" until {self._mirror_until:.3f}"
+            mirror = (
+                f", mirror={self._mirror_level:.3f}/{self._mirror_burst:g} "
+                f"at {self._mirror_rate:g}/s{lapse}"
+            )
         return (
             f"TokenBucket(rate={self._rate:g}, burst={self._burst:g}, "
-            f"level={self._level:.3f} at {self._stamp:.3f}{pace})"
+            f"level={self._level:.3f} at {self._stamp:.3f}{mirror})"
         )
+
+
+def _shortfall(amount: float, level: float, burst: float, rate: float) -> float:
+    """Seconds until a bucket refilling at ``rate`` holds ``min(amount, burst)`` (inf: never)."""
+    need = min(amount, burst)
+    short = need - level
+    if short <= _EPSILON * max(1.0, need):
+        return 0.0
+    return short / rate if rate > 0 else math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorStatistics:
+    """A snapshot of a bucket's mirror of the upstream's bucket (see ``TokenBucket.sync``).
+
+    Attributes:
+        level: what the upstream has left by our count (negative: we owe it).
+        rate: units per second it refills at (0 for a fixed window).
+        burst: the most it holds: the upstream's limit, or a fixed window's supply.
+        lapses_at: when a fixed window's mirror ends; None for a bucket mirror.
+    """
+
+    level: float
+    rate: float
+    burst: float
+    lapses_at: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,14 +417,14 @@ class GateStatistics:
         burst: the most the bucket holds.
         level: what it holds now (negative while in debt).
         waiters: tasks waiting to take from it.
-        paced_until: when the pace from the upstream's headers ends, if one is in force.
+        mirror: the upstream's bucket as learnt from its headers, None until it said.
     """
 
     per_minute: float
     burst: float
     level: float
     waiters: int
-    paced_until: float | None
+    mirror: MirrorStatistics | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,7 +496,10 @@ class _BucketGate:
     def sync(
         self, *, remaining: float, reset_after: float | None, limit: float | None = None
     ) -> None:
-        """Align with the upstream's rate-limit headers; see ``TokenBucket.sync``.
+        """Fold the upstream's rate-limit headers into the mirror; see ``TokenBucket.sync``.
+
+        Waiters are looked at again on the next turn of the loop, once the caller has
+        settled the request whose reply carried the headers.
 
         Raises:
             ValueError: ``reset_after`` negative or not finite; ``limit`` not > 0.
@@ -399,7 +507,8 @@ class _BucketGate:
         self._bucket.sync(
             remaining=remaining, reset_after=reset_after, limit=limit, now=self._now()
         )
-        self._wake()
+        if self._waiters:
+            asyncio.get_running_loop().call_soon(self._wake)
 
     def _now(self) -> float:
         return _loop_time(self._bucket.stamp)
@@ -461,15 +570,22 @@ class _BucketGate:
             burst=self._bucket.burst,
             level=self._bucket.level(now),
             waiters=self._waiting(),
-            paced_until=self._bucket.paced_until(now),
+            mirror=self._bucket.mirror(now),
         )
 
     def _state(self) -> str:
         stats = self._snapshot()
-        pace = "" if stats.paced_until is None else f" paced_until={stats.paced_until:.3f}"
+        mirror = ""
+        if stats.mirror is not None:
+            lapse = stats.mirror.lapses_at
+            mirror = (
+                f" mirror={stats.mirror.level:.3f}/{stats.mirror.burst:g}"
+                f"@{stats.mirror.rate:g}/s"
+                + ("" if lapse is None else f" until={lapse:.3f}")
+            )
         return (
             f"per_minute={stats.per_minute:g} level={stats.level:.3f}/{stats.burst:g} "
-            f"waiters={stats.waiters}{pace}"
+            f"waiters={stats.waiters}{mirror}"
         )
 
 
@@ -646,7 +762,7 @@ class TokenGate(_BucketGate):
             burst=base.burst,
             level=base.level,
             waiters=base.waiters,
-            paced_until=base.paced_until,
+            mirror=base.mirror,
             open_reservations=self._open,
             reserved=self._reserved,
         )

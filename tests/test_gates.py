@@ -10,6 +10,7 @@ from asyncquota.errors import QuotaError
 from asyncquota.gates import (
     CooldownGate,
     GateStatistics,
+    MirrorStatistics,
     RateGate,
     TokenBucket,
     TokenGate,
@@ -74,66 +75,140 @@ def test_a_bucket_stamped_at_minus_infinity_is_full_when_first_read():
     assert bucket.level(124.0) == 1.0
 
 
-def test_sync_lowers_the_level_to_what_the_upstream_reports_but_never_raises_it():
+def sends(bucket: TokenBucket, count: int, start: float = 0.0) -> list[float]:
+    """When ``count`` one-unit sends go, each as early as the bucket allows."""
+    t, times = start, []
+    for _ in range(count):
+        t += bucket.time_until(1, t)
+        bucket.take(1, t)
+        times.append(t)
+    return times
+
+
+UNBOUNDED = dict(rate=1e9, burst=1e9)  # our own quota out of the way: the mirror alone rules
+
+
+def test_two_left_of_60_with_a_reset_in_58_s_go_at_once_then_one_a_second():
+    # 60 - 2 = 58 units refill in 58 s: the upstream refills one a second
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=2, reset_after=58.0, limit=60, now=0.0)
+    assert bucket.mirror(0.0) == MirrorStatistics(level=2.0, rate=1.0, burst=60.0, lapses_at=None)
+    assert sends(bucket, 5) == [0.0, 0.0, 1.0, 2.0, 3.0]
+
+
+def test_nothing_left_of_10_with_a_reset_in_1_s_then_ten_a_second():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=0, reset_after=1.0, limit=10, now=0.0)
+    assert bucket.time_until(1, 0.0) == pytest.approx(0.1)
+    assert sends(bucket, 4) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    # left alone, the mirror fills to the upstream's limit and no further
+    assert bucket.mirror(100.0).level == 10.0
+    assert sends(bucket, 11, start=100.0)[-2:] == pytest.approx([100.0, 100.1])
+
+
+def test_a_sync_lowers_the_mirror_but_never_raises_it():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=5, reset_after=5.0, limit=10, now=0.0)  # 1 per second
+    bucket.sync(remaining=3, reset_after=7.0, limit=10, now=0.0)
+    assert bucket.mirror(0.0).level == 3.0
+    bucket.sync(remaining=9, reset_after=1.0, limit=10, now=0.0)
+    assert bucket.mirror(0.0).level == 3.0  # higher news is old news
+    assert bucket.mirror(0.0).rate == 1.0  # the rate is learnt all the same
+
+
+def test_sends_the_upstream_has_not_seen_stay_debited():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=3, reset_after=7.0, limit=10, now=0.0)  # 1 per second
+    bucket.take(3, 0.0)  # granted, not yet arrived
+    # a reply that left the upstream before they arrived still says 3
+    bucket.sync(remaining=3, reset_after=7.0, limit=10, now=0.0)
+    assert bucket.time_until(1, 0.0) == 1.0
+    assert bucket.mirror(0.0).level == 0.0
+
+
+def test_a_grant_taken_before_the_first_headers_is_not_forgotten():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.take(20, 0.0)  # 20 sent blind...
+    bucket.take(1, 0.0)  # ...and one more granted, not yet sent
+    # the first reply: the upstream saw 20 of its 20 and refilled 1 since
+    bucket.sync(remaining=1, reset_after=1.9, limit=20, now=0.1)
+    assert bucket.mirror(0.1).level == pytest.approx(0.0)
+    assert bucket.time_until(1, 0.1) == pytest.approx(0.1)
+
+
+def test_a_refund_after_a_sync_is_counted_before_the_sync_lowers_the_mirror():
+    # The reply's headers describe the upstream after it settled that request; the
+    # caller settles its own reservation right after the sync.
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=100, reset_after=9.0, limit=1000, now=0.0)  # 100 per second
+    bucket.take(100, 0.0)  # reserve 100; the upstream gives 60 back when it replies
+    bucket.sync(remaining=60, reset_after=9.4, limit=1000, now=0.0)
+    bucket.refund(60, 0.0)
+    assert bucket.mirror(0.0).level == 60.0  # not 60 + 60
+
+
+def test_a_refund_refunds_the_mirror_up_to_its_burst():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=8, reset_after=2.0, limit=10, now=0.0)
+    bucket.take(5, 0.0)
+    bucket.refund(4, 0.0)
+    assert bucket.mirror(0.0).level == 7.0
+    bucket.refund(50, 0.0)
+    assert bucket.mirror(0.0).level == 10.0
+
+
+def test_without_a_limit_what_is_left_lasts_until_the_reset_then_the_mirror_lapses():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=2, reset_after=3.0, limit=None, now=0.0)
+    assert bucket.mirror(0.0) == MirrorStatistics(level=2.0, rate=0.0, burst=2.0, lapses_at=3.0)
+    assert sends(bucket, 4) == [0.0, 0.0, 3.0, 3.0]
+    assert bucket.mirror(3.0) is None
+
+
+def test_without_a_limit_nothing_left_closes_until_the_reset():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=0, reset_after=3.0, limit=None, now=0.0)
+    assert bucket.time_until(1, 0.0) == 3.0
+    assert bucket.time_until(1, 3.0) == 0.0
+
+
+def test_headers_without_a_reset_or_a_rate_start_no_mirror():
     bucket = TokenBucket(rate=1.0, burst=10.0, now=0.0)
-    bucket.sync(remaining=6, reset_after=None, limit=None, now=0.0)
-    assert bucket.level(0.0) == 6.0
-    bucket.sync(remaining=9, reset_after=None, limit=None, now=0.0)
-    assert bucket.level(0.0) == 6.0
+    bucket.sync(remaining=0, reset_after=None, limit=None, now=0.0)
+    bucket.sync(remaining=0, reset_after=0.0, limit=50, now=0.0)
+    assert bucket.mirror(0.0) is None
+    assert bucket.time_until(1, 0.0) == 0.0
+
+
+def test_a_full_upstream_keeps_the_rate_last_learnt():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=0, reset_after=20.0, limit=10, now=0.0)  # 0.5 per second
+    bucket.sync(remaining=10, reset_after=0.0, limit=10, now=30.0)
+    assert bucket.mirror(30.0) == MirrorStatistics(
+        level=10.0, rate=0.5, burst=10.0, lapses_at=None
+    )
+
+
+def test_a_send_must_fit_our_own_bucket_as_well_as_the_mirror():
+    bucket = TokenBucket(rate=1.0, burst=1.0, now=0.0)
+    bucket.sync(remaining=50, reset_after=5.0, limit=100, now=0.0)
+    assert sends(bucket, 3) == [0.0, 1.0, 2.0]
 
 
 def test_a_negative_remaining_says_nothing_and_is_ignored():
     bucket = TokenBucket(rate=1.0, burst=10.0, now=0.0)
     bucket.sync(remaining=-1, reset_after=5.0, limit=None, now=0.0)
     assert bucket.level(0.0) == 10.0
-    assert bucket.paced_until(0.0) is None
+    assert bucket.mirror(0.0) is None
+    assert "mirror" not in repr(bucket)
 
 
-def test_without_a_limit_what_is_left_is_spread_until_the_reset():
-    bucket = TokenBucket(rate=10.0, burst=10.0, now=0.0)
-    bucket.sync(remaining=5, reset_after=2.0, limit=None, now=0.0)
-    assert bucket.paced_until(0.0) == 2.0
-    # one unit at once, the other four at (5 - 1) / 2 = 2 per second
-    sent = []
-    t = 0.0
-    while t < 2.0:
-        t += bucket.time_until(1, t)
-        bucket.take(1, t)
-        sent.append(t)
-    assert sent == [0.0, 0.5, 1.0, 1.5, 2.0]
-    assert bucket.paced_until(2.0) is None
-
-
-def test_nothing_left_and_no_limit_closes_the_bucket_until_the_reset():
-    bucket = TokenBucket(rate=10.0, burst=10.0, now=0.0)
-    bucket.sync(remaining=0, reset_after=3.0, limit=None, now=0.0)
-    assert bucket.level(0.0) == 0.0
-    assert bucket.time_until(1, 0.0) == 3.0
-    assert bucket.time_until(1, 3.0) == 0.0
-
-
-def test_with_a_limit_an_upstream_that_refills_at_our_own_rate_needs_no_pace():
-    # OpenAI, 60 RPM: 2 left, "full again in 58 s" -> it refills 1/s, exactly our rate.
-    bucket = TokenBucket(rate=1.0, burst=5.0, now=0.0)
-    bucket.sync(remaining=2, reset_after=58.0, limit=60, now=0.0)
-    assert bucket.level(0.0) == 2.0
-    assert bucket.paced_until(0.0) is None
-
-
-def test_with_a_limit_a_bucket_faster_than_the_upstream_is_paced_to_its_refill():
-    bucket = TokenBucket(rate=10.0, burst=10.0, now=0.0)
-    bucket.sync(remaining=2, reset_after=60.0, limit=61, now=0.0)
-    assert bucket.paced_until(0.0) == 60.0
-    bucket.take(1, 0.0)
-    assert bucket.time_until(1, 0.0) == 1.0  # (61 - 1) / 60 = one per second
-
-
-def test_a_new_sync_replaces_the_pace():
-    bucket = TokenBucket(rate=10.0, burst=10.0, now=0.0)
-    bucket.sync(remaining=0, reset_after=30.0, limit=None, now=0.0)
-    bucket.sync(remaining=0, reset_after=0.0, limit=None, now=1.0)
-    assert bucket.paced_until(1.0) is None
-    assert bucket.time_until(1, 1.1) == 0.0
+def test_a_bucket_repr_shows_the_mirror():
+    bucket = TokenBucket(rate=1.0, burst=10.0, now=0.0)
+    bucket.sync(remaining=2, reset_after=4.0, limit=None, now=0.0)
+    assert repr(bucket) == (
+        "TokenBucket(rate=1, burst=10, level=10.000 at 0.000, mirror=2.000/2 at 0/s until 4.000)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -208,31 +283,31 @@ async def test_reassigning_per_minute_validates():
     assert gate.per_minute == 60
 
 
-async def test_two_left_with_a_reset_in_2s_paces_the_sends_across_the_window():
-    gate = RateGate(per_minute=600, burst=10)  # alone it would send 10 at once: 8 429s
-    gate.sync(remaining=2, reset_after=2.0)
-    assert gate.statistics().paced_until == 2.0
-    times = await admission_times(gate, 4)
-    # one now, the next at the reset: never more than the 2 left before it
-    assert times == [0.0, 2.0, 2.0, 2.0]
-    assert sum(1 for t in times if t < 2.0) <= 2
+async def test_a_gate_paced_by_headers_sends_what_is_left_then_at_the_upstreams_refill():
+    gate = RateGate(per_minute=6000, burst=100)  # alone it would send 100 at once
+    gate.sync(remaining=2, reset_after=58.0, limit=60)
+    assert gate.statistics().mirror == MirrorStatistics(
+        level=2.0, rate=1.0, burst=60.0, lapses_at=None
+    )
+    assert await admission_times(gate, 4) == [0.0, 0.0, 1.0, 2.0]
 
 
-async def test_five_left_with_a_reset_in_2s_go_evenly_not_in_a_burst():
-    gate = RateGate(per_minute=600, burst=10)
-    gate.sync(remaining=5, reset_after=2.0)
-    assert await admission_times(gate, 5) == [0.0, 0.5, 1.0, 1.5, 2.0]
+async def test_a_fixed_window_holds_the_waiter_until_its_reset():
+    gate = RateGate(per_minute=6000, burst=100)
+    gate.sync(remaining=1, reset_after=2.0)
+    assert await admission_times(gate, 3) == [0.0, 2.0, 2.0]
+    assert gate.statistics().mirror is None
 
 
-async def test_a_sync_that_relaxes_the_pace_wakes_the_waiter_at_once():
-    gate = RateGate(per_minute=600, burst=10)
-    gate.sync(remaining=0, reset_after=30.0)
+async def test_a_sync_that_teaches_a_faster_refill_wakes_the_waiter_earlier():
+    gate = RateGate(per_minute=6000, burst=100)
+    gate.sync(remaining=0, reset_after=60.0, limit=60)  # 1 per second
     waiter = asyncio.create_task(gate.acquire())
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(0.5)
     assert not waiter.done()
-    gate.sync(remaining=5, reset_after=None)
+    gate.sync(remaining=0, reset_after=10.0, limit=60)  # 6 per second, from nothing left
     await waiter
-    assert now() == 1.0
+    assert now() == pytest.approx(0.5 + 1 / 6, abs=1e-6)  # not at 1.0
 
 
 async def test_rate_gate_statistics_and_repr_show_the_live_state():
@@ -241,10 +316,17 @@ async def test_rate_gate_statistics_and_repr_show_the_live_state():
     waiter = asyncio.create_task(gate.acquire())
     await asyncio.sleep(0.5)
     assert gate.statistics() == GateStatistics(
-        per_minute=60, burst=2, level=0.5, waiters=1, paced_until=None
+        per_minute=60, burst=2, level=0.5, waiters=1, mirror=None
     )
     assert repr(gate) == "<RateGate per_minute=60 level=0.500/2 waiters=1>"
     await waiter
+    gate.sync(remaining=3, reset_after=2.0, limit=5)
+    assert gate.statistics().mirror == MirrorStatistics(
+        level=3.0, rate=1.0, burst=5.0, lapses_at=None
+    )
+    assert repr(gate) == (
+        "<RateGate per_minute=60 level=0.000/2 waiters=0 mirror=3.000/5@1/s>"
+    )
 
 
 async def test_cancelling_the_head_lets_the_next_waiter_in_on_time():

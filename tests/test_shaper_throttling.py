@@ -19,6 +19,8 @@ from asyncquota import (
     Shaper,
 )
 from asyncquota.testing import SimulatedUpstream, UpstreamConfig
+from asyncquota.testing.buckets import ScheduledBucket
+from asyncquota.testing.replies import rate_limit_headers
 
 URL = "http://upstream.test"
 CHAT = "/v1/chat/completions"
@@ -223,40 +225,75 @@ async def drive(upstream: SimulatedUpstream, n: int, **options) -> collections.C
     return results
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A rate unit granted before a header sync is sent after it and counted by neither: "
-    "the dispatcher takes its unit before waiting for a permit, and each sync restarts the "
-    "pace from zero, so 1-2 requests per sync burst overshoot and get a 429.",
-)
 @pytest.mark.parametrize("style", ["openai", "anthropic"])
-async def test_pacing_by_remaining_requests_headers_avoids_every_429(style):
+async def test_pacing_by_the_requests_window_keeps_the_upstream_full_without_a_429(style):
     upstream = paced_upstream(headers_style=style)
     results = await drive(upstream, 200)
     assert results == {"ok": 200}
     assert upstream.stats()["totals"]["429"] == 0
+    # The upstream accepts its bucket of 20 at once, then 10 a second: by the last send
+    # (a reply takes 0.1 s) it could have taken 20 + 10 * t. At least 95 % of it went.
+    last_send = now() - 0.1
+    assert 0.95 * (20 + 10 * last_send) <= 200
 
 
-@pytest.mark.parametrize("style", ["openai", "anthropic"])
-async def test_pacing_by_remaining_requests_headers_keeps_the_upstream_full_with_few_429s(style):
-    upstream = paced_upstream(headers_style=style)
-    results = await drive(upstream, 200)
-    totals = upstream.stats()["totals"]
-    assert results == {"ok": 200}
-    assert totals["429"] <= 2  # what the xfail above is about
-    # 20 at once from the full bucket, then 10 a second: the quota, not less.
-    assert 18.0 <= now() <= 19.0
-
-
-async def test_pacing_by_remaining_tokens_headers_avoids_every_429():
+# Anthropic rounds remaining tokens to the nearest thousand and resets to the second: on
+# a 6000-token bucket the refill rate learnt from them errs low by up to a tenth.
+@pytest.mark.parametrize(("style", "goodput"), [("openai", 0.95), ("anthropic", 0.90)])
+async def test_pacing_by_the_tokens_window_keeps_the_upstream_full_without_a_429(
+    style, goodput
+):
     # ~69 tokens a request against 6000 tokens a minute: the token quota is what binds.
-    upstream = paced_upstream(rps=1000.0, tpm=6000.0)
+    upstream = paced_upstream(rps=1000.0, tpm=6000.0, headers_style=style)
     results = await drive(upstream, 200)
     totals = upstream.stats()["totals"]
     assert results == {"ok": 200}
     assert totals["429"] == 0
     served = totals["prompt_tokens"] + totals["completion_tokens"]
-    assert now() >= (served - 6000) / 100  # never faster than the quota refills
+    last_send = now() - 0.1
+    assert served <= 6000 + 100 * last_send  # never faster than the quota refills
+    assert served >= goodput * (6000 + 100 * last_send)
+
+
+async def test_a_long_token_reset_still_lets_the_shaper_use_the_whole_quota():
+    # A token bucket that takes six minutes to fill ("x-ratelimit-reset-tokens: 6m0s"):
+    # 36 000 tokens, 100 a second. Each request costs 100 tokens and takes 1 s.
+    tokens = ScheduledBucket(rate=100.0, burst=360.0)
+    refused = 0
+
+    async def upstream(request: Request) -> Response:
+        nonlocal refused
+        tokens.advance(now())
+        headers = rate_limit_headers(
+            "openai",
+            requests=(10_000, 10_000, 0.0),
+            tokens=(tokens.capacity, tokens.level, tokens.time_to_full()),
+            wall_clock=frozen_wall_clock,
+        )
+        if not tokens.has(100):
+            refused += 1
+            return Response(429, headers, RATE_LIMITED)
+        tokens.take(100)
+        await asyncio.sleep(1.0)
+        return Response(200, headers, b"{}")
+
+    async with Shaper(
+        URL,
+        transport=MockTransport(upstream),
+        hooks=(),
+        default_deadline=None,
+        wall_clock=frozen_wall_clock,
+    ) as shaper:
+        results = await asyncio.gather(
+            *(outcome(shaper.request("POST", CHAT, cost_tokens=100)) for _ in range(1000))
+        )
+        quota = shaper.statistics().quota
+
+    assert quota is not None and quota.tokens.reset_after is not None
+    assert [name for name, _, _ in results] == ["ok"] * 1000
+    assert refused == 0
+    last_send = now() - 1.0
+    assert 0.95 * (36_000 + 100 * last_send) <= 1000 * 100
 
 
 # -- the adaptive limit ------------------------------------------------------------------
