@@ -10,8 +10,8 @@ gates, in this order, before it sends it:
   before sending, reconcile with the actual usage afterwards.
 
 Both bucket gates also keep a *mirror* of the upstream's own bucket, learnt from its
-rate-limit headers (``sync``): its size (``limit``), its refill rate
-(``(limit - remaining) / reset``) and a level that every grant debits at once and each
+rate-limit headers (``sync``): its size (``limit``), its refill rate (about
+``(limit - remaining) / reset``) and a level that every grant debits at once and each
 sync only lowers. A send must fit our bucket and the mirror, so the upstream is kept
 full at its own pace, even when no quota of ours is configured, and a grant the
 upstream has not seen yet is never counted twice as available.
@@ -56,6 +56,9 @@ _EPSILON = 1e-9
 
 _LEDGER_SIZE = 1024
 """Takes remembered while there is no mirror, to start one where our sends left the upstream."""
+
+_RATE_MEMORY = 10.0
+"""How many full refills of the upstream's bucket a learnt rate is trusted for."""
 
 _TIMER_SLACK = 1e-6
 """Loops fire timers up to their clock resolution early (looptime rounds to 1 µs); a
@@ -121,6 +124,8 @@ class TokenBucket:
 
     __slots__ = (
         "_burst",
+        "_learnt_at",
+        "_learnt_limit",
         "_learnt_rate",
         "_ledger",
         "_level",
@@ -146,6 +151,8 @@ class TokenBucket:
         self._mirror_rate = 0.0
         self._mirror_until = math.inf
         self._learnt_rate = 0.0
+        self._learnt_at = now  # when, and under which limit, it was learnt
+        self._learnt_limit = math.nan
         # The last reported remaining, not yet folded into the mirror's level.
         self._pending: float | None = None
         # While there is no mirror: recent (time, units) taken (negative: refunded).
@@ -264,9 +271,12 @@ class TokenBucket:
         ``remaining`` what is left, ``reset_after`` the time until it is full again.
 
         - **Rate.** With ``remaining < limit`` and ``reset_after > 0`` the upstream
-          refills at ``(limit - remaining) / reset_after`` units per second, and that
-          becomes the mirror's rate. Otherwise (a full bucket, no reset) the headers say
-          nothing about the rate and the last rate learnt is kept.
+          refills at about ``(limit - remaining) / reset_after`` units per second. The
+          mirror's rate is the largest recent ``(limit - remaining - 1) / reset_after``,
+          a bound that the headers' rounding cannot push above the true rate (see
+          ``_learn``; a deficit of one unit, which bounds nothing, is taken as it is
+          when no rate is known yet). Otherwise (a full bucket, no reset) the headers
+          say nothing about the rate and the last rate learnt is kept.
         - **Burst.** The mirror holds up to ``limit``.
         - **Level.** A ``sync`` only ever lowers the mirror's level, to ``remaining``;
           it never raises it: our sends not yet seen by the upstream are debited in the
@@ -280,7 +290,7 @@ class TokenBucket:
           but not yet sent is not forgotten), and no higher than ``remaining``.
 
         So with ``limit`` and a rate known, the mirror is a bucket that never lapses:
-        ``limit`` 60, ``remaining`` 2, reset in 58 s: two go now, then one a second.
+        ``limit`` 61, ``remaining`` 2, reset in 58 s: two go now, then one a second.
 
         Otherwise (``limit`` unknown, or no rate learnt yet) the cautious reading of a
         fixed window: the upstream has ``remaining`` until its reset and says nothing of
@@ -313,7 +323,7 @@ class TokenBucket:
         remaining = float(remaining)
         self._settle(now)
         if limit is not None and remaining < limit and reset_after:
-            self._learnt_rate = (limit - remaining) / reset_after
+            self._learn(limit - remaining, reset_after, limit, now)
         fresh = self._mirror_burst is None
         if limit is not None and self._learnt_rate > 0:
             self._mirror_rate = self._learnt_rate
@@ -332,6 +342,29 @@ class TokenBucket:
             return
         self._ledger.clear()
         self._pending = remaining
+
+    def _learn(self, deficit: float, reset_after: float, limit: float, now: float) -> None:
+        """Learn the refill rate from one reading, keeping the best of the recent ones.
+
+        Readings are rounded: remaining down to a whole unit, resets up (to the
+        millisecond by OpenAI, to the second by Anthropic). So ``(deficit - 1) / reset``
+        never exceeds the true rate, and the largest such bound among recent readings is
+        the closest to it. Too high a rate would overshoot between syncs (a 429, and a
+        Retry-After that holds the whole fleet); too low a one is never corrected by a
+        sync, which only lowers the level. A bound is kept until a larger one comes, or
+        the limit changes, or it is older than ``_RATE_MEMORY`` full refills of the
+        bucket and a reading from a bucket at least half empty replaces it (a nearly
+        full bucket's reading is mostly rounding).
+        """
+        bound = max(deficit - 1.0, 0.0) / reset_after
+        held = self._learnt_rate
+        stale = held <= 0 or (
+            2 * deficit >= limit and now - self._learnt_at >= _RATE_MEMORY * limit / held
+        )
+        if bound > held or stale or limit != self._learnt_limit:
+            self._learnt_rate = bound if bound > 0 else deficit / reset_after
+            self._learnt_at = now
+            self._learnt_limit = limit
 
     def _replay(self, limit: float, now: float) -> float:
         """Where our own record puts the upstream: full at our first recorded take."""

@@ -88,28 +88,45 @@ def sends(bucket: TokenBucket, count: int, start: float = 0.0) -> list[float]:
 UNBOUNDED = dict(rate=1e9, burst=1e9)  # our own quota out of the way: the mirror alone rules
 
 
-def test_two_left_of_60_with_a_reset_in_58_s_go_at_once_then_one_a_second():
-    # 60 - 2 = 58 units refill in 58 s: the upstream refills one a second
+def test_two_left_of_61_with_a_reset_in_58_s_go_at_once_then_one_a_second():
+    # 61 - 2 = 59 units refill in 58 s: remaining is floored, so one of them may be a
+    # fraction; the rate that cannot be too high is (59 - 1) / 58, one a second.
     bucket = TokenBucket(now=0.0, **UNBOUNDED)
-    bucket.sync(remaining=2, reset_after=58.0, limit=60, now=0.0)
-    assert bucket.mirror(0.0) == MirrorStatistics(level=2.0, rate=1.0, burst=60.0, lapses_at=None)
+    bucket.sync(remaining=2, reset_after=58.0, limit=61, now=0.0)
+    assert bucket.mirror(0.0) == MirrorStatistics(level=2.0, rate=1.0, burst=61.0, lapses_at=None)
     assert sends(bucket, 5) == [0.0, 0.0, 1.0, 2.0, 3.0]
 
 
-def test_nothing_left_of_10_with_a_reset_in_1_s_then_ten_a_second():
+def test_nothing_left_of_11_with_a_reset_in_1_s_then_ten_a_second():
     bucket = TokenBucket(now=0.0, **UNBOUNDED)
-    bucket.sync(remaining=0, reset_after=1.0, limit=10, now=0.0)
+    bucket.sync(remaining=0, reset_after=1.0, limit=11, now=0.0)
     assert bucket.time_until(1, 0.0) == pytest.approx(0.1)
     assert sends(bucket, 4) == pytest.approx([0.1, 0.2, 0.3, 0.4])
     # left alone, the mirror fills to the upstream's limit and no further
-    assert bucket.mirror(100.0).level == 10.0
-    assert sends(bucket, 11, start=100.0)[-2:] == pytest.approx([100.0, 100.1])
+    assert bucket.mirror(100.0).level == 11.0
+    assert sends(bucket, 12, start=100.0)[-2:] == pytest.approx([100.0, 100.1])
+
+
+def test_the_largest_recent_reading_of_the_rate_wins_until_the_limit_changes():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=0, reset_after=2.0, limit=21, now=0.0)  # (21 - 1) / 2 = 10/s
+    # a reset rounded up to the second: this reading says 5/s, the other bound holds
+    bucket.sync(remaining=10, reset_after=2.0, limit=21, now=0.5)
+    assert bucket.mirror(0.5).rate == 10.0
+    bucket.sync(remaining=0, reset_after=1.0, limit=11, now=1.0)  # a new limit: 10/s
+    bucket.sync(remaining=0, reset_after=2.0, limit=21, now=1.0)  # and back: a fresh start
+    assert bucket.mirror(1.0).rate == 10.0
+    bucket.sync(remaining=0, reset_after=4.0, limit=21, now=2.0)  # a lower bound: kept out
+    assert bucket.mirror(2.0).rate == 10.0
+    # ten full refills later (20 s) a half-empty bucket's reading may replace it
+    bucket.sync(remaining=0, reset_after=4.0, limit=21, now=30.0)
+    assert bucket.mirror(30.0).rate == 5.0
 
 
 def test_a_sync_lowers_the_mirror_but_never_raises_it():
     bucket = TokenBucket(now=0.0, **UNBOUNDED)
-    bucket.sync(remaining=5, reset_after=5.0, limit=10, now=0.0)  # 1 per second
-    bucket.sync(remaining=3, reset_after=7.0, limit=10, now=0.0)
+    bucket.sync(remaining=5, reset_after=4.0, limit=10, now=0.0)  # 1 per second
+    bucket.sync(remaining=3, reset_after=6.0, limit=10, now=0.0)
     assert bucket.mirror(0.0).level == 3.0
     bucket.sync(remaining=9, reset_after=1.0, limit=10, now=0.0)
     assert bucket.mirror(0.0).level == 3.0  # higher news is old news
@@ -118,10 +135,10 @@ def test_a_sync_lowers_the_mirror_but_never_raises_it():
 
 def test_sends_the_upstream_has_not_seen_stay_debited():
     bucket = TokenBucket(now=0.0, **UNBOUNDED)
-    bucket.sync(remaining=3, reset_after=7.0, limit=10, now=0.0)  # 1 per second
+    bucket.sync(remaining=3, reset_after=6.0, limit=10, now=0.0)  # 1 per second
     bucket.take(3, 0.0)  # granted, not yet arrived
     # a reply that left the upstream before they arrived still says 3
-    bucket.sync(remaining=3, reset_after=7.0, limit=10, now=0.0)
+    bucket.sync(remaining=3, reset_after=6.0, limit=10, now=0.0)
     assert bucket.time_until(1, 0.0) == 1.0
     assert bucket.mirror(0.0).level == 0.0
 
@@ -131,7 +148,7 @@ def test_a_grant_taken_before_the_first_headers_is_not_forgotten():
     bucket.take(20, 0.0)  # 20 sent blind...
     bucket.take(1, 0.0)  # ...and one more granted, not yet sent
     # the first reply: the upstream saw 20 of its 20 and refilled 1 since
-    bucket.sync(remaining=1, reset_after=1.9, limit=20, now=0.1)
+    bucket.sync(remaining=1, reset_after=1.8, limit=20, now=0.1)  # 10 per second
     assert bucket.mirror(0.1).level == pytest.approx(0.0)
     assert bucket.time_until(1, 0.1) == pytest.approx(0.1)
 
@@ -182,7 +199,7 @@ def test_headers_without_a_reset_or_a_rate_start_no_mirror():
 
 def test_a_full_upstream_keeps_the_rate_last_learnt():
     bucket = TokenBucket(now=0.0, **UNBOUNDED)
-    bucket.sync(remaining=0, reset_after=20.0, limit=10, now=0.0)  # 0.5 per second
+    bucket.sync(remaining=0, reset_after=18.0, limit=10, now=0.0)  # 0.5 per second
     bucket.sync(remaining=10, reset_after=0.0, limit=10, now=30.0)
     assert bucket.mirror(30.0) == MirrorStatistics(
         level=10.0, rate=0.5, burst=10.0, lapses_at=None
@@ -285,9 +302,9 @@ async def test_reassigning_per_minute_validates():
 
 async def test_a_gate_paced_by_headers_sends_what_is_left_then_at_the_upstreams_refill():
     gate = RateGate(per_minute=6000, burst=100)  # alone it would send 100 at once
-    gate.sync(remaining=2, reset_after=58.0, limit=60)
+    gate.sync(remaining=2, reset_after=58.0, limit=61)
     assert gate.statistics().mirror == MirrorStatistics(
-        level=2.0, rate=1.0, burst=60.0, lapses_at=None
+        level=2.0, rate=1.0, burst=61.0, lapses_at=None
     )
     assert await admission_times(gate, 4) == [0.0, 0.0, 1.0, 2.0]
 
@@ -301,11 +318,11 @@ async def test_a_fixed_window_holds_the_waiter_until_its_reset():
 
 async def test_a_sync_that_teaches_a_faster_refill_wakes_the_waiter_earlier():
     gate = RateGate(per_minute=6000, burst=100)
-    gate.sync(remaining=0, reset_after=60.0, limit=60)  # 1 per second
+    gate.sync(remaining=0, reset_after=60.0, limit=61)  # 1 per second
     waiter = asyncio.create_task(gate.acquire())
     await asyncio.sleep(0.5)
     assert not waiter.done()
-    gate.sync(remaining=0, reset_after=10.0, limit=60)  # 6 per second, from nothing left
+    gate.sync(remaining=0, reset_after=10.0, limit=61)  # 6 per second, from nothing left
     await waiter
     assert now() == pytest.approx(0.5 + 1 / 6, abs=1e-6)  # not at 1.0
 
@@ -320,12 +337,12 @@ async def test_rate_gate_statistics_and_repr_show_the_live_state():
     )
     assert repr(gate) == "<RateGate per_minute=60 level=0.500/2 waiters=1>"
     await waiter
-    gate.sync(remaining=3, reset_after=2.0, limit=5)
+    gate.sync(remaining=3, reset_after=2.0, limit=6)
     assert gate.statistics().mirror == MirrorStatistics(
-        level=3.0, rate=1.0, burst=5.0, lapses_at=None
+        level=3.0, rate=1.0, burst=6.0, lapses_at=None
     )
     assert repr(gate) == (
-        "<RateGate per_minute=60 level=0.000/2 waiters=0 mirror=3.000/5@1/s>"
+        "<RateGate per_minute=60 level=0.000/2 waiters=0 mirror=3.000/6@1/s>"
     )
 
 

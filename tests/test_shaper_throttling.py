@@ -225,21 +225,27 @@ async def drive(upstream: SimulatedUpstream, n: int, **options) -> collections.C
     return results
 
 
-@pytest.mark.parametrize("style", ["openai", "anthropic"])
-async def test_pacing_by_the_requests_window_keeps_the_upstream_full_without_a_429(style):
+# Anthropic's resets are whole seconds (and its remaining tokens round to the nearest
+# thousand): on these small buckets, which refill in 2 s and 60 s, the refill rate they
+# tell errs low by up to a tenth.
+GOODPUT = [("openai", 0.95), ("anthropic", 0.90)]
+
+
+@pytest.mark.parametrize(("style", "goodput"), GOODPUT)
+async def test_pacing_by_the_requests_window_keeps_the_upstream_full_without_a_429(
+    style, goodput
+):
     upstream = paced_upstream(headers_style=style)
     results = await drive(upstream, 200)
     assert results == {"ok": 200}
     assert upstream.stats()["totals"]["429"] == 0
     # The upstream accepts its bucket of 20 at once, then 10 a second: by the last send
-    # (a reply takes 0.1 s) it could have taken 20 + 10 * t. At least 95 % of it went.
+    # (a reply takes 0.1 s) it could have taken 20 + 10 * t.
     last_send = now() - 0.1
-    assert 0.95 * (20 + 10 * last_send) <= 200
+    assert goodput * (20 + 10 * last_send) <= 200
 
 
-# Anthropic rounds remaining tokens to the nearest thousand and resets to the second: on
-# a 6000-token bucket the refill rate learnt from them errs low by up to a tenth.
-@pytest.mark.parametrize(("style", "goodput"), [("openai", 0.95), ("anthropic", 0.90)])
+@pytest.mark.parametrize(("style", "goodput"), GOODPUT)
 async def test_pacing_by_the_tokens_window_keeps_the_upstream_full_without_a_429(
     style, goodput
 ):
