@@ -59,6 +59,11 @@ class Limit(Protocol):
         ...
 
 
+DROP_SHARE_GAIN = 0.01
+"""Weight of one sample in the recent share of drops: a memory of about 100 samples, so
+that a single drop at a small limit does not look like a large share."""
+
+
 class _Episodes:
     """Tells a new congestion episode from echoes of one that was already answered.
 
@@ -67,11 +72,21 @@ class _Episodes:
     successes too, since that is what a window is.
     """
 
-    __slots__ = ("_last_cut", "srtt")
+    __slots__ = ("_drop_share", "_last_cut", "_tolerance", "srtt")
 
-    def __init__(self) -> None:
+    def __init__(self, tolerance: float = 0.0) -> None:
         self._last_cut = -math.inf
         self.srtt: float | None = None
+        self._tolerance = tolerance
+        self._drop_share = 0.0
+
+    def count(self, dropped: bool) -> None:
+        """Fold every sample into the recent share of drops (about the last 100 samples)."""
+        self._drop_share += (float(dropped) - self._drop_share) * DROP_SHARE_GAIN
+
+    def _tolerable(self) -> bool:
+        """Whether recent drops are a share of the samples small enough to bear."""
+        return self._tolerance > 0 and self._drop_share <= self._tolerance
 
     def observe(self, rtt: float) -> None:
         """Fold a successful request's round trip into the smoothed round trip."""
@@ -80,7 +95,7 @@ class _Episodes:
     def begins(self, now: float, rtt: float) -> bool:
         """Whether a drop opens a new episode (then it is recorded as the latest cut)."""
         window = DEFAULT_RTT if self.srtt is None else self.srtt
-        if now - rtt < self._last_cut or now - self._last_cut < window:
+        if now - rtt < self._last_cut or now - self._last_cut < window or self._tolerable():
             return False
         self._last_cut = now
         return True
@@ -134,12 +149,19 @@ class AIMD:
       (per-minute quotas have refilled, other clients may have left). Measuring from the
       send time, not the reply, keeps a single slow reply at a small limit from looking
       like a quiet spell. Finding out costs at most one more episode, hence one cut.
+    - Drop tolerance: with ``drop_tolerance`` > 0, a drop cuts only when drops are more
+      than that share of the recent samples (an average over about the last 100). A
+      service that fails 1 % of requests at random (Anthropic's sporadic 529s) is not
+      congested by us, and halving the limit for each such reply would pin it near
+      ``sqrt(2 / 1 %)`` ≈ 14. A wall of 429s is far above any sensible tolerance and
+      cuts after its first few drops.
 
     The limit always lies within ``[min_limit, max_limit]``.
 
     Raises:
-        ValueError: bounds out of order, ``backoff_ratio`` outside (0, 1), or a
-            non-positive ``increase`` or ``idle_reset``.
+        ValueError: bounds out of order, ``backoff_ratio`` outside (0, 1), a
+            non-positive ``increase`` or ``idle_reset``, or ``drop_tolerance`` outside
+            [0, 1).
     """
 
     __slots__ = (
@@ -164,6 +186,7 @@ class AIMD:
         backoff_ratio: float = 0.5,
         increase: float = 1,
         idle_reset: float = 30.0,
+        drop_tolerance: float = 0.0,
     ) -> None:
         _check_bounds(initial, min_limit, max_limit)
         _check_backoff(backoff_ratio)
@@ -172,6 +195,11 @@ class AIMD:
         if not idle_reset > 0:
             raise ValueError(
                 f"idle_reset must be a positive number of seconds, not {idle_reset!r}."
+            )
+        if not 0 <= drop_tolerance < 1:
+            raise ValueError(
+                f"drop_tolerance must lie in [0, 1), not {drop_tolerance!r}: it is the share "
+                "of dropped samples borne without a cut."
             )
         self._min_limit = min_limit
         self._max_limit = max_limit
@@ -182,7 +210,7 @@ class AIMD:
         self._ssthresh = float(max_limit)
         self._last_reply: float | None = None
         self._acked = 0
-        self._episodes = _Episodes()
+        self._episodes = _Episodes(drop_tolerance)
 
     @property
     def limit(self) -> int:
@@ -199,6 +227,7 @@ class AIMD:
         if self._last_reply is not None and now - rtt - self._last_reply >= self._idle_reset:
             self._ssthresh = float(self._max_limit)
         self._last_reply = now
+        self._episodes.count(dropped)
         if dropped:
             if self._episodes.begins(now, rtt):
                 self._limit = _cut(self._limit, self._backoff_ratio, self._min_limit)

@@ -79,6 +79,9 @@ __all__ = ["Shaper", "ShaperStatistics"]
 UNBOUNDED_PER_MINUTE = 1e12
 """The rate of a gate with no configured quota: it only paces by the upstream's headers."""
 
+DROP_TOLERANCE = 0.03
+"""The default limit's share of congestion replies borne without a cut (see AIMD)."""
+
 RTT_GAIN = 0.125
 """Weight of each new sample in the smoothed reply time (as TCP's SRTT)."""
 
@@ -211,8 +214,8 @@ class Shaper:
     Args:
         base_url: the upstream's base URL; request paths are joined to it, and nothing is
             ever sent elsewhere.
-        limit: the concurrency algorithm (default ``AIMD()``: slow start, cut once per
-            congestion episode).
+        limit: the concurrency algorithm (default ``AIMD(drop_tolerance=0.03)``: slow
+            start, cut once per congestion episode, sporadic failures borne).
         rpm, tpm: the upstream's known requests and tokens per minute, if known. Without
             them the gates pace only by the upstream's rate-limit headers.
         max_attempts: attempts per request, first included.
@@ -288,7 +291,9 @@ class Shaper:
         self._rpm = rpm
         self._tpm = tpm
         self._queue: PriorityQueue[_Ticket] = PriorityQueue(maxsize=max_queue)
-        self._limiter = ConcurrencyLimiter(limit if limit is not None else AIMD())
+        self._limiter = ConcurrencyLimiter(
+            limit if limit is not None else AIMD(drop_tolerance=DROP_TOLERANCE)
+        )
         self._rate = RateGate(per_minute=rpm if rpm is not None else UNBOUNDED_PER_MINUTE)
         self._tokens = TokenGate(per_minute=tpm if tpm is not None else UNBOUNDED_PER_MINUTE)
         self._cooldown = CooldownGate(ramp=cooldown_ramp, rng=self._rng)

@@ -336,3 +336,29 @@ def test_aimd_does_not_change_while_less_than_half_the_limit_is_in_flight(limits
     for gap, rtt, share in unused:
         now += gap
         assert aimd.on_sample(now, rtt, int(before * share), False) == before
+
+
+def test_with_a_drop_tolerance_sporadic_failures_do_not_cut_but_a_wall_of_429s_does():
+    limit = AIMD(initial=100, max_limit=100, drop_tolerance=0.03)
+    now = 0.0
+    for i in range(2000):  # one request in a hundred fails, spread out: the service's noise
+        now += 0.01
+        limit.on_sample(now, 0.3, inflight=100, dropped=i % 100 == 50)
+    assert limit.limit == 100
+    cuts_at = []
+    for _ in range(20):  # then every reply is a 429: congestion, whatever the tolerance
+        now += 0.01
+        before = limit.limit
+        if limit.on_sample(now, 0.3, inflight=100, dropped=True) < before:
+            cuts_at.append(now)
+    assert limit.limit == 50 and len(cuts_at) == 1  # one episode, one cut, within a few drops
+
+
+def test_without_a_drop_tolerance_every_episode_cuts_as_before():
+    limit = AIMD(initial=100, max_limit=100)
+    assert limit.on_sample(1.0, 0.3, inflight=100, dropped=True) == 50
+
+
+def test_a_drop_tolerance_outside_zero_to_one_is_refused():
+    with pytest.raises(ValueError, match="drop_tolerance"):
+        AIMD(drop_tolerance=1.0)
