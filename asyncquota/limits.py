@@ -59,9 +59,16 @@ class Limit(Protocol):
         ...
 
 
-DROP_SHARE_GAIN = 0.01
-"""Weight of one sample in the recent share of drops: a memory of about 100 samples, so
-that a single drop at a small limit does not look like a large share."""
+DROP_SHARE_MEMORY = 20.0
+"""How many drops at exactly the tolerated share the recent share of drops remembers: it
+averages over about ``DROP_SHARE_MEMORY / drop_tolerance`` samples (≈ 670 at 3 %).
+
+Drops that come at random are counted in a window, and a count is noisy: a window that
+expects 3 of them holds 6 or more one time in twelve. With a memory of 100 samples, 1 %
+of random failures passed a 3 % tolerance every few seconds at 300 requests/s, and each
+pass was a cut. A window that expects 20 drops at the tolerance and 7 from 1 % of noise
+almost never sees 20 (Poisson: under one in ten thousand per window), and a wall of 429s
+still crosses it after about 20 drops: within one round trip at any useful limit."""
 
 
 class _Episodes:
@@ -72,17 +79,18 @@ class _Episodes:
     successes too, since that is what a window is.
     """
 
-    __slots__ = ("_drop_share", "_last_cut", "_tolerance", "srtt")
+    __slots__ = ("_drop_share", "_gain", "_last_cut", "_tolerance", "srtt")
 
     def __init__(self, tolerance: float = 0.0) -> None:
         self._last_cut = -math.inf
         self.srtt: float | None = None
         self._tolerance = tolerance
+        self._gain = tolerance / DROP_SHARE_MEMORY
         self._drop_share = 0.0
 
     def count(self, dropped: bool) -> None:
-        """Fold every sample into the recent share of drops (about the last 100 samples)."""
-        self._drop_share += (float(dropped) - self._drop_share) * DROP_SHARE_GAIN
+        """Fold every sample into the recent share of drops (see ``DROP_SHARE_MEMORY``)."""
+        self._drop_share += (float(dropped) - self._drop_share) * self._gain
 
     def _tolerable(self) -> bool:
         """Whether recent drops are a share of the samples small enough to bear."""
@@ -150,11 +158,13 @@ class AIMD:
       send time, not the reply, keeps a single slow reply at a small limit from looking
       like a quiet spell. Finding out costs at most one more episode, hence one cut.
     - Drop tolerance: with ``drop_tolerance`` > 0, a drop cuts only when drops are more
-      than that share of the recent samples (an average over about the last 100). A
-      service that fails 1 % of requests at random (Anthropic's sporadic 529s) is not
-      congested by us, and halving the limit for each such reply would pin it near
-      ``sqrt(2 / 1 %)`` ≈ 14. A wall of 429s is far above any sensible tolerance and
-      cuts after its first few drops.
+      than that share of the recent samples (an average over the last
+      ``DROP_SHARE_MEMORY / drop_tolerance`` samples or so, long enough that random
+      failures below the tolerance do not cross it by chance). A service that fails 1 %
+      of requests at random (Anthropic's sporadic 529s) is not congested by us, and
+      halving the limit for each such reply would pin it near ``sqrt(2 / 1 %)`` ≈ 14.
+      A wall of 429s is far above any sensible tolerance and cuts after about
+      ``DROP_SHARE_MEMORY`` drops.
 
     The limit always lies within ``[min_limit, max_limit]``.
 

@@ -1,6 +1,7 @@
 """Limit algorithms, driven with explicit timestamps: no event loop, no clock."""
 
 import math
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -346,12 +347,31 @@ def test_with_a_drop_tolerance_sporadic_failures_do_not_cut_but_a_wall_of_429s_d
         limit.on_sample(now, 0.3, inflight=100, dropped=i % 100 == 50)
     assert limit.limit == 100
     cuts_at = []
-    for _ in range(20):  # then every reply is a 429: congestion, whatever the tolerance
+    for _ in range(30):  # then every reply is a 429: congestion, whatever the tolerance
         now += 0.01
         before = limit.limit
         if limit.on_sample(now, 0.3, inflight=100, dropped=True) < before:
             cuts_at.append(now)
-    assert limit.limit == 50 and len(cuts_at) == 1  # one episode, one cut, within a few drops
+    assert limit.limit == 50 and len(cuts_at) == 1  # one episode, one cut, within 30 drops
+
+
+def test_failures_at_random_below_the_tolerance_never_cut_in_twenty_minutes_at_300_per_second():
+    # Random, not evenly spread: bunches of 5 or 6 failures in 100 replies are common, and a
+    # short memory of the share took each bunch for congestion (a cut every few seconds).
+    rng = random.Random(7)
+    limit = AIMD(initial=100, max_limit=100, drop_tolerance=0.03)
+    for i in range(360_000):
+        limit.on_sample(i / 300, 0.25, inflight=100, dropped=rng.random() < 0.01)
+    assert limit.limit == 100
+
+
+def test_a_wall_of_429s_from_the_start_cuts_after_about_twenty_drops():
+    limit = AIMD(initial=100, max_limit=100, drop_tolerance=0.03)
+    drops = 0
+    while limit.limit == 100:
+        drops += 1
+        limit.on_sample(drops * 0.01, 0.3, inflight=100, dropped=True)
+    assert drops == 21 and limit.limit == 50
 
 
 def test_without_a_drop_tolerance_every_episode_cuts_as_before():
