@@ -758,12 +758,7 @@ class Shaper:
                 # It would use up the upstream's quota only to be cut off at its deadline.
                 permit.ignore()
                 reservation.cancel()
-                raise DeadlineUnreachableError(
-                    f"{ticket.method} {ticket.path} has {timeout:.2f} s left, less than a "
-                    f"typical reply takes ({self._rtt:.2f} s); it was not sent.",
-                    priority=ticket.priority,
-                    tenant=ticket.tenant,
-                )
+                raise self._too_late(ticket, timeout)
         self._sent += 1
         ticket.sent += 1
         sent_at = now
@@ -785,7 +780,8 @@ class Shaper:
             now=self._reply_time(reply.headers),
         )
         if verdict.kind is Outcome.SUCCESS:
-            self._rtt += RTT_GAIN * (now - sent_at - self._rtt)
+            sample = now - sent_at
+            self._rtt = sample if not self._rtt else self._rtt + RTT_GAIN * (sample - self._rtt)
             if ticket.hold:
                 ticket.permit, ticket.reservation = permit, reservation
                 return reply
@@ -909,6 +905,12 @@ class Shaper:
                     continue
                 waiter = queue.pop_nowait()
                 ticket = waiter.item
+                left = math.inf if ticket.deadline is None else ticket.deadline - loop.time()
+                if left < self._rtt:
+                    # Too late to be answered in time: say so now and keep the grant (the
+                    # rate unit included) for the next head, rather than spend it on nothing.
+                    waiter.set_exception(self._too_late(ticket, left))
+                    continue
                 ticket.permit, ticket.reservation = permit, reservation
                 if waiter.admit():
                     permit, reservation, rate_taken = None, None, False
@@ -984,6 +986,14 @@ class Shaper:
             priority=ticket.priority,
             tenant=ticket.tenant,
             retry_after=verdict.retry_after,
+        )
+
+    def _too_late(self, ticket: _Ticket, left: float) -> DeadlineUnreachableError:
+        return DeadlineUnreachableError(
+            f"{ticket.method} {ticket.path} has {left:.2f} s left, less than a typical reply "
+            f"takes ({self._rtt:.2f} s); it was not sent.",
+            priority=ticket.priority,
+            tenant=ticket.tenant,
         )
 
     def _deadline_error(self, ticket: _Ticket, when: str) -> DeadlineExceededError:

@@ -164,3 +164,29 @@ async def test_tenants_of_one_class_share_the_upstream_evenly():
     total = sum(served.values())
     assert total == 30 / 0.1 * 4  # the upstream stayed full
     assert all(abs(count - total / 3) <= 0.02 * total for count in served.values()), served
+
+
+async def test_a_head_too_close_to_its_deadline_is_told_at_once_and_its_turn_goes_to_the_next():
+    sent: list[tuple[float, str]] = []
+
+    async def half_second_upstream(request: Request) -> Response:
+        sent.append((now(), request.headers["x-name"]))
+        await asyncio.sleep(0.5)
+        return Response(200, {}, b"{}")
+
+    async with Shaper(
+        URL, transport=MockTransport(half_second_upstream), limit=Fixed(1), hooks=()
+    ) as shaper:
+
+        async def ask(name: str, deadline: float) -> tuple[float, str]:
+            try:
+                await shaper.request("GET", "/x", headers={"x-name": name}, deadline=deadline)
+            except DeadlineUnreachableError:
+                return now(), f"{name} refused"
+            return now(), f"{name} ok"
+
+        ends = await asyncio.gather(ask("a", 10), ask("b", 0.9), ask("c", 10))
+    # a teaches the Shaper that a reply takes 0.5 s; at 0.5 b has 0.4 s left: refused there
+    # and then, unsent, and c takes the turn in the same instant.
+    assert ends == [(0.5, "a ok"), (0.5, "b refused"), (1.0, "c ok")]
+    assert sent == [(0.0, "a"), (0.5, "c")]
