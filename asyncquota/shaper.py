@@ -82,6 +82,11 @@ UNBOUNDED_PER_MINUTE = 1e12
 DROP_TOLERANCE = 0.03
 """The default limit's share of congestion replies borne without a cut (see AIMD)."""
 
+ESTIMATE_TRUST = 0.9
+"""Share of its deadline a newcomer's estimated wait may fill: the estimate is a rate, and
+a request admitted at the very edge is refused later, near its deadline, when it could
+have been told at once."""
+
 RTT_GAIN = 0.125
 """Weight of each new sample in the smoothed reply time (as TCP's SRTT)."""
 
@@ -694,7 +699,7 @@ class Shaper:
         if ticket.attempt > 1:
             return
         wait = self._estimate_wait(ticket)
-        if wait is not None and wait + self._rtt > left:
+        if wait is not None and wait + self._rtt > left * ESTIMATE_TRUST:
             raise DeadlineUnreachableError(
                 f"About {wait:.1f} s of work is queued ahead of this request and a reply takes "
                 f"about {self._rtt:.1f} s, longer than its deadline of {left:.1f} s; it was not "
