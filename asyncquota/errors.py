@@ -6,7 +6,10 @@ Every request that enters asyncquota ends exactly once: in a response, or in one
     ├── RejectedError                refused before reaching the upstream (nothing was sent)
     │   ├── QueueFullError           shed from a full queue: it was the least important waiter
     │   ├── DeadlineUnreachableError shed early: the estimated wait is longer than its deadline
-    │   └── ClosedError              the shaper is shutting down or closed
+    │   ├── ClosedError              the shaper is shutting down or closed
+    │   ├── TenantLimitError         the tenant is over its own tier's limit (not congestion)
+    │   ├── BudgetExceededError      the budget cannot pay for it and the policy says reject
+    │   └── NoRouteError             no configured model can take it (context too long, ...)
     ├── DeadlineExceededError        its deadline passed while it waited or was in flight
     └── UpstreamError                the upstream said no (.status, .body)
         ├── ThrottledError           rate limited (HTTP 429): retry after .retry_after
@@ -22,18 +25,22 @@ header, the queue's estimate of the wait, a cooldown in force), so a chatbot can
 from __future__ import annotations
 
 from collections.abc import Hashable
+from typing import Any
 
 from .priority import Priority, describe_priority
 
 __all__ = [
+    "BudgetExceededError",
     "ClosedError",
     "DeadlineExceededError",
     "DeadlineUnreachableError",
+    "NoRouteError",
     "OverloadedError",
     "QueueFullError",
     "QuotaError",
     "QuotaExhaustedError",
     "RejectedError",
+    "TenantLimitError",
     "ThrottledError",
     "TransportError",
     "UpstreamError",
@@ -105,6 +112,43 @@ class ClosedError(RejectedError):
     """The shaper is shutting down or closed and accepts no more work."""
 
     default_reason = "closed"
+
+
+class TenantLimitError(RejectedError):
+    """The tenant is over a limit of its own tier (RPM, RPD or TPM for that model).
+
+    It is their quota, not congestion: nothing was queued and nothing was sent.
+    ``retry_after`` says when the window frees enough for this request.
+
+    Attributes:
+        dimension: which limit: ``"rpm"``, ``"rpd"`` or ``"tpm"``.
+        model: the model the limit belongs to.
+    """
+
+    default_reason = "tenant_limit"
+
+    def __init__(
+        self, message: str, *, dimension: str = "", model: str | None = None, **fields: Any
+    ) -> None:
+        super().__init__(message, **fields)
+        self.dimension = dimension
+        self.model = model
+
+
+class BudgetExceededError(RejectedError):
+    """The budget (global or the tenant's) cannot pay for this request; nothing was sent.
+
+    ``retry_after`` is the time until the budget period renews, when known.
+    """
+
+    default_reason = "budget_exceeded"
+
+
+class NoRouteError(RejectedError):
+    """No configured model can take this request (its context is too long for all of them,
+    or every model of its fallback chain refused it); nothing was sent."""
+
+    default_reason = "no_route"
 
 
 class DeadlineExceededError(QuotaError):
