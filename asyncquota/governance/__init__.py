@@ -1,0 +1,1 @@
+"""Quota governance: tenant tiers, model routing, cost and budget guard, usage alerts."""

@@ -1,0 +1,194 @@
+"""The counter stores: one contract, two stores (memory, SQLite), and a restart for SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from asyncquota.governance.store import MemoryStore, SQLiteStore, Store
+
+T0 = 1_774_000_000.0  # 2026-03-20, a Unix time like any other
+
+
+class Clock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(
+    request: pytest.FixtureRequest, clock: Clock, tmp_path: Path
+) -> AsyncIterator[Store]:
+    opened: Store
+    if request.param == "memory":
+        opened = MemoryStore(wall_clock=clock)
+    else:
+        opened = SQLiteStore(tmp_path / "counters.db", wall_clock=clock)
+    yield opened
+    await opened.aclose()
+
+
+async def test_reserve_adds_until_the_limit_and_a_refusal_adds_nothing(store: Store):
+    expires = T0 + 60
+    assert await store.reserve("k", 3, limit=5, expires_at=expires) == 3
+    assert await store.reserve("k", 2, limit=5, expires_at=expires) == 5
+    assert await store.reserve("k", 0.5, limit=5, expires_at=expires) is None
+    assert await store.get(["k"]) == [5.0]
+
+
+async def test_reserve_without_a_limit_always_adds(store: Store):
+    assert await store.reserve("k", 1e9, limit=None, expires_at=T0 + 60) == 1e9
+    assert await store.reserve("k", 1, limit=None, expires_at=T0 + 60) == 1e9 + 1
+
+
+async def test_a_reservation_larger_than_the_limit_is_refused_even_on_an_empty_counter(
+    store: Store,
+):
+    assert await store.reserve("k", 11, limit=10, expires_at=T0 + 60) is None
+    assert await store.get(["k"]) == [0.0]
+
+
+async def test_add_refunds_and_charges_and_never_goes_below_zero(store: Store):
+    await store.reserve("k", 10, limit=None, expires_at=T0 + 60)
+    assert await store.add("k", -4, expires_at=T0 + 60) == 6
+    assert await store.add("k", 2.5, expires_at=T0 + 60) == 8.5
+    assert await store.add("k", -100, expires_at=T0 + 60) == 0
+    assert await store.add("fresh", -1, expires_at=T0 + 60) == 0
+
+
+async def test_get_reads_in_order_with_zero_for_unknown_keys_and_repeats(store: Store):
+    await store.add("a", 1, expires_at=T0 + 60)
+    await store.add("b", 2, expires_at=T0 + 60)
+    assert await store.get(["b", "nobody", "a", "b"]) == [2.0, 0.0, 1.0, 2.0]
+    assert await store.get([]) == []
+
+
+async def test_an_expired_counter_reads_zero_and_starts_again_from_zero(store: Store, clock: Clock):
+    await store.add("k", 7, expires_at=T0 + 60)
+    clock.now = T0 + 59.9
+    assert await store.get(["k"]) == [7.0]
+    clock.now = T0 + 60
+    assert await store.get(["k"]) == [0.0]
+    assert await store.reserve("k", 1, limit=5, expires_at=T0 + 120) == 1
+
+
+async def test_a_live_counter_keeps_its_later_expiry(store: Store, clock: Clock):
+    await store.add("k", 1, expires_at=T0 + 120)
+    await store.add("k", 1, expires_at=T0 + 60)  # an earlier expiry does not shorten it
+    clock.now = T0 + 90
+    assert await store.get(["k"]) == [2.0]
+
+
+async def test_concurrent_reserves_never_pass_the_limit(store: Store):
+    results = await asyncio.gather(
+        *(store.reserve("k", 1, limit=500, expires_at=T0 + 60) for _ in range(1000))
+    )
+    granted = [value for value in results if value is not None]
+    assert len(granted) == 500
+    assert max(granted) == 500
+    assert await store.get(["k"]) == [500.0]
+
+
+async def test_bad_amounts_and_limits_are_refused_with_a_sentence(store: Store):
+    with pytest.raises(ValueError, match="0 or more"):
+        await store.reserve("k", -1, limit=None, expires_at=T0 + 60)
+    with pytest.raises(ValueError, match="finite number"):
+        await store.add("k", float("nan"), expires_at=T0 + 60)
+    with pytest.raises(ValueError, match="limit must be a number"):
+        await store.reserve("k", 1, limit=float("nan"), expires_at=T0 + 60)
+    assert await store.get(["k"]) == [0.0]
+
+
+async def test_a_closed_store_refuses_every_call(store: Store):
+    await store.aclose()
+    await store.aclose()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        await store.get(["k"])
+    with pytest.raises(RuntimeError, match="closed"):
+        await store.add("k", 1, expires_at=T0 + 60)
+    assert "closed" in repr(store)
+
+
+async def test_memory_store_sweeps_expired_keys_as_it_writes(clock: Clock):
+    store = MemoryStore(wall_clock=clock)
+    for i in range(100):
+        await store.add(f"old{i}", 1, expires_at=T0 + 60)
+    assert repr(store) == "<MemoryStore keys=100>"
+    clock.now = T0 + 61
+    for i in range(200):
+        await store.add(f"new{i}", 1, expires_at=T0 + 120)
+    # Every old key has been swept; at most the writes since the last sweep are pending.
+    assert repr(store) == "<MemoryStore keys=200>"
+    assert await store.get(["old0", "new0"]) == [0.0, 1.0]
+
+
+async def test_sqlite_counters_survive_closing_and_reopening_the_file(clock: Clock, tmp_path: Path):
+    path = tmp_path / "counters.db"
+    store = SQLiteStore(path, wall_clock=clock)
+    await store.reserve("day", 41, limit=100, expires_at=T0 + 86_400)
+    await store.add("short", 5, expires_at=T0 + 60)
+    await store.aclose()
+
+    clock.now = T0 + 3600
+    reopened = SQLiteStore(str(path), wall_clock=clock)
+    try:
+        assert await reopened.reserve("day", 1, limit=100, expires_at=T0 + 86_400) == 42
+        assert await reopened.get(["day", "short"]) == [42.0, 0.0]
+        # The expired row was purged when the file was opened, not just hidden.
+        assert repr(reopened) == f"<SQLiteStore {str(path)!r} keys=1>"
+    finally:
+        await reopened.aclose()
+
+
+async def test_sqlite_purges_expired_rows_at_most_once_a_minute(clock: Clock, tmp_path: Path):
+    store = SQLiteStore(tmp_path / "counters.db", wall_clock=clock)
+    try:
+        await store.add("a", 1, expires_at=T0 + 10)
+        clock.now = T0 + 30
+        await store.add("b", 1, expires_at=T0 + 600)
+        assert "keys=2" in repr(store)  # "a" has expired, but the last sweep was 30 s ago
+        clock.now = T0 + 60
+        await store.add("b", 1, expires_at=T0 + 600)
+        assert "keys=1" in repr(store)
+    finally:
+        await store.aclose()
+
+
+async def test_two_sqlite_stores_on_one_file_share_the_limit(clock: Clock, tmp_path: Path):
+    path = tmp_path / "counters.db"
+    first = SQLiteStore(path, wall_clock=clock)
+    second = SQLiteStore(path, wall_clock=clock)
+    try:
+        rng = random.Random(5)
+        stores = [first, second]
+        results = [
+            await rng.choice(stores).reserve("k", 1, limit=30, expires_at=T0 + 60)
+            for _ in range(50)
+        ]
+        assert sum(value is not None for value in results) == 30
+        assert await first.get(["k"]) == await second.get(["k"]) == [30.0]
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_a_file_that_is_not_a_database_fails_at_open(tmp_path: Path):
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(sqlite3.DatabaseError):
+        SQLiteStore(path)
