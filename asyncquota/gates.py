@@ -135,6 +135,7 @@ class TokenBucket:
         "_mirror_until",
         "_pending",
         "_rate",
+        "_recent_best",
         "_stamp",
     )
 
@@ -153,6 +154,7 @@ class TokenBucket:
         self._learnt_rate = 0.0
         self._learnt_at = now  # when, and under which limit, it was learnt
         self._learnt_limit = math.nan
+        self._recent_best = 0.0  # the best half-empty reading since _learnt_at
         # The last reported remaining, not yet folded into the mirror's level.
         self._pending: float | None = None
         # While there is no mirror: recent (time, units) taken (negative: refunded).
@@ -353,18 +355,26 @@ class TokenBucket:
         Retry-After that holds the whole fleet); too low a one is never corrected by a
         sync, which only lowers the level. A bound is kept until a larger one comes, or
         the limit changes, or it is older than ``_RATE_MEMORY`` full refills of the
-        bucket and a reading from a bucket at least half empty replaces it (a nearly
-        full bucket's reading is mostly rounding).
+        bucket: then the best reading taken meanwhile from a bucket at least half empty
+        replaces it (a nearly full bucket's reading is mostly rounding), so a rate that
+        fell is followed within one memory and a lucky low reading does not stick.
         """
         bound = max(deficit - 1.0, 0.0) / reset_after
         held = self._learnt_rate
-        stale = held <= 0 or (
-            2 * deficit >= limit and now - self._learnt_at >= _RATE_MEMORY * limit / held
-        )
-        if bound > held or stale or limit != self._learnt_limit:
+        if bound > held or held <= 0 or limit != self._learnt_limit:
             self._learnt_rate = bound if bound > 0 else deficit / reset_after
             self._learnt_at = now
             self._learnt_limit = limit
+            self._recent_best = 0.0
+        elif 2 * deficit >= limit:
+            # The replacement is the best reading of the whole memory, not the first one
+            # after it: a single reading can be a second of rounding low, and a rate too
+            # low is never corrected (we then send too little to drain the bucket again).
+            self._recent_best = max(self._recent_best, bound)
+            if now - self._learnt_at >= _RATE_MEMORY * limit / held:
+                self._learnt_rate = self._recent_best or deficit / reset_after
+                self._learnt_at = now
+                self._recent_best = 0.0
 
     def _replay(self, limit: float, now: float) -> float:
         """Where our own record puts the upstream: full at our first recorded take."""

@@ -123,6 +123,18 @@ def test_the_largest_recent_reading_of_the_rate_wins_until_the_limit_changes():
     assert bucket.mirror(30.0).rate == 5.0
 
 
+def test_a_stale_rate_is_replaced_by_the_best_reading_of_its_memory_not_the_first():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=0, reset_after=2.0, limit=21, now=0.0)  # 10/s
+    # the upstream slowed down: readings of 5/s and 6.67/s, seconds-rounded, then 4/s
+    bucket.sync(remaining=0, reset_after=4.0, limit=21, now=5.0)
+    bucket.sync(remaining=0, reset_after=3.0, limit=21, now=10.0)
+    bucket.sync(remaining=15, reset_after=0.6, limit=21, now=18.0)  # nearly full: rounding
+    assert bucket.mirror(18.0).rate == 10.0  # still within its memory (10 refills: 21 s)
+    bucket.sync(remaining=0, reset_after=5.0, limit=21, now=21.0)
+    assert bucket.mirror(21.0).rate == pytest.approx(20 / 3)
+
+
 def test_a_sync_lowers_the_mirror_but_never_raises_it():
     bucket = TokenBucket(now=0.0, **UNBOUNDED)
     bucket.sync(remaining=5, reset_after=4.0, limit=10, now=0.0)  # 1 per second

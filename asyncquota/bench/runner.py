@@ -22,7 +22,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -39,6 +39,7 @@ __all__ = [
     "CLOSE_TIMEOUT",
     "STOP_GRACE",
     "VIRTUAL_BASE_URL",
+    "VIRTUAL_EPOCH",
     "RunSpec",
     "StrategyRun",
     "drive",
@@ -51,6 +52,9 @@ STOP_GRACE = 5.0
 
 CLOSE_TIMEOUT = 10.0
 """Seconds a strategy gets to close its client after the run."""
+
+VIRTUAL_EPOCH = 1_800_000_000.0
+"""The Unix time at which a virtual run starts (its wall clock is this plus loop time)."""
 
 VIRTUAL_BASE_URL = "http://simulated.upstream"
 """The base URL strategies see in virtual runs (nothing resolves it: no socket is opened)."""
@@ -176,8 +180,12 @@ async def _run(spec: RunSpec) -> StrategyRun:
     """The run inside its process: build the target and strategy, drive, collect."""
     upstream: SimulatedUpstream | None = None
     if spec.virtual:
-        upstream = SimulatedUpstream(spec.config)
-        target = Target(VIRTUAL_BASE_URL, spec.config, upstream.handle)
+        # Dates in replies (HTTP-date Retry-After, RFC 3339 resets) on the virtual clock too,
+        # so that a seeded virtual run is repeatable to the request.
+        loop = asyncio.get_running_loop()
+        config = replace(spec.config, wall_clock=lambda: VIRTUAL_EPOCH + loop.time())
+        upstream = SimulatedUpstream(config)
+        target = Target(VIRTUAL_BASE_URL, config, upstream.handle)
     else:
         assert spec.base_url is not None
         target = Target(spec.base_url, spec.config)

@@ -107,7 +107,8 @@ class Target:
         base_url: the upstream's base URL (a placeholder host in virtual runs).
         config: the upstream's configuration: strategies may read only its nominal quota
             (``rps``, ``tpm``), which is what their users would have read on the
-            provider's pricing page.
+            provider's pricing page, and its ``wall_clock`` (the world's clock: a
+            virtual run replaces it with one on virtual time).
         handler: in virtual runs, the simulated upstream's handler; None for real runs.
     """
 

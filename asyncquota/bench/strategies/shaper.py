@@ -30,7 +30,10 @@ class ShaperStrategy(Strategy):
     def __init__(self, target: Target) -> None:
         super().__init__(target)
         transport = MockTransport(target.handler) if target.handler is not None else None
-        self._shaper = Shaper(target.base_url, transport=transport)
+        # The upstream's wall clock, to read its dates (the real one, or a virtual run's).
+        self._shaper = Shaper(
+            target.base_url, transport=transport, wall_clock=target.config.wall_clock
+        )
 
     async def __aenter__(self) -> Self:
         await self._shaper.__aenter__()
