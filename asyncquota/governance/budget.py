@@ -1,0 +1,357 @@
+"""What requests cost, and a monthly budget that concurrent requests cannot overshoot together.
+
+A request's cost is estimated before it is sent (prompt estimate plus ``max_tokens``, at
+the model's :class:`Price`) and **reserved** against the budget; when the reply's real
+usage is known the reservation is reconciled to the real cost (the difference is refunded
+or charged), and a request that is never sent is cancelled (fully refunded). Gateways that
+count spend only after the call let a thousand concurrent requests each see the same
+"$0.05 left" and spend it a thousand times; a reservation is an atomic check-and-add in
+the store, so the sum of what is reserved and spent never passes the budget, even while
+every one of them is in flight.
+
+Two budgets may apply to one request: the global monthly budget and its tenant's own.
+A reservation takes both or neither. Spend is always counted (globally, and per tenant for
+requests that name one), so status reports it even where no budget is set.
+
+The period is the calendar month in the configured time zone: counters are keyed by month
+(``budget:2026-03`` and ``budget:2026-03:tenant:acme``, tenants by ``str(tenant)``), so a
+new month starts at zero without anyone resetting anything, and a reservation reconciles
+against the month it was made in. Time comes only from the injected ``wall_clock``.
+
+Money is counted in dollars as floats. Sums of decimal prices drift (500 × $0.10 adds up
+to 50.00000000000044), so a budget admits up to ``SLACK`` (a billionth of a dollar) past
+its limit: enough to absorb the drift, never a real overspend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Coroutine, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from ..errors import BudgetExceededError
+from .store import MemoryStore, Store
+from .tiers import DimensionStatus
+
+__all__ = ["SLACK", "BudgetGuard", "BudgetReservation", "Price", "month_window"]
+
+SLACK = 1e-9
+"""Dollars a budget admits past its limit, to absorb floating-point drift in sums."""
+
+_KEEP_AFTER_MONTH = 35 * 86_400.0  # a month's counters outlive it: reconciles, status, audits
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """A model's price: dollars per million input tokens and per million output tokens.
+
+    Raises:
+        ValueError: a price that is negative or not a finite number (naming the field).
+    """
+
+    input_per_mtok: float
+    output_per_mtok: float
+
+    def __post_init__(self) -> None:
+        for field in ("input_per_mtok", "output_per_mtok"):
+            _check_dollars(field, getattr(self, field))
+
+    def cost(self, input_tokens: float, output_tokens: float) -> float:
+        """Dollars for a request of ``input_tokens`` in and ``output_tokens`` out."""
+        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
+
+
+def month_window(now: float, zone: ZoneInfo) -> tuple[str, float]:
+    """The calendar month in ``zone`` that Unix time ``now`` falls in, and when it ends.
+
+    Returns:
+        ``("YYYY-MM", start of the next month as Unix time)``.
+    """
+    local = datetime.fromtimestamp(now, zone)
+    year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+    return f"{local.year:04d}-{local.month:02d}", datetime(year, month, 1, tzinfo=zone).timestamp()
+
+
+def _time_zone(name: str) -> ZoneInfo:
+    """The IANA time zone called ``name``.
+
+    Raises:
+        ValueError: no such zone (the message names the value).
+    """
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise ValueError(
+            f"timezone must be an IANA time zone name such as 'UTC' or 'Europe/Paris', "
+            f"not {name!r}."
+        ) from None
+
+
+class BudgetGuard:
+    """A global monthly budget and per-tenant monthly budgets, in dollars, reserved up front.
+
+    A guard keeps no money in memory: every figure lives in the store, so several guards
+    (or processes) sharing one store share one budget, and spend survives a restart with a
+    persistent store.
+
+    Args:
+        monthly: the global budget per calendar month (None: unlimited).
+        tenants: tenant → its own budget per calendar month; tenants not listed have none.
+        store: where the counters live (default: a new in-memory store on ``wall_clock``).
+        timezone: the IANA zone whose calendar months are the budget periods.
+        wall_clock: Unix time now; the only clock the guard reads.
+
+    Raises:
+        ValueError: a budget that is not a finite number > 0, or an unknown time zone.
+    """
+
+    __slots__ = ("_background", "_monthly", "_open", "_store", "_tenants", "_wall_clock", "_zone")
+
+    def __init__(
+        self,
+        *,
+        monthly: float | None = None,
+        tenants: Mapping[Hashable, float] | None = None,
+        store: Store | None = None,
+        timezone: str = "UTC",
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if monthly is not None:
+            _check_budget("monthly", monthly)
+        for tenant, budget in (tenants or {}).items():
+            _check_budget(f"tenants[{tenant!r}]", budget)
+        self._monthly = monthly
+        self._tenants = dict(tenants or {})
+        self._store: Store = store if store is not None else MemoryStore(wall_clock=wall_clock)
+        self._zone = _time_zone(timezone)
+        self._wall_clock = wall_clock
+        self._open = 0
+        # Store updates that must finish even when their caller is cancelled.
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def remaining(self, tenant: Hashable | None) -> float | None:
+        """Dollars left this month: the smaller of the global and the tenant's (None: unlimited)."""
+        if self._monthly is None and self._tenants.get(tenant) is None:
+            return None
+        left = [s.remaining for s in await self.status(tenant) if s.remaining is not None]
+        return min(left)
+
+    async def status(self, tenant: Hashable | None) -> list[DimensionStatus]:
+        """This month's spend against each budget that concerns ``tenant``.
+
+        Returns:
+            ``"budget"`` (global) first, then ``"tenant_budget"`` when a tenant is given.
+            ``remaining`` never goes below 0 (an overdraft shows as ``used > limit``);
+            ``resets_at`` is the start of next month, None where there is no limit.
+        """
+        now = self._wall_clock()
+        month, renews = month_window(now, self._zone)
+        counters = self._counters(tenant, month)
+        used = await self._store.get([key for _, key, _ in counters])
+        return [
+            DimensionStatus(
+                dimension=dimension,
+                used=spent,
+                limit=limit,
+                remaining=None if limit is None else max(0.0, limit - spent),
+                resets_at=None if limit is None else renews,
+            )
+            for (dimension, _, limit), spent in zip(counters, used, strict=True)
+        ]
+
+    async def reserve(
+        self, tenant: Hashable | None, amount: float, *, overdraft: bool = False
+    ) -> BudgetReservation:
+        """Reserve ``amount`` dollars against the global and the tenant's budget: both or neither.
+
+        Args:
+            tenant: whose budget also applies (None: only the global one).
+            amount: the estimated cost of the request.
+            overdraft: charge it even past a budget (the policy "downgrade to the cheapest
+                model and keep serving" once a budget is spent).
+
+        Raises:
+            BudgetExceededError: either budget cannot pay for it this month (and not
+                ``overdraft``); ``retry_after`` is the time until next month; nothing is
+                reserved.
+            ValueError: ``amount`` negative or not finite.
+
+        Under cancellation nothing leaks: a reservation the caller did not live to receive
+        is refunded in the background.
+        """
+        _check_dollars("amount", amount)
+        now = self._wall_clock()
+        month, renews = month_window(now, self._zone)
+        counters = self._counters(tenant, month)
+        expires_at = renews + _KEEP_AFTER_MONTH
+        taking = self._spawn(
+            self._take(
+                counters,
+                amount,
+                overdraft=overdraft,
+                expires_at=expires_at,
+                tenant=tenant,
+                retry_after=renews - now,
+            )
+        )
+        try:
+            keys = await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            taking.add_done_callback(lambda task: self._refund_orphan(task, amount, expires_at))
+            raise
+        self._open += 1
+        return BudgetReservation(self, keys, amount, tenant=tenant, expires_at=expires_at)
+
+    def _counters(self, tenant: Hashable | None, month: str) -> list[tuple[str, str, float | None]]:
+        counters: list[tuple[str, str, float | None]] = [
+            ("budget", f"budget:{month}", self._monthly)
+        ]
+        if tenant is not None:
+            counters.append(
+                ("tenant_budget", f"budget:{month}:tenant:{tenant}", self._tenants.get(tenant))
+            )
+        return counters
+
+    async def _take(
+        self,
+        counters: list[tuple[str, str, float | None]],
+        amount: float,
+        *,
+        overdraft: bool,
+        expires_at: float,
+        tenant: Hashable | None,
+        retry_after: float,
+    ) -> tuple[str, ...]:
+        taken: list[str] = []
+        try:
+            # The tenant first: its budget is the smaller one, so a refusal seldom costs a
+            # rollback of the global counter.
+            for dimension, key, limit in reversed(counters):
+                ceiling = None if overdraft or limit is None else limit + SLACK
+                held = await self._store.reserve(key, amount, limit=ceiling, expires_at=expires_at)
+                if held is None:
+                    owner = "The global" if dimension == "budget" else f"Tenant {tenant}'s"
+                    raise BudgetExceededError(
+                        f"{owner} monthly budget of ${limit:.2f} cannot pay ${amount:.6g} "
+                        f"more this month.",
+                        tenant=tenant,
+                        retry_after=retry_after,
+                    )
+                taken.append(key)
+        except BaseException:
+            await self._add_all(taken, -amount, expires_at)
+            raise
+        return tuple(taken)
+
+    async def _add_all(self, keys: Sequence[str], delta: float, expires_at: float) -> None:
+        for key in keys:
+            await self._store.add(key, delta, expires_at=expires_at)
+
+    def _refund_orphan(
+        self, task: asyncio.Task[tuple[str, ...]], amount: float, expires_at: float
+    ) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return  # nothing was reserved, or _take already rolled back
+        self._spawn(self._add_all(task.result(), -amount, expires_at))
+
+    def _spawn(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _adjust(self, keys: tuple[str, ...], delta: float, expires_at: float) -> None:
+        # Shielded: a caller cancelled mid-refund must not leave the counters half-adjusted.
+        await asyncio.shield(self._spawn(self._add_all(keys, delta, expires_at)))
+
+    def __repr__(self) -> str:
+        monthly = "unlimited" if self._monthly is None else f"${self._monthly:g}"
+        return (
+            f"<BudgetGuard monthly={monthly} tenant_budgets={len(self._tenants)} "
+            f"open={self._open} timezone={self._zone.key!r}>"
+        )
+
+
+class BudgetReservation:
+    """Dollars held against the budgets for one request, until its real cost is known.
+
+    End it exactly once: :meth:`reconcile` with the real cost once the reply's usage is
+    known, or :meth:`cancel` if the request was never sent.
+
+    Attributes:
+        amount: the dollars reserved.
+        tenant: whose budget it was also held against (None: only the global one).
+    """
+
+    __slots__ = ("_ended", "_expires_at", "_guard", "_keys", "amount", "tenant")
+
+    def __init__(
+        self,
+        guard: BudgetGuard,
+        keys: tuple[str, ...],
+        amount: float,
+        *,
+        tenant: Hashable | None,
+        expires_at: float,
+    ) -> None:
+        self._guard = guard
+        self._keys = keys
+        self._expires_at = expires_at
+        self._ended = False
+        self.amount = amount
+        self.tenant = tenant
+
+    async def reconcile(self, actual: float) -> None:
+        """Settle at the real cost: refund what was over-reserved or charge what was under.
+
+        A charge is applied even past the budget: the money is already spent.
+
+        Raises:
+            RuntimeError: the reservation was already reconciled or cancelled.
+            ValueError: ``actual`` negative or not finite.
+        """
+        _check_dollars("actual", actual)
+        self._end()
+        if actual != self.amount:
+            await self._guard._adjust(self._keys, actual - self.amount, self._expires_at)
+
+    async def cancel(self) -> None:
+        """Refund the whole reservation: the request was never sent.
+
+        Raises:
+            RuntimeError: the reservation was already reconciled or cancelled.
+        """
+        self._end()
+        if self.amount:
+            await self._guard._adjust(self._keys, -self.amount, self._expires_at)
+
+    def _end(self) -> None:
+        if self._ended:
+            raise RuntimeError("This budget reservation has already been reconciled or cancelled.")
+        self._ended = True
+        self._guard._open -= 1
+
+    def __repr__(self) -> str:
+        state = "ended" if self._ended else "open"
+        return f"<BudgetReservation ${self.amount:.6g} tenant={self.tenant!r} {state}>"
+
+
+def _check_dollars(field: str, value: float) -> None:
+    if not _is_number(value) or value < 0:
+        raise ValueError(f"{field} must be a finite number of dollars >= 0, not {value!r}.")
+
+
+def _check_budget(field: str, value: float) -> None:
+    if not _is_number(value) or value <= 0:
+        raise ValueError(f"{field} must be a finite number of dollars > 0, not {value!r}.")
+
+
+def _is_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
