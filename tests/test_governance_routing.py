@@ -272,6 +272,12 @@ def test_invalid_configuration_fails_at_construction_naming_the_field(
     assert str(caught.value).startswith(message)
 
 
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_a_request_must_count_its_context_in_whole_tokens(bad: object):
+    with pytest.raises(ValueError, match=f"^context_tokens must be an integer >= 0, not {bad!r}."):
+        router().route(context_tokens=bad)  # type: ignore[arg-type]
+
+
 def test_a_request_with_an_unknown_complexity_is_a_value_error():
     with pytest.raises(
         ValueError, match="complexity must be one of low, medium, high or None, not 'extreme'"

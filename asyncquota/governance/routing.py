@@ -231,10 +231,17 @@ class Router:
             complexity: ``"low"``, ``"medium"``, ``"high"`` or None (unknown).
 
         Raises:
-            ValueError: an unknown model name, or a complexity not in ``COMPLEXITIES``.
+            ValueError: an unknown model name, a complexity not in ``COMPLEXITIES``, or
+                ``context_tokens`` not an integer >= 0.
             NoRouteError: no rule matches and there is no default model, or neither the
                 chosen model nor any of its fallbacks has a context window large enough.
         """
+        if (
+            isinstance(context_tokens, bool)
+            or not isinstance(context_tokens, int)
+            or context_tokens < 0
+        ):
+            raise ValueError(f"context_tokens must be an integer >= 0, not {context_tokens!r}.")
         if complexity is not None and complexity not in COMPLEXITIES:
             raise ValueError(
                 f"complexity must be one of {', '.join(COMPLEXITIES)} or None, not {complexity!r}."
