@@ -218,6 +218,15 @@ def test_every_route_and_every_model_of_its_chain_fits_the_request(
     assert route.model not in route.chain
 
 
+def test_a_request_naming_an_unknown_model_is_refused_with_no_route_error():
+    with pytest.raises(NoRouteError) as caught:
+        router().route(context_tokens=10, model="gpt-5")
+    assert str(caught.value) == (
+        "The requested model 'gpt-5' is not one of the configured models: "
+        "claude-opus, gemini-pro, gpt-4o, gpt-4o-mini, llama-8b."
+    )
+
+
 def test_model_lookup_by_name():
     assert router().model("gpt-4o") is GPT4O
     with pytest.raises(

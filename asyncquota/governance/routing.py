@@ -231,10 +231,11 @@ class Router:
             complexity: ``"low"``, ``"medium"``, ``"high"`` or None (unknown).
 
         Raises:
-            ValueError: an unknown model name, a complexity not in ``COMPLEXITIES``, or
-                ``context_tokens`` not an integer >= 0.
-            NoRouteError: no rule matches and there is no default model, or neither the
-                chosen model nor any of its fallbacks has a context window large enough.
+            ValueError: a complexity not in ``COMPLEXITIES``, or ``context_tokens`` not
+                an integer >= 0.
+            NoRouteError: the requested model is not configured, no rule matches and there
+                is no default model, or neither the chosen model nor any of its fallbacks
+                has a context window large enough.
         """
         if (
             isinstance(context_tokens, bool)
@@ -247,7 +248,13 @@ class Router:
                 f"complexity must be one of {', '.join(COMPLEXITIES)} or None, not {complexity!r}."
             )
         if model is not None:
-            chosen, reason = self.model(model), f"model {model} requested"
+            if model not in self._models:
+                # A request's own word, not configuration: refused like any unroutable one.
+                raise NoRouteError(
+                    f"The requested model {model!r} is not one of the configured models: "
+                    f"{', '.join(sorted(self._models))}."
+                )
+            chosen, reason = self._models[model], f"model {model} requested"
         else:
             chosen, reason = self._match(
                 context_tokens=context_tokens, task=task, complexity=complexity
