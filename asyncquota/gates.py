@@ -217,7 +217,10 @@ class TokenBucket:
         Raises:
             ValueError: ``amount`` is negative or not finite.
         """
-        amount = _check_amount("amount", amount)
+        return self._wait_for(_check_amount("amount", amount), now)
+
+    def _wait_for(self, amount: float, now: float) -> float:
+        """``time_until`` for an amount known to be valid."""
         self._settle(now)
         wait = _shortfall(amount, self._level, self._burst, self._rate)
         if self._mirror_burst is not None:
@@ -237,7 +240,10 @@ class TokenBucket:
         Raises:
             ValueError: ``amount`` is negative or not finite.
         """
-        amount = _check_amount("amount", amount)
+        self._debit(_check_amount("amount", amount), now)
+
+    def _debit(self, amount: float, now: float) -> None:
+        """``take`` for an amount known to be valid."""
         self._settle(now)
         self._level -= amount
         if self._mirror_burst is not None:
@@ -251,7 +257,10 @@ class TokenBucket:
         Raises:
             ValueError: ``amount`` is negative or not finite.
         """
-        amount = _check_amount("amount", amount)
+        self._credit(_check_amount("amount", amount), now)
+
+    def _credit(self, amount: float, now: float) -> None:
+        """``refund`` for an amount known to be valid."""
         self._advance(now)
         self._level = min(self._burst, self._level + amount)
         if self._mirror_burst is not None:
@@ -557,11 +566,13 @@ class _BucketGate:
         return _loop_time(self._bucket.stamp)
 
     def _try_take(self, amount: float) -> bool:
-        amount = _check_amount("amount", amount)
+        return self._take_if_free(_check_amount("amount", amount), self._now())
+
+    def _take_if_free(self, amount: float, now: float) -> bool:
         # FIFO: a newcomer may not pass tasks already waiting, even if it would fit.
-        if self._waiters or self._bucket.time_until(amount, self._now()) > 0:
+        if self._waiters or self._bucket._wait_for(amount, now) > 0:
             return False
-        self._bucket.take(amount, self._now())
+        self._bucket._debit(amount, now)
         return True
 
     async def _take(self, amount: float) -> None:
@@ -664,6 +675,13 @@ class RateGate(_BucketGate):
             ValueError: ``amount`` is negative or not finite.
         """
         return self._try_take(amount)
+
+    def _try_acquire_at(self, now: float) -> bool:
+        """``try_acquire()`` at ``now``, the loop's time the caller has read already.
+
+        For the Shaper's fast path, which reads the clock once per request.
+        """
+        return self._take_if_free(1.0, now)
 
     def statistics(self) -> GateStatistics:
         """A snapshot of the live state."""
@@ -797,6 +815,15 @@ class TokenGate(_BucketGate):
             )
         return self._open_reservation(estimate)
 
+    def _try_reserve_at(self, estimate: int, now: float) -> Reservation | None:
+        """``reserve_nowait`` for a token count known to be valid, at ``now``; None: blocked.
+
+        For the Shaper's fast path (its tickets' costs are checked when they are made).
+        """
+        if not self._take_if_free(estimate, now):
+            return None
+        return self._open_reservation(estimate)
+
     def statistics(self) -> TokenGateStatistics:
         """A snapshot of the live state."""
         base = self._snapshot()
@@ -820,9 +847,9 @@ class TokenGate(_BucketGate):
         self._reserved -= estimate
         now = self._now()
         if actual < estimate:
-            self._bucket.refund(estimate - actual, now)
+            self._bucket._credit(estimate - actual, now)
         elif actual > estimate:
-            self._bucket.take(actual - estimate, now)
+            self._bucket._debit(actual - estimate, now)
         self._wake()
 
     def __repr__(self) -> str:

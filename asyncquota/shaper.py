@@ -62,7 +62,7 @@ from .hooks import (
     Throttled,
     logger,
 )
-from .limiter import ConcurrencyLimiter, Permit, WouldBlock
+from .limiter import ConcurrencyLimiter, Permit
 from .limits import AIMD, Limit
 from .middleware import ShaperMiddleware
 from .priority import Priority, PriorityLike, coerce_priority, describe_priority
@@ -666,11 +666,10 @@ class Shaper:
         now = self._now()
         if not self._cooldown.settled(now):
             return False
-        try:
-            reservation = self._tokens.reserve_nowait(ticket.cost)
-        except WouldBlock:
+        reservation = self._tokens._try_reserve_at(ticket.cost, now)
+        if reservation is None:
             return False
-        if not self._rate.try_acquire():
+        if not self._rate._try_acquire_at(now):
             reservation.cancel()
             return False
         ticket.permit, ticket.reservation = limiter.acquire_nowait(), reservation
@@ -782,7 +781,7 @@ class Shaper:
             reply.status,
             reply.body,
             None if reply.ok else reply.headers,
-            now=self._reply_time(reply.headers),
+            now=None if reply.ok else self._reply_time(reply.headers),
         )
         if verdict.kind is Outcome.SUCCESS:
             sample = now - sent_at

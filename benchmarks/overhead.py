@@ -6,6 +6,8 @@ ways from this process on uvloop, in alternating rounds:
 
 - ``bare``: one ``aiohttp.ClientSession`` (connector bounded to 64 sockets), each reply
   read whole;
+- ``transport``: the Shaper's own pool, ``AiohttpTransport.send``, called directly (what
+  the Shaper pays for its transport alone, shaping aside);
 - ``shaper``: ``Shaper.request`` with its defaults (same 64-socket pool).
 
 In both, 32 callers (chat sessions) send one request at a time, back to back: a load the
@@ -28,9 +30,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import orjson
 import uvloop
 
-from asyncquota import Shaper
+from asyncquota import AiohttpTransport, Request, Shaper
 from asyncquota.testing import UpstreamConfig, run_in_process
 
 BODY = {
@@ -52,6 +55,21 @@ async def bare(base_url: str, n: int) -> float:
                 assert response.status == 200, response.status
 
         return await cpu_per_request(n, one)
+
+
+async def transport(base_url: str, n: int) -> float:
+    pool = AiohttpTransport(max_connections=CONNECTIONS)
+    url, headers = base_url + "/v1/chat/completions", {"Content-Type": "application/json"}
+
+    async def one() -> None:
+        body = orjson.dumps(BODY)
+        response = await pool.send(Request("POST", url, headers, body, timeout=60.0))
+        assert response.status == 200, response.status
+
+    try:
+        return await cpu_per_request(n, one)
+    finally:
+        await pool.aclose()
 
 
 async def shaped(base_url: str, n: int) -> float:
@@ -87,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     config = UpstreamConfig.preset(
         "steady", rps=1_000_000, latency_base=0.005, latency_per_token=0.0, max_concurrency=None
     )
-    cpu: dict[str, list[float]] = {"bare": [], "shaper": []}
+    cpu: dict[str, list[float]] = {"bare": [], "transport": [], "shaper": []}
     with run_in_process(config) as base_url:
         for _ in range(args.rounds):
-            for name, run in (("bare", bare), ("shaper", shaped)):
+            for name, run in (("bare", bare), ("transport", transport), ("shaper", shaped)):
                 with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                     cpu[name].append(runner.run(run(base_url, args.requests)) * 1e6)
     ratios = [s / b for s, b in zip(cpu["shaper"], cpu["bare"], strict=True)]
@@ -99,12 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         "requests_per_round": args.requests,
         "rounds": args.rounds,
         "bare_cpu_us_median": statistics.median(cpu["bare"]),
+        "transport_cpu_us_median": statistics.median(cpu["transport"]),
         "shaper_cpu_us_median": statistics.median(cpu["shaper"]),
         "ratio_median": statistics.median(ratios),
         "ratios": ratios,
     }
     print(f"client CPU per request, {args.rounds} alternating rounds of {args.requests} requests")
     print(f"  bare aiohttp : {report['bare_cpu_us_median']:8.1f} µs (median)")
+    print(f"  transport    : {report['transport_cpu_us_median']:8.1f} µs (median; "
+          "AiohttpTransport.send alone, the Shaper's pool)")
     print(f"  Shaper       : {report['shaper_cpu_us_median']:8.1f} µs (median)")
     verdict = "met" if report["ratio_median"] <= 1.10 else "MISSED"
     print(f"  ratio        : {report['ratio_median']:8.2f}× (median of rounds)")
