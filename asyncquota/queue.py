@@ -590,6 +590,28 @@ class PriorityQueue(Generic[T]):
         while self._poppers:
             self._wake_popper()
 
+    def fail_from(self, priority: PriorityLike, exc: Callable[[Waiter[T]], BaseException]) -> int:
+        """Fail at once every waiter of class ``priority`` or less important; say how many.
+
+        For shedding a whole class (an operator's or an alert's decision). They count as
+        shed. O(k log n) for k waiters failed.
+        """
+        rank = coerce_priority(priority)
+        waiters = [
+            waiter
+            for other in self._ranks
+            if other >= rank
+            for slot in self._classes[other].ring.values()
+            for waiter in slot.waiters()
+        ]
+        failed = 0
+        for waiter in waiters:
+            if waiter._slot is not None:  # a factory may have cancelled one still to come
+                self._shed += 1
+                self._fail(waiter, exc(waiter))
+                failed += 1
+        return failed
+
     def fail_due_before(self, t: float, exc: Callable[[Waiter[T]], BaseException]) -> int:
         """Fail at once every waiter whose deadline comes before ``t``; say how many.
 

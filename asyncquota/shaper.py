@@ -45,6 +45,7 @@ from .errors import (
     QueueFullError,
     QuotaError,
     QuotaExhaustedError,
+    RejectedError,
     ThrottledError,
     TransportError,
     UpstreamError,
@@ -314,6 +315,7 @@ class Shaper:
         self._idle = asyncio.Event()
         self._closing: set[asyncio.Task[Any]] = set()  # those aclose had to cancel
         self._state = "new"
+        self._shed_rank, self._shed_until = int(Priority.BATCH), -math.inf  # see shed_below
         self._sent = self._ok = self._throttled = self._retried = 0
         self._shed = self._deadline_count = self._failed = 0
 
@@ -441,6 +443,37 @@ class Shaper:
         """
         ticket = self._ticket(method, path, json, headers, priority, tenant, deadline, cost_tokens)
         return ShapedStream(self, ticket)
+
+    def shed_below(self, priority: PriorityLike, *, for_seconds: float) -> None:
+        """Refuse the class ``priority`` and every less important one for a while.
+
+        An operator's (or an alert's: see ``governance.alerts.ShedBatchAction``) way to
+        keep the upstream for the urgent: for ``for_seconds`` from now, new requests of
+        that class or below are refused at once with a RejectedError (reason
+        ``"shedding"``) whose ``retry_after`` is the time left, and those already waiting
+        are refused the same way now. Requests in flight finish. A later call replaces
+        this one; ``for_seconds=0`` ends the shedding.
+
+        Raises:
+            ValueError: ``for_seconds`` is negative or not finite, or ``priority`` unknown.
+        """
+        _check("for_seconds", for_seconds, minimum=0)
+        rank = coerce_priority(priority)
+        now = self._now()
+        self._shed_rank, self._shed_until = rank, now + for_seconds
+        if for_seconds > 0:
+            self._queue.fail_from(rank, lambda waiter: self._shedding_error(waiter.item, now))
+
+    def _shedding_error(self, ticket: _Ticket, now: float) -> RejectedError:
+        return RejectedError(
+            f"Requests of class {_class_name(self._shed_rank)} and below are being "
+            f"shed for another {self._shed_until - now:.1f} s to keep the upstream for more "
+            "urgent work; it was not sent.",
+            reason="shedding",
+            priority=ticket.priority,
+            tenant=ticket.tenant,
+            retry_after=self._shed_until - now,
+        )
 
     def statistics(self) -> ShaperStatistics:
         """A frozen snapshot of the live state and the counters."""
@@ -682,9 +715,11 @@ class Shaper:
         A retry is held to the cooldown only: it keeps its original age, so the newcomer's
         estimate of the wait does not apply to it.
         """
+        now = self._now()
+        if self._shed_until > now and ticket.priority >= self._shed_rank:
+            raise self._shedding_error(ticket, now)
         if ticket.deadline is None:
             return
-        now = self._now()
         left = ticket.deadline - now
         cooling = self._cooldown.remaining(now)
         if cooling > left:
@@ -1064,6 +1099,11 @@ class Shaper:
                 hook.on_event(event)
             except Exception:  # instrumentation never fails a request
                 logger.exception("The asyncquota hook %r failed on %s.", hook, event)
+
+
+def _class_name(rank: int) -> str:
+    described = describe_priority(rank)
+    return described.name.lower() if isinstance(described, Priority) else str(rank)
 
 
 def _check(
