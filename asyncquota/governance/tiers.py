@@ -4,17 +4,46 @@ A ``Tier`` names limits per model (``TierLimits``: RPM, RPD, TPM, any may be abs
 ``TenantQuotas`` maps tenants to tiers and admits a request against the tenant's limits
 for that model, all or nothing, before it joins any queue: a tenant over its own quota is
 told at once with ``TenantLimitError`` and a ``retry_after`` (it is their quota, not
-congestion).
+congestion). Counters live in a ``Store``, so with ``SQLiteStore`` a tenant's day survives a
+restart.
+
+Minute windows (RPM, TPM) slide, approximately, as Cloudflare's rate limiter does: two fixed
+one-minute counters, and the previous minute's count is taken in proportion to the part of
+it still inside the last 60 s (``previous × (1 - elapsed / 60) + current``), as if its uses
+had been spread evenly over it. So a tenant cannot spend its minute at 0:59 and again at
+1:00 (the 2× burst of fixed windows), at the cost of memory of two counters per window.
+The approximation errs both ways by at most the unevenness of the previous minute.
+
+Day windows (RPD) are calendar days in the configured time zone (default UTC): the count
+resets at that zone's midnight, so a day may last 23 or 25 hours where clocks change.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from types import MappingProxyType
+from urllib.parse import quote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-__all__ = ["DimensionStatus", "Tier", "TierLimits"]
+from ..errors import TenantLimitError
+from ..priority import Priority
+from .store import MemoryStore, Store
+
+__all__ = ["DimensionStatus", "TenantGrant", "TenantQuotas", "Tier", "TierLimits", "zone"]
+
+MINUTE = 60.0
+
+MINUTE_SLACK = 1e-8
+"""Share of a minute limit forgiven to float rounding: Unix times carry ~0.2 µs of rounding,
+which would otherwise refuse a caller that waited exactly ``retry_after``."""
+
+EXPIRY_MARGIN = 3600.0
+"""Seconds a day counter is kept past its day (a minute counter: one minute past its use)."""
 
 
 def _check_limit(owner: str, field: str, value: float | None) -> None:
@@ -117,3 +146,463 @@ class DimensionStatus:
     limit: float | None
     remaining: float | None
     resets_at: float | None
+
+
+def zone(name: str) -> ZoneInfo:
+    """The IANA time zone ``name`` (``"UTC"``, ``"Asia/Shanghai"``, ``"Europe/Paris"``).
+
+    Raises:
+        ValueError: not a known IANA time zone name.
+    """
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):
+        raise ValueError(
+            f"timezone must be an IANA time zone name such as 'UTC' or 'Europe/Paris', "
+            f"not {name!r}."
+        ) from None
+
+
+def _day(now: float, tz: ZoneInfo) -> tuple[str, float]:
+    """The calendar day containing ``now`` in ``tz`` (ISO date) and when it ends (Unix)."""
+    today = datetime.fromtimestamp(now, tz).date()
+    tomorrow = today + timedelta(days=1)
+    # A midnight that a DST jump skips maps to the jump itself: the day starts then.
+    end = datetime(tomorrow.year, tomorrow.month, tomorrow.day, tzinfo=tz).timestamp()
+    return today.isoformat(), end
+
+
+def _round_up_ms(seconds: float) -> float:
+    """Whole milliseconds, rounded up, ignoring float dust (30.999999999996 → 31.0)."""
+    return max(0.0, math.ceil(seconds * 1000 - 1e-6) / 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class _Window:
+    """One limited dimension of one request at one instant: where it counts and how."""
+
+    dimension: str
+    limit: float
+    amount: float
+    now: float
+    key: str
+    expires_at: float
+    resets_at: float
+    previous_key: str | None  # minute windows only: the previous minute's counter
+
+    @property
+    def previous_weight(self) -> float:
+        """The share of the previous minute still inside the last 60 s."""
+        return (self.resets_at - self.now) / MINUTE
+
+    def used(self, previous: float, current: float) -> float:
+        """The window's count now (the sliding estimate for minute windows)."""
+        return previous * self.previous_weight + current
+
+    def allowance(self, previous: float) -> float:
+        """The most the current counter may hold with this request added."""
+        if self.previous_key is None:
+            return self.limit
+        return self.limit * (1 + MINUTE_SLACK) - previous * self.previous_weight
+
+    def wait(self, previous: float, current: float) -> float | None:
+        """Seconds until this request fits if nothing else changes; None: it never will."""
+        if self.amount > self.limit:
+            return None
+        if current + self.amount <= self.allowance(previous):
+            return 0.0
+        if self.previous_key is None:
+            return self.resets_at - self.now
+        room = self.limit - current - self.amount
+        if room >= 0:
+            # The previous minute's share shrinks to ``room`` before this minute ends.
+            fits_at = self.resets_at - room / previous * MINUTE
+        else:
+            # This minute's count must first become the previous one, then shrink in turn.
+            fits_at = self.resets_at + MINUTE - (self.limit - self.amount) / current * MINUTE
+        return fits_at - self.now
+
+
+_Charge = tuple[str, float, float]  # (key, amount, expires_at): one change to one counter
+
+
+class TenantGrant:
+    """A request's admission against its tenant's tier (from ``TenantQuotas.admit``):
+    settle it once, when the request ends.
+
+    ``reconcile(actual_tokens)`` when the upstream reports the real usage (the tokens
+    counted at admission are refunded or topped up), or ``cancel()`` when the request was
+    never sent (the request and its tokens are refunded). A grant for a tenant without
+    limits changes nothing but still ends once.
+
+    Attributes:
+        tenant: the tenant admitted (None for none).
+        model: the model it was admitted for.
+        tokens: the tokens counted at admission.
+    """
+
+    __slots__ = ("_charges", "_ended", "_quotas", "_tpm", "model", "tenant", "tokens")
+
+    def __init__(
+        self,
+        quotas: TenantQuotas,
+        tenant: Hashable | None,
+        model: str,
+        tokens: float,
+        charges: tuple[_Charge, ...],
+        tpm: _Charge | None,
+    ) -> None:
+        self._quotas = quotas
+        self.tenant = tenant
+        self.model = model
+        self.tokens = tokens
+        self._charges = charges
+        self._tpm = tpm
+        self._ended = False
+
+    async def reconcile(self, actual_tokens: float) -> None:
+        """Count ``actual_tokens`` instead of the estimate against tokens per minute.
+
+        The difference goes to the minute the request was admitted in, so an estimate
+        that was too high frees room at once.
+
+        Raises:
+            ValueError: ``actual_tokens`` not a finite number >= 0.
+            RuntimeError: the grant has already ended.
+        """
+        _check_tokens(actual_tokens, "actual_tokens")
+        self._end()
+        if self._tpm is not None and actual_tokens != self.tokens:
+            key, _, expires_at = self._tpm
+            await self._quotas._settle(((key, actual_tokens - self.tokens, expires_at),))
+
+    async def cancel(self) -> None:
+        """The request was never sent: give back the request and its tokens.
+
+        Raises:
+            RuntimeError: the grant has already ended.
+        """
+        self._end()
+        await self._quotas._settle(tuple((key, -amount, exp) for key, amount, exp in self._charges))
+
+    @property
+    def ended(self) -> bool:
+        """True once ``reconcile`` or ``cancel`` has been called."""
+        return self._ended
+
+    def _end(self) -> None:
+        if self._ended:
+            raise RuntimeError(
+                f"This grant for tenant {self.tenant!r} on {self.model!r} has already ended; "
+                "reconcile or cancel it once."
+            )
+        self._ended = True
+        if self._charges:
+            self._quotas._open -= 1
+
+    def __repr__(self) -> str:
+        state = "ended" if self._ended else "open"
+        return (
+            f"<TenantGrant tenant={self.tenant!r} model={self.model!r} "
+            f"tokens={self.tokens:g} {state}>"
+        )
+
+
+def _check_tokens(tokens: float, name: str) -> None:
+    if (
+        isinstance(tokens, bool)
+        or not isinstance(tokens, int | float)
+        or not math.isfinite(tokens)
+        or tokens < 0
+    ):
+        raise ValueError(f"{name} must be a finite number of tokens >= 0, not {tokens!r}.")
+
+
+_UNITS = {"rpm": "requests per minute", "rpd": "requests per day", "tpm": "tokens per minute"}
+
+
+class TenantQuotas:
+    """Each tenant's tier limits, per model: admits requests all or nothing, or refuses them.
+
+    ``admit`` counts one request against RPM and RPD and the request's token estimate
+    against TPM, for that tenant and model, and returns a ``TenantGrant`` to settle when the
+    request ends. Over any limit it refuses at once with ``TenantLimitError`` carrying the
+    dimension and a ``retry_after``: the seconds until that window frees enough for this
+    request if nothing else changes, computed from the same sliding estimate that admits
+    (so a caller that waits it is admitted), rounded up to the millisecond. For a minute
+    window it is at most 60 s plus the request's share of the limit (60 × amount / limit):
+    a minute spent entirely in its first second is still counted whole at the next minute's
+    start, and leaves evenly from then. When several limits refuse, the longest wait is
+    reported. A request larger than a limit can never pass: its ``retry_after`` is None.
+
+    Admission reserves the dimensions one by one and, when one refuses, refunds the ones it
+    took (the ``Store`` has no multi-key transaction): counters can be high for a moment,
+    never past a limit, and a concurrent request may be refused in that moment.
+
+    Counters are kept in ``store`` under ``tier:{tenant}:{model}:{dimension}:{window}``
+    (tenant and model percent-encoded; window = the Unix minute number, or the ISO date in
+    the time zone), so they are shared by every ``TenantQuotas`` on the same store and, with
+    ``SQLiteStore``, survive a restart. Tenants are told apart by ``str(tenant)``. The store
+    is not closed by this object (others may share it).
+
+    Args:
+        tiers: the tiers, with unique names.
+        tenants: tenant → the name of its tier.
+        default_tier: the tier of tenants not listed (None: they are unlimited).
+        store: where counters live (default: a new ``MemoryStore``).
+        timezone: the IANA zone whose midnight ends a day (default UTC).
+        wall_clock: Unix time; the only clock read.
+
+    Raises:
+        ValueError: duplicate tier names, a tenant or ``default_tier`` naming an unknown
+            tier, or an unknown time zone.
+    """
+
+    __slots__ = (
+        "_admitted",
+        "_open",
+        "_refused",
+        "_settling",
+        "_store",
+        "_tenants",
+        "_tiers",
+        "_wall_clock",
+        "_zone",
+        "default_tier",
+    )
+
+    def __init__(
+        self,
+        *,
+        tiers: Sequence[Tier],
+        tenants: Mapping[Hashable, str],
+        default_tier: str | None = None,
+        store: Store | None = None,
+        timezone: str = "UTC",
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._tiers: dict[str, Tier] = {}
+        for index, tier in enumerate(tiers):
+            if not isinstance(tier, Tier):
+                raise ValueError(f"tiers[{index}] must be a Tier, not {type(tier).__name__}.")
+            if tier.name in self._tiers:
+                raise ValueError(f"tiers[{index}] repeats the tier name {tier.name!r}.")
+            self._tiers[tier.name] = tier
+        known = ", ".join(repr(name) for name in self._tiers) or "none"
+        self._tenants: dict[Hashable, Tier] = {}
+        for tenant, name in tenants.items():
+            if name not in self._tiers:
+                raise ValueError(
+                    f"Tenant {tenant!r} is assigned to unknown tier {name!r}; known tiers: {known}."
+                )
+            self._tenants[tenant] = self._tiers[name]
+        if default_tier is not None and default_tier not in self._tiers:
+            raise ValueError(
+                f"default_tier {default_tier!r} is not a known tier; known tiers: {known}."
+            )
+        if not callable(wall_clock):
+            raise ValueError("wall_clock must be a callable returning Unix time in seconds.")
+        self.default_tier = default_tier
+        self._zone = zone(timezone)
+        self._wall_clock = wall_clock
+        self._store: Store = store if store is not None else MemoryStore(wall_clock=wall_clock)
+        self._settling: set[asyncio.Task[None]] = set()
+        self._admitted = 0
+        self._refused = 0
+        self._open = 0
+
+    def tier_of(self, tenant: Hashable | None) -> Tier | None:
+        """The tier ``tenant`` belongs to (the default for unlisted tenants); None: no limits."""
+        if tenant is None:
+            return None
+        tier = self._tenants.get(tenant)
+        if tier is None and self.default_tier is not None:
+            tier = self._tiers[self.default_tier]
+        return tier
+
+    async def admit(
+        self,
+        tenant: Hashable | None,
+        model: str,
+        tokens: float,
+        *,
+        priority: Priority | int | None = None,
+    ) -> TenantGrant:
+        """Count one request and ``tokens`` for ``tenant`` on ``model``, or refuse it whole.
+
+        A tenant of None, or one whose tier puts no limit on ``model``, gets a grant that
+        changes nothing (no store call). Safe under cancellation: a cancelled admission
+        gives back whatever it had counted.
+
+        Raises:
+            TenantLimitError: over a limit; nothing is counted. ``dimension`` names the
+                limit, ``retry_after`` the seconds until it frees enough (None: never).
+            ValueError: ``tokens`` not a finite number >= 0.
+        """
+        _check_tokens(tokens, "tokens")
+        tier = self.tier_of(tenant)
+        limits = UNLIMITED if tier is None else tier.limits_for(model)
+        if tier is None or limits.unlimited:
+            self._admitted += 1
+            return TenantGrant(self, tenant, model, tokens, (), None)
+        windows = self._windows(tenant, model, limits, tokens)
+        keys = [w.previous_key for w in windows if w.previous_key is not None]
+        previous = dict(zip(keys, await self._store.get(keys), strict=True))
+        taken: list[_Charge] = []
+        refused: _Window | None = None
+        try:
+            for window in windows:
+                allowance = window.allowance(previous.get(window.previous_key or "", 0.0))
+                counted = await self._store.reserve(
+                    window.key, window.amount, limit=allowance, expires_at=window.expires_at
+                )
+                if counted is None:
+                    refused = window
+                    break
+                taken.append((window.key, window.amount, window.expires_at))
+        finally:
+            if refused is not None or len(taken) < len(windows):
+                await self._settle(tuple((key, -amount, exp) for key, amount, exp in taken))
+        if refused is not None:
+            self._refused += 1
+            raise await self._refusal(tenant, tier, model, windows, refused, priority)
+        self._admitted += 1
+        self._open += 1
+        tpm = next((c for c, w in zip(taken, windows, strict=True) if w.dimension == "tpm"), None)
+        return TenantGrant(self, tenant, model, tokens, tuple(taken), tpm)
+
+    async def status(self, tenant: Hashable, model: str) -> list[DimensionStatus]:
+        """Used, limit, remaining and reset time of each limited dimension (rpm, rpd, tpm).
+
+        Dimensions without a limit are left out: a tenant with no limits on ``model`` gets
+        an empty list. A minute window's ``used`` is the sliding estimate (fractional).
+        """
+        tier = self.tier_of(tenant)
+        limits = UNLIMITED if tier is None else tier.limits_for(model)
+        windows = self._windows(tenant, model, limits, 0.0)
+        counts = await self._counts(windows)
+        statuses = []
+        for window, (previous, current) in zip(windows, counts, strict=True):
+            used = window.used(previous, current)
+            statuses.append(
+                DimensionStatus(
+                    dimension=window.dimension,
+                    used=used,
+                    limit=window.limit,
+                    remaining=max(0.0, window.limit - used),
+                    resets_at=window.resets_at,
+                )
+            )
+        return statuses
+
+    def _windows(
+        self, tenant: Hashable | None, model: str, limits: TierLimits, tokens: float
+    ) -> list[_Window]:
+        now = self._wall_clock()
+        prefix = f"tier:{quote(str(tenant), safe='')}:{quote(model, safe='')}"
+        minute = math.floor(now / MINUTE)
+        minute_end = (minute + 1) * MINUTE
+        windows = []
+        for dimension, limit, amount in (("rpm", limits.rpm, 1.0), ("tpm", limits.tpm, tokens)):
+            if limit is not None:
+                windows.append(
+                    _Window(
+                        dimension=dimension,
+                        limit=limit,
+                        amount=amount,
+                        now=now,
+                        key=f"{prefix}:{dimension}:{minute}",
+                        # Read as "this minute", then as "the previous minute", then a margin.
+                        expires_at=minute_end + 2 * MINUTE,
+                        resets_at=minute_end,
+                        previous_key=f"{prefix}:{dimension}:{minute - 1}",
+                    )
+                )
+        if limits.rpd is not None:
+            day, day_end = _day(now, self._zone)
+            windows.append(
+                _Window(
+                    dimension="rpd",
+                    limit=limits.rpd,
+                    amount=1.0,
+                    now=now,
+                    key=f"{prefix}:rpd:{day}",
+                    expires_at=day_end + EXPIRY_MARGIN,
+                    resets_at=day_end,
+                    previous_key=None,
+                )
+            )
+        # Status reads in the order rpm, rpd, tpm.
+        windows.sort(key=lambda w: ("rpm", "rpd", "tpm").index(w.dimension))
+        return windows
+
+    async def _counts(self, windows: Sequence[_Window]) -> list[tuple[float, float]]:
+        """(previous, current) counter values of each window, in one store call."""
+        keys: list[str] = []
+        for window in windows:
+            keys.extend((window.previous_key or window.key, window.key))
+        values = await self._store.get(keys) if keys else []
+        return [
+            (values[2 * i] if window.previous_key is not None else 0.0, values[2 * i + 1])
+            for i, window in enumerate(windows)
+        ]
+
+    async def _refusal(
+        self,
+        tenant: Hashable | None,
+        tier: Tier,
+        model: str,
+        windows: Sequence[_Window],
+        refused: _Window,
+        priority: Priority | int | None,
+    ) -> TenantLimitError:
+        """The error for a refusal, naming the limit with the longest wait (fresh counts)."""
+        waits = {
+            window.dimension: window.wait(*counts)
+            for window, counts in zip(windows, await self._counts(windows), strict=True)
+        }
+        worst, worst_wait = refused, waits[refused.dimension]
+        for window in windows:
+            wait = waits[window.dimension]
+            if worst_wait is not None and (wait is None or wait > worst_wait):
+                worst, worst_wait = window, wait
+        what = f"{worst.limit:g} {_UNITS[worst.dimension]}"
+        who = f"Tenant {tenant!r} (tier {tier.name!r})"
+        if worst_wait is None:
+            message = (
+                f"{who} can never send this request to {model!r}: it needs "
+                f"{worst.amount:g}, more than its limit of {what}."
+            )
+            retry_after = None
+        else:
+            retry_after = _round_up_ms(worst_wait)
+            message = (
+                f"{who} is over its limit of {what} on {model!r}; try again in {retry_after:g} s."
+            )
+        return TenantLimitError(
+            message,
+            dimension=worst.dimension,
+            model=model,
+            tenant=tenant,
+            priority=priority,
+            retry_after=retry_after,
+        )
+
+    async def _settle(self, changes: tuple[_Charge, ...]) -> None:
+        """Apply counter changes (refunds, top-ups), even if the caller is cancelled meanwhile."""
+        if not changes:
+            return
+        task = asyncio.ensure_future(self._apply(changes))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        await asyncio.shield(task)
+
+    async def _apply(self, changes: tuple[_Charge, ...]) -> None:
+        for key, amount, expires_at in changes:
+            await self._store.add(key, amount, expires_at=expires_at)
+
+    def __repr__(self) -> str:
+        return (
+            f"<TenantQuotas tiers={len(self._tiers)} tenants={len(self._tenants)} "
+            f"admitted={self._admitted} refused={self._refused} open={self._open}>"
+        )
