@@ -498,26 +498,28 @@ class TenantQuotas:
     def _windows(
         self, tenant: Hashable | None, model: str, limits: TierLimits, tokens: float
     ) -> list[_Window]:
+        """The limited windows of a request made now, in the order rpm, rpd, tpm."""
         now = self._wall_clock()
         prefix = f"tier:{quote(str(tenant), safe='')}:{quote(model, safe='')}"
         minute = math.floor(now / MINUTE)
         minute_end = (minute + 1) * MINUTE
+
+        def minute_window(dimension: str, limit: float, amount: float) -> _Window:
+            return _Window(
+                dimension=dimension,
+                limit=limit,
+                amount=amount,
+                now=now,
+                key=f"{prefix}:{dimension}:{minute}",
+                # Read as "this minute", then as "the previous minute", then a margin.
+                expires_at=minute_end + 2 * MINUTE,
+                resets_at=minute_end,
+                previous_key=f"{prefix}:{dimension}:{minute - 1}",
+            )
+
         windows = []
-        for dimension, limit, amount in (("rpm", limits.rpm, 1.0), ("tpm", limits.tpm, tokens)):
-            if limit is not None:
-                windows.append(
-                    _Window(
-                        dimension=dimension,
-                        limit=limit,
-                        amount=amount,
-                        now=now,
-                        key=f"{prefix}:{dimension}:{minute}",
-                        # Read as "this minute", then as "the previous minute", then a margin.
-                        expires_at=minute_end + 2 * MINUTE,
-                        resets_at=minute_end,
-                        previous_key=f"{prefix}:{dimension}:{minute - 1}",
-                    )
-                )
+        if limits.rpm is not None:
+            windows.append(minute_window("rpm", limits.rpm, 1.0))
         if limits.rpd is not None:
             day, day_end = _day(now, self._zone)
             windows.append(
@@ -532,8 +534,8 @@ class TenantQuotas:
                     previous_key=None,
                 )
             )
-        # Status reads in the order rpm, rpd, tpm.
-        windows.sort(key=lambda w: ("rpm", "rpd", "tpm").index(w.dimension))
+        if limits.tpm is not None:
+            windows.append(minute_window("tpm", limits.tpm, tokens))
         return windows
 
     async def _counts(self, windows: Sequence[_Window]) -> list[tuple[float, float]]:
