@@ -73,6 +73,12 @@ class RunSpec:
         virtual: in process on virtual time, or for real.
         base_url: the upstream process's URL (real runs only).
         progress: draw a progress bar on stderr.
+        shaper_options: the Shaper's options, as ``(name, value)`` pairs (see
+            :data:`~asyncquota.bench.strategies.shaper.Options`); only for the
+            ``asyncquota`` strategy. Empty (the default): the Shaper as it ships.
+
+    Raises:
+        ValueError: Shaper options for another strategy.
     """
 
     strategy: str
@@ -81,6 +87,13 @@ class RunSpec:
     virtual: bool
     base_url: str | None = None
     progress: bool = False
+    shaper_options: tuple[tuple[str, int | float | str | None], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.shaper_options and self.strategy != "asyncquota":
+            raise ValueError(
+                f"Shaper options apply to the asyncquota strategy only, not {self.strategy!r}."
+            )
 
 
 @dataclass(slots=True)
@@ -191,7 +204,13 @@ async def _run(spec: RunSpec) -> StrategyRun:
         target = Target(spec.base_url, spec.config)
     log = RequestLog()
     run = StrategyRun(strategy=spec.strategy, log=log)
-    strategy = load_strategy(spec.strategy)(target)
+    strategy: Strategy
+    if spec.shaper_options:
+        from .strategies.shaper import ShaperStrategy
+
+        strategy = ShaperStrategy(target, options=spec.shaper_options)
+    else:
+        strategy = load_strategy(spec.strategy)(target)
     horizon = spec.model.duration + spec.model.max_deadline + STOP_GRACE
     progress = Progress(spec.strategy, horizon) if spec.progress else None
 
@@ -259,14 +278,7 @@ def _upstream_for(spec: RunSpec) -> Iterator[RunSpec]:
         yield spec
         return
     with run_in_process(spec.config) as base_url:
-        yield RunSpec(
-            strategy=spec.strategy,
-            config=spec.config,
-            model=spec.model,
-            virtual=False,
-            base_url=base_url,
-            progress=spec.progress,
-        )
+        yield replace(spec, base_url=base_url)
 
 
 def run_strategies(

@@ -1,38 +1,151 @@
-"""``asyncquota``: the Shaper with its defaults, as a chatbot server would embed it.
+"""``asyncquota``: one Shaper for the process, as a chatbot server would embed it.
 
-No tuning for the benchmark: one ``Shaper`` for the process, each call sent with its class
-(interactive or batch) and its deadline; a ``QuotaError`` is the caller's answer ("busy,
-try again in N s"). In a virtual run the Shaper talks to the in-process simulated upstream
-through a plain ``MockTransport``: its own concurrency limit bounds what is in flight.
+The benchmark runs it with its defaults (no tuning for the benchmark): each call sent with
+its class (interactive or batch) and its deadline; a ``QuotaError`` is the caller's answer
+("busy, try again in N s"). The tuner runs it with :data:`Options`: plain names and values
+(picklable, so they cross into the run's process) that :func:`shaper_arguments` turns into
+the Shaper's keyword arguments there, the limit algorithm included. In a virtual run the
+Shaper talks to the in-process simulated upstream through a plain ``MockTransport``: its
+own concurrency limit bounds what is in flight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Self
+import inspect
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any, Self
 
+from ...limits import AIMD, Fixed, Gradient, Limit
 from ...priority import describe_priority
-from ...shaper import Shaper
+from ...shaper import DROP_TOLERANCE, Shaper
 from ...testing.replies import CHAT_PATH
 from ...transport import MockTransport
 from ..sessions import Call
 from .base import Strategy, Target
 
-__all__ = ["ShaperStrategy"]
+__all__ = [
+    "LIMITS",
+    "LIMIT_DEFAULTS",
+    "LIMIT_PREFIX",
+    "OptionValue",
+    "Options",
+    "ShaperStrategy",
+    "build_limit",
+    "shaper_arguments",
+]
+
+OptionValue = int | float | str | None
+"""One option's value, already of the type its parameter takes."""
+
+Options = tuple[tuple[str, OptionValue], ...]
+"""The Shaper's options as ``(name, value)`` pairs: a Shaper keyword argument by its name
+(``"retry_budget"``), the limit algorithm as ``"limit"`` (a key of :data:`LIMITS`), and the
+algorithm's keyword arguments as ``"limit.NAME"`` (``"limit.initial"``). Empty: defaults."""
+
+LIMITS: Mapping[str, type[AIMD] | type[Gradient] | type[Fixed]] = MappingProxyType(
+    {"aimd": AIMD, "gradient": Gradient, "fixed": Fixed}
+)
+"""The limit algorithms an option may choose, by name."""
+
+LIMIT_DEFAULTS: Mapping[str, Mapping[str, OptionValue]] = MappingProxyType(
+    {"aimd": MappingProxyType({"drop_tolerance": DROP_TOLERANCE})}
+)
+"""What the Shaper's own default limit sets beyond the algorithm's defaults: ``limit.NAME``
+options alone (or ``limit=aimd``) then tune the very limit an untuned Shaper runs."""
+
+LIMIT_PREFIX = "limit."
+
+
+def build_limit(algorithm: str, parameters: Mapping[str, OptionValue]) -> Limit:
+    """The limit ``algorithm`` (a key of :data:`LIMITS`) built with ``parameters``.
+
+    Raises:
+        ValueError: an unknown algorithm, a parameter it does not take, one it needs and
+            was not given, or a value it refuses (its own message).
+    """
+    try:
+        cls = LIMITS[algorithm]
+    except KeyError:
+        raise ValueError(
+            f"Unknown limit algorithm {algorithm!r}; use one of {', '.join(LIMITS)}."
+        ) from None
+    accepted = inspect.signature(cls).parameters
+    unknown = [name for name in parameters if name not in accepted]
+    if unknown:
+        raise ValueError(
+            f"The {cls.__name__} limit takes no {_listed(unknown)}; it takes "
+            f"{_listed(accepted)}."
+        )
+    arguments: dict[str, Any] = {**LIMIT_DEFAULTS.get(algorithm, {}), **parameters}
+    missing = [
+        name for name, parameter in accepted.items()
+        if parameter.default is inspect.Parameter.empty and name not in arguments
+    ]
+    if missing:
+        raise ValueError(f"The {cls.__name__} limit needs {_listed(missing)}.")
+    limit: Limit = cls(**arguments)
+    return limit
+
+
+def _listed(names: Iterable[str]) -> str:
+    return ", ".join(LIMIT_PREFIX + name for name in names)
+
+
+def shaper_arguments(options: Options) -> dict[str, Any]:
+    """The Shaper's keyword arguments that ``options`` stand for, its ``limit`` built.
+
+    Without ``"limit"`` but with ``"limit.NAME"`` options, the algorithm is the Shaper's
+    default one (``aimd``, with its :data:`LIMIT_DEFAULTS`).
+
+    Raises:
+        ValueError: a name given twice, or a limit that cannot be built (see
+            :func:`build_limit`).
+    """
+    names = [name for name, _ in options]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"Each option may be given once; {', '.join(repeated)} came twice.")
+    arguments: dict[str, Any] = {}
+    algorithm: str | None = None
+    parameters: dict[str, OptionValue] = {}
+    for name, value in options:
+        if name == "limit":
+            algorithm = str(value)
+        elif name.startswith(LIMIT_PREFIX):
+            parameters[name.removeprefix(LIMIT_PREFIX)] = value
+        else:
+            arguments[name] = value
+    if algorithm is not None or parameters:
+        arguments["limit"] = build_limit(algorithm or "aimd", parameters)
+    return arguments
 
 
 class ShaperStrategy(Strategy):
-    """Every call through one asyncquota Shaper."""
+    """Every call through one asyncquota Shaper.
+
+    Args:
+        target: the upstream.
+        options: the Shaper's options (default none: the Shaper exactly as it ships).
+
+    Raises:
+        ValueError: an option the Shaper or its limit refuses (their own messages).
+        TypeError: a name the Shaper takes no keyword argument by.
+    """
 
     name = "asyncquota"
     description = "asyncquota.Shaper with its defaults"
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, *, options: Options = ()) -> None:
         super().__init__(target)
+        arguments = shaper_arguments(options)
         transport = MockTransport(target.handler) if target.handler is not None else None
         # The upstream's wall clock, to read its dates (the real one, or a virtual run's).
         self._shaper = Shaper(
-            target.base_url, transport=transport, wall_clock=target.config.wall_clock
+            target.base_url,
+            transport=transport,
+            wall_clock=target.config.wall_clock,
+            **arguments,
         )
 
     async def __aenter__(self) -> Self:
