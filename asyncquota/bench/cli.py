@@ -1,8 +1,11 @@
-"""The ``asyncquota`` command: ``asyncquota bench ...`` replays the night and reports.
+"""The ``asyncquota`` command: ``asyncquota bench ...`` replays the night and reports;
+``asyncquota tune ...`` replays it once per combination of Shaper settings and ranks them.
 
     asyncquota bench --scenario crisis --sessions 30000 --duration 60 \\
         --strategies naive,openai-sdk,tenacity,cookbook --json out.json --plot out.png
     asyncquota bench --virtual ...      # in process, on virtual time
+    asyncquota tune --scenario crisis --param limit.initial=20,64 \\
+        --param retry_budget=0.05,0.2 --objective goodput --csv tune.csv --heatmap tune.png
 
 Runs are bounded (at most ``MAX_SESSIONS`` sessions and ``MAX_DURATION`` seconds, each
 stopping by itself) and real runs talk to an upstream on 127.0.0.1 only.
@@ -22,6 +25,21 @@ from .report import document, table
 from .runner import StrategyRun, run_strategies
 from .sessions import SessionModel
 from .strategies import STRATEGIES
+from .tune import (
+    METRICS,
+    PARAMETERS,
+    Objective,
+    Trial,
+    describe,
+    heatmap,
+    parse_objective,
+    parse_param,
+    prepare,
+    rank,
+    run_trials,
+    write_csv,
+)
+from .tune import table as tune_table
 
 __all__ = ["MAX_DURATION", "MAX_SESSIONS", "main"]
 
@@ -38,6 +56,20 @@ def _strategies(text: str) -> list[str]:
             f"{', '.join(STRATEGIES)}, separated by commas."
         )
     return names
+
+
+def _param(text: str) -> tuple[str, tuple[int | float | str | None, ...]]:
+    try:
+        return parse_param(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _objective(text: str) -> Objective:
+    try:
+        return parse_objective(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,6 +97,36 @@ def _parser() -> argparse.ArgumentParser:
         help="run in process on virtual time instead of against an upstream process",
     )
     bench.add_argument("--seed", type=int, default=0)
+    tune = commands.add_parser(
+        "tune",
+        help="rank combinations of Shaper settings by an objective",
+        description="Replay the night on virtual time once per combination of the given "
+        "Shaper settings (each in its own process), and rank the combinations.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="parameters: " + ", ".join(PARAMETERS) + "\n(limit is "
+        + "|".join(PARAMETERS["limit"].choices) + "; none unsets an optional one)"
+        + "\n\nmetrics of an objective:\n"
+        + "\n".join(f"  {m.name:<18} {m.unit}" for m in METRICS.values()),
+    )
+    tune.add_argument("--scenario", choices=sorted(PRESETS), default="crisis")
+    tune.add_argument(
+        "--param", type=_param, action="append", required=True, metavar="NAME=V1,V2,...",
+        help="a parameter and the values to try (repeat for more; all combinations run)",
+    )
+    tune.add_argument(
+        "--objective", type=_objective, default=parse_objective("goodput"),
+        metavar="METRIC|METRIC=WEIGHT,...",
+        help="goodput (higher better), p99 or 429 (lower better), ... or a weighted sum "
+        "such as goodput=1,429=-10,p99=-0.0001 (higher better); default goodput",
+    )
+    tune.add_argument("--sessions", type=int, default=30_000)
+    tune.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
+    tune.add_argument("--seed", type=int, default=0,
+                      help="seeds the night, the upstream and the Shaper's jitter")
+    tune.add_argument("--csv", type=Path, metavar="PATH", help="write every combination")
+    tune.add_argument("--heatmap", type=Path, metavar="PATH", help="write a PNG of the scores")
+    tune.add_argument("--jobs", type=int, default=1,
+                      help="combinations run at once, each in its own process (default 1)")
     return parser
 
 
@@ -78,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--duration must be more than 0 and at most {MAX_DURATION:g} seconds.")
     config = UpstreamConfig.preset(args.scenario, seed=args.seed)
     model = SessionModel(sessions=args.sessions, duration=args.duration, seed=args.seed)
+    if args.command == "tune":
+        return _tune(parser, args, config=config, model=model)
     progress = sys.stderr.isatty()
 
     def done(run: StrategyRun) -> None:
@@ -101,4 +165,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .plot import plot
 
         plot(doc, runs, args.plot)
+    return 0
+
+
+def _tune(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    *,
+    config: UpstreamConfig,
+    model: SessionModel,
+) -> int:
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1.")
+    try:
+        combos = prepare(args.param, config=config)
+    except ValueError as exc:
+        parser.error(str(exc))
+    finished = 0
+
+    def done(trial: Trial) -> None:
+        nonlocal finished
+        finished += 1
+        print(
+            f"[{finished}/{len(combos)}] {describe(trial.options)}: goodput "
+            f"{trial.result['goodput_ratio']:.4f}, {trial.result['wall_s']:.1f} s wall",
+            file=sys.stderr,
+        )
+
+    trials = run_trials(
+        combos, scenario=args.scenario, config=config, model=model, jobs=args.jobs,
+        on_done=done,
+    )
+    ranked = rank(trials, args.objective)
+    title = (f"{args.scenario}: {model.sessions} sessions, {model.duration:g} s, virtual time, "
+             f"seed {model.seed}")
+    print(tune_table(ranked, objective=args.objective, title=title))
+    if args.csv is not None:
+        write_csv(args.csv, ranked)
+    if args.heatmap is not None:
+        heatmap(args.heatmap, ranked, sweep=args.param, objective=args.objective, title=title)
     return 0
