@@ -32,11 +32,11 @@ from collections.abc import Callable, Coroutine, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from ..errors import BudgetExceededError
 from .store import MemoryStore, Store
-from .tiers import DimensionStatus
+from .tiers import DimensionStatus, zone
 
 __all__ = ["SLACK", "BudgetGuard", "BudgetReservation", "Price", "month_window"]
 
@@ -79,21 +79,6 @@ def month_window(now: float, zone: ZoneInfo) -> tuple[str, float]:
     return f"{local.year:04d}-{local.month:02d}", datetime(year, month, 1, tzinfo=zone).timestamp()
 
 
-def _time_zone(name: str) -> ZoneInfo:
-    """The IANA time zone called ``name``.
-
-    Raises:
-        ValueError: no such zone (the message names the value).
-    """
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
-        raise ValueError(
-            f"timezone must be an IANA time zone name such as 'UTC' or 'Europe/Paris', "
-            f"not {name!r}."
-        ) from None
-
-
 class BudgetGuard:
     """A global monthly budget and per-tenant monthly budgets, in dollars, reserved up front.
 
@@ -130,7 +115,7 @@ class BudgetGuard:
         self._monthly = monthly
         self._tenants = dict(tenants or {})
         self._store: Store = store if store is not None else MemoryStore(wall_clock=wall_clock)
-        self._zone = _time_zone(timezone)
+        self._zone = zone(timezone)
         self._wall_clock = wall_clock
         self._open = 0
         # Store updates that must finish even when their caller is cancelled.
