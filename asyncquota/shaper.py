@@ -444,6 +444,15 @@ class Shaper:
         ticket = self._ticket(method, path, json, headers, priority, tenant, deadline, cost_tokens)
         return ShapedStream(self, ticket)
 
+    @property
+    def quota(self) -> QuotaSnapshot | None:
+        """What the upstream's rate-limit headers said last (None: nothing yet)."""
+        return self._quota
+
+    def cooldown_remaining(self) -> float:
+        """Seconds the fleet-wide cooldown (the upstream's Retry-After) still holds; 0 if open."""
+        return self._cooldown.remaining(self._now())
+
     def shed_below(self, priority: PriorityLike, *, for_seconds: float) -> None:
         """Refuse the class ``priority`` and every less important one for a while.
 

@@ -23,7 +23,14 @@ from typing import Any
 
 import orjson
 
-__all__ = ["CHARS_PER_TOKEN", "estimate_tokens", "usage_from_mapping", "usage_tokens"]
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "estimate_tokens",
+    "output_allowance",
+    "usage_from_mapping",
+    "usage_split",
+    "usage_tokens",
+]
 
 CHARS_PER_TOKEN = 4.0
 
@@ -43,15 +50,19 @@ def estimate_tokens(body_size: int, payload: Any, *, default_output_tokens: int)
         payload: the decoded JSON the body came from, to find ``max_tokens``; may be None.
         default_output_tokens: the output allowance when the request names no cap.
     """
-    prompt = math.ceil(body_size / CHARS_PER_TOKEN)
-    output = default_output_tokens
+    return math.ceil(body_size / CHARS_PER_TOKEN) + output_allowance(
+        payload, default_output_tokens=default_output_tokens
+    )
+
+
+def output_allowance(payload: Any, *, default_output_tokens: int) -> int:
+    """The output tokens a request may use: its ``max_tokens`` (or a synonym), else the default."""
     if isinstance(payload, Mapping):
         for key in _OUTPUT_KEYS:
             value = payload.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                output = value
-                break
-    return prompt + output
+                return value
+    return default_output_tokens
 
 
 def usage_tokens(body: bytes) -> int | None:
@@ -71,12 +82,21 @@ def usage_tokens(body: bytes) -> int | None:
 
 def usage_from_mapping(usage: Mapping[str, Any]) -> int | None:
     """Total tokens in one ``usage`` object (also a streamed chunk's), or None."""
+    split = usage_split(usage)
+    return None if split is None else split[0] + split[1]
+
+
+def usage_split(usage: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(input, output)`` tokens of one ``usage`` object, or None if it names neither.
+
+    Anthropic's cache writes and reads count as input.
+    """
     for input_key, output_key in _USAGE_PAIRS:
         if input_key in usage or output_key in usage:
-            total = 0
-            for key in (input_key, output_key, *_ANTHROPIC_CACHE_KEYS):
-                value = usage.get(key)
-                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                    total += value
-            return total
+            counts = [_count(usage.get(key)) for key in (input_key, *_ANTHROPIC_CACHE_KEYS)]
+            return sum(counts), _count(usage.get(output_key))
     return None
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

@@ -206,6 +206,11 @@ class Router:
             self._known(default_model, "default_model")
         self._default = default_model
 
+    @property
+    def models(self) -> tuple[Model, ...]:
+        """Every configured model, in configuration order."""
+        return tuple(self._models.values())
+
     def model(self, name: str) -> Model:
         """The model called ``name``.
 

@@ -1,0 +1,321 @@
+"""The Gateway: routing, fallbacks, tenant tiers, the budget and alerts, over mock upstreams."""
+
+import asyncio
+import collections
+
+import orjson
+import pytest
+
+from asyncquota import (
+    BudgetExceededError,
+    MockTransport,
+    NoRouteError,
+    QuotaError,
+    Request,
+    Response,
+    Shaper,
+    TenantLimitError,
+)
+from asyncquota.governance.alerts import CallbackSink, UsageMonitor
+from asyncquota.governance.budget import BudgetGuard, Price
+from asyncquota.governance.gateway import EXHAUSTED_HOLD, Gateway
+from asyncquota.governance.routing import Model, Router, Rule
+from asyncquota.governance.store import MemoryStore
+from asyncquota.governance.tiers import TenantQuotas, Tier, TierLimits
+
+EPOCH = 1_800_000_000.0  # 2027-01-15 08:00 UTC
+
+
+def wall() -> float:
+    return EPOCH + asyncio.get_running_loop().time()
+
+
+def chat(content: str = "Where is my parcel?", max_tokens: int = 100) -> dict:
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+
+
+class Upstream:
+    """A mock upstream that records what it got and answers as told (default: 200 + usage)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: list[dict] = []
+        self.replies: collections.deque[Response] = collections.deque()
+        self.latency = 0.1
+
+    async def handle(self, request: Request) -> Response:
+        self.seen.append(orjson.loads(request.body or b"{}"))
+        await asyncio.sleep(self.latency)
+        if self.replies:
+            return self.replies.popleft()
+        usage = {"prompt_tokens": 1000, "completion_tokens": 500}
+        return Response(200, {}, orjson.dumps({"usage": usage, "upstream": self.name}))
+
+
+MODELS = (
+    Model("big", upstream="a", context_window=32_000, price=Price(10.0, 30.0),
+          api_name="big-2026-01"),
+    Model("small", upstream="b", context_window=16_000, price=Price(0.5, 1.5)),
+    Model("long", upstream="b", context_window=200_000, price=Price(3.0, 15.0)),
+)
+
+
+RULES = (Rule(model="big", task="code_review", complexity="high"),)
+
+
+def make_gateway(
+    *,
+    rules=RULES,
+    fallbacks=None,
+    tenants=None,
+    budget=None,
+    monitor=None,
+    when_spent="downgrade",
+    deadline=30.0,
+):
+    ups = {"a": Upstream("a"), "b": Upstream("b")}
+    shapers = {
+        name: Shaper(
+            f"http://{name}.test",
+            transport=MockTransport(up.handle),
+            hooks=(),
+            default_deadline=deadline,
+            wall_clock=wall,
+        )
+        for name, up in ups.items()
+    }
+    router = Router(
+        models=MODELS,
+        rules=rules,
+        fallbacks=fallbacks if fallbacks is not None else {"big": ["small", "long"]},
+        default_model="small",
+    )
+    gateway = Gateway(
+        upstreams=shapers,
+        router=router,
+        tenants=tenants,
+        budget=budget,
+        monitor=monitor,
+        when_spent=when_spent,
+        wall_clock=wall,
+    )
+    return gateway, ups
+
+
+# -- routing -----------------------------------------------------------------------------
+
+
+async def test_the_table_picks_the_model_and_the_body_names_its_api_name():
+    gateway, ups = make_gateway()
+    async with gateway:
+        routed = await gateway.request(chat(), task="code_review", complexity="high")
+        plain = await gateway.request(chat(), task="qa", complexity="low")
+    assert routed.model == "big" and routed.reason.startswith("rule 0: task=code_review")
+    assert ups["a"].seen[0]["model"] == "big-2026-01"
+    assert plain.model == "small" and plain.reason == "default model"
+    assert ups["b"].seen[0]["model"] == "small"
+    # the cost is the reply's usage at the model's prices: 1000 in, 500 out
+    assert routed.cost == pytest.approx((1000 * 10.0 + 500 * 30.0) / 1e6)
+    assert (routed.input_tokens, routed.output_tokens) == (1000, 500)
+
+
+async def test_a_context_too_long_for_every_model_is_refused_and_nothing_is_sent():
+    gateway, ups = make_gateway(fallbacks={})
+    async with gateway:
+        with pytest.raises(NoRouteError):
+            await gateway.request(chat("x" * 4 * 40_000), model="big")
+    assert not ups["a"].seen and not ups["b"].seen
+
+
+async def test_a_long_request_falls_to_a_model_whose_window_fits():
+    gateway, ups = make_gateway()
+    async with gateway:
+        routed = await gateway.request(chat("x" * 4 * 50_000), model="big")
+    assert routed.model == "long"
+    assert "too small" in routed.reason
+    assert not ups["a"].seen
+
+
+# -- fallbacks ---------------------------------------------------------------------------
+
+
+async def test_while_a_model_cools_down_requests_go_to_its_fallback_and_say_why():
+    gateway, ups = make_gateway(deadline=10.0)
+    ups["a"].replies.append(Response(429, {"retry-after": "30"}, b'{"error": {}}'))
+    async with gateway:
+        # the upstream asks for 30 s, longer than the 10 s deadline: the next model takes it
+        first = await gateway.request(chat(), model="big")
+        assert first.model == "small"
+        assert first.passed_over == ("big: rate limited for 30.0 s",)
+        second = await gateway.request(chat(), model="big")
+        assert second.model == "small"
+        assert second.reason.startswith("fallback from big: cooling down for")
+        assert len(ups["a"].seen) == 1  # nothing more was sent to the cooling upstream
+        await asyncio.sleep(31)
+        third = await gateway.request(chat(), model="big")
+    assert third.model == "big"
+
+
+async def test_insufficient_quota_moves_to_the_fallback_and_keeps_the_model_aside_for_a_while():
+    gateway, ups = make_gateway()
+    body = orjson.dumps({"error": {"type": "insufficient_quota", "code": "insufficient_quota",
+                                   "message": "You exceeded your current quota."}})
+    ups["a"].replies.append(Response(429, {}, body))
+    async with gateway:
+        first = await gateway.request(chat(), model="big")
+        second = await gateway.request(chat(), model="big")
+        assert len(ups["a"].seen) == 1
+        assert (first.model, second.model) == ("small", "small")
+        assert second.reason == "fallback from big: out of quota"
+        await asyncio.sleep(EXHAUSTED_HOLD)
+        assert (await gateway.request(chat(), model="big")).model == "big"
+
+
+async def test_the_last_model_of_a_chain_is_tried_whatever_its_state_and_its_error_is_raised():
+    gateway, ups = make_gateway(fallbacks={})
+    ups["a"].replies.extend(Response(500, {}, b"oops") for _ in range(10))
+    async with gateway:
+        with pytest.raises(QuotaError) as failed:
+            await gateway.request(chat(), model="big")
+    assert failed.value.reason != "no_route"
+    assert not ups["b"].seen
+
+
+# -- tenant tiers ------------------------------------------------------------------------
+
+
+def tiers(store=None):
+    return TenantQuotas(
+        tiers=[
+            Tier("free", {"*": TierLimits(rpm=2, rpd=10)}),
+            Tier("pro", {"*": TierLimits(rpm=100)}),
+        ],
+        tenants={"acme": "pro"},
+        default_tier="free",
+        store=store or MemoryStore(wall_clock=wall),
+        wall_clock=wall,
+    )
+
+
+async def test_a_tenant_over_its_tier_is_refused_at_once_without_a_call_or_a_fallback():
+    gateway, ups = make_gateway(tenants=tiers())
+    async with gateway:
+        for _ in range(2):
+            await gateway.request(chat(), tenant="corner-shop")
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TenantLimitError) as refused:
+            await gateway.request(chat(), tenant="corner-shop")
+        assert asyncio.get_running_loop().time() == started  # at once
+        assert refused.value.dimension == "rpm" and refused.value.model == "small"
+        assert 0 < refused.value.retry_after <= 120
+        # another tenant of another tier is not held back by it
+        await gateway.request(chat(), tenant="acme")
+    assert len(ups["b"].seen) == 3
+
+
+async def test_quota_status_reports_the_tenant_per_model_and_the_upstreams_headers():
+    gateway, ups = make_gateway(tenants=tiers())
+    ups["b"].replies.append(
+        Response(200, {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
+                       "x-ratelimit-reset-requests": "1s"}, b"{}")
+    )
+    async with gateway:
+        await gateway.request(chat(), tenant="corner-shop")
+        status = await gateway.quota_status("corner-shop", "small")
+    dims = {d.dimension: d for d in status.models["small"]}
+    assert dims["rpd"].used == 1 and dims["rpd"].limit == 10 and dims["rpd"].remaining == 9
+    assert status.upstreams["b"].requests.remaining == 59
+    assert status.upstreams["a"] is None
+
+
+# -- the budget --------------------------------------------------------------------------
+
+
+async def test_a_request_too_dear_for_what_is_left_is_downgraded_within_its_chain():
+    # big costs 0.0046 estimated; 10 % of a $0.02 budget is 0.002: downgraded to small
+    budget = BudgetGuard(monthly=0.02, store=MemoryStore(wall_clock=wall), wall_clock=wall)
+    gateway, ups = make_gateway(budget=budget)
+    async with gateway:
+        routed = await gateway.request(chat(), model="big")
+    assert routed.model == "small"
+    assert routed.reason.startswith("downgraded from big")
+    assert not ups["a"].seen
+
+
+async def test_a_spent_budget_rejects_when_told_to_and_says_when_it_renews():
+    budget = BudgetGuard(monthly=0.001, store=MemoryStore(wall_clock=wall), wall_clock=wall)
+    gateway, ups = make_gateway(budget=budget, when_spent="reject")
+    async with gateway:
+        await gateway.request(chat(max_tokens=10))  # small: ~$0.00003 estimated, $0.00125 real
+        with pytest.raises(BudgetExceededError) as refused:
+            await gateway.request(chat(max_tokens=10))
+    assert 0 < refused.value.retry_after <= 31 * 86_400
+    assert len(ups["b"].seen) == 1
+
+
+async def test_a_spent_budget_serves_on_the_cheapest_model_when_told_to_downgrade():
+    budget = BudgetGuard(monthly=0.001, store=MemoryStore(wall_clock=wall), wall_clock=wall)
+    gateway, _ = make_gateway(budget=budget)
+    async with gateway:
+        await gateway.request(chat(max_tokens=10))
+        routed = await gateway.request(chat(), model="big")
+        status = await gateway.quota_status()
+    assert routed.model == "small" and "the budget is spent" in routed.reason
+    assert status.budget[0].used > 0.001  # an overdraft, as configured
+
+
+async def test_a_thousand_concurrent_requests_cannot_overshoot_the_budget_together():
+    # Each reply costs the estimate (usage echoes it); $0.05 pays for exactly so many.
+    budget = BudgetGuard(monthly=0.05, store=MemoryStore(wall_clock=wall), wall_clock=wall)
+    gateway, _ = make_gateway(budget=budget, when_spent="reject", deadline=300)
+    body = chat("x" * 396, max_tokens=100)
+    prompt = -(-len(orjson.dumps(body)) // 4)  # the gateway's estimate: 4 bytes a token
+    cost = Price(0.5, 1.5).cost(prompt, 100)
+    peak = 0.0
+
+    async def handle(request: Request) -> Response:
+        nonlocal peak
+        peak = max(peak, (await budget.status(None))[0].used)
+        await asyncio.sleep(1.0)
+        usage = {"prompt_tokens": prompt, "completion_tokens": 100}
+        return Response(200, {}, orjson.dumps({"usage": usage}))
+
+    gateway._upstreams["b"] = Shaper(  # the same gateway, a slow upstream with usage
+        "http://b.test", transport=MockTransport(handle), hooks=(), wall_clock=wall
+    )
+    outcomes: collections.Counter[str] = collections.Counter()
+    async with gateway:
+
+        async def one() -> None:
+            try:
+                await gateway.request(body, model="small")
+                outcomes["ok"] += 1
+            except BudgetExceededError:
+                outcomes["refused"] += 1
+
+        await asyncio.gather(*(one() for _ in range(1000)))
+        spent = (await budget.status(None))[0].used
+    fits = int(0.05 / cost + 1e-9)
+    assert outcomes["ok"] == fits and outcomes["refused"] == 1000 - fits
+    assert peak <= 0.05 + 1e-9 and spent == pytest.approx(fits * cost)
+
+
+# -- alerts ------------------------------------------------------------------------------
+
+
+async def test_a_tenant_nearing_its_day_limit_raises_a_warning_then_a_critical_alert():
+    got = []
+    monitor = UsageMonitor(sinks=[CallbackSink(got.append)], wall_clock=wall)
+    gateway, _ = make_gateway(tenants=tiers(), monitor=monitor)
+    async with gateway:
+        for _ in range(9):
+            await gateway.request(chat(), tenant="corner-shop")
+            await asyncio.sleep(60)  # keep under the tier's 2 a minute; readings at most 1/s
+        await asyncio.sleep(1)
+    levels = [(a.level, a.dimension) for a in got]
+    assert levels == [
+        ("warning", "tenant:corner-shop:small:rpd"),
+        ("critical", "tenant:corner-shop:small:rpd"),
+    ]
+    assert "Tenant corner-shop used 70% of its small requests today" in got[0].message
+    assert got[0].action == "raise tier"
