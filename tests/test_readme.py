@@ -44,3 +44,49 @@ async def test_the_middleware_example_summarises_a_batch(monkeypatch):
         answers = await summarise_overnight(["late parcel", "refund", "broken zip"])  # type: ignore[operator]
         assert len(answers) == 3
         assert all(isinstance(answer, str) for answer in answers), answers
+
+
+def readme_block(kind: str, name: str) -> str:
+    match = re.search(rf"<!-- {kind}: {name} -->\n```\w+\n(.*?)```", README.read_text(), re.S)
+    assert match, f"README has no {kind} block named {name!r}"
+    return match.group(1)
+
+
+async def test_the_governance_config_loads_and_the_gateway_example_answers(tmp_path, capsys):
+    from asyncquota import MockTransport, Request, Response
+    from asyncquota.governance import Gateway, load_config
+    from asyncquota.testing import SimulatedUpstream
+
+    path = tmp_path / "governance.toml"
+    path.write_text(readme_block("config", "governance"))
+    config = load_config(path)
+    assert [m.name for m in config.models] == ["gpt-4o", "gpt-4o-mini", "claude-haiku"]
+    assert config.store == tmp_path / "quota.sqlite3"
+    openai = SimulatedUpstream(quick_upstream())
+    keys: list[str | None] = []
+
+    async def with_key(request: Request) -> Response:
+        keys.append(request.headers.get("Authorization"))
+        return await openai.handle(request)
+
+    gateway = Gateway.from_config(
+        path,
+        transports={
+            "openai": MockTransport(with_key),
+            "anthropic": MockTransport(SimulatedUpstream(quick_upstream()).handle),
+        },
+        environ={
+            "OPENAI_API_KEY": "sk-test",
+            "ANTHROPIC_API_KEY": "sk-ant-test",
+            "WECOM_WEBHOOK_URL": "http://127.0.0.1:9/cgi-bin/webhook/send?key=test",
+        },
+    )
+    answer = example("gateway")["answer"]
+    async with gateway:
+        text = await answer(gateway, "acme", "Where is my parcel?")  # type: ignore[operator]
+        status = await gateway.quota_status("acme", "gpt-4o-mini")
+    assert isinstance(text, str) and text
+    assert "gpt-4o-mini (default model)" in capsys.readouterr().out
+    assert keys == ["Bearer sk-test"]
+    assert {d.dimension: d.used for d in status.models["gpt-4o-mini"]}["rpd"] == 1
+    assert (tmp_path / "quota.sqlite3").exists()  # the counters' store, beside the file

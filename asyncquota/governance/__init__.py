@@ -1,1 +1,79 @@
-"""Quota governance: tenant tiers, model routing, cost and budget guard, usage alerts."""
+"""Quota governance: tenant tiers, model routing, cost and budget guard, usage alerts.
+
+The layer above the Shapers that decides *who* may spend *what* on *which model*, and
+warns people before anything runs out. One module a job::
+
+    gateway.py   Gateway: one entry point over several upstreams (one Shaper each)
+    routing.py   Router: task × complexity × context → model; fallback chains; downgrades
+    tiers.py     TenantQuotas: per-tenant, per-model RPM / RPD / TPM (days in a time zone)
+    budget.py    BudgetGuard: monthly budgets in dollars, reserved up front, reconciled
+    alerts.py    UsageMonitor: 70 % / 90 % alerts to logs, callbacks and webhooks
+    store.py     where counters live: in memory, or SQLite so they survive a restart
+    config.py    one TOML file describing all of it
+
+Build a gateway from Python objects, or from a TOML file with
+``Gateway.from_config("governance.toml")``.
+"""
+
+from .alerts import (
+    Alert,
+    CallbackSink,
+    LoggingSink,
+    MonitorStatistics,
+    ShedBatchAction,
+    Sink,
+    UsageMonitor,
+    WebhookSink,
+)
+from .budget import BudgetGuard, BudgetReservation, Price
+from .config import (
+    AlertsSpec,
+    BudgetSpec,
+    ConfigError,
+    GovernanceConfig,
+    UpstreamSpec,
+    WebhookSpec,
+    load_config,
+    parse_config,
+)
+from .gateway import Gateway, QuotaStatus, Routed
+from .routing import Model, Route, Router, Rule
+from .store import MemoryStore, SQLiteStore, Store
+from .tiers import DimensionStatus, TenantGrant, TenantQuotas, Tier, TierLimits
+
+__all__ = [
+    "Alert",
+    "AlertsSpec",
+    "BudgetGuard",
+    "BudgetReservation",
+    "BudgetSpec",
+    "CallbackSink",
+    "ConfigError",
+    "DimensionStatus",
+    "Gateway",
+    "GovernanceConfig",
+    "LoggingSink",
+    "MemoryStore",
+    "Model",
+    "MonitorStatistics",
+    "Price",
+    "QuotaStatus",
+    "Route",
+    "Routed",
+    "Router",
+    "Rule",
+    "SQLiteStore",
+    "ShedBatchAction",
+    "Sink",
+    "Store",
+    "TenantGrant",
+    "TenantQuotas",
+    "Tier",
+    "TierLimits",
+    "UpstreamSpec",
+    "UsageMonitor",
+    "WebhookSink",
+    "WebhookSpec",
+    "load_config",
+    "parse_config",
+]

@@ -234,16 +234,16 @@ class Gateway:
                     headers["x-api-key"] = key
                 else:
                     headers["Authorization"] = f"Bearer {key}"
-            options: dict[str, Any] = {}
-            if spec.default_deadline is not None:
-                options["default_deadline"] = spec.default_deadline
-            if spec.timeout is not None:
-                options["timeout"] = spec.timeout
+            # What the file left out keeps the Shaper's own default.
+            options: dict[str, Any] = {
+                name: value
+                for name in ("max_connections", "default_deadline", "timeout")
+                if (value := getattr(spec, name)) is not None
+            }
             shapers[spec.name] = Shaper(
                 spec.base_url,
                 rpm=spec.rpm,
                 tpm=spec.tpm,
-                max_connections=spec.max_connections,
                 headers=headers,
                 transport=transports.get(spec.name),
                 wall_clock=wall_clock,
