@@ -107,6 +107,9 @@ class ShaperStatistics:
         rpm_level, tpm_level: what the request and token gates hold now (None: no quota).
         service_rate: admissions per second lately (what early shedding divides by).
         quota: the upstream's last rate-limit headers, parsed.
+        open_reservations, reserved_tokens: token reservations held and not yet settled
+            (requests in flight, and the grant the dispatcher holds for the next head).
+        permit_waiters: tasks waiting for a concurrency permit (the dispatcher at most).
         sent, ok, throttled, retried, shed, deadline, failed: counters. ``sent`` counts
             attempts; ``throttled`` counts congestion replies (429, 503, 529); ``shed``
             requests rejected unsent; ``deadline`` requests that ended by their deadline;
@@ -121,6 +124,9 @@ class ShaperStatistics:
     tpm_level: float | None
     service_rate: float
     quota: QuotaSnapshot | None
+    open_reservations: int
+    reserved_tokens: int
+    permit_waiters: int
     sent: int
     ok: int
     throttled: int
@@ -499,6 +505,9 @@ class Shaper:
             tpm_level=tokens.level if self._tpm is not None else None,
             service_rate=self._service_rate(now),
             quota=self._quota,
+            open_reservations=tokens.open_reservations,
+            reserved_tokens=tokens.reserved,
+            permit_waiters=self._limiter.statistics().waiting,
             sent=self._sent,
             ok=self._ok,
             throttled=self._throttled,

@@ -197,7 +197,7 @@ async def test_cost_tokens_overrides_the_estimate_and_usage_settles_it(usage, us
     async with Shaper("http://upstream.test", transport=transport, hooks=(), tpm=60_000) as shaper:
         await shaper.request("POST", "/v1/messages", json={"max_tokens": 5000}, cost_tokens=300)
         assert shaper.statistics().tpm_level == 1000 - used
-        assert shaper._tokens.statistics().open_reservations == 0
+        assert shaper.statistics().open_reservations == 0
 
 
 async def test_concurrent_large_requests_cannot_overshoot_the_tpm():
