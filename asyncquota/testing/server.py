@@ -53,7 +53,12 @@ def _abort(request: web.Request) -> None:
 
 async def _model(request: web.Request) -> web.StreamResponse:
     upstream = request.app[UPSTREAM_KEY]
-    body = await request.read()
+    try:
+        body = await request.read()
+    except ConnectionResetError:
+        # The client gave up before its body arrived (a caller's deadline): nothing was
+        # asked, nothing is answered, and it is not an error of the upstream's.
+        raise asyncio.CancelledError from None
     try:
         reply = await upstream.handle(
             Request(
