@@ -8,7 +8,7 @@ report (:mod:`.report`) and the picture (:mod:`.plot`).
 
 from .metrics import RequestLog, percentile, request_quota, summarize
 from .outcomes import Outcome, classify
-from .sessions import Call, Session, SessionModel, Turn
+from .sessions import Call, Session, SessionModel, Tenant, Turn
 
 __all__ = [
     "Call",
@@ -16,6 +16,7 @@ __all__ = [
     "RequestLog",
     "Session",
     "SessionModel",
+    "Tenant",
     "Turn",
     "classify",
     "percentile",

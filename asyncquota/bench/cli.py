@@ -23,7 +23,7 @@ import orjson
 from ..testing import PRESETS, UpstreamConfig
 from .report import document, table
 from .runner import StrategyRun, run_strategies
-from .sessions import SessionModel
+from .sessions import SCENARIO_TENANTS, SessionModel
 from .strategies import STRATEGIES
 from .tune import (
     METRICS,
@@ -139,7 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 < args.duration <= MAX_DURATION:
         parser.error(f"--duration must be more than 0 and at most {MAX_DURATION:g} seconds.")
     config = UpstreamConfig.preset(args.scenario, seed=args.seed)
-    model = SessionModel(sessions=args.sessions, duration=args.duration, seed=args.seed)
+    model = SessionModel(
+        sessions=args.sessions,
+        duration=args.duration,
+        seed=args.seed,
+        tenants=SCENARIO_TENANTS.get(args.scenario, ()),
+    )
     if args.command == "tune":
         return _tune(parser, args, config=config, model=model)
     progress = sys.stderr.isatty()

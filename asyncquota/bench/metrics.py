@@ -1,6 +1,6 @@
 """What a run measured: a compact request log, and the figures the report is made of.
 
-The :class:`RequestLog` holds one row per request (class, start, end, outcome) in flat
+The :class:`RequestLog` holds one row per request (class, tenant, start, end, outcome) in flat
 arrays, so 100 000 requests cost under 2 MB and cross a process boundary cheaply.
 :func:`summarize` turns a log and the upstream's counts into one strategy's result; it is
 pure (no clock, no I/O), so a hand-built log pins its arithmetic.
@@ -16,8 +16,12 @@ Definitions:
   start). The upstream's bucket starts full, so a strategy may reach slightly above 1.0;
 - percentiles are nearest-rank over the values (``p99`` of 100 values is the 99th
   smallest); a percentile of nothing is None;
-- latencies are those of answered requests (``ok``), per class; ``reject_ms`` is the time
-  to a shed outcome.
+- latencies are those of answered requests (``ok``), per class; ``shed`` counts the
+  requests refused at once with nothing sent, those refused by their tenant's own tier
+  included, and ``reject_ms`` is the time to such a refusal;
+- with tenants, each tenant's figures are counted the same way over its own requests;
+  its ``goodput_rps`` and ``goodput_ratio`` are over the run's busy window, so the
+  tenants' add up to the run's.
 """
 
 from __future__ import annotations
@@ -28,23 +32,28 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..testing import UpstreamConfig
-from .outcomes import NO_OUTCOME, Outcome, is_error
-from .sessions import CLASSES
+from .outcomes import NO_OUTCOME, REFUSED_OUTCOMES, Outcome, is_error
+from .sessions import CLASSES, Priority
 
-__all__ = ["RequestLog", "percentile", "request_quota", "summarize"]
+__all__ = ["NO_TENANT", "RequestLog", "percentile", "request_quota", "summarize"]
+
+NO_TENANT = -1
+"""The tenant code of a request that is nobody's (a crowd without tenants)."""
 
 
 class RequestLog:
-    """One row per request started: its class code, start, end and outcome code.
+    """One row per request started: its class code, tenant code, start, end and outcome code.
 
     Times are in seconds from the run's start. A row's outcome is ``NO_OUTCOME`` until
-    :meth:`end` records one, which it does exactly once.
+    :meth:`end` records one, which it does exactly once. A tenant code is the tenant's
+    index in the session model's tenants, or ``NO_TENANT``.
     """
 
-    __slots__ = ("classes", "ends", "ok", "outcomes", "starts")
+    __slots__ = ("classes", "ends", "ok", "outcomes", "starts", "tenants")
 
     def __init__(self) -> None:
         self.classes = array("b")
+        self.tenants = array("b")
         self.starts = array("d")
         self.ends = array("d")
         self.outcomes = array("b")
@@ -56,9 +65,10 @@ class RequestLog:
     def __repr__(self) -> str:
         return f"<RequestLog requests={len(self)} ok={self.ok} open={self.open}>"
 
-    def begin(self, class_code: int, now: float) -> int:
+    def begin(self, class_code: int, now: float, tenant_code: int = NO_TENANT) -> int:
         """Open a row for a request of class ``class_code`` started at ``now``; its index."""
         self.classes.append(class_code)
+        self.tenants.append(tenant_code)
         self.starts.append(now)
         self.ends.append(math.nan)
         self.outcomes.append(NO_OUTCOME)
@@ -84,12 +94,20 @@ class RequestLog:
 
     @classmethod
     def from_rows(
-        cls, rows: Iterable[tuple[int, float, float | None, Outcome | None]]
+        cls,
+        rows: Iterable[tuple[int, float, float | None, Outcome | None]],
+        *,
+        tenant_codes: Iterable[int] | None = None,
     ) -> RequestLog:
-        """A log from ``(class_code, start, end, outcome)`` rows; None for a request still open."""
+        """A log from ``(class_code, start, end, outcome)`` rows; None for a request still open.
+
+        ``tenant_codes`` gives each row's tenant, in order (None: nobody's).
+        """
         log = cls()
-        for class_code, start, end, outcome in rows:
-            index = log.begin(class_code, start)
+        rows = list(rows)
+        codes = [NO_TENANT] * len(rows) if tenant_codes is None else list(tenant_codes)
+        for (class_code, start, end, outcome), tenant_code in zip(rows, codes, strict=True):
+            index = log.begin(class_code, start, tenant_code)
             if outcome is not None and end is not None:
                 log.end(index, end, outcome)
         return log
@@ -125,6 +143,67 @@ def _p50_p99(values: list[float]) -> dict[str, float | None]:
     return {"p50": _ms(percentile(values, 50)), "p99": _ms(percentile(values, 99))}
 
 
+class _Tally:
+    """What the requests of one group (all of them, or one tenant's) came to."""
+
+    __slots__ = (
+        "counts",
+        "in_deadline",
+        "latencies",
+        "lost",
+        "rejects",
+        "requests_by_class",
+        "tier_rejects",
+    )
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(Outcome, 0)
+        self.in_deadline = dict.fromkeys(CLASSES, 0)
+        self.requests_by_class = dict.fromkeys(CLASSES, 0)
+        self.latencies: dict[str, list[float]] = {name: [] for name in CLASSES}
+        self.rejects: list[float] = []
+        self.tier_rejects: list[float] = []
+        self.lost = 0
+
+    def add(self, name: Priority, took: float, code: int, deadline: float) -> None:
+        """Count one request of class ``name`` that ended with ``code`` after ``took`` s."""
+        self.requests_by_class[name] += 1
+        if code == NO_OUTCOME:
+            self.lost += 1
+            return
+        outcome = Outcome(code)
+        self.counts[outcome] += 1
+        if outcome == Outcome.OK:
+            self.latencies[name].append(took)
+            if took <= deadline:
+                self.in_deadline[name] += 1
+        elif outcome in REFUSED_OUTCOMES:
+            self.rejects.append(took)
+            if outcome == Outcome.TENANT_LIMIT:
+                self.tier_rejects.append(took)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.requests_by_class.values())
+
+    @property
+    def ok_in_deadline(self) -> int:
+        return sum(self.in_deadline.values())
+
+    def figures(self) -> dict[str, Any]:
+        """The counts every group reports."""
+        counts = self.counts
+        return {
+            "requests": self.requests,
+            "ok": counts[Outcome.OK],
+            "ok_in_deadline": self.ok_in_deadline,
+            "shed": sum(counts[outcome] for outcome in REFUSED_OUTCOMES),
+            "deadline_exceeded": counts[Outcome.DEADLINE_EXCEEDED],
+            "errors": sum(n for outcome, n in counts.items() if is_error(outcome)),
+            "lost": self.lost,
+        }
+
+
 def summarize(
     log: RequestLog,
     *,
@@ -132,6 +211,7 @@ def summarize(
     deadlines: Mapping[str, float],
     upstream_totals: Mapping[str, Any],
     stopped_at: float,
+    tenants: Sequence[str] = (),
 ) -> dict[str, Any]:
     """One strategy's figures, with every key of the report's ``results`` entries.
 
@@ -142,64 +222,81 @@ def summarize(
         upstream_totals: the upstream's own counts (``requests``, ``ok``, ``429``, ``5xx``).
         stopped_at: when the run stopped, in the log's time; the end of the busy window
             when some request never ended.
+        tenants: the tenants' names, by tenant code. When there are some, the result has a
+            ``tenants`` entry: for each, its counts, ``served_ratio`` (answered within the
+            deadline ÷ requests), ``goodput_rps`` and ``goodput_ratio`` (over the run's busy
+            window, so the tenants' add up to the run's; the ratio is the tenant's share of
+            the upstream's quota, to compare with its tier's), ``upstream_share`` (its answers ÷ the
+            upstream's successful replies), ``tier_refused`` (refused by its own tier),
+            ``reject_ms`` (how fast its refusals came) and ``tier_reject_ms`` (how fast
+            those of its tier came).
 
     The process figures (``cpu_s``, ``peak_rss_mb``, ``wall_s``) are added by the runner.
     """
-    latencies: dict[str, list[float]] = {name: [] for name in CLASSES}
-    rejects: list[float] = []
-    counts = dict.fromkeys(Outcome, 0)
-    in_deadline = dict.fromkeys(CLASSES, 0)
-    requests_by_class = dict.fromkeys(CLASSES, 0)
-    lost = 0
+    total = _Tally()
+    by_tenant = [_Tally() for _ in tenants]
     first = math.inf
     last = -math.inf
-    for class_code, start, end, code in zip(
-        log.classes, log.starts, log.ends, log.outcomes, strict=True
+    for class_code, tenant_code, start, end, code in zip(
+        log.classes, log.tenants, log.starts, log.ends, log.outcomes, strict=True
     ):
         name = CLASSES[class_code]
-        requests_by_class[name] += 1
         first = min(first, start)
-        if code == NO_OUTCOME:
-            lost += 1
-            last = max(last, stopped_at)
-            continue
-        last = max(last, end)
-        outcome = Outcome(code)
-        counts[outcome] += 1
-        took = end - start
-        if outcome == Outcome.OK:
-            latencies[name].append(took)
-            if took <= deadlines[name]:
-                in_deadline[name] += 1
-        elif outcome == Outcome.SHED:
-            rejects.append(took)
+        last = max(last, stopped_at if code == NO_OUTCOME else end)
+        total.add(name, end - start, code, deadlines[name])
+        if tenant_code != NO_TENANT and by_tenant:
+            by_tenant[tenant_code].add(name, end - start, code, deadlines[name])
     window = max(0.0, last - first) if log else 0.0
     quota = request_quota(config, window)
-    ok_in_deadline = sum(in_deadline.values())
+    ok_in_deadline = total.ok_in_deadline
     upstream_requests = int(upstream_totals.get("requests", 0))
     upstream_429 = int(upstream_totals.get("429", 0))
-    return {
-        "requests": len(log),
-        "ok": counts[Outcome.OK],
-        "ok_in_deadline": ok_in_deadline,
-        "shed": counts[Outcome.SHED],
-        "deadline_exceeded": counts[Outcome.DEADLINE_EXCEEDED],
-        "errors": sum(n for outcome, n in counts.items() if is_error(outcome)),
-        "lost": lost,
-        "goodput_rps": round(ok_in_deadline / window, 2) if window > 0 else 0.0,
+    upstream_ok = int(upstream_totals.get("ok", 0))
+    result = {
+        **total.figures(),
+        "goodput_rps": _per_second(ok_in_deadline, window),
         "goodput_ratio": round(ok_in_deadline / quota, 4) if quota > 0 else 0.0,
         "upstream_requests": upstream_requests,
         "upstream_429": upstream_429,
         "upstream_429_ratio": round(upstream_429 / upstream_requests, 4)
         if upstream_requests
         else 0.0,
-        "latency_ms": {name: _p50_p99(latencies[name]) for name in CLASSES},
-        "ok_in_deadline_by_class": in_deadline,
-        "reject_ms": _p50_p99(rejects),
-        "requests_by_class": requests_by_class,
-        "outcomes": {outcome.label: n for outcome, n in counts.items()},
-        "upstream_ok": int(upstream_totals.get("ok", 0)),
+        "latency_ms": {name: _p50_p99(total.latencies[name]) for name in CLASSES},
+        "ok_in_deadline_by_class": total.in_deadline,
+        "reject_ms": _p50_p99(total.rejects),
+        "requests_by_class": total.requests_by_class,
+        "outcomes": {outcome.label: n for outcome, n in total.counts.items()},
+        "upstream_ok": upstream_ok,
         "upstream_5xx": int(upstream_totals.get("5xx", 0)),
         "busy_window_s": round(window, 3),
         "quota_requests": round(quota, 1),
+    }
+    if tenants:
+        result["tenants"] = {
+            name: _tenant_figures(tally, window=window, quota=quota, upstream_ok=upstream_ok)
+            for name, tally in zip(tenants, by_tenant, strict=True)
+        }
+    return result
+
+
+def _per_second(count: int, window: float) -> float:
+    return round(count / window, 2) if window > 0 else 0.0
+
+
+def _tenant_figures(
+    tally: _Tally, *, window: float, quota: float, upstream_ok: int
+) -> dict[str, Any]:
+    figures = tally.figures()
+    return {
+        **figures,
+        "served_ratio": round(figures["ok_in_deadline"] / figures["requests"], 4)
+        if figures["requests"]
+        else 0.0,
+        "goodput_rps": _per_second(figures["ok_in_deadline"], window),
+        "goodput_ratio": round(figures["ok_in_deadline"] / quota, 4) if quota > 0 else 0.0,
+        "upstream_share": round(figures["ok"] / upstream_ok, 4) if upstream_ok else 0.0,
+        "tier_refused": tally.counts[Outcome.TENANT_LIMIT],
+        "reject_ms": _p50_p99(tally.rejects),
+        "tier_reject_ms": _p50_p99(tally.tier_rejects),
+        "ok_in_deadline_by_class": tally.in_deadline,
     }

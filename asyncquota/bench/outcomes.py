@@ -12,9 +12,15 @@ from __future__ import annotations
 import asyncio
 import enum
 
-from ..errors import DeadlineExceededError, QuotaError, RejectedError, TransportError
+from ..errors import (
+    DeadlineExceededError,
+    QuotaError,
+    RejectedError,
+    TenantLimitError,
+    TransportError,
+)
 
-__all__ = ["NO_OUTCOME", "Outcome", "classify", "is_error"]
+__all__ = ["NO_OUTCOME", "REFUSED_OUTCOMES", "Outcome", "classify", "is_error"]
 
 
 class Outcome(enum.IntEnum):
@@ -36,6 +42,9 @@ class Outcome(enum.IntEnum):
     """No usable reply: connection reset or refused, a broken body."""
     OTHER = 7
     """Any other exception (a bug in a strategy shows up here, not as a crash)."""
+    TENANT_LIMIT = 8
+    """Refused at once because the tenant is over its own tier (asyncquota's
+    TenantLimitError), with nothing sent; reported within ``shed`` and on its own."""
 
     @property
     def label(self) -> str:
@@ -46,12 +55,17 @@ class Outcome(enum.IntEnum):
 NO_OUTCOME = -1
 """The code a request log holds for a request that has not ended (yet)."""
 
+REFUSED_OUTCOMES = (Outcome.SHED, Outcome.TENANT_LIMIT)
+"""The outcomes reported together as ``shed``: refused at once, nothing sent."""
+
 _ERROR_OUTCOMES = (Outcome.THROTTLED, Outcome.SERVER_ERROR, Outcome.HTTP_ERROR,
                    Outcome.TRANSPORT, Outcome.OTHER)
 
 
 def classify(exc: BaseException) -> Outcome:
     """The outcome a request that raised ``exc`` ended in."""
+    if isinstance(exc, TenantLimitError):
+        return Outcome.TENANT_LIMIT
     if isinstance(exc, RejectedError):
         return Outcome.SHED
     if isinstance(exc, DeadlineExceededError | asyncio.TimeoutError):

@@ -1,8 +1,9 @@
 """The picture of a benchmark: one row per strategy, what the upstream saw and what callers got.
 
-Left, over time: the upstream's answers per second (ok, 429) against its capacity, and, for
-a strategy that reports them in its samples, its concurrency ``limit`` and queue depths
-(``queue_*`` keys) on a second axis. Right: how long answered requests took, per class,
+Left, over time: the upstream's answers per second (ok, 429) against its capacity, each
+tenant's answers per second when the sessions have tenants, and, for a strategy that
+reports them in its samples, its concurrency ``limit`` and queue depths (``queue_*`` keys)
+on a second axis. Right: how long answered requests took, per class,
 with each class's deadline marked. Needs matplotlib (``pip install asyncquota[bench]``);
 draws off screen (Agg).
 """
@@ -23,6 +24,19 @@ if TYPE_CHECKING:
 __all__ = ["plot"]
 
 _CLASS_COLOURS = {"interactive": "tab:blue", "batch": "tab:orange"}
+_TENANT_STYLES = ("-.", (0, (1, 1)), (0, (5, 2)))
+
+
+def _answers_per_second(run: StrategyRun, tenant_code: int) -> tuple[list[int], list[int]]:
+    """Seconds, and how many of the tenant's requests were answered in each."""
+    log = run.log
+    counts: dict[int, int] = {}
+    for code, outcome, end in zip(log.tenants, log.outcomes, log.ends, strict=True):
+        if code == tenant_code and outcome == Outcome.OK:
+            second = int(end)
+            counts[second] = counts.get(second, 0) + 1
+    seconds = list(range(max(counts, default=0) + 1))
+    return seconds, [counts.get(t, 0) for t in seconds]
 
 
 def _latencies(run: StrategyRun) -> dict[str, list[float]]:
@@ -64,6 +78,11 @@ def plot(doc: Mapping[str, Any], runs: Mapping[str, StrategyRun], path: Path) ->
         left.plot(t, [e["429"] for e in timeline], color="tab:red", label="upstream 429/s")
         left.plot(t, [e["capacity_rps"] for e in timeline], color="grey", linestyle="--",
                   label="capacity (req/s)")
+        for code, tenant in enumerate(doc["model"].get("tenants", ())):
+            seconds, answered = _answers_per_second(runs[name], code)
+            left.plot(seconds, answered, color="black",
+                      linestyle=_TENANT_STYLES[code % len(_TENANT_STYLES)],
+                      label=f"{tenant['name']} ok/s ({tenant['tier']})")
         left.set_ylabel("requests / s")
         left.set_title(
             f"{name}: goodput ratio {result['goodput_ratio']:.2f}, "

@@ -11,7 +11,14 @@ The JSON document (:func:`document`) has the shape the benchmark issue fixes::
 
 plus, per strategy, the outcome counts, the busy window, the quota over it, the upstream's
 per-second ``timeline`` and the client's per-second ``samples``; and at the top the mode,
-the seed, the session model and the machine.
+the seed, the session model and the machine. When the sessions belong to tenants (the
+``tiers`` scenario), each strategy's result also has::
+
+    "tenants": {TENANT: {"requests", "ok", "ok_in_deadline", "served_ratio",
+      "goodput_rps", "goodput_ratio", "upstream_share", "shed", "tier_refused",
+      "deadline_exceeded", "errors", "lost", "reject_ms", "tier_reject_ms", ...}}
+
+(see :func:`~asyncquota.bench.metrics.summarize`), and the table a row per tenant.
 """
 
 from __future__ import annotations
@@ -101,6 +108,7 @@ def document(
             deadlines=deadlines,
             upstream_totals=run.upstream.get("totals", {}),
             stopped_at=run.stopped_at,
+            tenants=[tenant.name for tenant in model.tenants],
         )
         result["cpu_s"] = round(run.cpu_s, 2)
         result["peak_rss_mb"] = round(run.peak_rss_mb, 1)
@@ -116,7 +124,7 @@ def document(
         "seed": model.seed,
         "model": {
             f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.init
-        },
+        } | {"tenants": [dataclasses.asdict(tenant) for tenant in model.tenants]},
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -139,8 +147,55 @@ _COLUMNS = (
 )
 
 
+_TENANT_COLUMNS = (
+    ("strategy", "<11"), ("tenant", "<8"), ("tier", "<12"), ("requests", ">8"),
+    ("in dl", ">7"), ("served", ">7"), ("good/s", ">7"), ("of quota", ">8"),
+    ("ok share", ">8"), ("shed", ">7"),
+    ("by tier", ">7"), ("deadline", ">8"), ("errors", ">7"), ("lost", ">5"), ("rej p99", ">8"),
+    ("tier p99", ">8"),
+)
+
+
+def _row(cells: tuple[Any, ...], columns: tuple[tuple[str, str], ...]) -> str:
+    return " ".join(format(cell, spec) for cell, (_, spec) in zip(cells, columns, strict=True))
+
+
+def _tier(tenant: Mapping[str, Any]) -> str:
+    quota = tenant["tier_quota"]
+    return f"{tenant['tier']} {'any' if quota is None else format(quota, '.0%')}"
+
+
+def _tenant_table(doc: Mapping[str, Any]) -> list[str]:
+    """Per strategy, a row per tenant: what it asked, what it got, what its tier refused."""
+    tenants = {tenant["name"]: tenant for tenant in doc["model"]["tenants"]}
+    header = " ".join(format(title, spec) for title, spec in _TENANT_COLUMNS)
+    lines = [
+        "",
+        "per tenant (tier: its requests per minute as a share of the upstream's; of quota: "
+        "answered in deadline / the upstream's quota over the run; ok share: of the "
+        "upstream's successful replies)",
+        header,
+        "-" * len(header),
+    ]
+    for name, r in doc["results"].items():
+        for tenant, t in r["tenants"].items():
+            cells = (
+                name, tenant, _tier(tenants[tenant]), t["requests"], t["ok_in_deadline"],
+                _fmt(100 * t["served_ratio"], ".1f") + " %", _fmt(t["goodput_rps"], ".1f"),
+                _fmt(100 * t["goodput_ratio"], ".1f") + " %",
+                _fmt(100 * t["upstream_share"], ".1f") + " %", t["shed"], t["tier_refused"],
+                t["deadline_exceeded"], t["errors"], t["lost"],
+                _fmt(t["reject_ms"]["p99"], ".0f"), _fmt(t["tier_reject_ms"]["p99"], ".0f"),
+            )
+            lines.append(_row(cells, _TENANT_COLUMNS))
+    return lines
+
+
 def table(doc: Mapping[str, Any]) -> str:
-    """The results as a fixed-width text table, one row per strategy, latencies in ms."""
+    """The results as a fixed-width text table, one row per strategy, latencies in ms.
+
+    With tenants, a second table follows: a row per strategy and tenant.
+    """
     header = " ".join(format(title, spec) for title, spec in _COLUMNS)
     lines = [
         f"{doc['scenario']}: {doc['sessions']} sessions, {doc['duration_s']:g} s, "
@@ -158,7 +213,7 @@ def table(doc: Mapping[str, Any]) -> str:
             _fmt(r["reject_ms"]["p99"], ".0f"), _fmt(r["cpu_s"], ".1f"),
             _fmt(r["peak_rss_mb"], ".0f"), _fmt(r["wall_s"], ".1f"),
         )
-        lines.append(
-            " ".join(format(cell, spec) for cell, (_, spec) in zip(cells, _COLUMNS, strict=True))
-        )
+        lines.append(_row(cells, _COLUMNS))
+    if doc["model"].get("tenants"):
+        lines.extend(_tenant_table(doc))
     return "\n".join(lines)

@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 
 from ..testing import SimulatedUpstream, UpstreamConfig, run_in_process
-from .metrics import RequestLog
+from .metrics import NO_TENANT, RequestLog
 from .outcomes import Outcome, classify
 from .report import Progress
 from .sessions import CLASSES, SessionModel
@@ -139,8 +139,10 @@ async def drive(
     def now() -> float:
         return loop.time() - t0
 
-    async def ask(class_code: int, deadline: float, call: Any) -> None:
-        index = log.begin(class_code, now())
+    tenant_codes = {tenant.name: code for code, tenant in enumerate(model.tenants)}
+
+    async def ask(class_code: int, tenant_code: int, deadline: float, call: Any) -> None:
+        index = log.begin(class_code, now(), tenant_code)
         try:
             async with asyncio.timeout(deadline):
                 await strategy.complete(call)
@@ -157,11 +159,12 @@ async def drive(
             return
         await asyncio.sleep(max(0.0, session.first_at - now()))
         class_code = _CLASS_CODES[session.priority]
+        tenant_code = NO_TENANT if session.tenant is None else tenant_codes[session.tenant]
         number = 0
         while True:
             turn = model.turn(index, number)
             call = model.call(session, turn)
-            await ask(class_code, call.deadline, call)
+            await ask(class_code, tenant_code, call.deadline, call)
             if now() + turn.think >= model.duration:
                 return
             await asyncio.sleep(turn.think)
@@ -198,10 +201,10 @@ async def _run(spec: RunSpec) -> StrategyRun:
         loop = asyncio.get_running_loop()
         config = replace(spec.config, wall_clock=lambda: VIRTUAL_EPOCH + loop.time())
         upstream = SimulatedUpstream(config)
-        target = Target(VIRTUAL_BASE_URL, config, upstream.handle)
+        target = Target(VIRTUAL_BASE_URL, config, upstream.handle, tenants=spec.model.tenants)
     else:
         assert spec.base_url is not None
-        target = Target(spec.base_url, spec.config)
+        target = Target(spec.base_url, spec.config, tenants=spec.model.tenants)
     log = RequestLog()
     run = StrategyRun(strategy=spec.strategy, log=log)
     strategy: Strategy

@@ -227,5 +227,8 @@ PRESETS: Mapping[str, UpstreamConfig] = MappingProxyType(
         ),
         # A provider that punishes clients sending inside their Retry-After window.
         "penalty": dataclasses.replace(_CRISIS, penalty=True, penalty_extension=1.0),
+        # The crisis quota shared by two tenants on different tiers, one of them flooding
+        # (the bench's tenants: asyncquota.bench.sessions.SCENARIO_TENANTS).
+        "tiers": _CRISIS,
     }
 )

@@ -23,7 +23,7 @@ import orjson
 from ...testing import UpstreamConfig
 from ...testing.replies import CHAT_PATH
 from ...transport import AiohttpTransport, MockHandler, MockTransport, Request, Response
-from ..sessions import Call
+from ..sessions import Call, Tenant
 
 __all__ = [
     "JSON_HEADERS",
@@ -110,11 +110,15 @@ class Target:
             provider's pricing page, and its ``wall_clock`` (the world's clock: a
             virtual run replaces it with one on virtual time).
         handler: in virtual runs, the simulated upstream's handler; None for real runs.
+        tenants: the tenants whose calls these are, with their tiers, as the service's
+            operator configured them (empty: calls are nobody's). Each call names its
+            tenant; only a strategy that knows tenants (asyncquota's gateway) uses them.
     """
 
     base_url: str
     config: UpstreamConfig
     handler: MockHandler | None = None
+    tenants: tuple[Tenant, ...] = ()
 
     @property
     def virtual(self) -> bool:

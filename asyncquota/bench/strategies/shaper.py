@@ -7,6 +7,13 @@ its class (interactive or batch) and its deadline; a ``QuotaError`` is the calle
 the Shaper's keyword arguments there, the limit algorithm included. In a virtual run the
 Shaper talks to the in-process simulated upstream through a plain ``MockTransport``: its
 own concurrency limit bounds what is in flight.
+
+When the calls belong to tenants (the ``tiers`` scenario), the Shaper sits behind a
+governance :class:`~asyncquota.governance.gateway.Gateway`, as a service selling tiers
+would run it: one upstream, one model, each tenant's tier a requests-per-minute limit
+(its share of the upstream's quota), each call tagged with its tenant. A tenant over its
+tier is refused at once (``TenantLimitError``); within a class, the Shaper's queue takes
+the tenants in turn.
 """
 
 from __future__ import annotations
@@ -14,25 +21,33 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from ...limits import AIMD, Fixed, Gradient, Limit
 from ...priority import describe_priority
 from ...shaper import DROP_TOLERANCE, Shaper
 from ...testing.replies import CHAT_PATH
 from ...transport import MockTransport
-from ..sessions import Call
+from ..sessions import MODEL, Call, Tenant
 from .base import Strategy, Target
 
+if TYPE_CHECKING:
+    from ...governance.gateway import Gateway
+    from ...governance.tiers import TierLimits
+
 __all__ = [
+    "CONTEXT_WINDOW",
     "LIMITS",
     "LIMIT_DEFAULTS",
     "LIMIT_PREFIX",
+    "UPSTREAM",
     "OptionValue",
     "Options",
     "ShaperStrategy",
     "build_limit",
+    "gateway_for",
     "shaper_arguments",
+    "tier_limits",
 ]
 
 OptionValue = int | float | str | None
@@ -55,6 +70,12 @@ LIMIT_DEFAULTS: Mapping[str, Mapping[str, OptionValue]] = MappingProxyType(
 options alone (or ``limit=aimd``) then tune the very limit an untuned Shaper runs."""
 
 LIMIT_PREFIX = "limit."
+
+UPSTREAM = "upstream"
+"""The gateway's name for the one upstream."""
+
+CONTEXT_WINDOW = 128_000
+"""The simulated model's context window, in tokens (every call of the night fits)."""
 
 
 def build_limit(algorithm: str, parameters: Mapping[str, OptionValue]) -> Limit:
@@ -121,8 +142,54 @@ def shaper_arguments(options: Options) -> dict[str, Any]:
     return arguments
 
 
+def tier_limits(tenant: Tenant, *, requests_per_minute: float) -> TierLimits:
+    """The limits of ``tenant``'s tier: its share of the upstream's requests per minute."""
+    from ...governance.tiers import TierLimits
+
+    if tenant.tier_quota is None:
+        return TierLimits()
+    return TierLimits(rpm=tenant.tier_quota * requests_per_minute)
+
+
+def gateway_for(shaper: Shaper, target: Target) -> Gateway:
+    """A gateway over ``shaper`` enforcing the tiers of ``target``'s tenants.
+
+    One model (the simulated one, free: no budget), reached through ``shaper``; each tier
+    limits its tenants to their share of the upstream's nominal requests per minute, on
+    the upstream's wall clock (the virtual one in a virtual run). The governance layer is
+    imported here, so that runs without tenants neither load nor pay for it.
+    """
+    from ...governance.budget import Price
+    from ...governance.gateway import Gateway
+    from ...governance.routing import Model, Router
+    from ...governance.tiers import TenantQuotas, Tier
+
+    per_minute = target.config.rps * 60.0
+    tiers = {
+        tenant.tier: Tier(
+            tenant.tier, {"*": tier_limits(tenant, requests_per_minute=per_minute)}
+        )
+        for tenant in target.tenants
+    }
+    model = Model(
+        MODEL, upstream=UPSTREAM, context_window=CONTEXT_WINDOW, price=Price(0.0, 0.0),
+        path=CHAT_PATH,
+    )
+    wall_clock = target.config.wall_clock
+    return Gateway(
+        upstreams={UPSTREAM: shaper},
+        router=Router(models=(model,), default_model=MODEL),
+        tenants=TenantQuotas(
+            tiers=tuple(tiers.values()),
+            tenants={tenant.name: tenant.tier for tenant in target.tenants},
+            wall_clock=wall_clock,
+        ),
+        wall_clock=wall_clock,
+    )
+
+
 class ShaperStrategy(Strategy):
-    """Every call through one asyncquota Shaper.
+    """Every call through one asyncquota Shaper (behind a gateway when calls have tenants).
 
     Args:
         target: the upstream.
@@ -147,13 +214,26 @@ class ShaperStrategy(Strategy):
             wall_clock=target.config.wall_clock,
             **arguments,
         )
+        self._gateway = gateway_for(self._shaper, target) if target.tenants else None
 
     async def __aenter__(self) -> Self:
-        await self._shaper.__aenter__()
+        if self._gateway is not None:
+            await self._gateway.__aenter__()
+        else:
+            await self._shaper.__aenter__()
         return self
 
     async def complete(self, call: Call) -> None:
-        """Send the call with its class and deadline; a QuotaError is the answer if any."""
+        """Send the call with its class, deadline and tenant; a QuotaError is the answer if any.
+
+        Through the gateway, a tenant over its tier gets ``TenantLimitError`` at once.
+        """
+        if self._gateway is not None:
+            routed = await self._gateway.request(
+                call.body, tenant=call.tenant, priority=call.priority, deadline=call.deadline
+            )
+            routed.response.json()
+            return
         response = await self._shaper.request(
             "POST", CHAT_PATH, json=call.body, priority=call.priority, deadline=call.deadline
         )
@@ -161,7 +241,10 @@ class ShaperStrategy(Strategy):
 
     async def aclose(self) -> None:
         """Shut the Shaper down (waiting callers are told, the pool is closed)."""
-        await self._shaper.aclose()
+        if self._gateway is not None:
+            await self._gateway.aclose()
+        else:
+            await self._shaper.aclose()
 
     def sample(self) -> Mapping[str, float]:
         """The concurrency limit and the queue depth per class, for the plot."""
