@@ -206,6 +206,8 @@ class ShaperStrategy(Strategy):
     def __init__(self, target: Target, *, options: Options = ()) -> None:
         super().__init__(target)
         arguments = shaper_arguments(options)
+        # The night's seed also seeds the jitter, so a virtual run repeats to the request.
+        arguments.setdefault("seed", target.config.seed)
         transport = MockTransport(target.handler) if target.handler is not None else None
         # The upstream's wall clock, to read its dates (the real one, or a virtual run's).
         self._shaper = Shaper(
