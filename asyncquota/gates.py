@@ -134,6 +134,7 @@ class TokenBucket:
         "_mirror_rate",
         "_mirror_until",
         "_pending",
+        "_pending_fresh",
         "_rate",
         "_recent_best",
         "_stamp",
@@ -157,6 +158,7 @@ class TokenBucket:
         self._recent_best = 0.0  # the best half-empty reading since _learnt_at
         # The last reported remaining, not yet folded into the mirror's level.
         self._pending: float | None = None
+        self._pending_fresh = False
         # While there is no mirror: recent (time, units) taken (negative: refunded).
         self._ledger: deque[tuple[float, float]] = deque(maxlen=_LEDGER_SIZE)
 
@@ -261,6 +263,10 @@ class TokenBucket:
 
     def _credit(self, amount: float, now: float) -> None:
         """``refund`` for an amount known to be valid."""
+        if self._pending is not None and not self._pending_fresh:
+            # A reading older than the last refund did not count this one: fold it first.
+            self._settle(now)
+        self._pending_fresh = False
         self._advance(now)
         self._level = min(self._burst, self._level + amount)
         if self._mirror_burst is not None:
@@ -292,9 +298,11 @@ class TokenBucket:
         - **Level.** A ``sync`` only ever lowers the mirror's level, to ``remaining``;
           it never raises it: our sends not yet seen by the upstream are debited in the
           mirror already but not in ``remaining``. The lowering is folded in at the next
-          ``take``, ``time_until`` or ``mirror`` call, after any refund made meanwhile:
-          the headers of a reply describe the upstream once it has settled that request,
-          and the caller settles its own reservation for it right after the sync.
+          ``take``, ``time_until`` or ``mirror`` call, after the first refund made
+          meanwhile: the headers of a reply describe the upstream once it has settled
+          that request, and the caller settles its own reservation for it right after
+          the sync. A later refund (another request's, whose reply was not read) comes
+          after the reading is folded, since the reading could not count it.
         - **A new mirror** (the first sync, or the first after a fixed window lapsed)
           starts where our own record says the upstream is: full at our first recent
           send, less what we took since, refilled at the rate learnt (so a grant taken
@@ -353,6 +361,7 @@ class TokenBucket:
             return
         self._ledger.clear()
         self._pending = remaining
+        self._pending_fresh = True  # the refund that comes next is counted in it already
 
     def _learn(self, deficit: float, reset_after: float, limit: float, now: float) -> None:
         """Learn the refill rate from one reading, keeping the best of the recent ones.

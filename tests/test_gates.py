@@ -176,6 +176,19 @@ def test_a_refund_after_a_sync_is_counted_before_the_sync_lowers_the_mirror():
     assert bucket.mirror(0.0).level == 60.0  # not 60 + 60
 
 
+def test_a_later_refund_is_not_undone_by_an_older_reading():
+    # Two reservations of 100 go out; each request uses 60. The first reply is read (its
+    # headers count its own refund), the second is not: its refund comes after the reading.
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=500, reset_after=5.0, limit=1000, now=0.0)
+    bucket.take(100, 0.0)
+    bucket.take(100, 0.0)
+    bucket.sync(remaining=340, reset_after=6.6, limit=1000, now=0.0)  # 500 - 100 - 60
+    bucket.refund(40, 0.0)  # the first request's own: already in the 340
+    bucket.refund(40, 0.0)  # the second's: the upstream has 380 now
+    assert bucket.mirror(0.0).level == 380.0
+
+
 def test_a_refund_refunds_the_mirror_up_to_its_burst():
     bucket = TokenBucket(now=0.0, **UNBOUNDED)
     bucket.sync(remaining=8, reset_after=2.0, limit=10, now=0.0)

@@ -296,3 +296,35 @@ async def test_statistics_add_up_and_hooks_see_one_completed_per_request(caplog)
         ["ok", "ok", "rate_limited", "upstream_error", "deadline_exceeded", "rate_limited"]
     )
     assert "this hook is broken" in caplog.text
+
+
+async def test_ample_headers_are_read_in_full_at_most_every_50_ms_and_low_ones_at_once():
+    remaining = iter([990, 980, 970, 400, 390])
+
+    def upstream(request: Request) -> Response:
+        left = next(remaining)
+        return Response(
+            200,
+            {
+                "x-ratelimit-limit-requests": "1000",
+                "x-ratelimit-remaining-requests": str(left),
+                "x-ratelimit-reset-requests": "1s",
+            },
+            b"{}",
+        )
+
+    async with Shaper(
+        "http://upstream.test", transport=MockTransport(upstream), hooks=()
+    ) as shaper:
+
+        async def seen_after(delay: float) -> int | None:
+            await asyncio.sleep(delay)
+            await shaper.request("GET", "/v1/models")
+            assert shaper.quota is not None
+            return shaper.quota.requests.remaining
+
+        assert await seen_after(0) == 990  # the first reply is read in full
+        assert await seen_after(0.01) == 990  # more than half left: a glance only
+        assert await seen_after(0.05) == 970  # 50 ms on: read in full again
+        assert await seen_after(0.001) == 400  # less than half: read at once
+        assert await seen_after(0.001) == 390  # and every time while it stays low
