@@ -93,8 +93,11 @@ def usage_split(usage: Mapping[str, Any]) -> tuple[int, int] | None:
     """
     for input_key, output_key in _USAGE_PAIRS:
         if input_key in usage or output_key in usage:
-            counts = [_count(usage.get(key)) for key in (input_key, *_ANTHROPIC_CACHE_KEYS)]
-            return sum(counts), _count(usage.get(output_key))
+            read = _count(usage.get(input_key))
+            if input_key == "input_tokens":  # Anthropic's cache reads and writes, if any
+                for key in _ANTHROPIC_CACHE_KEYS:
+                    read += _count(usage.get(key))
+            return read, _count(usage.get(output_key))
     return None
 
 
