@@ -64,13 +64,16 @@ class ConcurrencyLimiter:
     Args:
         limit: the algorithm that sets the capacity, an integer for a ``Fixed`` limit, or
             None for a fresh ``AIMD()`` (429-driven, the right default for LLM APIs).
+        ceiling: a capacity never exceeded whatever the algorithm says (a connection
+            pool's size: more in flight would only wait inside the pool).
 
     Raises:
-        ValueError: an integer limit below 1.
+        ValueError: an integer limit or a ceiling below 1.
     """
 
     __slots__ = (
         "_capacity",
+        "_ceiling",
         "_dropped",
         "_ignored",
         "_inflight",
@@ -80,9 +83,14 @@ class ConcurrencyLimiter:
         "_waiting",
     )
 
-    def __init__(self, limit: Limit | int | None = None) -> None:
+    def __init__(self, limit: Limit | int | None = None, *, ceiling: int | None = None) -> None:
         if limit is None:
             limit = AIMD()
+        if ceiling is not None and (
+            isinstance(ceiling, bool) or not isinstance(ceiling, int) or ceiling < 1
+        ):
+            raise ValueError(f"The ceiling must be an integer of at least 1, not {ceiling!r}.")
+        self._ceiling = ceiling
         self._limit: Limit = Fixed(limit) if isinstance(limit, int) else limit
         self._capacity = 1
         self._resize(self._limit.limit)
@@ -168,7 +176,8 @@ class ConcurrencyLimiter:
     def _resize(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"The capacity must be an integer of at least 1, not {value!r}.")
-        self._capacity = value
+        ceiling = self._ceiling
+        self._capacity = value if ceiling is None or value <= ceiling else ceiling
 
     def _wake(self) -> None:
         """Hand free slots to the waiters at the head of the queue, skipping cancelled ones."""

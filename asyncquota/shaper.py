@@ -77,8 +77,15 @@ from .window import SlidingCount
 
 __all__ = ["Shaper", "ShaperStatistics"]
 
+DEFAULT_MAX_CONNECTIONS = 512
+"""The default transport's connection pool bound: replies take seconds, so a busy upstream has
+hundreds in flight (aiohttp's own default of 100 would cap it at 100 / reply time)."""
+
 UNBOUNDED_PER_MINUTE = 1e12
 """The rate of a gate with no configured quota: it only paces by the upstream's headers."""
+
+AIMD_INITIAL, AIMD_MAX_LIMIT = 20, 1000
+"""The default limit's start and ceiling (the ceiling lowered to the transport's pool)."""
 
 DROP_TOLERANCE = 0.03
 """The default limit's share of congestion replies borne without a cut (see AIMD)."""
@@ -242,7 +249,10 @@ class Shaper:
         base_url: the upstream's base URL; request paths are joined to it, and nothing is
             ever sent elsewhere.
         limit: the concurrency algorithm (default ``AIMD(drop_tolerance=0.03)``: slow
-            start, cut once per congestion episode, sporadic failures borne).
+            start, cut once per congestion episode, sporadic failures borne; its
+            ``max_limit`` is the transport's pool size). Whatever the algorithm, no more
+            requests are in flight than the transport's ``max_connections``, when it has
+            one (give your own limit that ``max_limit`` too, so its cuts bite).
         rpm, tpm: the upstream's known requests and tokens per minute, if known. Without
             them the gates pace only by the upstream's rate-limit headers.
         max_attempts: attempts per request, first included.
@@ -254,7 +264,8 @@ class Shaper:
         default_deadline: seconds a request may take, queueing included, when the caller
             gives none (None: no deadline).
         timeout: the longest one attempt may take, in seconds.
-        max_connections: the connection pool's bound (default transport only).
+        max_connections: the connection pool's bound (default transport only); also
+            the most requests in flight.
         transport: how attempts are sent (default: a pooled aiohttp transport).
         headers: headers added to every request (credentials go here; never logged).
         hooks: instrumentation hooks (default: one LoggingHook).
@@ -282,7 +293,7 @@ class Shaper:
         max_queue: int = 100_000,
         default_deadline: float | None = 60.0,
         timeout: float = 120.0,
-        max_connections: int = 100,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
         transport: Transport | None = None,
         headers: Mapping[str, str] | None = None,
         hooks: Sequence[Hook] | None = None,
@@ -318,9 +329,18 @@ class Shaper:
         self._rpm = rpm
         self._tpm = tpm
         self._queue: PriorityQueue[_Ticket] = PriorityQueue(maxsize=max_queue)
-        self._limiter = ConcurrencyLimiter(
-            limit if limit is not None else AIMD(drop_tolerance=DROP_TOLERANCE)
-        )
+        # A transport with a bounded pool says how many it sends at once: more in flight
+        # would wait inside the pool, in its order rather than the queue's, unseen.
+        pool = getattr(self._transport, "max_connections", None)
+        pool = pool if isinstance(pool, int) and pool >= 1 else None
+        if limit is None:
+            ceiling = min(pool or AIMD_MAX_LIMIT, AIMD_MAX_LIMIT)
+            limit = AIMD(
+                drop_tolerance=DROP_TOLERANCE,
+                initial=min(AIMD_INITIAL, ceiling),
+                max_limit=ceiling,
+            )
+        self._limiter = ConcurrencyLimiter(limit, ceiling=pool)
         self._rate = RateGate(per_minute=rpm if rpm is not None else UNBOUNDED_PER_MINUTE)
         self._tokens = TokenGate(per_minute=tpm if tpm is not None else UNBOUNDED_PER_MINUTE)
         self._cooldown = CooldownGate(ramp=cooldown_ramp, rng=self._rng)

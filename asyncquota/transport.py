@@ -641,6 +641,19 @@ class AiohttpTransport:
         """True once :meth:`aclose` was called."""
         return self._closed
 
+    @property
+    def max_connections(self) -> int | None:
+        """The most requests its pool sends at once (None: a given session without a bound).
+
+        The Shaper never lets more than this be in flight, so no request waits inside the
+        pool, behind the queue's back.
+        """
+        if self._owns_session:
+            return self._max_connections
+        connector = self._session.connector if self._session is not None else None
+        limit = getattr(connector, "limit", 0)
+        return limit if isinstance(limit, int) and limit > 0 else None
+
     async def send(self, request: Request) -> Response:
         """Send ``request`` once and return the full response.
 

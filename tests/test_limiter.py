@@ -283,3 +283,16 @@ async def test_random_cancellations_leak_no_permit_and_every_permit_ends_once(se
     assert len(recording.samples) == stats.succeeded + stats.dropped
     assert sum(task.cancelled() for task in tasks) > 0
     assert len(permits) > 100
+
+
+async def test_a_ceiling_caps_the_capacity_whatever_the_algorithm_says():
+    limiter = ConcurrencyLimiter(Fixed(50), ceiling=8)
+    assert limiter.capacity == 8
+    permits = [limiter.acquire_nowait() for _ in range(8)]
+    with pytest.raises(WouldBlock):
+        limiter.acquire_nowait()
+    for permit in permits:
+        permit.success()
+    assert limiter.capacity == 8 and limiter.inflight == 0
+    with pytest.raises(ValueError, match="ceiling"):
+        ConcurrencyLimiter(Fixed(5), ceiling=0)

@@ -6,7 +6,15 @@ import collections
 import orjson
 import pytest
 
-from asyncquota import ClosedError, Fixed, MockTransport, QuotaError, Request, Response
+from asyncquota import (
+    AiohttpTransport,
+    ClosedError,
+    Fixed,
+    MockTransport,
+    QuotaError,
+    Request,
+    Response,
+)
 from asyncquota.hooks import Completed, Event
 from asyncquota.shaper import Shaper
 from asyncquota.testing import SimulatedUpstream, UpstreamConfig
@@ -328,3 +336,30 @@ async def test_ample_headers_are_read_in_full_at_most_every_50_ms_and_low_ones_a
         assert await seen_after(0.05) == 970  # 50 ms on: read in full again
         assert await seen_after(0.001) == 400  # less than half: read at once
         assert await seen_after(0.001) == 390  # and every time while it stays low
+
+
+class PoolOf8(MockTransport):
+    """A mock transport that says its pool sends 8 at once (as AiohttpTransport does)."""
+
+    max_connections = 8
+
+
+async def test_no_more_requests_are_in_flight_than_the_transport_has_connections():
+    inflight = peak = 0
+
+    async def upstream(request: Request) -> Response:
+        nonlocal inflight, peak
+        inflight += 1
+        peak = max(peak, inflight)
+        await asyncio.sleep(0.1)
+        inflight -= 1
+        return Response(200, {}, b"{}")
+
+    async with Shaper("http://upstream.test", transport=PoolOf8(upstream), hooks=()) as shaper:
+        await asyncio.gather(*(shaper.request("GET", "/v1/models") for _ in range(500)))
+        assert shaper.statistics().limit <= 8
+    assert peak == 8  # the pool is used, never overrun (slow start reached it)
+
+
+def test_the_aiohttp_transport_tells_its_pool_size():
+    assert AiohttpTransport(max_connections=12).max_connections == 12

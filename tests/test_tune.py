@@ -73,9 +73,9 @@ def test_the_tunable_parameters_are_the_shapers_scalar_arguments_and_the_limits(
     own = {name for name in PARAMETERS if not name.startswith("limit")}
     assert own <= shaper.keys()
     assert {"retry_budget", "max_attempts", "max_retry_after", "cooldown_ramp", "max_queue",
-            "default_output_tokens", "seed"} <= own
-    # Where to send, the default pool's size and the objects a run provides are not settings.
-    assert not own & {"base_url", "max_connections", "transport", "hooks", "wall_clock"}
+            "default_output_tokens", "seed", "max_connections"} <= own
+    # Where to send and the objects a run provides are not settings.
+    assert not own & {"base_url", "transport", "hooks", "wall_clock"}
     assert {"limit", "limit.initial", "limit.backoff_ratio", "limit.drop_tolerance",
             "limit.increase", "limit.max_limit", "limit.smoothing",
             "limit.limit"} <= PARAMETERS.keys()

@@ -117,9 +117,8 @@ class Parameter:
         return f"{kind} or none" if self.optional else kind
 
 
-_NOT_TUNED = frozenset({"base_url", "max_connections"})
-"""Scalar Shaper arguments that are no setting of the shaping: where to send, and the size
-of the default transport's pool (runs use the simulated upstream's transport instead)."""
+_NOT_TUNED = frozenset({"base_url"})
+"""Scalar Shaper arguments that are no setting of the shaping: where to send."""
 
 
 def _scalar(name: str, hint: Any) -> Parameter | None:

@@ -22,7 +22,14 @@ import orjson
 
 from ...testing import UpstreamConfig
 from ...testing.replies import CHAT_PATH
-from ...transport import AiohttpTransport, MockHandler, MockTransport, Request, Response
+from ...transport import (
+    AiohttpTransport,
+    MockHandler,
+    MockTransport,
+    Request,
+    Response,
+    StreamResponse,
+)
 from ..sessions import Call, Tenant
 
 __all__ = [
@@ -80,16 +87,37 @@ class PooledTransport:
     aiohttp's connector does) inside their timeout.
     """
 
-    __slots__ = ("_inner", "_slots")
+    __slots__ = ("_inner", "_slots", "max_connections")
 
     def __init__(self, handler: MockHandler, *, max_connections: int) -> None:
         self._inner = MockTransport(handler)
         self._slots = asyncio.Semaphore(max_connections)
+        self.max_connections = max_connections
 
     async def send(self, request: Request) -> Response:
         """Wait for a free connection, then send through the mock."""
         async with self._slots:
             return await self._inner.send(request)
+
+    async def open_stream(self, request: Request) -> StreamResponse:
+        """Wait for a free connection and open a stream on it; it is freed when the stream ends."""
+        await self._slots.acquire()
+        try:
+            stream = await self._inner.open_stream(request)
+        except BaseException:
+            self._slots.release()
+            raise
+        inner_close = stream._on_close
+
+        async def on_close(finished: bool) -> None:
+            try:
+                if inner_close is not None:
+                    await inner_close(finished)
+            finally:
+                self._slots.release()
+
+        stream._on_close = on_close
+        return stream
 
     async def aclose(self) -> None:
         """Refuse further sends."""

@@ -5,8 +5,9 @@ its class (interactive or batch) and its deadline; a ``QuotaError`` is the calle
 ("busy, try again in N s"). The tuner runs it with :data:`Options`: plain names and values
 (picklable, so they cross into the run's process) that :func:`shaper_arguments` turns into
 the Shaper's keyword arguments there, the limit algorithm included. In a virtual run the
-Shaper talks to the in-process simulated upstream through a plain ``MockTransport``: its
-own concurrency limit bounds what is in flight.
+Shaper talks to the in-process simulated upstream through the same stand-in for a
+connection pool as the other strategies, bounded like its default transport
+(``max_connections``, 100), so virtual and real runs bound what is in flight alike.
 
 When the calls belong to tenants (the ``tiers`` scenario), the Shaper sits behind a
 governance :class:`~asyncquota.governance.gateway.Gateway`, as a service selling tiers
@@ -25,9 +26,8 @@ from typing import TYPE_CHECKING, Any, Self
 
 from ...limits import AIMD, Fixed, Gradient, Limit
 from ...priority import describe_priority
-from ...shaper import DROP_TOLERANCE, Shaper
+from ...shaper import DEFAULT_MAX_CONNECTIONS, DROP_TOLERANCE, Shaper
 from ...testing.replies import CHAT_PATH
-from ...transport import MockTransport
 from ..sessions import MODEL, Call, Tenant
 from .base import Strategy, Target
 
@@ -208,7 +208,10 @@ class ShaperStrategy(Strategy):
         arguments = shaper_arguments(options)
         # The night's seed also seeds the jitter, so a virtual run repeats to the request.
         arguments.setdefault("seed", target.config.seed)
-        transport = MockTransport(target.handler) if target.handler is not None else None
+        # The same pool as the Shaper's default transport, in a virtual run too (where it
+        # stands in for the aiohttp connector), so virtual and real runs bound alike.
+        connections = arguments.pop("max_connections", DEFAULT_MAX_CONNECTIONS)
+        transport = target.transport(max_connections=connections)
         # The upstream's wall clock, to read its dates (the real one, or a virtual run's).
         self._shaper = Shaper(
             target.base_url,
