@@ -27,6 +27,8 @@ __all__ = [
     "CHARS_PER_TOKEN",
     "estimate_tokens",
     "output_allowance",
+    "prompt_tokens",
+    "reply_usage",
     "usage_from_mapping",
     "usage_split",
     "usage_tokens",
@@ -50,9 +52,14 @@ def estimate_tokens(body_size: int, payload: Any, *, default_output_tokens: int)
         payload: the decoded JSON the body came from, to find ``max_tokens``; may be None.
         default_output_tokens: the output allowance when the request names no cap.
     """
-    return math.ceil(body_size / CHARS_PER_TOKEN) + output_allowance(
+    return prompt_tokens(body_size) + output_allowance(
         payload, default_output_tokens=default_output_tokens
     )
+
+
+def prompt_tokens(body_size: int) -> int:
+    """The prompt's share of the estimate: the encoded body at ``CHARS_PER_TOKEN``."""
+    return math.ceil(body_size / CHARS_PER_TOKEN)
 
 
 def output_allowance(payload: Any, *, default_output_tokens: int) -> int:
@@ -70,6 +77,15 @@ def usage_tokens(body: bytes) -> int | None:
 
     Cheap on replies without usage (a substring test before any decoding); never raises.
     """
+    split = reply_usage(body)
+    return None if split is None else split[0] + split[1]
+
+
+def reply_usage(body: bytes) -> tuple[int, int] | None:
+    """``(input, output)`` tokens a reply body's ``usage`` names, or None (see ``usage_split``).
+
+    Cheap on replies without usage (a substring test before any decoding); never raises.
+    """
     if b'"usage"' not in body:
         return None
     try:
@@ -77,7 +93,7 @@ def usage_tokens(body: bytes) -> int | None:
     except orjson.JSONDecodeError:
         return None
     usage = document.get("usage") if isinstance(document, dict) else None
-    return usage_from_mapping(usage) if isinstance(usage, Mapping) else None
+    return usage_split(usage) if isinstance(usage, Mapping) else None
 
 
 def usage_from_mapping(usage: Mapping[str, Any]) -> int | None:

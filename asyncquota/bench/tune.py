@@ -376,8 +376,8 @@ def run_trials(
 
     Each process runs exactly one combination and exits, so the figures of its process
     (CPU, peak memory) are that combination's. The Shaper's jitter is seeded with the
-    model's seed unless ``seed`` is one of the options. Trials come back in ``combos``'
-    order; ``on_done`` hears of each as it finishes.
+    upstream's seed (as in the bench) unless ``seed`` is one of the options. Trials come
+    back in ``combos``' order; ``on_done`` hears of each as it finishes.
 
     Raises:
         ValueError: ``jobs`` below 1.
@@ -390,7 +390,7 @@ def run_trials(
             config=config,
             model=model,
             virtual=True,
-            shaper_options=options if "seed" in dict(options) else (*options, ("seed", model.seed)),
+            shaper_options=options,
         )
         for options in combos
     ]

@@ -24,12 +24,11 @@ together; the reply's ``usage`` settles it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import time
 from collections.abc import Callable, Coroutine, Hashable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -49,7 +48,7 @@ from ..errors import (
 from ..priority import Priority, PriorityLike, coerce_priority
 from ..shaper import Shaper
 from ..signals import QuotaSnapshot, QuotaWindow
-from ..tokens import CHARS_PER_TOKEN, output_allowance, usage_split
+from ..tokens import output_allowance, prompt_tokens, reply_usage
 from ..transport import Response, Transport
 from .alerts import LoggingSink, ShedBatchAction, Sink, UsageMonitor, WebhookSink
 from .budget import BudgetGuard, BudgetReservation
@@ -109,14 +108,14 @@ class QuotaStatus:
     upstreams: Mapping[str, QuotaSnapshot | None]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Estimate:
     input_tokens: int
     output_tokens: int
-    context: int = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.context = self.input_tokens + self.output_tokens
+    @property
+    def context(self) -> int:
+        return self.input_tokens + self.output_tokens
 
 
 class Gateway:
@@ -383,7 +382,7 @@ class Gateway:
             )
         rank = coerce_priority(priority)
         estimate = _Estimate(
-            input_tokens=math.ceil(len(orjson.dumps(json)) / CHARS_PER_TOKEN),
+            input_tokens=prompt_tokens(len(orjson.dumps(json))),
             output_tokens=output_allowance(json, default_output_tokens=self._default_output),
         )
         route: Route | None = self._router.route(
@@ -573,7 +572,7 @@ class Gateway:
             # Deadline or cancellation in flight: the upstream may have charged it.
             self._charge_estimate(grant, reservation, estimate, estimated_cost)
             raise
-        usage = _usage(response)
+        usage = reply_usage(response.body)
         used_in, used_out = usage if usage is not None else (
             estimate.input_tokens,
             estimate.output_tokens,
@@ -667,18 +666,6 @@ def _observe_window(monitor: UsageMonitor, dimension: str, window: QuotaWindow) 
     if window.limit and window.remaining is not None:
         used = max(0, window.limit - window.remaining)
         monitor.observe(dimension, used, window.limit)
-
-
-def _usage(response: Response) -> tuple[int, int] | None:
-    """``(input, output)`` tokens from the reply's ``usage``, or None."""
-    if b'"usage"' not in response.body:
-        return None
-    with contextlib.suppress(ValueError):
-        document = response.json()
-        usage = document.get("usage") if isinstance(document, dict) else None
-        if isinstance(usage, Mapping):
-            return usage_split(usage)
-    return None
 
 
 def _seconds(deadline: float) -> float:
