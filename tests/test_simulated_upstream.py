@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 import email.utils
 import random
+import statistics
+import time
 from typing import Any
 
 import aiohttp
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 
 from asyncquota.testing import PRESETS, SimulatedUpstream, UpstreamConfig, run_in_process
 from asyncquota.testing.buckets import ScheduledBucket
-from asyncquota.testing.replies import go_duration
+from asyncquota.testing.replies import go_duration, retry_after_headers
 from asyncquota.transport import Request, Response
 
 EPOCH = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -498,17 +500,18 @@ async def test_stats_count_totals_and_a_per_second_timeline():
     assert 3 * 2 <= totals.pop("completion_tokens") <= 3 * 8
     assert totals == {
         "requests": 5, "ok": 3, "429": 1, "5xx": 0, "other": 1, "inflight": 0,
-        "max_inflight": 2, "prompt_tokens": 6,
+        "max_inflight": 2, "prompt_tokens": 6, "last_admitted_at": pytest.approx(1.2),
     }
     row = {"5xx": 0, "capacity_rps": 2.0}
     assert stats["timeline"] == [
-        {"t": 0, "requests": 4, "ok": 2, "429": 1, "inflight_max": 2, **row},
-        {"t": 1, "requests": 1, "ok": 1, "429": 0, "inflight_max": 1, **row},
+        {"t": 0, "requests": 4, "ok": 2, "429": 1, "inflight_max": 2, "admitted_ok": 2, **row},
+        {"t": 1, "requests": 1, "ok": 1, "429": 0, "inflight_max": 1, "admitted_ok": 1, **row},
     ]
     upstream.reset()
     assert upstream.stats() == {
         "totals": {"requests": 0, "ok": 0, "429": 0, "5xx": 0, "other": 0, "inflight": 0,
-                   "max_inflight": 0, "prompt_tokens": 0, "completion_tokens": 0},
+                   "max_inflight": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                   "last_admitted_at": None},
         "timeline": [],
     }
 
@@ -558,6 +561,11 @@ def test_a_bucket_fills_to_an_amount_exactly_when_it_says_even_across_schedule_s
         ({"error_500_rate": 1.5}, "error_500_rate must be a share"),
         ({"error_500_rate": 0.6, "reset_rate": 0.6}, "together exceed 1"),
         ({"insufficient_quota_after": -1}, "insufficient_quota_after must be"),
+        ({"limit_header": "hourly"}, "limit_header must be one of bucket, per_minute"),
+        ({"reset_resolution": "us"}, "reset_resolution must be one of ms, s"),
+        ({"reply_seconds": (30, 5)}, r"reply_seconds must be \(low, high\) with 0 <= low"),
+        ({"reply_seconds": 5}, "reply_seconds must be a \\(low, high\\) pair"),
+        ({"clock_skew": float("nan")}, "clock_skew must be a finite number"),
     ],
 )
 def test_a_bad_config_is_refused_with_a_sentence(overrides: dict[str, Any], message: str):
@@ -586,6 +594,145 @@ def test_the_presets_describe_the_harness_scenarios():
 )
 def test_resets_render_as_go_durations(seconds: float, rendered: str):
     assert go_duration(seconds) == rendered
+
+
+# -- the robustness matrix's behaviours ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("wait", "rendered"), [(0.0, "1"), (1e-7, "1"), (0.004, "1"),
+                                                (1.0, "1"), (1.001, "2"), (6.5, "7")])
+def test_a_whole_second_retry_after_is_max_1_ceil_wait_and_never_0(wait: float, rendered: str):
+    assert retry_after_headers("seconds", wait, fixed_wall_clock) == {"retry-after": rendered}
+
+
+async def test_a_whole_second_retry_after_over_a_fast_bucket_says_1_for_a_ms_wait():
+    upstream = SimulatedUpstream(
+        config(rps=1000, count_rejected=False, retry_after_style="seconds")
+    )
+    assert await send_many(upstream, 1000) == [200] * 1000
+    refused = await upstream.handle(chat())
+    assert refused.headers["retry-after"] == "1"  # the request fits in 1 ms
+    await asyncio.sleep(0.001)
+    assert (await upstream.handle(chat())).status == 200
+
+
+@pytest.mark.parametrize("dialect", ["openai", "anthropic"])
+async def test_the_limit_header_states_the_per_minute_rate_or_the_bucket_following_the_schedule(
+    dialect: str,
+):
+    prefix = "x-ratelimit-limit-" if dialect == "openai" else "anthropic-ratelimit-"
+    suffix = "" if dialect == "openai" else "-limit"
+    remaining = ("x-ratelimit-remaining-requests" if dialect == "openai"
+                 else "anthropic-ratelimit-requests-remaining")
+    request = chat() if dialect == "openai" else message()
+    for limit_header, (requests, tokens) in {
+        "bucket": (("20", "10"), ("60000", "30000")),
+        "per_minute": (("600", "300"), ("60000", "30000")),
+    }.items():
+        upstream = SimulatedUpstream(config(
+            rps=10, burst_seconds=2.0, tpm=60_000, headers_style=dialect,
+            limit_header=limit_header, schedule=((1.0, 0.5),),
+        ))
+        before = (await send_many(upstream, 3, request)) and await upstream.handle(request)
+        assert before.headers[f"{prefix}requests{suffix}"] == requests[0]
+        assert before.headers[f"{prefix}tokens{suffix}"] == tokens[0]
+        assert before.headers[remaining] == "16"  # the bucket's level, whatever the limit says
+        await asyncio.sleep(1.0)  # half the capacity
+        after = await upstream.handle(request)
+        assert after.headers[f"{prefix}requests{suffix}"] == requests[1]
+        assert after.headers[f"{prefix}tokens{suffix}"] == tokens[1]
+        assert after.headers[remaining] == "9"
+
+
+async def test_openai_resets_can_be_rounded_up_to_the_second():
+    upstream = SimulatedUpstream(
+        config(rps=10, burst_seconds=3.0, tpm=60_000, reset_resolution="s")
+    )
+    headers = (await upstream.handle(chat("x" * 40, max_tokens=100))).headers
+    assert headers["x-ratelimit-remaining-requests"] == "29"
+    assert headers["x-ratelimit-reset-requests"] == "1s"  # 100 ms, to the second
+    assert headers["x-ratelimit-reset-tokens"] == "1s"  # a few ms
+    headers = (await send_many(upstream, 14) and await upstream.handle(chat())).headers
+    assert headers["x-ratelimit-remaining-requests"] == "14"
+    assert headers["x-ratelimit-reset-requests"] == "2s"  # 1.6 s
+    await asyncio.sleep(0.6)  # 20 left, 19 after the next one: 1.1 s to full
+    headers = (await upstream.handle(chat())).headers
+    assert headers["x-ratelimit-reset-requests"] == "2s"
+
+
+async def test_the_schedule_doubles_capacity_and_a_retry_after_across_the_step_is_honest():
+    upstream = SimulatedUpstream(
+        config(rps=10, schedule=((2.0, 2.0),), count_rejected=False)
+    )
+    await upstream.handle(chat())  # t=0
+    await asyncio.sleep(1.0)
+    assert await send_many(upstream, 11) == [200] * 10 + [429]
+    await asyncio.sleep(0.9)  # t=1.9: 9 requests back, capacity still 10
+    assert await send_many(upstream, 9) == [200] * 9
+    refused = await upstream.handle(chat())
+    # One request at 10/s takes 100 ms: the last 0.1 s before the step delivers it.
+    assert retry_after_ms(refused) == 100
+    await asyncio.sleep(0.099)
+    assert (await upstream.handle(chat())).status == 429
+    await asyncio.sleep(0.001)
+    assert (await upstream.handle(chat())).status == 200
+    await asyncio.sleep(1.0)  # t=3: capacity 20, refilled at 20/s
+    assert await send_many(upstream, 21) == [200] * 20 + [429]
+    capacity = [second["capacity_rps"] for second in upstream.stats()["timeline"]]
+    assert capacity == [10.0, 10.0, 20.0, 20.0]
+
+
+async def test_reply_seconds_draws_each_reply_time_from_its_range_whatever_the_tokens():
+    upstream = SimulatedUpstream(
+        config(reply_seconds=(5.0, 30.0), latency_base=1.0, latency_per_token=1.0, seed=3)
+    )
+    took: list[float] = []
+
+    async def one(max_tokens: int) -> None:
+        start = now()
+        assert (await upstream.handle(chat(max_tokens=max_tokens))).status == 200
+        took.append(now() - start)
+
+    await asyncio.gather(*(one(8 if i % 2 else 256) for i in range(400)))
+    assert 5.0 <= min(took) < 5.5 and 29.5 < max(took) <= 30.0
+    assert statistics.mean(took) == pytest.approx(17.5, abs=1.0)
+    assert now() == max(took)
+
+
+async def test_without_clock_skew_the_model_sends_no_date_of_its_own():
+    upstream = SimulatedUpstream(config())
+    assert "date" not in (await upstream.handle(chat())).headers
+
+
+@pytest.mark.parametrize("style", ["seconds", "ms", "http-date"])
+@pytest.mark.parametrize("skew", [0.0, 3.0, -3.0])
+async def test_a_skewed_upstream_dates_its_replies_and_its_retry_after_stays_honest(
+    style: str, skew: float
+):
+    upstream = SimulatedUpstream(config(
+        rps=4, count_rejected=False, retry_after_style=style, headers_style="anthropic",
+        wall_clock=virtual_wall_clock, clock_skew=skew,
+    ))
+    await asyncio.sleep(0.3)
+    ok = await upstream.handle(message())
+    assert ok.headers["date"] == email.utils.formatdate(EPOCH + skew, usegmt=True)
+    assert ok.json()["id"]
+    # RFC 3339 resets are on the upstream's clock: full again 250 ms from its now.
+    assert ok.headers["anthropic-ratelimit-requests-reset"] == time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(EPOCH + skew + 1)
+    )
+    await send_many(upstream, 3, message())
+    refused = await upstream.handle(message())
+    assert refused.status == 429
+    date = email.utils.parsedate_to_datetime(refused.headers["date"]).timestamp()
+    if style == "http-date":
+        # Read against the reply's own Date, the date is honest whatever the skew.
+        wait = email.utils.parsedate_to_datetime(refused.headers["retry-after"]).timestamp() - date
+        assert wait >= 0.25
+    else:
+        wait = parse_wait(style, refused)
+    await asyncio.sleep(wait)
+    assert (await upstream.handle(message())).status == 200
 
 
 # -- the real server -------------------------------------------------------------------------

@@ -14,17 +14,33 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-__all__ = ["PRESETS", "HeadersStyle", "RetryAfterStyle", "UpstreamConfig"]
+__all__ = [
+    "PRESETS",
+    "HeadersStyle",
+    "LimitHeader",
+    "ResetResolution",
+    "RetryAfterStyle",
+    "UpstreamConfig",
+]
 
 RetryAfterStyle = Literal["seconds", "ms", "http-date", "none"]
-"""How a 429 says when to come back: ``retry-after: 2``, ``retry-after-ms: 1500``,
-``retry-after: <HTTP date>``, or not at all."""
+"""How a 429 says when to come back: ``retry-after: 2`` (whole seconds, never 0),
+``retry-after-ms: 1500``, ``retry-after: <HTTP date>``, or not at all."""
 
 HeadersStyle = Literal["openai", "anthropic", "none"]
 """Which rate-limit headers every reply carries (``x-ratelimit-*``, ``anthropic-ratelimit-*``)."""
 
+LimitHeader = Literal["bucket", "per_minute"]
+"""What a ``limit`` header states: the bucket's size, or the rate per minute."""
+
+ResetResolution = Literal["ms", "s"]
+"""How finely OpenAI-style reset durations are given: to the millisecond, or rounded up to
+the second."""
+
 _RETRY_AFTER_STYLES = ("seconds", "ms", "http-date", "none")
 _HEADERS_STYLES = ("openai", "anthropic", "none")
+_LIMIT_HEADERS = ("bucket", "per_minute")
+_RESET_RESOLUTIONS = ("ms", "s")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,11 +69,28 @@ class UpstreamConfig:
         latency_base: seconds every admitted request takes before its first token.
         latency_per_token: seconds per completion token. Completion tokens are drawn
             uniformly from ``[max_tokens / 4, max_tokens]``.
+        reply_seconds: ``(low, high)``: each admitted request's reply time is drawn
+            uniformly from this range instead of ``latency_base + latency_per_token *
+            completion`` (``(5, 30)``: long streamed answers); None (the default): the
+            latency model above.
         saturation_slowdown: how much slower replies get as the concurrency cap fills:
             latency grows linearly from 80 % of ``max_concurrency`` in flight up to
             ``1 + saturation_slowdown`` times at 100 % (no effect without a cap).
-        retry_after_style: how a 429 says when to come back.
+        retry_after_style: how a 429 says when to come back. ``"seconds"`` is
+            ``max(1, ceil(wait))``: a 429 never says 0.
         headers_style: which rate-limit headers every quota-checked reply carries.
+        limit_header: what their ``limit`` states: ``"bucket"`` (the bucket's size,
+            ``rps * burst_seconds`` requests, ``tpm`` tokens) or ``"per_minute"`` (the rate
+            per minute: ``rps * 60`` requests, ``tpm`` tokens, as Anthropic documents it).
+            Either follows the schedule. ``remaining`` is the bucket's level either way.
+        reset_resolution: OpenAI-style resets (Go durations until the bucket is full) to
+            the millisecond (``"ms"``) or rounded up to the second (``"s"``). Anthropic's
+            RFC 3339 resets are always to the second.
+        clock_skew: seconds the upstream's clock runs ahead of ``wall_clock`` (negative:
+            behind). When set, every reply carries the upstream's ``Date`` and the instants
+            it renders (HTTP-date Retry-After, RFC 3339 resets, ``created``) are on its
+            clock. None (the default): no ``Date`` from the model (an HTTP server adds its
+            own, true one) and instants on ``wall_clock``.
         error_500_rate, error_503_rate, error_529_rate: the share of admitted requests that
             fail with that status (on Anthropic streams a 529 arrives as an in-stream
             ``overloaded_error`` event instead).
@@ -87,9 +120,13 @@ class UpstreamConfig:
     schedule: tuple[tuple[float, float], ...] = ()
     latency_base: float = 0.120
     latency_per_token: float = 0.001
+    reply_seconds: tuple[float, float] | None = None
     saturation_slowdown: float = 1.0
     retry_after_style: RetryAfterStyle = "seconds"
     headers_style: HeadersStyle = "openai"
+    limit_header: LimitHeader = "bucket"
+    reset_resolution: ResetResolution = "ms"
+    clock_skew: float | None = None
     error_500_rate: float = 0.0
     error_503_rate: float = 0.0
     error_529_rate: float = 0.0
@@ -119,15 +156,23 @@ class UpstreamConfig:
         for name in ("latency_base", "latency_per_token", "saturation_slowdown", "hang_seconds",
                      "penalty_extension"):
             _non_negative(name, getattr(self, name))
-        if self.retry_after_style not in _RETRY_AFTER_STYLES:
+        for name, choices in (
+            ("retry_after_style", _RETRY_AFTER_STYLES),
+            ("headers_style", _HEADERS_STYLES),
+            ("limit_header", _LIMIT_HEADERS),
+            ("reset_resolution", _RESET_RESOLUTIONS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}."
+                )
+        if self.reply_seconds is not None:
+            object.__setattr__(self, "reply_seconds", _checked_range(self.reply_seconds))
+        if self.clock_skew is not None and not (
+            isinstance(self.clock_skew, int | float) and math.isfinite(self.clock_skew)
+        ):
             raise ValueError(
-                f"retry_after_style must be one of {', '.join(_RETRY_AFTER_STYLES)}, "
-                f"not {self.retry_after_style!r}."
-            )
-        if self.headers_style not in _HEADERS_STYLES:
-            raise ValueError(
-                f"headers_style must be one of {', '.join(_HEADERS_STYLES)}, "
-                f"not {self.headers_style!r}."
+                f"clock_skew must be a finite number of seconds or None, not {self.clock_skew!r}."
             )
         rates = ("error_500_rate", "error_503_rate", "error_529_rate", "hang_rate", "reset_rate")
         for name in rates:
@@ -179,6 +224,20 @@ def _positive(name: str, value: float) -> None:
 def _non_negative(name: str, value: float) -> None:
     if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number of 0 or more, not {value!r}.")
+
+
+def _checked_range(value: Any) -> tuple[float, float]:
+    try:
+        low, high = (float(x) for x in value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"reply_seconds must be a (low, high) pair of seconds or None, not {value!r}."
+        ) from None
+    if not (math.isfinite(high) and 0 <= low <= high):
+        raise ValueError(
+            f"reply_seconds must be (low, high) with 0 <= low <= high, not {value!r}."
+        )
+    return low, high
 
 
 def _checked_schedule(steps: Any) -> tuple[tuple[float, float], ...]:

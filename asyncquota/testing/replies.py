@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from .config import HeadersStyle, RetryAfterStyle
+from .config import HeadersStyle, ResetResolution, RetryAfterStyle
 
 __all__ = [
     "CHAT_PATH",
@@ -32,6 +32,7 @@ __all__ = [
     "Dialect",
     "OpenAIDialect",
     "Parsed",
+    "date_header",
     "estimate_tokens",
     "go_duration",
     "http_date",
@@ -420,6 +421,16 @@ def go_duration(seconds: float) -> str:
     return secs
 
 
+def _whole_seconds(seconds: float) -> str:
+    """A Go duration rounded up to the second: ``0s``, ``1s``, ``6m0s``."""
+    return go_duration(math.ceil(seconds - 1e-6))
+
+
+def date_header(epoch: float) -> str:
+    """A ``Date`` header's IMF-fixdate: the instant truncated to the second, as servers send it."""
+    return email.utils.formatdate(math.floor(epoch), usegmt=True)
+
+
 def http_date(epoch: float) -> str:
     """An IMF-fixdate no earlier than ``epoch`` (rounded up to the second, so never early)."""
     return email.utils.formatdate(math.ceil(epoch - 1e-6), usegmt=True)
@@ -433,11 +444,14 @@ def rfc3339(epoch: float) -> str:
 def retry_after_headers(
     style: RetryAfterStyle, wait: float, wall_clock: Callable[[], float]
 ) -> dict[str, str]:
-    """The header that tells a throttled client to wait ``wait`` seconds, rounded up."""
+    """The header that tells a throttled client to wait ``wait`` seconds, rounded up.
+
+    Whole seconds are ``max(1, ceil(wait))``, as providers send them: a 429 never says 0.
+    """
     if style == "none" or math.isinf(wait):
         return {}
     if style == "seconds":
-        return {"retry-after": str(math.ceil(wait - 1e-6))}
+        return {"retry-after": str(max(1, math.ceil(wait - 1e-6)))}
     if style == "ms":
         return {"retry-after-ms": str(math.ceil(wait * 1000 - 1e-6))}
     return {"retry-after": http_date(wall_clock() + wait)}
@@ -449,28 +463,32 @@ def rate_limit_headers(
     requests: tuple[float, float, float],
     tokens: tuple[float, float, float] | None,
     wall_clock: Callable[[], float],
+    reset_resolution: ResetResolution = "ms",
 ) -> dict[str, str]:
-    """Rate-limit headers for the buckets' ``(capacity, level, seconds to full)``.
+    """Rate-limit headers for the buckets' ``(limit, level, seconds to full)``.
 
-    OpenAI style resets are Go durations until the bucket is full; Anthropic style resets
-    are RFC 3339 instants and remaining tokens are rounded to the nearest thousand, as the
-    providers do.
+    The limit is whatever figure the provider states (the bucket's size, or its rate per
+    minute). OpenAI style resets are Go durations until the bucket is full, to the
+    millisecond or (``reset_resolution="s"``) rounded up to the second; Anthropic style
+    resets are RFC 3339 instants and remaining tokens are rounded to the nearest thousand,
+    as the providers do.
     """
     if style == "none":
         return {}
     capacity, level, to_full = requests
     remaining = str(max(0, math.floor(level + 1e-9)))
     if style == "openai":
+        reset = go_duration if reset_resolution == "ms" else _whole_seconds
         headers = {
             "x-ratelimit-limit-requests": str(math.floor(capacity + 1e-9)),
             "x-ratelimit-remaining-requests": remaining,
-            "x-ratelimit-reset-requests": go_duration(to_full),
+            "x-ratelimit-reset-requests": reset(to_full),
         }
         if tokens is not None:
             t_capacity, t_level, t_to_full = tokens
             headers["x-ratelimit-limit-tokens"] = str(math.floor(t_capacity + 1e-9))
             headers["x-ratelimit-remaining-tokens"] = str(max(0, math.floor(t_level + 1e-9)))
-            headers["x-ratelimit-reset-tokens"] = go_duration(t_to_full)
+            headers["x-ratelimit-reset-tokens"] = reset(t_to_full)
         return headers
     wall = wall_clock()
     headers = {

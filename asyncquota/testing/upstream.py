@@ -10,14 +10,16 @@ provider under quota does. Each well-formed request passes, in order:
 5. the token bucket (prompt estimate + ``max_tokens`` reserved; short: 429 ``tokens``);
 
 then it is in flight: it may stall, fail (500/503/529) or have its connection reset, else
-it takes ``latency_base + latency_per_token * completion`` seconds (longer near the
-concurrency cap) and replies, its token reservation reconciled to the tokens it produced.
-Every 429 from the buckets carries an honest Retry-After: sending nothing else and coming
-back after it, the request is admitted.
+it takes ``latency_base + latency_per_token * completion`` seconds, or a time drawn from
+``reply_seconds`` (longer near the concurrency cap), and replies, its token reservation
+reconciled to the tokens it produced. Every 429 from the buckets carries an honest
+Retry-After: sending nothing else and coming back after it, the request is admitted (an
+HTTP date is honest against the reply's ``Date``, or against a clock no later than the
+upstream's).
 
 Time is the running loop's, counted from the upstream's first request, so the same model
 runs in virtual time under looptime and in real time in the server process. The wall clock
-(``config.wall_clock``) only renders dates.
+(``config.wall_clock``, ``clock_skew`` ahead) only renders dates.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -41,6 +44,7 @@ from .replies import (
     Dialect,
     OpenAIDialect,
     Parsed,
+    date_header,
     rate_limit_headers,
     retry_after_headers,
 )
@@ -51,7 +55,7 @@ SATURATION_KNEE = 0.8
 """Share of the concurrency cap in flight from which replies start to slow down."""
 
 # Timeline row fields, in order.
-_REQUESTS, _OK, _THROTTLED, _FIVE_XX, _INFLIGHT_MAX = range(5)
+_REQUESTS, _OK, _THROTTLED, _FIVE_XX, _INFLIGHT_MAX, _ADMITTED_OK = range(6)
 
 _FAULT_500, _FAULT_503, _FAULT_529, _FAULT_HANG, _FAULT_RESET = range(5)
 
@@ -67,9 +71,11 @@ class SimulatedUpstream:
 
     __slots__ = (
         "_anthropic",
+        "_clock",
         "_config",
         "_fault_thresholds",
         "_inflight",
+        "_last_admitted",
         "_max_inflight",
         "_number",
         "_openai",
@@ -96,6 +102,11 @@ class SimulatedUpstream:
             cumulative += rate
             thresholds.append(cumulative)
         self._fault_thresholds = tuple(thresholds)
+        skew = config.clock_skew
+        wall_clock = config.wall_clock
+        self._clock: Callable[[], float] = (
+            wall_clock if not skew else lambda: wall_clock() + skew
+        )
         self._inflight = 0
         self.reset()
 
@@ -120,6 +131,7 @@ class SimulatedUpstream:
         self._penalty_until = -math.inf
         self._number = 0
         self._well_formed = 0
+        self._last_admitted: float | None = None
         self._max_inflight = self._inflight
         self._outcomes = {"ok": 0, "429": 0, "5xx": 0, "other": 0}
         self._tokens_served = [0, 0]
@@ -155,7 +167,7 @@ class SimulatedUpstream:
         second = int(now)
         timeline = self._timeline
         while len(timeline) <= second:
-            timeline.append([0, 0, 0, 0, self._inflight])
+            timeline.append([0, 0, 0, 0, self._inflight, 0])
         return timeline[second]
 
     def _finish(self, now: float, status: int) -> None:
@@ -175,18 +187,34 @@ class SimulatedUpstream:
 
     def _reply(self, now: float, status: int, body: bytes, headers: dict[str, str]) -> Response:
         self._finish(now, status)
-        return Response(status=status, headers=headers, body=body)
+        return Response(status=status, headers=self._dated(headers), body=body)
+
+    def _dated(self, headers: dict[str, str]) -> dict[str, str]:
+        """The headers with the upstream's ``Date``, when its clock is set apart from ours."""
+        if self._config.clock_skew is None:
+            return headers
+        return {**headers, "date": date_header(self._clock())}
 
     def _quota_headers(self) -> dict[str, str]:
         config = self._config
         requests, tokens = self._requests, self._tokens
+        per_minute = config.limit_header == "per_minute"
         return rate_limit_headers(
             config.headers_style,
-            requests=(requests.capacity, requests.level, requests.time_to_full()),
-            tokens=(tokens.capacity, tokens.level, tokens.time_to_full())
+            requests=(
+                requests.rate * 60.0 if per_minute else requests.capacity,
+                requests.level,
+                requests.time_to_full(),
+            ),
+            tokens=(
+                tokens.rate * 60.0 if per_minute else tokens.capacity,
+                tokens.level,
+                tokens.time_to_full(),
+            )
             if tokens is not None
             else None,
-            wall_clock=config.wall_clock,
+            wall_clock=self._clock,
+            reset_resolution=config.reset_resolution,
         )
 
     # -- the request path ----------------------------------------------------------------
@@ -263,6 +291,7 @@ class SimulatedUpstream:
                     requests.give_back(1.0)
                 return self._throttle(now, dialect.throttled_tokens_body, cost)
             tokens.take(cost)
+        self._last_admitted = now
         return None
 
     def _count_refusal(self) -> None:
@@ -281,7 +310,7 @@ class SimulatedUpstream:
         headers = {
             "content-type": JSON_TYPE,
             **self._quota_headers(),
-            **retry_after_headers(config.retry_after_style, wait, config.wall_clock),
+            **retry_after_headers(config.retry_after_style, wait, self._clock),
         }
         return self._reply(now, 429, body, headers)
 
@@ -319,7 +348,11 @@ class SimulatedUpstream:
                 produced = 0
                 await asyncio.sleep(config.latency_base)
                 return self._fail(dialect, parsed, number, fault)
-            latency = config.latency_base + config.latency_per_token * completion
+            if config.reply_seconds is None:
+                latency = config.latency_base + config.latency_per_token * completion
+            else:
+                shortest, longest = config.reply_seconds
+                latency = shortest + (longest - shortest) * self._rng.random()
             if config.max_concurrency is not None:
                 load = inflight / config.max_concurrency
                 if load > SATURATION_KNEE:
@@ -334,7 +367,7 @@ class SimulatedUpstream:
             # Cancelled by the caller, or reset: the books are settled without a reply.
             self._finish(self._reconcile(parsed, produced), 0)
             raise
-        created = int(config.wall_clock())
+        created = int(self._clock())
         if parsed.stream:
             body, content_type = dialect.stream(parsed, number, completion, created), SSE_TYPE
         else:
@@ -343,6 +376,7 @@ class SimulatedUpstream:
         self._tokens_served[0] += parsed.prompt_tokens
         self._tokens_served[1] += completion
         headers = {"content-type": content_type, **self._quota_headers()}
+        self._row(start)[_ADMITTED_OK] += 1
         return self._reply(now, 200, body, headers)
 
     def _fail(self, dialect: Dialect, parsed: Parsed, number: int, fault: int) -> Response:
@@ -353,7 +387,8 @@ class SimulatedUpstream:
             now = self._reconcile(parsed, 0)
             self._finish(now, 529)
             return Response(
-                status=200, headers={"content-type": SSE_TYPE, **self._quota_headers()},
+                status=200,
+                headers=self._dated({"content-type": SSE_TYPE, **self._quota_headers()}),
                 body=body,
             )
         now = self._reconcile(parsed, 0)
@@ -376,15 +411,19 @@ class SimulatedUpstream:
         """Totals and a per-second timeline, as plain JSON-ready data.
 
         ``totals``: requests, ok, 429, 5xx, other (400/404/405, resets, cancelled),
-        inflight, max_inflight, prompt_tokens and completion_tokens (of successful replies).
+        inflight, max_inflight, prompt_tokens and completion_tokens (of successful replies),
+        last_admitted_at (seconds from the first request to the last one admitted past the
+        buckets, or None).
         ``timeline``: one entry per second since the first request: t, requests (arrived),
-        ok, 429, 5xx (decided in that second), inflight_max and capacity_rps.
+        ok, 429, 5xx (decided in that second), inflight_max, capacity_rps, and admitted_ok
+        (admitted in that second and answered 200, whenever the answer came).
         """
         config = self._config
         totals: dict[str, Any] = {"requests": self._number, **self._outcomes}
         totals["inflight"] = self._inflight
         totals["max_inflight"] = self._max_inflight
         totals["prompt_tokens"], totals["completion_tokens"] = self._tokens_served
+        totals["last_admitted_at"] = self._last_admitted
         timeline = [
             {
                 "t": t,
@@ -394,6 +433,7 @@ class SimulatedUpstream:
                 "5xx": row[_FIVE_XX],
                 "inflight_max": row[_INFLIGHT_MAX],
                 "capacity_rps": config.rps * factor_at(config.schedule, float(t)),
+                "admitted_ok": row[_ADMITTED_OK],
             }
             for t, row in enumerate(self._timeline)
         ]
