@@ -19,7 +19,16 @@ one lowercase view of the headers and uses precompiled patterns.
 
 Headers may be any ``Mapping[str, str]`` (a dict, aiohttp's ``CIMultiDictProxy``) or an
 iterable of ``(name, value)`` pairs; names are matched case-insensitively and, when a
-name repeats, its first value wins. Pairs that are not two strings are skipped.
+name repeats, its first value wins. Names and values given as bytes are read as Latin-1
+(HTTP's own reading); pairs that are neither are skipped.
+
+An upstream is not trusted to be sane, only to be read: a value no provider could mean
+is no information, never an exception and never a reason to stop for long. Counts are
+ASCII digits up to :data:`MAX_COUNT` (``"²"``, 5 000 digits, ``-1``, ``NaN`` are None);
+every wait or reset (Retry-After, ``retry-after-ms``, an HTTP date, Gemini's
+``RetryInfo``, a window reset) is clamped to :data:`MAX_RETRY_AFTER`. Those are this
+module's bounds on what the headers say; the Shaper bounds what it does with them again,
+by its own, configurable, ceiling.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
+    "MAX_COUNT",
     "MAX_RETRY_AFTER",
     "MESSAGE_EXCERPT_CHARS",
     "Classification",
@@ -48,7 +58,9 @@ __all__ = [
     "QuotaWindow",
     "classify_error_body",
     "classify_stream_event",
+    "parse_count",
     "parse_duration",
+    "parse_http_date",
     "parse_rate_limit_headers",
     "parse_retry_after",
 ]
@@ -58,6 +70,11 @@ MAX_RETRY_AFTER = 86_400.0
 (per-day limits) any provider documents. A larger value is clamped to it, so a bogus
 header cannot park the fleet for a year, while long legitimate waits are still honoured
 (unlike the SDKs, which ignore anything past 60 s)."""
+
+MAX_COUNT = 10**12
+"""The largest request or token count a header is believed: a trillion, a thousand times
+any quota a provider sells per minute or per day. Anything larger is garbage (None), so a
+limit of 10^300 cannot reach the gates' arithmetic."""
 
 MESSAGE_EXCERPT_CHARS = 300
 """How much of a provider's error message a :class:`Classification` keeps."""
@@ -109,12 +126,22 @@ def _lower_view(headers: HeadersLike | None) -> dict[str, str]:
                 name, value = cast("tuple[object, object]", item)
             except (TypeError, ValueError):
                 continue
-            if isinstance(name, str) and isinstance(value, str):
+            name, value = _text(name), _text(value)
+            if name is not None and value is not None:
                 view.setdefault(name.lower(), value)
-    except TypeError:
-        # Not iterable at all: the caller handed us something that is not headers.
+    except Exception:
+        # Not iterable, or a mapping that fails as it is read: not headers we can use.
         return view
     return view
+
+
+def _text(value: object) -> str | None:
+    """A header name or value as text: str as it is, bytes as Latin-1, else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("latin-1")
+    return None
 
 
 def _clamp(seconds: float) -> float:
@@ -137,12 +164,23 @@ def _http_date(text: str) -> float | None:
     """An HTTP date (IMF-fixdate, RFC 850 or asctime) as Unix seconds, else None."""
     try:
         when = parsedate_to_datetime(text)
-    except (ValueError, TypeError, IndexError, OverflowError):
+        if when.tzinfo is None:
+            # asctime carries no zone and "-0000" means "zone unknown": HTTP dates are GMT.
+            when = when.replace(tzinfo=UTC)
+        return when.timestamp()
+    except (ValueError, TypeError, IndexError, OverflowError, AttributeError):
         return None
-    if when.tzinfo is None:
-        # asctime carries no zone and "-0000" means "zone unknown": HTTP dates are GMT.
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
+
+
+def parse_http_date(text: str | bytes | None) -> float | None:
+    """An HTTP date (a ``Date`` or ``Retry-After`` header) as Unix seconds, or None.
+
+    IMF-fixdate, RFC 850 and asctime are read (no zone means GMT); anything else, bytes
+    that are not a date included, gives None. Never raises. The result is a timestamp,
+    not a wait: no bound applies (see :func:`parse_retry_after` for the wait).
+    """
+    text = _text(text)
+    return None if text is None else _http_date(text)
 
 
 def _rfc3339(text: str) -> float | None:
@@ -179,17 +217,26 @@ def _until(timestamp: float, now: float) -> float | None:
     return _clamp(max(delta, 0.0))
 
 
-@functools.lru_cache(maxsize=4096)
-def parse_duration(text: str) -> float | None:
+def parse_duration(text: str | bytes) -> float | None:
     """Seconds in a Go-style duration (``1s``, ``20ms``, ``6m0s``, ``1h2m3.5s``), or None.
 
     OpenAI writes its ``x-ratelimit-reset-*`` headers this way, Gemini its ``retryDelay``.
     Units are ``h``, ``m``, ``s``, ``ms``, ``us``/``µs``/``μs`` and ``ns``, case-sensitive
     as in Go; fractions (``0.5s``, ``.5s``) are fine. A plain number (``"12"``,
     ``"1.5"``) is taken as seconds, which is what OpenAI-compatible servers often send.
-    Negative durations, NaN, infinities and anything else come back as None. The value is
-    not clamped: callers decide how long is too long.
+    Negative durations, NaN, infinities and anything else (bytes are read as Latin-1)
+    come back as None; never raises. The value is not clamped: callers decide how long is
+    too long (this module's readers clamp it to :data:`MAX_RETRY_AFTER`).
     """
+    decoded = _text(text)
+    if decoded is None:
+        return None
+    # Replies repeat the same few resets; only short texts are cached, so a hostile
+    # upstream cannot fill the cache with long ones.
+    return _cached_duration(decoded) if len(decoded) <= 32 else _read_duration(decoded)
+
+
+def _read_duration(text: str) -> float | None:
     text = text.strip()
     seconds = _non_negative_number(text)
     if seconds is None:
@@ -199,6 +246,9 @@ def parse_duration(text: str) -> float | None:
         for amount, unit in _DURATION_PARTS.findall(text):
             seconds += float(amount) * _DURATION_UNITS[unit]
     return seconds if math.isfinite(seconds) else None
+
+
+_cached_duration = functools.lru_cache(maxsize=4096)(_read_duration)
 
 
 def _retry_after(view: Mapping[str, str], now: float | None) -> float | None:
@@ -341,18 +391,27 @@ _ANTHROPIC_NAMES = tuple(name for names in _ANTHROPIC_WINDOWS.values() for name 
 
 
 def _count(text: str | None) -> int | None:
-    """A count ≥ 0 (``"59"``, ``"59.0"``; fractions are floored), else None.
+    """A count in ``[0, MAX_COUNT]`` (``"59"``, ``"59.0"``; fractions are floored), else None.
 
     Negatives are None: Azure sends ``-1`` to mean "unknown".
     """
     if text is None:
         return None
-    if len(text) < 19 and text.isdigit() and text.isascii():  # the usual case, no regex
+    # The usual case, no regex. isdigit() alone is not enough: "²" is a digit to it.
+    if len(text) < 13 and text.isascii() and text.isdigit():
         return int(text)
     value = _non_negative_number(text)
-    if value is None or math.isinf(value):
+    if value is None or value > MAX_COUNT:
         return None
     return int(value)
+
+
+def parse_count(text: str | bytes | None) -> int | None:
+    """A request or token count from a header value, or None (the rules of
+    :func:`parse_rate_limit_headers`: ASCII digits, ``"59.0"`` floored, up to
+    :data:`MAX_COUNT`; ``"²"``, ``"-1"``, ``"1e400"``, bytes that are not a number and
+    anything else give None). Never raises: for code that glances at one header."""
+    return _count(_text(text))
 
 
 def _reset_after(text: str | None, now: float) -> float | None:

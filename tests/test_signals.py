@@ -11,6 +11,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from asyncquota.signals import (
     MAX_BODY_CHARS,
+    MAX_COUNT,
     MAX_RETRY_AFTER,
     MESSAGE_EXCERPT_CHARS,
     Classification,
@@ -19,7 +20,9 @@ from asyncquota.signals import (
     QuotaWindow,
     classify_error_body,
     classify_stream_event,
+    parse_count,
     parse_duration,
+    parse_http_date,
     parse_rate_limit_headers,
     parse_retry_after,
 )
@@ -282,7 +285,8 @@ def test_header_names_match_whatever_their_case_and_container(headers):
 
 def test_malformed_header_containers_read_as_no_headers():
     assert parse_retry_after([("retry-after",), 5, ("retry-after", "3")], now=NOW) == 3.0  # type: ignore[list-item]
-    assert parse_retry_after({b"retry-after": b"3"}, now=NOW) is None  # type: ignore[dict-item]
+    # Raw header bytes are read as Latin-1, as HTTP reads them.
+    assert parse_retry_after({b"retry-after": b"3"}, now=NOW) == 3.0  # type: ignore[dict-item]
     assert parse_retry_after(None, now=NOW) is None  # type: ignore[arg-type]
     assert parse_retry_after(42, now=NOW) is None  # type: ignore[arg-type]
 
@@ -739,14 +743,41 @@ HEADER_VALUES = st.one_of(
             "Fri, 27 Nov 2026 22:40:12 GMT",
             "Fri Nov 27 22:40:05 2026",
             "true",
+            # What a hostile upstream sends: digits str.isdigit() accepts and int() refuses,
+            # other scripts' digits, numbers too long for int(), absurd waits and dates.
+            "²",
+            "¹²³",
+            "٣٤",
+            "1" * 5000,
+            "9" * 20,
+            "1e12",
+            "1000h",
+            "99999999999999999999h",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+            "Mon, 01 Jan 0001 00:00:00 GMT",
+            "0001-01-01T00:00:00Z",
+            "9999-12-31T23:59:59-23:59",
+            "\x00\r\n",
         ]
     ),
     st.floats().map(str),
     st.integers().map(str),
+    st.integers(min_value=10**12, max_value=10**400).map(str),
 )
+HEADER_NAMES = st.text() | st.sampled_from(REAL_HEADER_NAMES)
 HEADERS = st.one_of(
-    st.dictionaries(st.text() | st.sampled_from(REAL_HEADER_NAMES), HEADER_VALUES),
+    st.dictionaries(HEADER_NAMES, HEADER_VALUES),
     st.lists(st.tuples(st.sampled_from(REAL_HEADER_NAMES) | st.text(), HEADER_VALUES)),
+    # Raw bytes, as a server library may hand them over (read as Latin-1).
+    st.lists(
+        st.tuples(
+            st.sampled_from(REAL_HEADER_NAMES).map(str.encode) | st.binary(),
+            st.binary() | HEADER_VALUES.map(lambda v: v.encode("utf-8", "surrogatepass")),
+        )
+    ),
+    st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES)).map(
+        lambda pairs: CIMultiDictProxy(CIMultiDict(pairs))
+    ),
 )
 NOWS = st.floats(allow_nan=True, allow_infinity=True) | st.just(NOW)
 
@@ -811,8 +842,8 @@ def test_any_headers_parse_without_raising_into_values_in_range(headers, now):
     snap = parse_rate_limit_headers(headers, now=now)
     assert in_range(snap.retry_after)
     for window in snap.windows:
-        assert window.limit is None or window.limit >= 0
-        assert window.remaining is None or window.remaining >= 0
+        assert window.limit is None or 0 <= window.limit <= MAX_COUNT
+        assert window.remaining is None or 0 <= window.remaining <= MAX_COUNT
         assert in_range(window.reset_after)
         fraction = window.fraction_remaining
         assert fraction is None or 0.0 <= fraction <= 1.0
@@ -844,3 +875,75 @@ def test_any_stream_payload_classifies_without_raising(data):
 def test_any_text_parses_as_a_duration_or_none(text):
     seconds = parse_duration(text)
     assert seconds is None or 0.0 <= seconds < float("inf")
+
+
+@given(text=st.none() | st.text() | st.binary() | HEADER_VALUES)
+def test_any_value_reads_as_a_bounded_count_a_duration_or_a_date_or_none(text):
+    count = parse_count(text)
+    assert count is None or (type(count) is int and 0 <= count <= MAX_COUNT)
+    if text is not None:
+        seconds = parse_duration(text)
+        assert seconds is None or 0.0 <= seconds < float("inf")
+    stamp = parse_http_date(text)
+    assert stamp is None or isinstance(stamp, float)
+
+
+@pytest.mark.parametrize(
+    "value", ["²", "¹²³", "٣", "1" * 5000, "1e400", "-1", "nan", "inf", str(MAX_COUNT + 1)]
+)
+def test_a_count_no_provider_could_mean_is_no_count(value):
+    snap = parse_rate_limit_headers(
+        {"x-ratelimit-remaining-requests": value, "x-ratelimit-limit-requests": value}, now=NOW
+    )
+    assert snap.requests == QuotaWindow()
+    assert parse_count(value) is None
+
+
+def test_counts_read_as_integers_up_to_the_bound_from_text_or_bytes():
+    assert parse_count("59") == 59
+    assert parse_count(b"59.9") == 59
+    assert parse_count(str(MAX_COUNT)) == MAX_COUNT
+    assert parse_count(b"\xff\xfe") is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "field"),
+    [
+        ({"x-ratelimit-reset-requests": "1000h"}, "requests"),
+        ({"x-ratelimit-reset-tokens": "99999999999999999999h"}, "tokens"),
+        ({"anthropic-ratelimit-requests-reset": "9999-12-31T23:59:59Z"}, "requests"),
+    ],
+)
+def test_a_reset_of_a_thousand_hours_or_a_far_future_date_is_clamped_to_a_day(headers, field):
+    window = getattr(parse_rate_limit_headers(headers, now=NOW), field)
+    assert window.reset_after == MAX_RETRY_AFTER == 86_400.0
+
+
+def test_a_retry_info_delay_of_centuries_is_clamped_to_a_day():
+    body = {
+        "error": {
+            "code": 429,
+            "status": "RESOURCE_EXHAUSTED",
+            "details": [
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "9" * 300 + "s"}
+            ],
+        }
+    }
+    assert classify_error_body(429, orjson.dumps(body)).retry_after == MAX_RETRY_AFTER
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000,
+        b'{"error":' * 5_000 + b"1" + b"}" * 5_000,
+        "[" * 3_000 + "]" * 3_000,
+        b'{"error": {"type": "overloaded_error", "message": "' + b"\xff" * 100 + b'"}}',
+        b'{"error": {"code": 1' + b"0" * 5_000 + b"}}",
+    ],
+    ids=["open-brackets", "nested-errors", "nested-lists", "not-utf8", "huge-number"],
+)
+def test_deep_huge_or_undecodable_bodies_leave_the_status_to_decide(body):
+    assert classify_error_body(503, body).kind is Outcome.OVERLOADED
+    assert classify_error_body(200, body).kind is Outcome.SUCCESS
+    assert classify_stream_event(body) is None
