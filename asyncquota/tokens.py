@@ -13,6 +13,12 @@ by a few per cent; ~4 characters per token is the usual figure for English with
 OpenAI's and Anthropic's tokenizers. Providers count ``max_tokens`` against the quota at
 admission, so reserving it is what keeps concurrent requests from overshooting together.
 A caller that knows better passes ``cost_tokens`` to ``Shaper.request``.
+
+The reply's ``usage`` is read as a hostile upstream might write it: a figure that is not
+a whole number ≥ 0 (a string, ``5e7`` as a float with a fraction, ``-3``, ``true``), or a
+reply whose total passes :data:`MAX_USAGE_TOKENS`, is no reading at all (None), so the
+reservation's estimate stands. The Shaper bounds a reading further by the request's own
+estimate; this module only keeps numbers no reply could mean out of the gates.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import orjson
 
 __all__ = [
     "CHARS_PER_TOKEN",
+    "MAX_USAGE_TOKENS",
     "estimate_tokens",
     "output_allowance",
     "prompt_tokens",
@@ -35,6 +42,11 @@ __all__ = [
 ]
 
 CHARS_PER_TOKEN = 4.0
+
+MAX_USAGE_TOKENS = 10_000_000
+"""The most tokens one reply's ``usage`` is believed to count: ten million, five times the
+largest context window sold (2 M) plus its output. A reply claiming more (``2**63``,
+``5e7``) is garbage: its usage reads as None."""
 
 _OUTPUT_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _USAGE_PAIRS = (
@@ -75,7 +87,8 @@ def output_allowance(payload: Any, *, default_output_tokens: int) -> int:
 def usage_tokens(body: bytes) -> int | None:
     """Total tokens a reply says it used (OpenAI or Anthropic ``usage``), or None.
 
-    Cheap on replies without usage (a substring test before any decoding); never raises.
+    None also for a usage that is garbage (see :func:`usage_split`). Cheap on replies
+    without usage (a substring test before any decoding); never raises.
     """
     split = reply_usage(body)
     return None if split is None else split[0] + split[1]
@@ -84,13 +97,17 @@ def usage_tokens(body: bytes) -> int | None:
 def reply_usage(body: bytes) -> tuple[int, int] | None:
     """``(input, output)`` tokens a reply body's ``usage`` names, or None (see ``usage_split``).
 
+    The body may be bytes or str; anything else, or a body that is not JSON, gives None.
     Cheap on replies without usage (a substring test before any decoding); never raises.
     """
-    if b'"usage"' not in body:
+    if isinstance(body, str):
+        if '"usage"' not in body:
+            return None
+    elif not isinstance(body, bytes | bytearray | memoryview) or b'"usage"' not in body:
         return None
     try:
         document = orjson.loads(body)
-    except orjson.JSONDecodeError:
+    except (orjson.JSONDecodeError, TypeError):
         return None
     usage = document.get("usage") if isinstance(document, dict) else None
     return usage_split(usage) if isinstance(usage, Mapping) else None
@@ -105,17 +122,39 @@ def usage_from_mapping(usage: Mapping[str, Any]) -> int | None:
 def usage_split(usage: Mapping[str, Any]) -> tuple[int, int] | None:
     """``(input, output)`` tokens of one ``usage`` object, or None if it names neither.
 
-    Anthropic's cache writes and reads count as input.
+    Anthropic's cache writes and reads count as input. A field that is absent or null
+    counts 0; one that is not a whole number ≥ 0 (an integral float such as ``12.0`` is
+    one), or a total above :data:`MAX_USAGE_TOKENS`, makes the whole usage None: a
+    partial reading would undercount. Never raises.
     """
+    if not isinstance(usage, Mapping):
+        return None
     for input_key, output_key in _USAGE_PAIRS:
         if input_key in usage or output_key in usage:
-            read = _count(usage.get(input_key))
+            keys = [input_key]
             if input_key == "input_tokens":  # Anthropic's cache reads and writes, if any
-                for key in _ANTHROPIC_CACHE_KEYS:
-                    read += _count(usage.get(key))
-            return read, _count(usage.get(output_key))
+                keys.extend(_ANTHROPIC_CACHE_KEYS)
+            read = 0
+            for key in keys:
+                count = _count(usage.get(key))
+                if count is None:
+                    return None
+                read += count
+            written = _count(usage.get(output_key))
+            if written is None or read + written > MAX_USAGE_TOKENS:
+                return None
+            return read, written
     return None
 
 
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+def _count(value: Any) -> int | None:
+    """A whole number of tokens ≥ 0 (absent: 0), or None for garbage."""
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value <= MAX_USAGE_TOKENS else None
+    if isinstance(value, float) and value.is_integer() and 0 <= value <= MAX_USAGE_TOKENS:
+        return int(value)
+    return None
