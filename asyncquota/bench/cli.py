@@ -4,8 +4,13 @@
     asyncquota bench --scenario crisis --sessions 30000 --duration 60 \\
         --strategies naive,openai-sdk,tenacity,cookbook --json out.json --plot out.png
     asyncquota bench --virtual ...      # in process, on virtual time
+    asyncquota bench --matrix [--virtual] [--json PATH] [--strategies a,b] [--rows 1,5]
     asyncquota tune --scenario crisis --param limit.initial=20,64 \\
         --param retry_budget=0.05,0.2 --objective goodput --csv tune.csv --heatmap tune.png
+
+``--matrix`` replays a 30 s night once per upstream behaviour of the robustness matrix
+(:mod:`asyncquota.bench.matrix`: a covering set of behaviours, asyncquota alone unless
+``--strategies`` says otherwise) and prints a row per behaviour and strategy.
 
 Runs are bounded (at most ``MAX_SESSIONS`` sessions and ``MAX_DURATION`` seconds, each
 stopping by itself) and real runs talk to an upstream on 127.0.0.1 only.
@@ -15,12 +20,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from ..testing import PRESETS, UpstreamConfig
+from .matrix import (
+    DURATION,
+    SESSIONS,
+    MatrixRow,
+    matrix_document,
+    matrix_rows,
+    matrix_table,
+    run_matrix,
+)
 from .report import document, table
 from .runner import StrategyRun, run_strategies
 from .sessions import SCENARIO_TENANTS, SessionModel
@@ -45,6 +60,8 @@ __all__ = ["MAX_DURATION", "MAX_SESSIONS", "main"]
 
 MAX_SESSIONS = 200_000
 MAX_DURATION = 3_600.0
+BENCH_SESSIONS = 30_000
+BENCH_DURATION = 60.0
 
 
 def _strategies(text: str) -> list[str]:
@@ -56,6 +73,18 @@ def _strategies(text: str) -> list[str]:
             f"{', '.join(STRATEGIES)}, separated by commas."
         )
     return names
+
+
+def _rows(text: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--rows takes row numbers (from 1) separated by commas, not {text!r}."
+        )
+    return numbers
 
 
 def _param(text: str) -> tuple[str, tuple[int | float | str | None, ...]]:
@@ -81,14 +110,31 @@ def _parser() -> argparse.ArgumentParser:
         "bench",
         help="replay a night of chat sessions against strategies, side by side",
         description="Replay N chat sessions against a simulated rate-limited upstream, once "
-        "per strategy (each in its own process), and report goodput, 429s and latencies.",
+        "per strategy (each in its own process), and report goodput, 429s and latencies. "
+        "With --matrix, once per upstream behaviour of the robustness matrix.",
     )
-    bench.add_argument("--scenario", choices=sorted(PRESETS), default="crisis")
-    bench.add_argument("--sessions", type=int, default=30_000)
-    bench.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
+    bench.add_argument("--scenario", choices=sorted(PRESETS))
     bench.add_argument(
-        "--strategies", type=_strategies, default=list(STRATEGIES),
-        help=f"comma-separated, from {', '.join(STRATEGIES)} (default: all)",
+        "--sessions", type=int,
+        help=f"default {BENCH_SESSIONS}; with --matrix {SESSIONS} (twice as many in the "
+        "long-reply rows)",
+    )
+    bench.add_argument(
+        "--duration", type=float,
+        help=f"seconds (default {BENCH_DURATION:g}; with --matrix {DURATION:g})",
+    )
+    bench.add_argument(
+        "--strategies", type=_strategies,
+        help=f"comma-separated, from {', '.join(STRATEGIES)} (default: all; with --matrix "
+        "asyncquota)",
+    )
+    bench.add_argument(
+        "--matrix", action="store_true",
+        help="one night per upstream behaviour (a covering set of them) instead of a scenario",
+    )
+    bench.add_argument(
+        "--rows", type=_rows, metavar="N,M,...",
+        help="with --matrix: only these rows (their numbers in the full table)",
     )
     bench.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
     bench.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of the runs")
@@ -119,8 +165,9 @@ def _parser() -> argparse.ArgumentParser:
         help="goodput (higher better), p99 or 429 (lower better), ... or a weighted sum "
         "such as goodput=1,429=-10,p99=-0.0001 (higher better); default goodput",
     )
-    tune.add_argument("--sessions", type=int, default=30_000)
-    tune.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
+    tune.add_argument("--sessions", type=int, default=BENCH_SESSIONS)
+    tune.add_argument("--duration", type=float, default=BENCH_DURATION,
+                      help=f"seconds (default {BENCH_DURATION:g})")
     tune.add_argument("--seed", type=int, default=0,
                       help="seeds the night, the upstream and the Shaper's jitter")
     tune.add_argument("--csv", type=Path, metavar="PATH", help="write every combination")
@@ -134,10 +181,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if not 1 <= args.sessions <= MAX_SESSIONS:
-        parser.error(f"--sessions must be between 1 and {MAX_SESSIONS}.")
+    matrix = args.command == "bench" and args.matrix
+    if args.sessions is None:
+        args.sessions = SESSIONS if matrix else BENCH_SESSIONS
+    if args.duration is None:
+        args.duration = DURATION if matrix else BENCH_DURATION
+    # The matrix's long-reply rows run twice the sessions.
+    most = MAX_SESSIONS // 2 if matrix else MAX_SESSIONS
+    if not 1 <= args.sessions <= most:
+        parser.error(f"--sessions must be between 1 and {most}.")
     if not 0 < args.duration <= MAX_DURATION:
         parser.error(f"--duration must be more than 0 and at most {MAX_DURATION:g} seconds.")
+    if matrix:
+        return _matrix(parser, args)
+    if args.command == "bench" and args.rows is not None:
+        parser.error("--rows goes with --matrix.")
+    args.scenario = args.scenario or "crisis"
     config = UpstreamConfig.preset(args.scenario, seed=args.seed)
     model = SessionModel(
         sessions=args.sessions,
@@ -157,8 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     runs = run_strategies(
-        args.strategies, config=config, model=model, virtual=args.virtual,
-        progress=progress, on_done=done,
+        args.strategies or list(STRATEGIES), config=config, model=model,
+        virtual=args.virtual, progress=progress, on_done=done,
     )
     doc = document(
         scenario=args.scenario, config=config, model=model, virtual=args.virtual, runs=runs
@@ -170,6 +229,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .plot import plot
 
         plot(doc, runs, args.plot)
+    return 0
+
+
+def _matrix(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.scenario is not None or args.plot is not None:
+        parser.error("--matrix replays its own upstreams and draws no plot: drop "
+                     "--scenario and --plot.")
+    rows = matrix_rows(seed=args.seed, sessions=args.sessions, duration=args.duration)
+    if args.rows is not None:
+        unknown = sorted(set(args.rows) - {row.number for row in rows})
+        if unknown:
+            parser.error(f"The matrix has rows 1 to {len(rows)}; no row {unknown[0]}.")
+        rows = [row for row in rows if row.number in args.rows]
+
+    def done(row: MatrixRow, strategy: str, result: Mapping[str, Any]) -> None:
+        print(
+            f"[row {row.number}] {row.label} {strategy}: goodput {result['goodput']:.3f}, "
+            f"first 10 s {result['goodput_10s']:.2f}, {result['bench']['wall_s']:.1f} s wall",
+            file=sys.stderr,
+        )
+
+    entries = run_matrix(
+        rows, args.strategies or ["asyncquota"], virtual=args.virtual,
+        progress=sys.stderr.isatty(), on_done=done,
+    )
+    doc = matrix_document(entries, virtual=args.virtual, seed=args.seed)
+    print(matrix_table(doc))
+    if args.json is not None:
+        args.json.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     return 0
 
 

@@ -35,7 +35,14 @@ from ..testing import UpstreamConfig
 from .outcomes import NO_OUTCOME, REFUSED_OUTCOMES, Outcome, is_error
 from .sessions import CLASSES, Priority
 
-__all__ = ["NO_TENANT", "RequestLog", "percentile", "request_quota", "summarize"]
+__all__ = [
+    "NO_TENANT",
+    "RequestLog",
+    "percentile",
+    "queue_wait_ms",
+    "request_quota",
+    "summarize",
+]
 
 NO_TENANT = -1
 """The tenant code of a request that is nobody's (a crowd without tenants)."""
@@ -132,6 +139,15 @@ def request_quota(config: UpstreamConfig, seconds: float) -> float:
             break
         total += config.rps * factor * (min(end, seconds) - start)
     return total
+
+
+def queue_wait_ms(
+    waits: Mapping[str, Sequence[float]] | None,
+) -> dict[str, dict[str, float | None]] | None:
+    """p50 and p99 of the queue waits per class, in ms (None when nothing was measured)."""
+    if waits is None:
+        return None
+    return {name: _p50_p99(sorted(waits.get(name, ()))) for name in CLASSES}
 
 
 def _ms(seconds: float | None) -> float | None:

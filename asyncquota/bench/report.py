@@ -7,11 +7,15 @@ The JSON document (:func:`document`) has the shape the benchmark issue fixes::
       "goodput_rps", "goodput_ratio", "upstream_requests", "upstream_429",
       "upstream_429_ratio", "latency_ms": {"interactive": {"p50", "p99"}, "batch": {...}},
       "ok_in_deadline_by_class": {"interactive", "batch"}, "reject_ms": {"p50", "p99"},
-      "cpu_s", "peak_rss_mb", "wall_s", ...}}}
+      "queue_wait_ms": {"interactive": {"p50", "p99"}, "batch": {...}} | null,
+      "queue_wait_source", "cpu_s", "peak_rss_mb", "wall_s", ...}}}
 
-plus, per strategy, the outcome counts, the busy window, the quota over it, the upstream's
-per-second ``timeline`` and the client's per-second ``samples``; and at the top the mode,
-the seed, the session model and the machine. When the sessions belong to tenants (the
+``queue_wait_ms`` is how long first attempts waited from the call to their send, for the
+strategies that can tell (asyncquota: the Shaper's admission events; ``queue_wait_source``
+says what was measured); null for the others. Plus, per strategy, the outcome counts, the
+busy window, the quota over it, the upstream's per-second ``timeline`` and the client's
+per-second ``samples``; and at the top the mode, the seed, the session model and the
+machine. When the sessions belong to tenants (the
 ``tiers`` scenario), each strategy's result also has::
 
     "tenants": {TENANT: {"requests", "ok", "ok_in_deadline", "served_ratio",
@@ -31,7 +35,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..testing import UpstreamConfig
-from .metrics import summarize
+from .metrics import queue_wait_ms, summarize
 from .sessions import SessionModel
 
 if TYPE_CHECKING:
@@ -110,6 +114,8 @@ def document(
             stopped_at=run.stopped_at,
             tenants=[tenant.name for tenant in model.tenants],
         )
+        result["queue_wait_ms"] = queue_wait_ms(run.queue_waits)
+        result["queue_wait_source"] = run.queue_wait_source
         result["cpu_s"] = round(run.cpu_s, 2)
         result["peak_rss_mb"] = round(run.peak_rss_mb, 1)
         result["wall_s"] = round(run.wall_s, 2)
@@ -142,8 +148,8 @@ def _fmt(value: float | None, spec: str) -> str:
 _COLUMNS = (
     ("strategy", "<11"), ("requests", ">8"), ("ok", ">7"), ("in dl", ">7"), ("shed", ">6"),
     ("deadline", ">8"), ("errors", ">7"), ("lost", ">5"), ("good/s", ">7"), ("ratio", ">6"),
-    ("429 %", ">6"), ("p99 int", ">8"), ("p99 bat", ">8"), ("rej p99", ">8"), ("cpu s", ">6"),
-    ("rss MB", ">7"), ("wall s", ">7"),
+    ("429 %", ">6"), ("p99 int", ">8"), ("p99 bat", ">8"), ("wait p50", ">8"),
+    ("wait p99", ">8"), ("rej p99", ">8"), ("cpu s", ">6"), ("rss MB", ">7"), ("wall s", ">7"),
 )
 
 
@@ -191,8 +197,18 @@ def _tenant_table(doc: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _interactive_wait(result: Mapping[str, Any]) -> tuple[str, str]:
+    """The interactive queue wait's p50 and p99 cells (``-`` when not measured)."""
+    waits = result.get("queue_wait_ms")
+    if waits is None:
+        return "-", "-"
+    return _fmt(waits["interactive"]["p50"], ".0f"), _fmt(waits["interactive"]["p99"], ".0f")
+
+
 def table(doc: Mapping[str, Any]) -> str:
     """The results as a fixed-width text table, one row per strategy, latencies in ms.
+
+    ``wait p50``/``wait p99``: interactive queue wait (call to send), where measured.
 
     With tenants, a second table follows: a row per strategy and tenant.
     """
@@ -210,7 +226,7 @@ def table(doc: Mapping[str, Any]) -> str:
             _fmt(r["goodput_ratio"], ".3f"), _fmt(100 * r["upstream_429_ratio"], ".1f"),
             _fmt(r["latency_ms"]["interactive"]["p99"], ".0f"),
             _fmt(r["latency_ms"]["batch"]["p99"], ".0f"),
-            _fmt(r["reject_ms"]["p99"], ".0f"), _fmt(r["cpu_s"], ".1f"),
+            *_interactive_wait(r), _fmt(r["reject_ms"]["p99"], ".0f"), _fmt(r["cpu_s"], ".1f"),
             _fmt(r["peak_rss_mb"], ".0f"), _fmt(r["wall_s"], ".1f"),
         )
         lines.append(_row(cells, _COLUMNS))

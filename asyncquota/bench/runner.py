@@ -20,6 +20,7 @@ import contextlib
 import multiprocessing
 import resource
 import time
+from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -109,6 +110,9 @@ class StrategyRun:
         cpu_s: CPU seconds (user + system) the run took in its process.
         peak_rss_mb: the process's peak resident memory.
         wall_s: wall seconds of the run (process start-up and imports excluded).
+        queue_waits: seconds from each first attempt's call to its send, by class name, or
+            None when the strategy cannot tell (see ``Strategy.queue_waits``).
+        queue_wait_source: what ``queue_waits`` measures (None with it).
     """
 
     strategy: str
@@ -119,6 +123,8 @@ class StrategyRun:
     cpu_s: float = 0.0
     peak_rss_mb: float = 0.0
     wall_s: float = 0.0
+    queue_waits: dict[str, array[float]] | None = None
+    queue_wait_source: str | None = None
 
 
 async def drive(
@@ -233,6 +239,10 @@ async def _run(spec: RunSpec) -> StrategyRun:
             progress.close()
         async with asyncio.timeout(CLOSE_TIMEOUT):
             await strategy.__aexit__(None, None, None)
+    waits = strategy.queue_waits()
+    if waits is not None:
+        run.queue_waits = {name: array("d", values) for name, values in waits.items()}
+        run.queue_wait_source = strategy.queue_wait_source
     if upstream is not None:
         run.upstream = upstream.stats()
     else:
@@ -292,17 +302,20 @@ def run_strategies(
     virtual: bool,
     progress: bool,
     on_done: Callable[[StrategyRun], None] | None = None,
+    shaper_options: tuple[tuple[str, int | float | str | None], ...] = (),
 ) -> Mapping[str, StrategyRun]:
     """Run each strategy, one after the other, each in a fresh spawned process.
 
     A real run also gets a fresh upstream process per strategy, so no strategy inherits
-    another's debts (penalty windows, an emptied bucket).
+    another's debts (penalty windows, an emptied bucket). ``shaper_options`` go to the
+    asyncquota strategy only (see :class:`RunSpec`).
     """
     context = multiprocessing.get_context("spawn")
     runs: dict[str, StrategyRun] = {}
     for name in names:
         spec = RunSpec(strategy=name, config=config, model=model, virtual=virtual,
-                       progress=progress)
+                       progress=progress,
+                       shaper_options=shaper_options if name == "asyncquota" else ())
         with _upstream_for(spec) as ready, ProcessPoolExecutor(1, mp_context=context) as pool:
             run = pool.submit(run_strategy, ready).result()
         runs[name] = run

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import ClassVar, Self
@@ -190,6 +190,17 @@ class Strategy(abc.ABC):
     def sample(self) -> Mapping[str, float]:
         """Live internals worth plotting, e.g. ``{"limit": 40, "queue_interactive": 3}``."""
         return {}
+
+    def queue_waits(self) -> Mapping[str, Sequence[float]] | None:
+        """Seconds each first attempt waited from the call to its send, by class name.
+
+        None (the default): the strategy cannot tell cheaply. A strategy that can says
+        what it measures in :attr:`queue_wait_source`.
+        """
+        return None
+
+    queue_wait_source: ClassVar[str | None] = None
+    """What :meth:`queue_waits` measures, in a few words (None when it measures nothing)."""
 
     async def __aenter__(self) -> Self:
         return self

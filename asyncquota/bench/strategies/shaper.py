@@ -20,10 +20,12 @@ the tenants in turn.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Self
 
+from ...hooks import Admitted, Event, LoggingHook
 from ...limits import AIMD, Fixed, Gradient, Limit
 from ...priority import describe_priority
 from ...shaper import DEFAULT_MAX_CONNECTIONS, DROP_TOLERANCE, Shaper
@@ -43,6 +45,7 @@ __all__ = [
     "UPSTREAM",
     "OptionValue",
     "Options",
+    "QueueWaits",
     "ShaperStrategy",
     "build_limit",
     "gateway_for",
@@ -188,6 +191,32 @@ def gateway_for(shaper: Shaper, target: Target) -> Gateway:
     )
 
 
+class QueueWaits:
+    """A hook keeping how long each first attempt waited in the Shaper before its send.
+
+    It reads the ``waited`` of every ``Admitted`` event (enqueue to admission: the
+    request's arrival to its send, for a first attempt; a retry keeps its first arrival,
+    so it is left out). It runs on every request: one type check and an append.
+    """
+
+    __slots__ = ("_waits",)
+
+    def __init__(self) -> None:
+        self._waits: dict[object, array[float]] = {}
+
+    def on_event(self, event: Event) -> None:
+        """Keep an admission's wait."""
+        if type(event) is Admitted and event.attempt == 1:
+            waits = self._waits.get(event.priority)
+            if waits is None:
+                waits = self._waits[event.priority] = array("d")
+            waits.append(event.waited)
+
+    def by_class(self) -> dict[str, array[float]]:
+        """The waits kept so far, by class name (``"interactive"``, ``"batch"``)."""
+        return {_name(priority): waits for priority, waits in self._waits.items()}
+
+
 class ShaperStrategy(Strategy):
     """Every call through one asyncquota Shaper (behind a gateway when calls have tenants).
 
@@ -202,6 +231,7 @@ class ShaperStrategy(Strategy):
 
     name = "asyncquota"
     description = "asyncquota.Shaper with its defaults"
+    queue_wait_source = "the Shaper's Admitted.waited: arrival to send, first attempts"
 
     def __init__(self, target: Target, *, options: Options = ()) -> None:
         super().__init__(target)
@@ -212,11 +242,15 @@ class ShaperStrategy(Strategy):
         # stands in for the aiohttp connector), so virtual and real runs bound alike.
         connections = arguments.pop("max_connections", DEFAULT_MAX_CONNECTIONS)
         transport = target.transport(max_connections=connections)
+        # The default hook, and one keeping the queue waits (the frequent events are then
+        # made: a few per request, the price of the measurement).
+        self._waits = QueueWaits()
         # The upstream's wall clock, to read its dates (the real one, or a virtual run's).
         self._shaper = Shaper(
             target.base_url,
             transport=transport,
             wall_clock=target.config.wall_clock,
+            hooks=(LoggingHook(), self._waits),
             **arguments,
         )
         self._gateway = gateway_for(self._shaper, target) if target.tenants else None
@@ -250,6 +284,10 @@ class ShaperStrategy(Strategy):
             await self._gateway.aclose()
         else:
             await self._shaper.aclose()
+
+    def queue_waits(self) -> Mapping[str, Sequence[float]]:
+        """Each first attempt's wait from arrival to send, by class."""
+        return self._waits.by_class()
 
     def sample(self) -> Mapping[str, float]:
         """The concurrency limit and the queue depth per class, for the plot."""
