@@ -9,7 +9,8 @@ Every request that enters asyncquota ends exactly once: in a response, or in one
     │   ├── ClosedError              the shaper is shutting down or closed
     │   ├── TenantLimitError         the tenant is over its own tier's limit (not congestion)
     │   ├── BudgetExceededError      the budget cannot pay for it and the policy says reject
-    │   └── NoRouteError             no configured model can take it (context too long, ...)
+    │   ├── NoRouteError             no configured model can take it (context too long, ...)
+    │   └── StoreUnavailableError    the counter store (tiers, budget) cannot be read or written
     ├── DeadlineExceededError        its deadline passed while it waited or was in flight
     └── UpstreamError                the upstream said no (.status, .body)
         ├── ThrottledError           rate limited (HTTP 429): retry after .retry_after
@@ -20,6 +21,10 @@ Every request that enters asyncquota ends exactly once: in a response, or in one
 ``retry_after`` is in seconds, from now, whenever asyncquota knows one (a Retry-After
 header, the queue's estimate of the wait, a cooldown in force), so a chatbot can answer
 "busy, try again in 4 s" instead of spinning.
+
+Messages and body excerpts are scrubbed when an error is made (``urls.redact_text``):
+whatever URL or path they mention shows its query values and userinfo as ``***``, since
+some upstreams take the API key in the query string.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from .priority import Priority, describe_priority
+from .urls import redact_text
 
 __all__ = [
     "BudgetExceededError",
@@ -40,6 +46,7 @@ __all__ = [
     "QuotaError",
     "QuotaExhaustedError",
     "RejectedError",
+    "StoreUnavailableError",
     "TenantLimitError",
     "ThrottledError",
     "TransportError",
@@ -72,6 +79,7 @@ class QuotaError(Exception):
         tenant: Hashable | None = None,
         retry_after: float | None = None,
     ) -> None:
+        message = redact_text(message)
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
@@ -151,6 +159,25 @@ class NoRouteError(RejectedError):
     default_reason = "no_route"
 
 
+class StoreUnavailableError(RejectedError):
+    """The counter store behind tenant tiers and budgets cannot be read or written.
+
+    The file is locked by another process for longer than the store waits, corrupt, on a
+    failing disk, or this store's earlier calls are still waiting on it. Limits that
+    cannot be checked are not waived: the request is refused (nothing was sent, nothing
+    was charged). The message names the store's file, never a counter's key.
+
+    Attributes:
+        path: the store's file.
+    """
+
+    default_reason = "store_unavailable"
+
+    def __init__(self, message: str, *, path: str = "", **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.path = path
+
+
 class DeadlineExceededError(QuotaError):
     """The request's deadline passed while it waited, or while it was in flight."""
 
@@ -210,11 +237,17 @@ class TransportError(UpstreamError):
 
 
 def excerpt(body: bytes | str | None, limit: int = BODY_EXCERPT_CHARS) -> str:
-    """The first ``limit`` characters of a body, decoded leniently, marked when cut."""
+    """The first ``limit`` characters of a body, decoded leniently, marked when cut, scrubbed."""
     if body is None:
         return ""
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    return text if len(text) <= limit else text[:limit] + "…"
+    if isinstance(body, bytes):
+        # At most 4 bytes a character: a huge body is never decoded whole.
+        text = body[: 4 * limit + 4].decode("utf-8", "replace")
+        cut = len(body) > 4 * limit + 4 or len(text) > limit
+    else:
+        text, cut = body, len(body) > limit
+    # An upstream may echo the request line, key and all, in its error page.
+    return redact_text(text[:limit] + "…" if cut else text)
 
 
 class WouldBlock(RuntimeError):

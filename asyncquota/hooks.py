@@ -16,7 +16,9 @@ dataclasses that share the fields of :class:`Event`; their class says what happe
 The default, :class:`LoggingHook`, logs sheds and throttling at INFO and the rest at
 DEBUG on the ``asyncquota`` logger (INFO, not WARNING: on a bad night there are thousands,
 and they are the library doing its job, not a fault). No request header (API keys live there)
-is ever part of an event.
+is ever part of an event, and an event's path is scrubbed when it is made (query values
+as ``***``, see :func:`~asyncquota.urls.redact_url`): some upstreams take the key in the
+query string, and events end in logs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .priority import Priority
+from .urls import redact_url
 
 __all__ = [
     "Admitted",
@@ -50,7 +53,7 @@ class Event:
     Attributes:
         at: loop time of the event.
         method: the request's HTTP method.
-        path: the request's path (never its query string or headers).
+        path: the request's path, its query values scrubbed (``/x?key=***``).
         priority: its priority class.
         tenant: its tenant, if any.
         attempt: 1 for the first attempt, 2 for the first retry, ...
@@ -62,6 +65,11 @@ class Event:
     priority: Priority | int
     tenant: Hashable | None
     attempt: int
+
+    def __post_init__(self) -> None:
+        scrubbed = redact_url(self.path)
+        if scrubbed is not self.path:
+            object.__setattr__(self, "path", scrubbed)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -28,6 +28,9 @@ are returned as soon as their headers arrive so the caller can stream them. Like
 :class:`~asyncquota.errors.QuotaError` it ended in, rather than returning the upstream's
 error reply: a 429 that outlived its retries arrives as a ``ThrottledError`` with
 ``retry_after``.
+
+The request's URL appears in errors, events and logs only scrubbed (query values and
+userinfo as ``***``, see :mod:`asyncquota.urls`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from yarl import URL
 
 from .tokens import estimate_tokens
 from .transport import Request, Response, transport_error
+from .urls import redact_url
 
 if TYPE_CHECKING:
     from aiohttp.client_middlewares import ClientHandlerType
@@ -78,10 +82,12 @@ class ShaperMiddleware:
         if not self._is_upstream(request.url):
             return await handler(request)
         options = {name: request.headers.popall(name, None) for name in OPTION_HEADERS}
+        # aiohttp sends ``request`` itself; the ticket's path and URL are only ever shown
+        # (messages, events, logs), so they are scrubbed here, once, at the source.
         ticket = self._shaper._new_ticket(
             method=request.method,
-            path=request.url.raw_path_qs,
-            url=str(request.url),
+            path=redact_url(request.url.raw_path_qs),
+            url=redact_url(str(request.url)),
             headers={},
             body=None,
             priority=_single(options[PRIORITY_HEADER], PRIORITY_HEADER) or "interactive",
@@ -95,7 +101,7 @@ class ShaperMiddleware:
             for earlier in replies:  # a retry: the previous reply is done with
                 earlier.release()
             replies.clear()
-            attempt = Request(ticket.method, ticket.url, timeout=budget)
+            attempt = Request(ticket.method, str(request.url), timeout=budget)
             try:
                 async with asyncio.timeout(budget):
                     reply = await handler(request)

@@ -16,11 +16,13 @@ A ``TransportError`` says what happened in its message and, for code, in its ``r
     timeout          no complete reply within the request's timeout (or a stream went silent)
     connection_lost  the connection dropped or reset before the reply was complete
     bad_reply        the peer answered with something that is not HTTP
+    body_too_large   the reply body (or one streamed event) passed the transport's cap
     closed           the transport (or the stream) was closed
     transport        anything else; ``__cause__`` holds the original exception
 
-Messages name the method and the URL without its query (some upstreams put the API key
-there) and never the request headers.
+Messages name the method and the URL scrubbed by :func:`~asyncquota.urls.redact_url`
+(query values and userinfo as ``***``: some upstreams put the API key there) and never
+the request headers.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ from typing import Any, Protocol, Self
 import aiohttp
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from .errors import QuotaError, TransportError
+from .urls import redact_text, redact_url
 
 __all__ = [
+    "MAX_BODY_BYTES",
     "AiohttpTransport",
     "MockHandler",
     "MockTransport",
@@ -54,6 +57,12 @@ __all__ = [
     "Transport",
     "TransportStatistics",
 ]
+
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+"""``AiohttpTransport``'s default cap on one reply body, and on one streamed event or line:
+64 MiB, far above any completion (a 128 k-token reply is under 1 MiB of JSON), far below
+what would hurt a server holding a few hundred replies at once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,13 +169,31 @@ class SSEParser:
     event that the server did not end with a blank line. Invalid UTF-8 becomes U+FFFD.
 
     It is pure and incremental: bytes in, events out, no I/O, no clock.
+
+    Args:
+        max_event_chars: the most characters one event (its data lines and the line being
+            read) may hold; past it :meth:`feed` raises ``ValueError``, so a stream that
+            never ends a line cannot grow memory without bound. None: no cap.
     """
 
-    __slots__ = ("_data", "_decoder", "_event", "_last_id", "_skip_lf", "_tail")
+    __slots__ = (
+        "_data",
+        "_data_chars",
+        "_decoder",
+        "_event",
+        "_last_id",
+        "_max",
+        "_skip_lf",
+        "_tail",
+        "_tail_chars",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_event_chars: int | None = None) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+        self._max = max_event_chars
         self._tail: list[str] = []
+        self._tail_chars = 0  # what one event holds so far: the line being read ...
+        self._data_chars = 0  # ... and its data lines (each counts one more, for its break)
         # A chunk that ends in CR may be the first half of a CRLF split across two chunks.
         self._skip_lf = False
         self._event: str | None = None
@@ -174,7 +201,11 @@ class SSEParser:
         self._last_id: str | None = None
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        """Take the next bytes of the stream; return the events they complete, in order."""
+        """Take the next bytes of the stream; return the events they complete, in order.
+
+        Raises:
+            ValueError: the event being read passed ``max_event_chars``.
+        """
         return self._feed_text(self._decoder.decode(chunk))
 
     def flush(self) -> list[SSEEvent]:
@@ -183,6 +214,7 @@ class SSEParser:
         if self._tail:
             self._line("".join(self._tail), events)
             self._tail = []
+            self._tail_chars = 0
         self._line("", events)
         return events
 
@@ -195,22 +227,33 @@ class SSEParser:
         if not text:
             return events
         self._tail.append(text)
+        self._tail_chars += len(text)
         if "\n" not in text and "\r" not in text:
             # A long line arriving in many small chunks is joined once, when it ends.
+            self._check_size()
             return events
         lines = _LINE_BREAK.split("".join(self._tail))
         rest = lines.pop()
         self._tail = [rest] if rest else []
+        self._tail_chars = len(rest)
         self._skip_lf = text.endswith("\r")
         for line in lines:
             self._line(line, events)
+        self._check_size()
         return events
+
+    def _check_size(self) -> None:
+        if self._max is not None and self._tail_chars + self._data_chars > self._max:
+            raise ValueError(
+                f"An event of the stream passed {self._max} characters before it ended."
+            )
 
     def _line(self, line: str, events: list[SSEEvent]) -> None:
         if not line:
             if self._data:
                 events.append(SSEEvent(self._event, "\n".join(self._data), self._last_id))
             self._data = []
+            self._data_chars = 0
             self._event = None
             return
         if line[0] == ":":
@@ -220,6 +263,7 @@ class SSEParser:
             value = value[1:]
         if name == "data":
             self._data.append(value)
+            self._data_chars += len(value) + 1
         elif name == "event":
             self._event = value or None
         elif name == "id" and "\x00" not in value:
@@ -304,6 +348,7 @@ class StreamResponse:
         "_closed",
         "_counters",
         "_finished",
+        "_max_bytes",
         "_on_close",
         "_request",
         "_source",
@@ -327,6 +372,7 @@ class StreamResponse:
         self._request: Request | None = None
         self._counters: _Counters | None = None
         self._on_close: Callable[[bool], Awaitable[None]] | None = None
+        self._max_bytes: int | None = None
         self._finished = False
         self._closed = False
 
@@ -344,10 +390,15 @@ class StreamResponse:
         """Read the rest of the body and close the stream.
 
         Raises:
-            TransportError: the connection failed or went silent before the end.
+            TransportError: the connection failed or went silent before the end, or the
+                body passed the transport's cap (reason ``"body_too_large"``).
         """
         parts: list[bytes] = []
+        size = 0
         while (chunk := await self._next_chunk()) is not None:
+            size += len(chunk)
+            if self._max_bytes is not None and size > self._max_bytes:
+                raise await self._too_large(f"a body of more than {self._max_bytes} bytes")
             parts.append(chunk)
         return b"".join(parts)
 
@@ -382,6 +433,19 @@ class StreamResponse:
         state = "closed" if self._closed else "open"
         return f"<StreamResponse status={self.status} {state}>"
 
+    async def _too_large(self, what: str) -> TransportError:
+        """Drop the connection and name the overflow (raise the result)."""
+        if self._counters is not None:
+            self._counters.failures += 1
+        await self.aclose()
+        request = self._request
+        where = f"{request.method} {redact_url(request.url)}" if request is not None else "a stream"
+        return TransportError(
+            f"The reply to {where} sent {what}, past the transport's cap; "
+            "the connection was dropped.",
+            reason="body_too_large",
+        )
+
     async def _next_chunk(self) -> bytes | None:
         """The next chunk of the body, or None at its end (the stream is then closed)."""
         if self._closed:
@@ -413,7 +477,7 @@ class _EventIterator:
 
     def __init__(self, stream: StreamResponse) -> None:
         self._stream = stream
-        self._parser = SSEParser()
+        self._parser = SSEParser(max_event_chars=stream._max_bytes)
         self._pending: collections.deque[SSEEvent] = collections.deque()
         self._ended = False
 
@@ -430,7 +494,14 @@ class _EventIterator:
                 if self._stream._finished:  # not after an early close: that event is cut off
                     self._pending.extend(self._parser.flush())
             else:
-                self._pending.extend(self._parser.feed(chunk))
+                try:
+                    self._pending.extend(self._parser.feed(chunk))
+                except ValueError:
+                    self._ended = True
+                    limit = self._stream._max_bytes
+                    raise await self._stream._too_large(
+                        f"an event of more than {limit} characters"
+                    ) from None
         return self._pending.popleft()
 
 
@@ -439,11 +510,13 @@ def _opened(
     request: Request,
     counters: _Counters,
     on_close: Callable[[bool], Awaitable[None]] | None = None,
+    max_bytes: int | None = None,
 ) -> StreamResponse:
-    """Bind a stream to the attempt it answers, so it can count, time out and clean up."""
+    """Bind a stream to the attempt it answers, so it can count, time out, cap and clean up."""
     stream._request = request
     stream._counters = counters
     stream._on_close = on_close
+    stream._max_bytes = max_bytes
     return stream
 
 
@@ -474,42 +547,17 @@ class Transport(Protocol):
         ...
 
 
-def _safe_url(url: str) -> str:
-    """The URL without credentials, query or fragment (an API key may hide in the query)."""
-    try:
-        return str(URL(url).with_user(None).with_query(None).with_fragment(None))
-    except (TypeError, ValueError):
-        return "an invalid URL"
-
-
 # aiohttp reports a reset seen while reading as a bare ClientOSError, not a ConnectionError.
 _LOST_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE})
-
-
-def _scrub(text: str, url: str) -> str:
-    """``text`` with the URL's credentials and query (where a key may hide) cut out."""
-    try:
-        parsed = URL(url)
-    except (TypeError, ValueError):
-        return text.replace(url, "an invalid URL")
-    text = text.replace(url, _safe_url(url))
-    secrets = {parsed.query_string, parsed.raw_query_string, url.partition("?")[2]}
-    if parsed.raw_user is not None:
-        secrets.add(f"{parsed.raw_user}:{parsed.raw_password or ''}@")
-        secrets.add(f"{parsed.raw_user}@")
-    for secret in sorted(secrets - {""}, key=len, reverse=True):
-        text = text.replace(secret, "…" if secret[-1] != "@" else "")
-    return text
 
 
 def transport_error(
     exc: BaseException, request: Request | None, *, streaming: bool = False
 ) -> TransportError:
     """Name in one sentence what went wrong with ``request``, keeping secrets out."""
-    where = f"{request.method} {_safe_url(request.url)}" if request is not None else "the stream"
+    where = f"{request.method} {redact_url(request.url)}" if request is not None else "the stream"
     detail = exc.message if isinstance(exc, aiohttp.ClientResponseError) else str(exc)
-    if request is not None:
-        detail = _scrub(detail, request.url)
+    detail = redact_text(detail, request.url) if request is not None else redact_text(detail)
     detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
     # Parser errors span several lines; a message is one sentence on one line.
     detail = " ".join(detail.split()).rstrip(". ")
@@ -595,6 +643,12 @@ class AiohttpTransport:
         session: a session to use instead of creating one. Its connector then rules
             (``max_connections`` and ``keepalive`` do not apply), and ``aclose`` leaves it
             open: it is yours.
+        max_body_bytes: the largest reply body ``send`` reads, and the largest event (or
+            line) a stream's :meth:`~StreamResponse.events` holds, or a stream's
+            :meth:`~StreamResponse.read` returns. Past it the attempt fails with a
+            TransportError of reason ``"body_too_large"`` and its connection is dropped;
+            nothing past the cap is buffered. A ``Content-Length`` above it fails before
+            the body is read.
 
     Raises:
         ValueError: a non-positive limit or duration.
@@ -605,6 +659,7 @@ class AiohttpTransport:
         "_connect_timeout",
         "_counters",
         "_keepalive",
+        "_max_body",
         "_max_connections",
         "_owns_session",
         "_session",
@@ -617,7 +672,14 @@ class AiohttpTransport:
         connect_timeout: float = 10.0,
         keepalive: float = 30.0,
         session: aiohttp.ClientSession | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int):
+            raise ValueError(
+                f"max_body_bytes must be an integer, not {type(max_body_bytes).__name__}."
+            )
+        if max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be at least 1, not {max_body_bytes}.")
         if isinstance(max_connections, bool) or not isinstance(max_connections, int):
             raise ValueError(
                 f"max_connections must be an integer, not {type(max_connections).__name__}."
@@ -629,6 +691,7 @@ class AiohttpTransport:
         if not keepalive > 0:
             raise ValueError(f"keepalive must be positive, not {keepalive}.")
         self._max_connections = max_connections
+        self._max_body = max_body_bytes
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive
         self._session = session
@@ -672,12 +735,41 @@ class AiohttpTransport:
                 timeout=timeout,
                 allow_redirects=False,
             ) as reply:
-                body = await reply.read()
+                body = await self._read_capped(reply, request)
                 return Response(reply.status, reply.headers, body)
+        except TransportError:
+            self._counters.failures += 1
+            raise
         except Exception as exc:
             raise _failure(exc, request, self._counters) from exc
         finally:
             self._counters.in_flight -= 1
+
+    async def _read_capped(self, reply: aiohttp.ClientResponse, request: Request) -> bytes:
+        """The whole body, or a TransportError (connection closed) once it passes the cap."""
+        cap = self._max_body
+        declared = reply.content_length
+        parts: list[bytes] = []
+        size = 0
+        if declared is None or declared <= cap:
+            async for chunk in reply.content.iter_any():
+                size += len(chunk)
+                if size > cap:
+                    break
+                parts.append(chunk)
+            else:
+                return b"".join(parts)
+        reply.close()  # the rest is never read: the socket goes, not back to the pool
+        said = (
+            f"a body of {declared} bytes"
+            if declared is not None and declared > cap
+            else (f"a body of more than {cap} bytes")
+        )
+        raise TransportError(
+            f"The reply to {request.method} {redact_url(request.url)} had {said}, past the "
+            f"transport's cap of {cap}; the connection was dropped.",
+            reason="body_too_large",
+        )
 
     async def open_stream(self, request: Request) -> StreamResponse:
         """Send ``request`` once; return a stream as soon as the reply headers are in.
@@ -713,7 +805,7 @@ class AiohttpTransport:
                 reply.close()
 
         stream = StreamResponse(reply.status, reply.headers, reply.content.iter_any())
-        return _opened(stream, request, self._counters, on_close)
+        return _opened(stream, request, self._counters, on_close, self._max_body)
 
     async def aclose(self) -> None:
         """Close the session this transport created (never one it was given)."""

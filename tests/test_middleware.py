@@ -114,3 +114,30 @@ async def test_a_malformed_option_header_is_a_clear_error_and_nothing_is_sent():
         assert not upstream.seen
     finally:
         await server.close()
+
+
+async def test_a_key_in_the_query_shows_in_no_error_event_or_log_line(caplog):
+    upstream = Upstream(throttle=10)
+    server = await serve(upstream)
+    events = []
+
+    class Keep:
+        def on_event(self, event):
+            events.append(event)
+
+    try:
+        base = str(server.make_url("/v1"))
+        with caplog.at_level("DEBUG", logger="asyncquota"):
+            async with (
+                Shaper(base, max_attempts=2, hooks=(Keep(),)) as shaper,
+                aiohttp.ClientSession(middlewares=[shaper.middleware]) as session,
+            ):
+                with pytest.raises(ThrottledError) as caught:
+                    await session.post(base + "/models/x?key=SECRET-KEY-42", json={"q": "hi"})
+        assert len(upstream.seen) == 2  # sent, key and all, twice
+        shown = [str(caught.value), repr(caught.value), caplog.text, *map(repr, events)]
+        assert events
+        assert all("SECRET-KEY-42" not in text for text in shown)
+        assert all(event.path == "/v1/models/x?key=***" for event in events)
+    finally:
+        await server.close()

@@ -201,7 +201,7 @@ async def test_an_error_message_never_shows_the_headers_or_the_query_where_keys_
     assert "pw" not in message
     assert message.startswith(
         "Could not connect to the upstream for POST "
-        "https://generativelanguage.example/v1/models:generate ("
+        "https://***@generativelanguage.example/v1/models:generate?key=*** ("
     )
 
 
@@ -682,3 +682,96 @@ def test_aiohttp_round_trip_on_uvloop():
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         status, body, on_uvloop = runner.run(main())
     assert (status, orjson.loads(body), on_uvloop) == (200, {"loop": "uvloop"}, True)
+
+
+# --- Bounds: a reply body, a streamed event ---------------------------------------------------
+
+
+async def endless_body(request: web.Request) -> web.StreamResponse:
+    """A 200 whose body never ends (chunked), or declares a huge Content-Length."""
+    reply = web.StreamResponse()
+    if request.query.get("declared"):
+        reply.content_length = 10**12
+    elif request.query.get("sse"):
+        reply.content_type = "text/event-stream"
+    await reply.prepare(request)
+    chunk = b"data: " if request.query.get("sse") else b"x"
+    while True:  # the client must give up first
+        await reply.write(chunk + b"y" * 16_384)
+        await asyncio.sleep(0)
+
+
+@real_time
+@pytest.mark.parametrize("query", ["", "?declared=1"], ids=["chunked", "content-length"])
+async def test_aiohttp_a_body_past_the_cap_is_a_transport_error_and_its_connection_is_dropped(
+    query,
+):
+    async with serving({"/": endless_body, "/ok": _ok}) as url:
+        transport = AiohttpTransport(max_body_bytes=100_000)
+        with pytest.raises(TransportError) as caught:
+            await transport.send(Request("GET", f"{url}/{query}", timeout=5))
+        assert caught.value.reason == "body_too_large"
+        assert "100000" in str(caught.value)
+        stats = transport.statistics()
+        assert (stats.connections_in_use, stats.connections_open, stats.in_flight) == (0, 0, 0)
+        assert stats.failures == 1
+        # A body at the cap still arrives whole.
+        reply = await transport.send(Request("GET", f"{url}/ok", timeout=5))
+        assert reply.body == b"z" * 100_000
+        await transport.aclose()
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response(body=b"z" * 100_000)
+
+
+@real_time
+async def test_aiohttp_a_streamed_event_or_body_past_the_cap_fails_and_drops_the_socket():
+    async with serving({"/": endless_body}) as url:
+        transport = AiohttpTransport(max_body_bytes=100_000)
+        stream = await transport.open_stream(Request("GET", f"{url}/?sse=1", timeout=5))
+        with pytest.raises(TransportError) as caught:
+            async for _ in stream.events():
+                pass
+        assert caught.value.reason == "body_too_large"
+        assert stream.closed
+        stream = await transport.open_stream(Request("GET", f"{url}/", timeout=5))
+        with pytest.raises(TransportError, match="cap") as caught:
+            await stream.read()
+        assert caught.value.reason == "body_too_large"
+        stats = transport.statistics()
+        assert (stats.connections_in_use, stats.in_flight, stats.failures) == (0, 0, 2)
+        await transport.aclose()
+
+
+def test_the_body_cap_is_validated():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_body_bytes"):
+            AiohttpTransport(max_body_bytes=bad)  # type: ignore[arg-type]
+
+
+def test_an_sse_parser_with_a_cap_refuses_a_line_or_an_event_that_never_ends():
+    parser = SSEParser(max_event_chars=100)
+    assert parser.feed(b"data: " + b"a" * 50 + b"\n\n") == [SSEEvent(None, "a" * 50)]
+    with pytest.raises(ValueError, match="100 characters"):
+        for _ in range(10):
+            parser.feed(b"b" * 20)  # one line, never ended
+    many = SSEParser(max_event_chars=100)
+    with pytest.raises(ValueError):
+        many.feed(b"data:\n" * 200)  # empty data lines, each one held
+
+
+@real_time
+async def test_aiohttp_a_failure_never_shows_a_password_or_a_query_key():
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    transport = AiohttpTransport()
+    url = f"http://me:hunter22@127.0.0.1:{port}/v1/x?key=AIza-SECRET&alt=sse"
+    for call in (transport.send, transport.open_stream):
+        with pytest.raises(TransportError) as caught:
+            await call(Request("POST", url, timeout=2))
+        shown = str(caught.value) + repr(caught.value)
+        assert "hunter22" not in shown and "SECRET" not in shown
+        assert f"http://***@127.0.0.1:{port}/v1/x?key=***&alt=***" in shown
+    await transport.aclose()
