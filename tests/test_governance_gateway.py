@@ -16,11 +16,12 @@ from asyncquota import (
     Shaper,
     TenantLimitError,
 )
+from asyncquota.errors import StoreUnavailableError
 from asyncquota.governance.alerts import CallbackSink, UsageMonitor
 from asyncquota.governance.budget import BudgetGuard, Price
 from asyncquota.governance.gateway import EXHAUSTED_HOLD, Gateway
 from asyncquota.governance.routing import Model, Router, Rule
-from asyncquota.governance.store import MemoryStore
+from asyncquota.governance.store import MemoryStore, SQLiteStore
 from asyncquota.governance.tiers import TenantQuotas, Tier, TierLimits
 
 EPOCH = 1_800_000_000.0  # 2027-01-15 08:00 UTC
@@ -319,3 +320,86 @@ async def test_a_tenant_nearing_its_day_limit_raises_a_warning_then_a_critical_a
     ]
     assert "Tenant corner-shop used 70% of its small requests today" in got[0].message
     assert got[0].action == "raise tier"
+
+
+# -- a dead store --------------------------------------------------------------------------
+
+
+class BreakableStore(MemoryStore):
+    """A MemoryStore that fails as an unavailable SQLite file would, when told to."""
+
+    broken = False
+
+    def _open_now(self) -> float:
+        if self.broken:
+            raise StoreUnavailableError(
+                "The counter store /var/quota.db is unavailable: database is locked.",
+                path="/var/quota.db",
+            )
+        return super()._open_now()
+
+
+async def test_a_dead_store_refuses_the_request_before_anything_is_sent_and_tries_no_fallback():
+    store = BreakableStore(wall_clock=wall)
+    budget = BudgetGuard(monthly=100.0, store=store, wall_clock=wall)
+    gateway, ups = make_gateway(tenants=tiers(store), budget=budget)
+    async with gateway:
+        await gateway.request(chat(), tenant="acme")
+        store.broken = True
+        for tenant in ("acme", "corner-shop", None):
+            with pytest.raises(StoreUnavailableError, match="/var/quota.db") as caught:
+                await gateway.request(chat(), tenant=tenant, task="code_review", complexity="high")
+            assert caught.value.reason == "store_unavailable"
+        assert sum(len(up.seen) for up in ups.values()) == 1
+        store.broken = False
+        spent_before = (await budget.status(None))[0].used
+        await gateway.request(chat(), tenant="acme")
+        # Nothing the refused requests reserved stayed charged, nothing was charged twice.
+        assert (await budget.status(None))[0].used == pytest.approx(2 * spent_before)
+
+
+async def test_a_store_that_dies_while_the_upstream_answers_still_gives_the_reply(caplog):
+    store = BreakableStore(wall_clock=wall)
+    budget = BudgetGuard(monthly=100.0, store=store, wall_clock=wall)
+    gateway, ups = make_gateway(tenants=tiers(store), budget=budget)
+
+    async def break_then_answer(request: Request) -> Response:
+        store.broken = True
+        return await ups["b"].handle(request)
+
+    gateway.upstreams["b"]._transport = MockTransport(break_then_answer)  # type: ignore[attr-defined]
+    with caplog.at_level("WARNING", logger="asyncquota.governance"):
+        async with gateway:
+            routed = await gateway.request(chat(), tenant="acme")
+    assert routed.response.status == 200
+    assert "database is locked" in caplog.text and "dropped" in caplog.text
+    assert "never retrieved" not in caplog.text
+
+
+async def test_a_corrupt_sqlite_file_refuses_requests_naming_the_file(tmp_path):
+    path = tmp_path / "quota.sqlite3"
+    path.write_bytes(b"not a database" * 200)
+    store = SQLiteStore(path, wall_clock=wall)
+    gateway, ups = make_gateway(tenants=tiers(store))
+    async with gateway:
+        with pytest.raises(StoreUnavailableError) as caught:
+            await gateway.request(chat(), tenant="corner-shop")
+    await store.aclose()
+    assert str(path) in str(caught.value) and "corner-shop" not in str(caught.value)
+    assert not ups["a"].seen and not ups["b"].seen
+
+
+async def test_the_gateway_forgets_tenants_it_has_not_read_for_a_while():
+    monitor = UsageMonitor(sinks=[], wall_clock=wall)
+    gateway, _ = make_gateway(tenants=tiers(), monitor=monitor)
+    async with gateway:
+        for wave in range(3):
+            await asyncio.gather(
+                *(gateway.request(chat(), tenant=f"t{wave}-{i}") for i in range(3000))
+            )
+            await asyncio.sleep(5)
+        # Only the last wave (read within the last second or so) may still be remembered.
+        assert len(gateway._watched) <= 2 * 3000 + 1
+        await asyncio.gather(*(gateway.request(chat(), tenant=f"late-{i}") for i in range(1500)))
+    assert len(gateway._watched) <= 3000 + 1500
+    assert not any(tenant.startswith("t0-") for tenant in gateway._watched)

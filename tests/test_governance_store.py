@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from asyncquota.errors import QuotaError, StoreUnavailableError
 from asyncquota.governance.store import MemoryStore, SQLiteStore, Store
 
 T0 = 1_774_000_000.0  # 2026-03-20, a Unix time like any other
@@ -150,21 +153,29 @@ async def test_sqlite_counters_survive_closing_and_reopening_the_file(clock: Clo
         assert await reopened.reserve("day", 1, limit=100, expires_at=T0 + 86_400) == 42
         assert await reopened.get(["day", "short"]) == [42.0, 0.0]
         # The expired row was purged when the file was opened, not just hidden.
-        assert repr(reopened) == f"<SQLiteStore {str(path)!r} keys=1>"
+        assert rows(path) == 1
+        assert repr(reopened) == f"<SQLiteStore {str(path)!r} open calls=2 failures=0>"
     finally:
         await reopened.aclose()
 
 
+def rows(path: Path) -> int:
+    """Rows in the counters table, read over a connection of the test's own."""
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        return int(connection.execute("SELECT count(*) FROM counters").fetchone()[0])
+
+
 async def test_sqlite_purges_expired_rows_at_most_once_a_minute(clock: Clock, tmp_path: Path):
-    store = SQLiteStore(tmp_path / "counters.db", wall_clock=clock)
+    path = tmp_path / "counters.db"
+    store = SQLiteStore(path, wall_clock=clock)
     try:
         await store.add("a", 1, expires_at=T0 + 10)
         clock.now = T0 + 30
         await store.add("b", 1, expires_at=T0 + 600)
-        assert "keys=2" in repr(store)  # "a" has expired, but the last sweep was 30 s ago
+        assert rows(path) == 2  # "a" has expired, but the last sweep was 30 s ago
         clock.now = T0 + 60
         await store.add("b", 1, expires_at=T0 + 600)
-        assert "keys=1" in repr(store)
+        assert rows(path) == 1
     finally:
         await store.aclose()
 
@@ -187,8 +198,99 @@ async def test_two_sqlite_stores_on_one_file_share_the_limit(clock: Clock, tmp_p
         await second.aclose()
 
 
-async def test_a_file_that_is_not_a_database_fails_at_open(tmp_path: Path):
+async def test_a_file_that_is_not_a_database_fails_each_call_with_a_typed_error_naming_it(
+    tmp_path: Path,
+):
     path = tmp_path / "garbage.db"
     path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(sqlite3.DatabaseError):
-        SQLiteStore(path)
+    store = SQLiteStore(path)  # opening waits for the first call, on the worker
+    try:
+        for call in (
+            store.reserve("tier:acme:secret-key", 1, limit=5, expires_at=T0 + 60),
+            store.add("tier:acme:secret-key", 1, expires_at=T0 + 60),
+            store.get(["tier:acme:secret-key"]),
+        ):
+            with pytest.raises(StoreUnavailableError) as caught:
+                await call
+            assert isinstance(caught.value, QuotaError)
+            assert caught.value.path == str(path)
+            assert caught.value.reason == "store_unavailable"
+            assert str(path) in str(caught.value)
+            assert "not a database" in str(caught.value)
+            assert "secret-key" not in str(caught.value)
+        assert "failures=3" in repr(store)
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.looptime(False)
+async def test_a_locked_file_fails_within_the_timeout_while_the_loop_keeps_running(
+    tmp_path: Path,
+):
+    path = tmp_path / "counters.db"
+    store = SQLiteStore(path, timeout=0.5)
+    await store.add("k", 1, expires_at=time.time() + 60)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holding the write lock
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        with pytest.raises(StoreUnavailableError, match="locked") as caught:
+            await store.reserve("k", 1, limit=10, expires_at=time.time() + 60)
+        waited = loop.time() - started
+        assert 0.4 <= waited < 1.5
+        assert str(path) in str(caught.value)
+        # The loop ran all along: ~50 ticks of 10 ms in 0.5 s (a blocked loop gives 0-1).
+        assert ticks >= 20
+        # Calls queued behind a blocked one share its bound instead of adding theirs up.
+        started = loop.time()
+        results = await asyncio.gather(
+            *(store.add("k", 1, expires_at=time.time() + 60) for _ in range(5)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, StoreUnavailableError) for r in results)
+        assert loop.time() - started < 1.5
+    finally:
+        ticker.cancel()
+        holder.execute("ROLLBACK")
+        holder.close()
+    # Once the lock is gone the store works again, and nothing was counted meanwhile.
+    assert await store.get(["k"]) == [1.0]
+    await store.aclose()
+
+
+@pytest.mark.looptime(False)
+async def test_a_reservation_whose_caller_is_cancelled_while_it_runs_is_undone(tmp_path: Path):
+    path = tmp_path / "counters.db"
+    store = SQLiteStore(path, timeout=2)
+    holder = sqlite3.connect(path, isolation_level=None)
+    await store.get(["k"])  # opened
+    holder.execute("BEGIN EXCLUSIVE")
+    reserving = asyncio.create_task(store.reserve("k", 3, limit=10, expires_at=time.time() + 60))
+    await asyncio.sleep(0.1)  # the reservation waits for the lock on the worker
+    reserving.cancel()
+    holder.execute("ROLLBACK")  # it now goes through, for a caller that is gone
+    holder.close()
+    with pytest.raises(asyncio.CancelledError):
+        await reserving
+    for _ in range(100):
+        if await store.get(["k"]) == [0.0]:
+            break
+        await asyncio.sleep(0.01)
+    assert await store.get(["k"]) == [0.0]
+    await store.aclose()
+
+
+def test_the_store_timeout_is_validated(tmp_path: Path):
+    for bad in (0, -1, float("nan"), True):
+        with pytest.raises(ValueError, match="timeout"):
+            SQLiteStore(tmp_path / "x.db", timeout=bad)

@@ -15,6 +15,7 @@ Build a gateway from Python objects, or from a TOML file with
 ``Gateway.from_config("governance.toml")``.
 """
 
+from ..errors import StoreUnavailableError
 from .alerts import (
     Alert,
     CallbackSink,
@@ -66,6 +67,7 @@ __all__ = [
     "ShedBatchAction",
     "Sink",
     "Store",
+    "StoreUnavailableError",
     "TenantGrant",
     "TenantQuotas",
     "Tier",

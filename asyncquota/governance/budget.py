@@ -26,6 +26,7 @@ its limit: enough to absorb the drift, never a real overspend.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable, Coroutine, Hashable, Mapping, Sequence
@@ -34,11 +35,13 @@ from datetime import datetime
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
-from ..errors import BudgetExceededError
+from ..errors import BudgetExceededError, StoreUnavailableError
 from .store import MemoryStore, Store
 from .tiers import DimensionStatus, zone
 
 __all__ = ["SLACK", "BudgetGuard", "BudgetReservation", "Price", "month_window"]
+
+logger = logging.getLogger("asyncquota.governance")
 
 SLACK = 1e-9
 """Dollars a budget admits past its limit, to absorb floating-point drift in sums."""
@@ -244,7 +247,9 @@ class BudgetGuard:
     ) -> None:
         if task.cancelled() or task.exception() is not None:
             return  # nothing was reserved, or _take already rolled back
-        self._spawn(self._add_all(task.result(), -amount, expires_at))
+        self._spawn(self._add_all(task.result(), -amount, expires_at)).add_done_callback(
+            _log_lost_refund
+        )
 
     def _spawn(self, work: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         task = asyncio.ensure_future(work)
@@ -326,6 +331,12 @@ class BudgetReservation:
     def __repr__(self) -> str:
         state = "ended" if self._ended else "open"
         return f"<BudgetReservation ${self.amount:.6g} tenant={self.tenant!r} {state}>"
+
+
+def _log_lost_refund(task: asyncio.Task[None]) -> None:
+    # Nobody awaits an orphan's refund: a refusal of the store is logged, not lost unread.
+    if not task.cancelled() and isinstance(task.exception(), StoreUnavailableError):
+        logger.warning("%s A budget refund was dropped.", task.exception())
 
 
 def _check_dollars(field: str, value: float) -> None:

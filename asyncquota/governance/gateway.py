@@ -19,11 +19,20 @@ fallback chain; the answer says which model answered and why it was chosen.
 Cost is estimated before the call (prompt estimate + ``max_tokens``, at the model's
 prices) and reserved against the budgets, so concurrent requests cannot overshoot
 together; the reply's ``usage`` settles it.
+
+When the counter store is unavailable (a locked, corrupt or failing SQLite file; see
+:class:`~.store.SQLiteStore`), tiers and budgets fail closed: a request whose limits
+cannot be checked is refused with :class:`~asyncquota.errors.StoreUnavailableError`
+before anything is sent, and it is not passed to a fallback (they share the store). A
+request already served still gets its reply: a settlement the store refuses afterwards
+(a refund, a top-up to the real usage) is logged at WARNING on ``asyncquota.governance``
+and lost, so the counters keep the estimate charged at admission, never more, never twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import time
@@ -42,6 +51,7 @@ from ..errors import (
     QuotaError,
     QuotaExhaustedError,
     RejectedError,
+    StoreUnavailableError,
     ThrottledError,
     UpstreamError,
 )
@@ -58,11 +68,20 @@ from .tiers import DimensionStatus, TenantGrant, TenantQuotas
 
 __all__ = ["EXHAUSTED_HOLD", "WATCH_INTERVAL", "Gateway", "QuotaStatus", "Routed"]
 
+logger = logging.getLogger("asyncquota.governance")
+
 EXHAUSTED_HOLD = 300.0
 """Seconds a model whose upstream said ``insufficient_quota`` is passed over for its fallbacks."""
 
 WATCH_INTERVAL = 1.0
-"""Seconds between two readings of a tenant's day usage and the budget for alerts."""
+"""Seconds between two readings of a tenant's day usage and the budget for alerts.
+
+The gateway remembers when it last read each tenant only while that matters: an entry
+older than this is the same as none, so such entries are swept as the map grows (to twice
+its live size, at least ``_WATCH_SWEEP_MIN``). Memory follows the tenants seen in the
+last second, not every tenant ever seen."""
+
+_WATCH_SWEEP_MIN = 1024
 
 DEFAULT_OUTPUT_TOKENS = 256
 
@@ -185,6 +204,7 @@ class Gateway:
         self._wall_clock = wall_clock
         self._exhausted: dict[str, float] = {}  # model → loop time until which it is skipped
         self._watched: dict[Hashable | None, float] = {}  # tenant → last reading (loop time)
+        self._watch_sweep_at = _WATCH_SWEEP_MIN  # sweep stale entries past this size
         self._background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ building one
@@ -372,6 +392,8 @@ class Gateway:
         Raises:
             TenantLimitError: the tenant is over its tier's limit for the model.
             BudgetExceededError: the budget cannot pay and the policy is to reject.
+            StoreUnavailableError: tiers or budgets could not be checked (the store is
+                locked, corrupt or failing): refused, nothing sent, no fallback tried.
             NoRouteError: no model fits the request.
             QuotaError: what the last model's Shaper raised (see ``Shaper.request``).
             ValueError: a malformed argument.
@@ -400,7 +422,14 @@ class Gateway:
             if why is None or not route.chain:  # the last one is tried whatever its state
                 try:
                     return await self._send(
-                        route, json, estimate, tenant, rank, ends, headers, overdraft,
+                        route,
+                        json,
+                        estimate,
+                        tenant,
+                        rank,
+                        ends,
+                        headers,
+                        overdraft,
                         tuple(passed_over),
                     )
                 except QuotaExhaustedError as exc:
@@ -429,9 +458,11 @@ class Gateway:
         Raises:
             ValueError: ``model`` is not configured.
         """
-        names = [self._router.model(model).name] if model is not None else [
-            m.name for m in self._router.models
-        ]
+        names = (
+            [self._router.model(model).name]
+            if model is not None
+            else [m.name for m in self._router.models]
+        )
         models: dict[str, tuple[DimensionStatus, ...]] = {}
         for name in names:
             dims: list[DimensionStatus] = []
@@ -524,9 +555,7 @@ class Gateway:
         shaper = self._upstreams[model.upstream]
         grant: TenantGrant | None = None
         if self._tenants is not None:
-            grant = await self._tenants.admit(
-                tenant, model.name, estimate.context, priority=rank
-            )
+            grant = await self._tenants.admit(tenant, model.name, estimate.context, priority=rank)
         estimated_cost = model.price.cost(estimate.input_tokens, estimate.output_tokens)
         reservation: BudgetReservation | None = None
         try:
@@ -573,9 +602,13 @@ class Gateway:
             self._charge_estimate(grant, reservation, estimate, estimated_cost)
             raise
         usage = reply_usage(response.body)
-        used_in, used_out = usage if usage is not None else (
-            estimate.input_tokens,
-            estimate.output_tokens,
+        used_in, used_out = (
+            usage
+            if usage is not None
+            else (
+                estimate.input_tokens,
+                estimate.output_tokens,
+            )
         )
         cost = model.price.cost(used_in, used_out)
         settling = []
@@ -616,8 +649,12 @@ class Gateway:
             self._settle(reservation.reconcile(cost))
 
     def _settle(self, settling: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run a settlement to its end even if the caller is cancelled meanwhile."""
-        task = asyncio.get_running_loop().create_task(settling)
+        """Run a settlement to its end even if the caller is cancelled meanwhile.
+
+        One the store refuses is logged and dropped (see the module docstring): the reply
+        it follows is the caller's, whatever the store's state.
+        """
+        task = asyncio.get_running_loop().create_task(_unless_store_fails(settling))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
@@ -634,10 +671,14 @@ class Gateway:
             for what, window in (("requests", snapshot.requests), ("tokens", snapshot.tokens)):
                 _observe_window(monitor, f"upstream:{model.upstream}:{what}", window)
         now = asyncio.get_running_loop().time()
-        last = self._watched.get(tenant)
+        watched = self._watched
+        last = watched.get(tenant)
         if last is not None and now - last < WATCH_INTERVAL:
             return
-        self._watched[tenant] = now
+        watched[tenant] = now
+        if len(watched) > self._watch_sweep_at:
+            self._watched = {t: at for t, at in watched.items() if now - at < WATCH_INTERVAL}
+            self._watch_sweep_at = max(_WATCH_SWEEP_MIN, 2 * len(self._watched))
         self._settle(self._watch_stores(monitor, tenant, model.name))
 
     async def _watch_stores(
@@ -660,6 +701,13 @@ class Gateway:
                 if status.limit:
                     name = "budget" if status.dimension == "budget" else f"tenant_budget:{tenant}"
                     monitor.observe(name, status.used, status.limit)
+
+
+async def _unless_store_fails(work: Coroutine[Any, Any, None]) -> None:
+    try:
+        await work
+    except StoreUnavailableError as exc:
+        logger.warning("%s A settlement or usage reading after the reply was dropped.", exc)
 
 
 def _observe_window(monitor: UsageMonitor, dimension: str, window: QuotaWindow) -> None:

@@ -14,16 +14,24 @@ once (a request against its minute and its day) reserves them one by one and ref
 past a limit.
 
 A store reads the wall clock only to tell expired counters from live ones.
+
+A store that cannot do its job raises :class:`~asyncquota.errors.StoreUnavailableError`
+(a ``QuotaError``): callers refuse the request rather than waive the limit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+from ..errors import StoreUnavailableError
 
 __all__ = ["MemoryStore", "SQLiteStore", "Store"]
 
@@ -31,7 +39,10 @@ PURGE_INTERVAL = 60.0
 """Seconds of wall time between two sweeps of expired counters in ``SQLiteStore``."""
 
 BUSY_TIMEOUT_MS = 5000
-"""How long ``SQLiteStore`` waits for another process's write lock before failing."""
+"""How long one ``SQLiteStore`` call may take by default (its ``timeout``), waiting for
+another process's write lock included, before it fails with ``StoreUnavailableError``."""
+
+_T = TypeVar("_T")
 
 
 class Store(Protocol):
@@ -151,67 +162,206 @@ class MemoryStore:
 class SQLiteStore:
     """Counters in one table of a local SQLite file: they survive a restart.
 
-    The file is opened in WAL mode; nothing is loaded up front. Each ``reserve`` and ``add``
-    is one ``BEGIN IMMEDIATE`` transaction (the read and the conditional write under the
-    write lock), so several processes may share the file without passing a limit. Expired
-    rows read as 0, are purged when the store opens and then at most once a minute of wall
-    time, during a write.
+    The file is opened in WAL mode. Each ``reserve`` and ``add`` is one ``BEGIN
+    IMMEDIATE`` transaction (the read and the conditional write under the write lock), so
+    several processes may share the file without passing a limit. Expired rows read as 0,
+    are purged when the store opens and then at most once a minute of wall time, during a
+    write. ``synchronous=NORMAL``: a committed counter survives a crash of the process; a
+    power loss may lose the last few.
 
-    The sqlite3 calls are synchronous and run on the event loop: a local WAL write takes
-    well under a millisecond, less than handing it to a thread would cost. Only when another
-    process holds the write lock does a call block, for up to ``BUSY_TIMEOUT_MS``.
-    ``synchronous=NORMAL``: a committed counter survives a crash of the process; a power
-    loss may lose the last few.
+    The disk never blocks the event loop: every sqlite3 call runs on one worker thread of
+    this store's own, in order, and the loop only awaits it. Each call is bounded: it
+    fails after ``timeout`` seconds (waiting behind this store's earlier calls and for
+    another process's write lock both count), and every failure of the file (locked for
+    longer than that, corrupt, not a database, a disk error) is raised as
+    :class:`~asyncquota.errors.StoreUnavailableError` naming the file, never a key. The
+    file is opened by the first call, on the worker, and opened again by a later call if
+    that failed, so a store comes back by itself once the file does.
+
+    What that means above the store (tiers, budgets, the gateway): a limit that cannot be
+    checked is not waived. An admission or a budget reservation that meets an unavailable
+    store refuses the request with that error before anything is sent, and gives back
+    what it had counted when the store lets it (a refund the store refuses too is lost:
+    the counter stays high by that request until its window ends, which errs on the
+    closed side, never past a limit).
+
+    A ``reserve`` whose caller is cancelled while it runs is undone on the worker once it
+    has run, so a cancelled reservation holds nothing; a cancelled ``add`` (a refund, a
+    charge) still applies.
 
     Args:
         path: the database file (created if missing).
         wall_clock: Unix time, used only to tell expired counters.
+        timeout: the longest one call may take, in seconds (default ``BUSY_TIMEOUT_MS``).
 
     Raises:
-        sqlite3.Error: the file cannot be opened or is not a database.
+        ValueError: a timeout that is not a positive number.
     """
 
-    __slots__ = ("_connection", "_next_purge", "_path", "_wall_clock")
+    __slots__ = (
+        "_calls",
+        "_closed",
+        "_connection",
+        "_executor",
+        "_failures",
+        "_next_purge",
+        "_path",
+        "_timeout",
+        "_wall_clock",
+    )
 
     def __init__(
-        self, path: str | os.PathLike[str], *, wall_clock: Callable[[], float] = time.time
+        self,
+        path: str | os.PathLike[str],
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        timeout: float = BUSY_TIMEOUT_MS / 1000,
     ) -> None:
+        if isinstance(timeout, bool) or not (
+            isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0
+        ):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}.")
         self._path = os.fspath(path)
         self._wall_clock = wall_clock
-        connection = sqlite3.connect(self._path, isolation_level=None)
-        try:
-            connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            connection.execute("PRAGMA journal_mode = WAL")
-            connection.execute("PRAGMA synchronous = NORMAL")
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS counters"
-                " (key TEXT PRIMARY KEY, value REAL NOT NULL, expires_at REAL NOT NULL)"
-            )
-        except BaseException:
-            connection.close()
-            raise
-        self._connection: sqlite3.Connection | None = connection
+        self._timeout = float(timeout)
+        # One thread, so calls run one at a time and in order, as on one connection.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncquota-sqlite")
+        self._connection: sqlite3.Connection | None = None  # used on the worker only
         self._next_purge = -math.inf
-        self._purge_if_due(connection, wall_clock())
+        self._closed = False
+        self._calls = 0
+        self._failures = 0
+
+    @property
+    def path(self) -> str:
+        """The database file."""
+        return self._path
 
     async def reserve(
         self, key: str, amount: float, *, limit: float | None, expires_at: float
     ) -> float | None:
         _check_amount(amount, signed=False)
         _check_limit(limit)
-        return self._update(key, amount, limit, expires_at)
+        running = self._submit(self._update, key, amount, limit, expires_at)
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            running.add_done_callback(lambda done: self._undo(done, key, amount, expires_at))
+            raise
 
     async def add(self, key: str, amount: float, *, expires_at: float) -> float:
         _check_amount(amount, signed=True)
-        new = self._update(key, amount, None, expires_at)
+        new = await asyncio.shield(self._submit(self._update, key, amount, None, expires_at))
         assert new is not None  # no limit: never refused
         return new
 
     async def get(self, keys: Sequence[str]) -> list[float]:
-        connection = self._open()
         if not keys:
+            self._check_open()
             return []
+        return await self._submit(self._read, list(keys))
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            # Behind every call already submitted: they end (each within its timeout) first.
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    # ------------------------------------------------------------------ on the event loop
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"This SQLiteStore ({self._path}) is closed.")
+
+    def _submit(self, work: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """Run ``work(*args)`` on the worker within this store's timeout."""
+        self._check_open()
+        self._calls += 1
+        deadline = time.monotonic() + self._timeout
+        # The clock is read here, on the loop: an injected one may be loop-bound.
         now = self._wall_clock()
+        running = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._bounded, deadline, now, work, *args
+        )
+        running.add_done_callback(self._count_failure)
+        return running
+
+    def _count_failure(self, done: asyncio.Future[Any]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            self._failures += 1
+
+    def _undo(
+        self, done: asyncio.Future[float | None], key: str, amount: float, expires_at: float
+    ) -> None:
+        """A reservation whose caller left: refund it if it was made."""
+        if done.cancelled() or done.exception() is not None or done.result() is None:
+            return
+        if self._closed or not amount:
+            return
+        undo = self._submit(self._update, key, -amount, None, expires_at)
+        undo.add_done_callback(_ignore_outcome)
+
+    # ------------------------------------------------------------------ on the worker
+
+    def _bounded(self, deadline: float, now: float, work: Callable[..., _T], *args: Any) -> _T:
+        """``work(connection, now, *args)`` with what is left of the timeout; errors mapped."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise self._unavailable(
+                f"it did not answer within {self._timeout:g} s (earlier calls were still "
+                "waiting on it)"
+            )
+        try:
+            # The wait for another process's lock gets what is left of this call's time.
+            busy = f"PRAGMA busy_timeout = {max(1, int(left * 1000))}"
+            connection = self._connection
+            if connection is None:
+                connection = self._connect(busy, now)
+            else:
+                connection.execute(busy)
+            return work(connection, now, *args)
+        except sqlite3.Error as exc:
+            if not isinstance(exc, sqlite3.OperationalError) and self._connection is not None:
+                # Corrupt, or not a database: open afresh next time rather than reuse it.
+                with contextlib.suppress(sqlite3.Error):
+                    self._connection.close()
+                self._connection = None
+            raise self._unavailable(_describe(exc)) from None
+
+    def _unavailable(self, why: str) -> StoreUnavailableError:
+        return StoreUnavailableError(
+            f"The counter store {self._path} is unavailable: {why}; the limits kept there "
+            "can be neither checked nor charged.",
+            path=self._path,
+        )
+
+    def _connect(self, busy: str, now: float) -> sqlite3.Connection:
+        connection = sqlite3.connect(self._path, isolation_level=None, timeout=0)
+        try:
+            connection.execute(busy)
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = NORMAL")
+            connection.execute(
+                "CREATE TABLE IF NOT EXISTS counters"
+                " (key TEXT PRIMARY KEY, value REAL NOT NULL, expires_at REAL NOT NULL)"
+            )
+            self._purge_if_due(connection, now)
+        except BaseException:
+            connection.close()
+            raise
+        self._connection = connection
+        return connection
+
+    def _close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _read(self, connection: sqlite3.Connection, now: float, keys: list[str]) -> list[float]:
         unique = list(dict.fromkeys(keys))
         placeholders = ",".join("?" * len(unique))
         rows = connection.execute(
@@ -221,22 +371,16 @@ class SQLiteStore:
         values: dict[str, float] = dict(rows)
         return [values.get(key, 0.0) for key in keys]
 
-    async def aclose(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-
-    def _open(self) -> sqlite3.Connection:
-        if self._connection is None:
-            raise RuntimeError(f"This SQLiteStore ({self._path}) is closed.")
-        return self._connection
-
     def _update(
-        self, key: str, amount: float, limit: float | None, expires_at: float
+        self,
+        connection: sqlite3.Connection,
+        now: float,
+        key: str,
+        amount: float,
+        limit: float | None,
+        expires_at: float,
     ) -> float | None:
         """One transaction: read the live value, refuse past ``limit``, else write (≥ 0)."""
-        connection = self._open()
-        now = self._wall_clock()
         connection.execute("BEGIN IMMEDIATE")
         try:
             row = connection.execute(
@@ -261,7 +405,7 @@ class SQLiteStore:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             raise
-        return new
+        return float(new)
 
     def _purge_if_due(self, connection: sqlite3.Connection, now: float) -> None:
         if now >= self._next_purge:
@@ -269,7 +413,19 @@ class SQLiteStore:
             self._next_purge = now + PURGE_INTERVAL
 
     def __repr__(self) -> str:
-        if self._connection is None:
-            return f"<SQLiteStore {self._path!r} closed>"
-        (count,) = self._connection.execute("SELECT count(*) FROM counters").fetchone()
-        return f"<SQLiteStore {self._path!r} keys={count}>"
+        state = "closed" if self._closed else "open"
+        return f"<SQLiteStore {self._path!r} {state} calls={self._calls} failures={self._failures}>"
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    """What went wrong with the file, in words (sqlite3's messages never hold a key)."""
+    text = str(exc) or type(exc).__name__
+    if "locked" in text or "busy" in text:
+        return f"{text} (another process held it for longer than this store waits)"
+    return text
+
+
+def _ignore_outcome(done: asyncio.Future[Any]) -> None:
+    # An undo that fails is lost (see the class docstring); its error is read, not leaked.
+    if not done.cancelled():
+        done.exception()

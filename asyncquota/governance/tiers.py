@@ -21,6 +21,7 @@ resets at that zone's midnight, so a day may last 23 or 25 hours where clocks ch
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -30,11 +31,13 @@ from types import MappingProxyType
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ..errors import TenantLimitError
+from ..errors import StoreUnavailableError, TenantLimitError
 from ..priority import Priority
 from .store import MemoryStore, Store
 
 __all__ = ["DimensionStatus", "TenantGrant", "TenantQuotas", "Tier", "TierLimits", "zone"]
+
+logger = logging.getLogger("asyncquota.governance")
 
 MINUTE = 60.0
 
@@ -596,8 +599,15 @@ class TenantQuotas:
             return
         task = asyncio.ensure_future(self._apply(changes))
         self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        task.add_done_callback(self._settled)
         await asyncio.shield(task)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._settling.discard(task)
+        # A caller cancelled meanwhile never reads the outcome; a refusal of the store is
+        # then logged here rather than lost as "never retrieved".
+        if not task.cancelled() and isinstance(task.exception(), StoreUnavailableError):
+            logger.warning("%s A tier counter change was dropped.", task.exception())
 
     async def _apply(self, changes: tuple[_Charge, ...]) -> None:
         for key, amount, expires_at in changes:
