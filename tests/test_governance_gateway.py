@@ -347,8 +347,10 @@ async def test_a_dead_store_refuses_the_request_before_anything_is_sent_and_trie
         await gateway.request(chat(), tenant="acme")
         store.broken = True
         for tenant in ("acme", "corner-shop", None):
-            with pytest.raises(StoreUnavailableError, match="/var/quota.db") as caught:
-                await gateway.request(chat(), tenant=tenant, task="code_review", complexity="high")
+            with pytest.raises(StoreUnavailableError, match=r"/var/quota\.db") as caught:
+                await gateway.request(
+                    chat(), tenant=tenant, task="code_review", complexity="high"
+                )
             assert caught.value.reason == "store_unavailable"
         assert sum(len(up.seen) for up in ups.values()) == 1
         store.broken = False
