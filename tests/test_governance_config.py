@@ -334,11 +334,11 @@ INVALID: dict[str, tuple[Edit, str]] = {
     ),
     "boolean rpm": (
         setting("upstreams", "openai", "rpm", to=True),
-        "upstreams.openai.rpm must be a positive number, not true.",
+        "upstreams.openai.rpm must be a positive whole number, not true.",
     ),
     "infinite tpm": (
         setting("upstreams", "openai", "tpm", to=float("inf")),
-        "upstreams.openai.tpm must be a positive number, not inf.",
+        "upstreams.openai.tpm must be a positive whole number, not inf.",
     ),
     "zero max connections": (
         setting("upstreams", "openai", "max_connections", to=0),
@@ -378,7 +378,7 @@ INVALID: dict[str, tuple[Edit, str]] = {
     ),
     "tier limit zero": (
         setting("tiers", "free", "*", "rpd", to=0),
-        'tiers.free."*".rpd must be a positive number, not 0.',
+        'tiers.free."*".rpd must be a positive whole number, not 0.',
     ),
     "budget tenant negative": (
         setting("budget", "tenants", "acme", to=-10),
@@ -572,6 +572,14 @@ SECRETS: dict[str, tuple[Edit, str]] = {
         setting("alerts", "webhooks", 0, to={"url": f"hooks.slack.com/{SECRET}"}),
         "alerts.webhooks[0].url: A webhook URL must be an absolute http or https URL",
     ),
+    "a password in a base URL that is not http": (
+        setting("upstreams", "openai", "base_url", to=f"ftp://me:{SECRET}@proxy.example/v1"),
+        "upstreams.openai.base_url must be an http:// or https:// URL, not 'ftp://***@proxy",
+    ),
+    "a key in a base URL's query": (
+        setting("upstreams", "openai", "base_url", to=f"https://me:{SECRET}@h/v1?key={SECRET}"),
+        "upstreams.openai.base_url: The base URL 'https://***@h/v1?key=***' is not an absolute",
+    ),
     "a key written as a header": (
         setting("upstreams", "openai", "headers", "Authorization", to=f"Bearer {SECRET}"),
         "upstreams.openai.headers.Authorization would carry a credential in the file",
@@ -595,6 +603,39 @@ def test_a_secret_in_the_wrong_place_is_refused_without_being_repeated(
 
     assert str(caught.value).startswith(start)
     assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        (("tiers", "free", "*", "rpd"), 0.5),
+        (("tiers", "pro", "gpt-4o", "tpm"), 400000.5),
+        (("tiers", "pro", "*", "rpm"), 1e-3),
+        (("upstreams", "openai", "rpm"), 9999.5),
+        (("upstreams", "openai", "tpm"), 0.25),
+    ],
+)
+def test_a_rate_that_counts_requests_or_tokens_must_be_whole(where, value) -> None:
+    data = example_data()
+    setting(*where, to=value)(data)
+    with pytest.raises(ConfigError, match="must be a positive whole number, not"):
+        parse_config(data)
+    setting(*where, to=float(max(1, round(value))))(data)  # 600.0 is whole
+    parse_config(data)
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+def test_a_file_nested_too_deeply_is_a_config_error_not_a_recursion_error(
+    tmp_path: Path, depth: int
+) -> None:
+    file = tmp_path / "deep.toml"
+    file.write_text("x = " + "[" * depth + "]" * depth + "\n", "utf-8")
+    with pytest.raises(ConfigError, match="nests arrays or tables too deeply|not valid TOML"):
+        load_config(file)
+    inline = tmp_path / "inline.toml"
+    inline.write_text("x = " + "{a = " * depth + "1" + "}" * depth + "\n", "utf-8")
+    with pytest.raises(ConfigError):
+        load_config(inline)
 
 
 def test_a_webhook_may_give_its_url_in_the_file() -> None:

@@ -28,8 +28,10 @@ from asyncquota.governance.tiers import (
 
 def test_tier_limits_refuse_anything_but_positive_numbers_naming_the_field():
     assert TierLimits(rpm=60, tpm=1e5).rpd is None
-    for bad in (0, -1, float("inf"), float("nan"), True, "60"):
-        with pytest.raises(ValueError, match=r"TierLimits\.rpd must be a positive number"):
+    assert TierLimits(rpd=600.0).rpd == 600  # a whole float is a whole number
+    # A fraction would refuse every request: requests and tokens are counted one by one.
+    for bad in (0, -1, float("inf"), float("nan"), True, "60", 0.5, 59.9):
+        with pytest.raises(ValueError, match=r"TierLimits\.rpd must be a positive whole number"):
             TierLimits(rpd=bad)  # type: ignore[arg-type]
 
 

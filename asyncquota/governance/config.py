@@ -21,6 +21,11 @@ tenant quotas' own consistency) are those of the classes the configuration build
 load on throwaway instances, their messages prefixed with the path. Unknown keys are errors
 anywhere (a misspelt limit would otherwise be no limit).
 
+Quotas count requests and tokens one by one, so ``rpm``, ``rpd`` and ``tpm`` (of tiers
+and of upstreams) must be positive whole numbers (``600`` or ``600.0``, never ``0.5``).
+A file nested too deeply to read, a base URL or a path that is wrong, fail with
+``ConfigError`` too, and a URL is shown scrubbed (a password or a query key as ``***``).
+
 Every section is optional except ``upstreams`` and ``models``. A relative ``store`` path is
 taken from the TOML file's folder. A complete example, which the tests load as written::
 
@@ -120,6 +125,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar, cast, get_args
 
+from ..urls import join_path, redact_url
 from .alerts import UsageMonitor, WebhookFormat, WebhookSink
 from .budget import Price
 from .routing import COMPLEXITIES, Model, Router, Rule
@@ -288,7 +294,8 @@ def load_config(path: str | os.PathLike[str]) -> GovernanceConfig:
 
     Raises:
         ConfigError: the file is not valid UTF-8 TOML (the message names the file, and the
-            line and column of a syntax error), or the configuration is invalid.
+            line and column of a syntax error), nests too deeply to read, or the
+            configuration is invalid.
         OSError: the file cannot be read.
     """
     file = Path(path)
@@ -297,6 +304,11 @@ def load_config(path: str | os.PathLike[str]) -> GovernanceConfig:
             data = tomllib.load(stream)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file} is not valid TOML: {exc}.") from None
+        except RecursionError:
+            raise ConfigError(
+                f"{file} nests arrays or tables too deeply to be read; no configuration "
+                "needs more than a few levels."
+            ) from None
         except UnicodeDecodeError as exc:
             raise ConfigError(
                 f"{file} is not UTF-8 text: {exc.reason} at byte {exc.start}."
@@ -414,8 +426,8 @@ def _upstream(name: str, data: object) -> UpstreamSpec:
         api_key_env=api_key_env,
         auth=cast(Auth, table.get("auth", _one_of("bearer", "x-api-key"), "bearer")),
         headers=headers,
-        rpm=table.get("rpm", _positive_number, None),
-        tpm=table.get("tpm", _positive_number, None),
+        rpm=table.get("rpm", _whole_number, None),
+        tpm=table.get("tpm", _whole_number, None),
         max_connections=table.get("max_connections", _positive_int, None),
         default_deadline=table.get("default_deadline", _positive_number, None),
         timeout=table.get("timeout", _positive_number, None),
@@ -513,9 +525,9 @@ def _tier(name: str, data: object, models: Collection[str]) -> Tier:
             _known(model, models, where, "model")
         table = _Table(entry, where, ("rpm", "rpd", "tpm"))
         limits[model] = TierLimits(
-            rpm=table.get("rpm", _positive_number, None),
-            rpd=table.get("rpd", _positive_number, None),
-            tpm=table.get("tpm", _positive_number, None),
+            rpm=table.get("rpm", _whole_number, None),
+            rpd=table.get("rpd", _whole_number, None),
+            tpm=table.get("tpm", _whole_number, None),
         )
     with _reported(f"{path}: "):
         return Tier(name=name, models=limits)
@@ -721,14 +733,17 @@ def _env_name(value: object, path: str) -> str:
 def _http_url(value: object, path: str) -> str:
     text = _string(value, path)
     if not re.match(r"https?://[^/?#\s]+", text):
-        raise ConfigError(f"{path} must be an http:// or https:// URL, not {text!r}.")
+        # Scrubbed: a base URL may carry a password (https://user:pw@proxy).
+        raise ConfigError(f"{path} must be an http:// or https:// URL, not {redact_url(text)!r}.")
+    with _reported(f"{path}: "):
+        join_path(text, "/")  # the Shaper's own check: no query, no control character
     return text
 
 
 def _endpoint(value: object, path: str) -> str:
     text = _string(value, path)
     if not text.startswith("/"):
-        raise ConfigError(f"{path} must be a path starting with '/', not {text!r}.")
+        raise ConfigError(f"{path} must be a path starting with '/', not {redact_url(text)!r}.")
     return text
 
 
@@ -747,6 +762,8 @@ def _number(kind: str, test: Callable[[float], bool]) -> Callable[[object, str],
 
 
 _positive_number = _number("a positive number", lambda x: x > 0)
+# Quotas count requests and tokens one by one: rpm, rpd and tpm (tiers and upstreams).
+_whole_number = _number("a positive whole number", lambda x: x > 0 and x == int(x))
 _dollars = _number("a number of dollars >= 0", lambda x: x >= 0)
 _share = _number("a number above 0 and at most 1", lambda x: 0 < x <= 1)
 _fraction = _number("a number from 0 to below 1", lambda x: 0 <= x < 1)

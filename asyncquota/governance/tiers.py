@@ -57,8 +57,10 @@ def _check_limit(owner: str, field: str, value: float | None) -> None:
         or not isinstance(value, int | float)
         or not math.isfinite(value)
         or value <= 0
+        or value != int(value)
     ):
-        raise ValueError(f"{owner}.{field} must be a positive number or None, not {value!r}.")
+        # Requests and tokens are counted one by one: a limit of 0.5 would refuse them all.
+        raise ValueError(f"{owner}.{field} must be a positive whole number or None, not {value!r}.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +73,8 @@ class TierLimits:
         tpm: tokens per minute (the request's estimate, reconciled with the real usage).
 
     Raises:
-        ValueError: a limit that is not a positive finite number (naming the field).
+        ValueError: a limit that is not a positive whole number (naming the field); a
+            float such as ``600.0`` is whole.
     """
 
     rpm: float | None = None
