@@ -630,11 +630,11 @@ def test_a_file_nested_too_deeply_is_a_config_error_not_a_recursion_error(
 ) -> None:
     file = tmp_path / "deep.toml"
     file.write_text("x = " + "[" * depth + "]" * depth + "\n", "utf-8")
-    with pytest.raises(ConfigError, match="nests arrays or tables too deeply|not valid TOML"):
+    with pytest.raises(ConfigError, match="nests arrays or tables too deeply"):
         load_config(file)
     inline = tmp_path / "inline.toml"
     inline.write_text("x = " + "{a = " * depth + "1" + "}" * depth + "\n", "utf-8")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="nests arrays or tables too deeply"):
         load_config(inline)
 
 
