@@ -35,6 +35,8 @@ __all__ = [
 REDACTED = "***"
 """What stands for a query value or a userinfo in a scrubbed URL."""
 
+_BARE_TOKEN = 12  # in free text, a nameless query item this long may be a key
+
 # The authority's userinfo: everything up to its last "@" (a password may hold an
 # unencoded "@", which parsers split at the last one).
 _USERINFO = re.compile(r"(//)[^/?#\s]*@")
@@ -50,15 +52,16 @@ _ENCODED_SEPARATOR = re.compile(r"%(?:2[eEfF]|5[cC])")
 _DECODED = {"%2e": ".", "%2f": "/", "%5c": "\\"}
 
 
-def _redact_parameters(text: str) -> str:
-    """``a=1&b=2`` → ``a=***&b=***``; an item without ``=`` is a value too."""
+def _redact_parameters(text: str, bare_min: int) -> str:
+    """``a=1&b=2`` → ``a=***&b=***``; an item without ``=`` of ``bare_min`` or more
+    characters is a value too (``?sk-123`` → ``?***``)."""
     items = []
     for item in text.split("&"):
         name, equals, _ = item.partition("=")
         if equals:
             items.append(f"{name}={REDACTED}")
         else:
-            items.append(REDACTED if item else item)
+            items.append(REDACTED if item and len(item) >= bare_min else item)
     return "&".join(items)
 
 
@@ -72,6 +75,10 @@ def redact_url(url: str) -> str:
     """
     if not isinstance(url, str):
         url = str(url)
+    return _redact(url, 1)
+
+
+def _redact(url: str, bare_min: int) -> str:
     if "?" not in url and "#" not in url and "@" not in url:
         return url
     fragment_at = url.find("#")
@@ -80,9 +87,9 @@ def redact_url(url: str) -> str:
     shown = _USERINFO.sub(rf"\g<1>{REDACTED}@", url[:head_end])
     if query_at != -1:
         query_end = fragment_at if fragment_at != -1 else len(url)
-        shown += "?" + _redact_parameters(url[query_at + 1 : query_end])
+        shown += "?" + _redact_parameters(url[query_at + 1 : query_end], bare_min)
     if fragment_at != -1:
-        shown += "#" + _redact_parameters(url[fragment_at + 1 :])
+        shown += "#" + _redact_parameters(url[fragment_at + 1 :], bare_min)
     return shown
 
 
@@ -90,7 +97,8 @@ def redact_text(text: str, *urls: str) -> str:
     """``text`` with every URL or path in it scrubbed as :func:`redact_url` does.
 
     For messages built from other libraries' exceptions and from callers' paths: each
-    whitespace-separated token holding a query, a fragment or a userinfo is scrubbed. The
+    whitespace-separated token holding a query, a fragment or a userinfo is scrubbed (a
+    nameless item only from 12 characters on: prose asks questions too). The
     secrets of ``urls`` (their query values and userinfo) are also cut wherever they
     appear on their own, in case a library quoted them in another spelling. Never raises.
     """
@@ -101,7 +109,9 @@ def redact_text(text: str, *urls: str) -> str:
             text = text.replace(secret, REDACTED)
     if "?" not in text and "#" not in text and "@" not in text:
         return text
-    return _URLISH.sub(lambda match: redact_url(match.group()), text)
+    # In prose, "?" also ends questions ("gpt-4o?"): a bare item there is scrubbed only
+    # when it is long enough to be a token.
+    return _URLISH.sub(lambda match: _redact(match.group(), _BARE_TOKEN), text)
 
 
 def _secrets(url: str) -> set[str]:

@@ -187,3 +187,11 @@ def test_a_header_value_is_refused_exactly_when_it_holds_a_control_character(val
         assert forbidden
     else:
         assert not forbidden
+
+
+def test_prose_keeps_its_question_marks_and_a_long_nameless_token_is_still_cut():
+    body = '{"message": "Did you mean gpt-4o?", "see": "/docs?page=2"}'
+    shown = redact_text(body)
+    assert '"Did you mean gpt-4o?"' in shown and "/docs?page=***" in shown
+    assert redact_text("GET /x?sk-abcdefghijklmnop failed") == "GET /x?*** failed"
+    assert redact_url("/x?tok") == "/x?***"  # a URL on its own: every value goes
