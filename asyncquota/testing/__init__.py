@@ -5,13 +5,22 @@ virtual time; ``run_in_process(config)`` serves the same model over real HTTP fr
 process.
 """
 
-from .config import PRESETS, HeadersStyle, RetryAfterStyle, UpstreamConfig
+from .config import (
+    PRESETS,
+    HeadersStyle,
+    LimitHeader,
+    ResetResolution,
+    RetryAfterStyle,
+    UpstreamConfig,
+)
 from .server import make_app, run_in_process, serve
 from .upstream import SimulatedUpstream
 
 __all__ = [
     "PRESETS",
     "HeadersStyle",
+    "LimitHeader",
+    "ResetResolution",
     "RetryAfterStyle",
     "SimulatedUpstream",
     "UpstreamConfig",
