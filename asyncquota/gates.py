@@ -29,6 +29,7 @@ None of these gates raises a ``QuotaError``: they only wait. ``WouldBlock`` (a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import math
@@ -138,6 +139,7 @@ class TokenBucket:
         "_rate",
         "_recent_best",
         "_stamp",
+        "_taken",
     )
 
     def __init__(self, *, rate: float, burst: float, now: float) -> None:
@@ -161,6 +163,21 @@ class TokenBucket:
         self._pending_fresh = False
         # While there is no mirror: recent (time, units) taken (negative: refunded).
         self._ledger: deque[tuple[float, float]] = deque(maxlen=_LEDGER_SIZE)
+        self._taken = 0.0  # every unit ever taken (refunds not subtracted): see ``taken``
+
+    @property
+    def taken(self) -> float:
+        """Every unit taken so far (refunds not subtracted): a mark to pass to ``sync``.
+
+        Read it when a request is sent; a reply's ``sync`` with that mark then knows what
+        we took after it, which the upstream's ``remaining`` could not count yet.
+        """
+        return self._taken
+
+    def mirror_ample(self) -> bool:
+        """Whether the mirror (if any) held at least half its burst when last settled."""
+        burst = self._mirror_burst
+        return burst is None or 2 * self._mirror_level >= burst
 
     @property
     def rate(self) -> float:
@@ -248,6 +265,7 @@ class TokenBucket:
         """``take`` for an amount known to be valid."""
         self._settle(now)
         self._level -= amount
+        self._taken += amount
         if self._mirror_burst is not None:
             self._mirror_level -= amount
         else:
@@ -281,6 +299,7 @@ class TokenBucket:
         reset_after: float | None,
         limit: float | None,
         now: float,
+        sent_mark: float | None = None,
     ) -> None:
         """Fold what the upstream says in its rate-limit headers into the mirror.
 
@@ -295,7 +314,16 @@ class TokenBucket:
           when no rate is known yet). Otherwise (a full bucket, no reset) the headers
           say nothing about the rate and the last rate learnt is kept.
         - **Burst.** The mirror holds up to ``limit``.
-        - **Level.** A ``sync`` only ever lowers the mirror's level, to ``remaining``;
+        - **Level, anchored.** With ``sent_mark`` (``taken`` when the request that
+          carried these headers was sent) the level is set to ``remaining`` less what we
+          took since then, up or down: the upstream's count could not include those,
+          and every one it did count is in ``remaining`` already. So a mirror that was
+          wrong (a rate learnt too low from rounded resets, a level left low) is put
+          right by the next reply, and the mirror never holds the pace below what the
+          upstream says it has. It is a lower bound: a send after the mark that the
+          upstream had counted is subtracted twice, and the refill since is ignored.
+        - **Level, without a mark.** A ``sync`` only ever lowers the mirror's level, to
+          ``remaining``;
           it never raises it: our sends not yet seen by the upstream are debited in the
           mirror already but not in ``remaining``. The lowering is folded in at the next
           ``take``, ``time_until`` or ``mirror`` call, after the first refund made
@@ -325,6 +353,7 @@ class TokenBucket:
             reset_after: seconds until the upstream's bucket is full again, if it said.
             limit: ``x-ratelimit-limit-*``: the upstream's bucket size, if it said.
             now: the current time.
+            sent_mark: ``taken`` when the request carrying the headers was sent, if known.
 
         Raises:
             ValueError: ``reset_after`` is negative or not finite, or ``limit`` is not a
@@ -360,6 +389,12 @@ class TokenBucket:
         elif fresh:
             return
         self._ledger.clear()
+        if sent_mark is not None and self._mirror_burst is not None:
+            since = max(0.0, self._taken - sent_mark)
+            self._mirror_level = min(self._mirror_burst, remaining - since)
+            self._pending = None
+            self._pending_fresh = False
+            return
         self._pending = remaining
         self._pending_fresh = True  # the refund that comes next is counted in it already
 
@@ -554,8 +589,22 @@ class _BucketGate:
         """
         return self._bucket.time_until(amount, self._now())
 
+    @property
+    def taken(self) -> float:
+        """Every unit taken so far: the mark for ``sync`` (see ``TokenBucket.taken``)."""
+        return self._bucket.taken
+
+    def mirror_ample(self) -> bool:
+        """Whether the mirror of the upstream's bucket, if any, is at least half full."""
+        return self._bucket.mirror_ample()
+
     def sync(
-        self, *, remaining: float, reset_after: float | None, limit: float | None = None
+        self,
+        *,
+        remaining: float,
+        reset_after: float | None,
+        limit: float | None = None,
+        sent_mark: float | None = None,
     ) -> None:
         """Fold the upstream's rate-limit headers into the mirror; see ``TokenBucket.sync``.
 
@@ -566,7 +615,11 @@ class _BucketGate:
             ValueError: ``reset_after`` negative or not finite; ``limit`` not > 0.
         """
         self._bucket.sync(
-            remaining=remaining, reset_after=reset_after, limit=limit, now=self._now()
+            remaining=remaining,
+            reset_after=reset_after,
+            limit=limit,
+            now=self._now(),
+            sent_mark=sent_mark,
         )
         if self._waiters:
             asyncio.get_running_loop().call_soon(self._wake)
@@ -876,22 +929,40 @@ class CooldownStatistics:
         closed_until: the loop time it opens at, or None while open.
         waiters: tasks still waiting (including those whose jitter has not run out).
         closures: how many times it closed from open (extensions are not counted).
+        probing: the closure may end early: a probe may pass, or one is out.
+        probe_at: when the next probe may pass (None: none may, or one is out).
+        probes: probes passed so far; reopened: closures ended early by a probe.
     """
 
     closed_until: float | None
     waiters: int
     closures: int
+    probing: bool = False
+    probe_at: float | None = None
+    probes: int = 0
+    reopened: int = 0
 
 
 class CooldownGate:
     """The fleet-wide pause: "the upstream said wait N seconds", so everyone waits.
 
-    ``close_until(t)`` shuts the gate until the absolute loop time ``t``; while shut, the
-    gate only ever moves later (a shorter Retry-After does not cut the pause short). Each
-    waiter draws a jitter in ``[0, ramp)`` and wakes at ``closed_until + jitter``, so the
-    fleet comes back over a ramp instead of in one stampede. If the gate is closed again
-    later before a waiter wakes, that waiter keeps waiting for the new time. Waiting holds
-    nothing, so cancelling a waiter needs no clean-up beyond forgetting it.
+    Two ways to close it:
+
+    - ``close_until(t)`` shuts it until the absolute loop time ``t``, to be honoured in
+      full (an upstream that punishes early sends, a quota known to be gone).
+    - ``hold(t, probe_at=p)`` shuts it until ``t`` at most, but treats ``t`` as a hint:
+      from ``p`` on, one caller of ``wait`` passes as a *probe*. The probe's answer is
+      the evidence: ``reopen()`` when it succeeded (the window was overstated, as a
+      whole-second Retry-After over a bucket refilling every few ms is), another
+      ``hold`` with a later ``probe_at`` when it was refused, ``probe_lost()`` when it
+      ended with no answer (the next may go at once).
+
+    While shut the gate only ever moves later (a shorter Retry-After does not cut the
+    pause short; only a probe's success does). Each plain waiter draws a jitter in
+    ``[0, ramp)`` and wakes at ``closed_until + jitter``, so the fleet comes back over a
+    ramp instead of in one stampede; a dispatcher passing for many spaces its passes
+    instead (``spread``). Waiting holds nothing, so cancelling a waiter needs no clean-up
+    beyond forgetting it.
 
     Args:
         ramp: seconds over which waiters are spread after the gate opens (0: no jitter).
@@ -902,13 +973,20 @@ class CooldownGate:
     """
 
     __slots__ = (
+        "_closed_at",
         "_closures",
         "_first_pass",
+        "_generation",
         "_heap",
         "_order",
         "_passes",
+        "_probe_at",
+        "_probe_out",
+        "_probes",
         "_ramp",
+        "_reopened",
         "_rng",
+        "_sleepers",
         "_timer",
         "_until",
     )
@@ -917,12 +995,21 @@ class CooldownGate:
         self._ramp = _check_amount("ramp", ramp)
         self._rng = rng if rng is not None else random.Random()
         self._until = -math.inf
+        self._closed_at = -math.inf  # when the current (or last) closure began
         self._closures = 0
         self._passes = 0  # spread passes since the last reopening
         self._first_pass = -math.inf
         self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
+        # Probing: the next probe may pass at _probe_at (inf: none may); _probe_out while
+        # one is out; _generation names the closure a probe belongs to.
+        self._probe_at = math.inf
+        self._probe_out = False
+        self._generation = 0
+        self._probes = 0
+        self._reopened = 0
+        self._sleepers: list[asyncio.Future[None]] = []  # waiters to tell of a change
 
     @property
     def ramp(self) -> float:
@@ -934,11 +1021,31 @@ class CooldownGate:
         """The loop time the gate opens at, or None if it is open."""
         return self._until if not self.is_open() else None
 
+    @property
+    def probing(self) -> bool:
+        """Whether the current closure may end early on a probe's evidence."""
+        return not self.is_open() and (self._probe_out or self._probe_at < math.inf)
+
+    @property
+    def probe_out(self) -> bool:
+        """Whether a probe has passed and its answer is awaited."""
+        return self._probe_out and not self.is_open()
+
+    @property
+    def probes(self) -> int:
+        """Probes passed so far (the number of the last one)."""
+        return self._probes
+
+    @property
+    def generation(self) -> int:
+        """Counts closures from open; a probe belongs to the one it passed in."""
+        return self._generation
+
     def is_open(self, now: float | None = None) -> bool:
         """Whether a newcomer would pass at once (at ``now``, default the loop's time)."""
         if now is None:
             now = _loop_time(-math.inf)
-        return now >= self._until
+        return now + _TIMER_SLACK >= self._until
 
     def remaining(self, now: float | None = None) -> float:
         """Seconds until the gate opens (0 if open), at ``now``, default the loop's time."""
@@ -947,50 +1054,148 @@ class CooldownGate:
         return max(0.0, self._until - now)
 
     def close_until(self, t: float) -> None:
-        """Close the gate until loop time ``t``; a time no later than the current one is ignored.
+        """Close the gate until loop time ``t``, honoured in full: no probe passes.
+
+        A time no later than the current closure's end, or than now, only ends probing.
 
         Raises:
             ValueError: ``t`` is not finite.
         """
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
-            raise ValueError(f"close_until needs a finite loop time, not {t!r}.")
-        if t <= self._until:
-            return
+        t = _check_time(t)
         now = _loop_time(-math.inf)
-        if t <= now:
+        self._probe_at = math.inf
+        self._probe_out = False
+        self._extend(t, now)
+
+    def hold(self, t: float, *, probe_at: float | None) -> None:
+        """Close the gate until ``t`` at most; from ``probe_at`` one probe may pass.
+
+        Extends the closure like ``close_until`` (never earlier), and sets when the next
+        probe may pass (a probe out is then forgotten: its answer is not awaited).
+        ``probe_at=None`` only extends, leaving the probing as it is (a closure honoured
+        in full stays so).
+
+        Raises:
+            ValueError: ``t`` or ``probe_at`` is not finite.
+        """
+        t = _check_time(t)
+        now = _loop_time(-math.inf)
+        self._extend(t, now)
+        if probe_at is None or self.is_open(now):
+            return
+        self._probe_at = min(_check_time(probe_at), self._until)
+        self._probe_out = False
+        self._poke()
+
+    def reopen(self) -> None:
+        """Open the gate now: a probe got through, so the closure overstated the wait.
+
+        Waiters resume as after any opening (jitter, spread over the ramp).
+        """
+        now = _loop_time(-math.inf)
+        if self.is_open(now):
+            return
+        self._until = now
+        self._probe_at = math.inf
+        self._probe_out = False
+        self._reopened += 1
+        self._arm()
+        self._poke()
+
+    def probe_lost(self, generation: int) -> None:
+        """The probe of closure ``generation`` ended with no answer: the next may go now."""
+        if generation != self._generation or not self._probe_out:
+            return
+        self._probe_out = False
+        self._probe_at = _loop_time(-math.inf)
+        self._poke()
+
+    def _extend(self, t: float, now: float) -> None:
+        if t <= self._until or t <= now:
             return
         if now >= self._until:
             self._closures += 1
+            self._generation += 1
             self._passes = 0
+            self._closed_at = now
         self._until = float(t)
         self._arm()
+        self._poke()
 
     def settled(self, now: float) -> bool:
         """Open, and past the ramp that follows a reopening: nothing to spread any more."""
-        return now + _TIMER_SLACK >= self._until + self._ramp
+        return now + _TIMER_SLACK >= self._until + self._spread_ramp()
 
-    async def wait(self, *, spread: int = 1) -> None:
-        """Return at once if the gate is open; else wait until it opens, plus jitter.
+    async def wait(self, *, spread: int = 1) -> int:
+        """Return at once if the gate is open; else wait until it opens, or pass as a probe.
 
         Args:
-            spread: for one task that passes on behalf of many (a dispatcher): after a
-                reopening, its passes are spaced evenly, ``spread`` of them over the ramp,
-                counted from its first pass; 1 (default) spaces nothing.
+            spread: for one task that passes on behalf of many (a dispatcher): after an
+                opening, its passes are spaced evenly, ``spread`` of them over the ramp,
+                counted from its first pass, and it draws no jitter of its own; 1
+                (default) spaces nothing.
+
+        Returns:
+            0 when the gate was open; else the closure's ``generation``: the caller is
+            its probe, and must end in ``reopen``, ``hold`` or ``probe_lost``.
         """
         loop = asyncio.get_running_loop()
         while True:
-            await self._wait_open(loop)
             now = loop.time()
+            # An early timer (clock resolution) counts as on time: no re-arming forever.
+            if not self.is_open(now):
+                if not self._probe_out and now + _TIMER_SLACK >= self._probe_at:
+                    self._probe_out = True
+                    self._probe_at = math.inf
+                    self._probes += 1
+                    return self._generation
+                if spread > 1 or (self._probe_at < math.inf and not self._probe_out):
+                    await self._sleep(loop, min(self._until, self._probe_at))
+                else:
+                    await self._wait_open(loop)
+                continue
             if spread <= 1 or self.settled(now):
-                return
+                return 0
             if self._passes == 0:
                 self._first_pass = now
-            slot = self._first_pass + self._ramp * self._passes / spread
+            slot = self._first_pass + self._spread_ramp() * self._passes / spread
             if slot <= now + _TIMER_SLACK:
                 self._passes += 1
-                return
+                return 0
             # Then look again (it may have closed meanwhile); the ramp's end frees all.
-            await asyncio.sleep(min(slot, self._until + self._ramp) - now)
+            await self._sleep(loop, min(slot, self._until + self._spread_ramp()))
+
+    def _spread_ramp(self) -> float:
+        """The ramp a dispatcher's passes are spread over after the last closure.
+
+        No longer than the closure lasted: a pause of 50 ms ended by a probe built up
+        50 ms of work, not a second's worth.
+        """
+        return min(self._ramp, max(0.0, self._until - self._closed_at))
+
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, until: float) -> None:
+        """Sleep until ``until`` or the next change of the gate, whichever comes first."""
+        fut: asyncio.Future[None] = loop.create_future()
+        self._sleepers.append(fut)
+        timer = loop.call_at(until, _resolve, fut) if until < math.inf else None
+        try:
+            await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+            with contextlib.suppress(ValueError):
+                self._sleepers.remove(fut)
+
+    def _poke(self) -> None:
+        """The gate changed: every waiter looks again (a plain one redraws its jitter)."""
+        sleepers, self._sleepers = self._sleepers, []
+        for fut in sleepers:
+            _resolve(fut)
+        if self._heap:
+            for _, _, fut in self._heap:
+                _resolve(fut)
+            self._heap.clear()
+            self._arm()
 
     async def _wait_open(self, loop: asyncio.AbstractEventLoop) -> None:
         if loop.time() >= self._until:
@@ -1007,10 +1212,15 @@ class CooldownGate:
 
     def statistics(self) -> CooldownStatistics:
         """A snapshot of the live state."""
+        probe_at = self._probe_at
         return CooldownStatistics(
             closed_until=self.closed_until,
-            waiters=sum(1 for _, _, fut in self._heap if not fut.done()),
+            waiters=sum(1 for _, _, fut in self._heap if not fut.done()) + len(self._sleepers),
             closures=self._closures,
+            probing=self.probing,
+            probe_at=probe_at if probe_at < math.inf and not self.is_open() else None,
+            probes=self._probes,
+            reopened=self._reopened,
         )
 
     def _arm(self) -> None:
@@ -1039,7 +1249,19 @@ class CooldownGate:
         state = (
             "open" if stats.closed_until is None else f"closed_until={stats.closed_until:.3f}"
         )
+        probing = " probing" if stats.probing else ""
         return (
-            f"<CooldownGate {state} ramp={self._ramp:g} waiters={stats.waiters} "
+            f"<CooldownGate {state}{probing} ramp={self._ramp:g} waiters={stats.waiters} "
             f"closures={stats.closures}>"
         )
+
+
+def _check_time(t: float) -> float:
+    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
+        raise ValueError(f"A cooldown needs a finite loop time, not {t!r}.")
+    return float(t)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

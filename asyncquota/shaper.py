@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import math
 import random
 import time
@@ -50,6 +49,7 @@ from .errors import (
     TransportError,
     UpstreamError,
 )
+from .feedback import Feedback
 from .gates import CooldownGate, RateGate, Reservation, TokenGate
 from .hooks import (
     Admitted,
@@ -69,7 +69,6 @@ from .middleware import ShaperMiddleware
 from .priority import Priority, PriorityLike, coerce_priority, describe_priority
 from .queue import PriorityQueue, QueueStatistics, Waiter
 from .signals import Classification, Outcome, QuotaSnapshot, classify_error_body
-from .signals import parse_rate_limit_headers as _parse_quota
 from .streaming import ShapedStream
 from .tokens import estimate_tokens, usage_tokens
 from .transport import AiohttpTransport, Request, Response, StreamResponse, Transport
@@ -101,20 +100,6 @@ RTT_GAIN = 0.125
 SERVICE_RATE_WINDOW = 5.0
 """Seconds of admissions behind the service-rate estimate used to shed early."""
 
-AMPLE_READ_INTERVAL = 0.05
-"""While the upstream says at least half of each quota is left, its rate-limit headers are
-read in full at most this often (seconds); the other successful replies only have their
-``remaining`` counts glanced at. A reply showing less than half, and every error reply, is
-always read in full: pacing matters near empty, and the rate is still learnt 20 times a
-second."""
-
-_REMAINING_HEADERS = {
-    ("openai", "requests"): "x-ratelimit-remaining-requests",
-    ("openai", "tokens"): "x-ratelimit-remaining-tokens",
-    ("anthropic", "requests"): "anthropic-ratelimit-requests-remaining",
-    ("anthropic", "tokens"): "anthropic-ratelimit-tokens-remaining",
-    ("anthropic", "input_tokens"): "anthropic-ratelimit-input-tokens-remaining",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,11 +158,14 @@ class _Ticket:
         "path",
         "permit",
         "priority",
+        "probe",
+        "rate_mark",
         "reservation",
         "sent",
         "started",
         "stream",
         "tenant",
+        "token_mark",
         "url",
     )
 
@@ -212,12 +200,18 @@ class _Ticket:
         self.reservation: Reservation | None = None
         self.hold = False  # a stream: keep the grant past a 2xx until the stream ends
         self.stream: StreamResponse | None = None
+        self.probe = 0  # the cooldown generation this attempt probes (0: not a probe)
+        self.rate_mark = self.token_mark = 0.0  # the gates' ``taken`` when it was granted
 
 
 class _Failure:
-    """A failed attempt: the error to raise, unless the request may be retried."""
+    """A failed attempt: the error to raise, unless the request may be retried.
 
-    __slots__ = ("congestion", "error", "retry_after", "retryable")
+    ``probe``: a refused probe of the cooldown. The Shaper chose to send it early; its
+    refusal costs the request neither an attempt nor the retry budget.
+    """
+
+    __slots__ = ("congestion", "error", "probe", "retry_after", "retryable")
 
     def __init__(
         self,
@@ -226,11 +220,13 @@ class _Failure:
         retryable: bool,
         retry_after: float | None,
         congestion: bool = False,
+        probe: bool = False,
     ) -> None:
         self.error = error
         self.retryable = retryable
         self.retry_after = retry_after
         self.congestion = congestion
+        self.probe = probe
 
 
 Send = Callable[[_Ticket, float | None], Awaitable[Response]]
@@ -344,14 +340,17 @@ class Shaper:
         self._rate = RateGate(per_minute=rpm if rpm is not None else UNBOUNDED_PER_MINUTE)
         self._tokens = TokenGate(per_minute=tpm if tpm is not None else UNBOUNDED_PER_MINUTE)
         self._cooldown = CooldownGate(ramp=cooldown_ramp, rng=self._rng)
+        self._feedback = Feedback(
+            cooldown=self._cooldown,
+            rate=self._rate,
+            tokens=self._tokens,
+            rpm=self._rate.per_minute,
+            wall_clock=wall_clock,
+        )
         self._budget = RetryBudget(ratio=retry_budget)
         self._served = SlidingCount(window=SERVICE_RATE_WINDOW)
         self._first_served: float | None = None
         self._rtt = 0.0  # smoothed seconds from send to a successful reply
-        self._quota: QuotaSnapshot | None = None
-        self._glances: tuple[tuple[str, float], ...] = ()  # see _ample
-        self._full_read_due = -math.inf
-        self._last_date: tuple[str, float] = ("", 0.0)
         self._work = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._active: set[asyncio.Task[Any]] = set()  # tasks with a request under way
@@ -492,9 +491,9 @@ class Shaper:
         """What the upstream's rate-limit headers said last (None: nothing yet).
 
         While more than half of each quota is left, replies are read in full at most every
-        ``AMPLE_READ_INTERVAL`` seconds, so this may be that much behind.
+        ``feedback.AMPLE_READ_INTERVAL`` seconds, so this may be that much behind.
         """
-        return self._quota
+        return self._feedback.quota
 
     def cooldown_remaining(self) -> float:
         """Seconds the fleet-wide cooldown (the upstream's Retry-After) still holds; 0 if open."""
@@ -545,7 +544,7 @@ class Shaper:
             rpm_level=rates.level if self._rpm is not None else None,
             tpm_level=tokens.level if self._tpm is not None else None,
             service_rate=self._service_rate(now),
-            quota=self._quota,
+            quota=self._feedback.quota,
             open_reservations=tokens.open_reservations,
             reserved_tokens=tokens.reserved,
             permit_waiters=self._limiter.statistics().waiting,
@@ -674,6 +673,8 @@ class Shaper:
                     self._ok += 1
                     self._complete(ticket, "ok", result.status)
                     return result
+                if result.probe and result.retryable:
+                    continue  # back in line: the cooldown holds it until it opens
                 delay = self._retry_delay(ticket, result, loop.time())
                 if delay is None:
                     raise result.error
@@ -765,7 +766,7 @@ class Shaper:
             reservation.cancel()
             return False
         ticket.permit, ticket.reservation = limiter.acquire_nowait(), reservation
-        self._count_served(now)
+        self._grant(ticket, 0, now)
         return True
 
     def _refuse_early(self, ticket: _Ticket) -> None:
@@ -780,7 +781,7 @@ class Shaper:
         if ticket.deadline is None:
             return
         left = ticket.deadline - now
-        cooling = self._cooldown.remaining(now)
+        cooling = self._feedback.confirmed_cooldown(now)
         if cooling > left:
             raise ThrottledError(
                 f"The upstream asked every caller to wait {cooling:.1f} s, longer than this "
@@ -808,7 +809,9 @@ class Shaper:
         Like a newcomer refused by ``_refuse_early``, they get a ThrottledError carrying
         the cooldown, rather than a DeadlineExceededError at their deadline.
         """
-        cooling = self._cooldown.remaining(now)
+        cooling = self._feedback.confirmed_cooldown(now)
+        if cooling <= 0:
+            return
 
         def outlasted(waiter: Waiter[_Ticket]) -> ThrottledError:
             left = (waiter.deadline or now) - now
@@ -825,7 +828,7 @@ class Shaper:
     def _estimate_wait(self, ticket: _Ticket) -> float | None:
         """Seconds until a newcomer like ``ticket`` would be admitted, or None if unknown."""
         now = self._now()
-        cooling = self._cooldown.remaining(now)
+        cooling = self._feedback.confirmed_cooldown(now)
         ahead = self._queue.ahead_of(ticket.priority, ticket.tenant)
         if ahead == 0:
             return cooling
@@ -844,21 +847,23 @@ class Shaper:
         permit, reservation = ticket.permit, ticket.reservation
         assert permit is not None and reservation is not None
         ticket.permit = ticket.reservation = None
+        probe, ticket.probe = ticket.probe, 0
+        feedback = self._feedback
         now = self._now()
         timeout = self._timeout
         if ticket.deadline is not None:
             timeout = min(timeout, ticket.deadline - now)
-            if timeout <= 0:
+            if timeout <= 0 or timeout < self._rtt:
                 permit.ignore()
                 reservation.cancel()
-                raise self._deadline_error(ticket, "before it could be sent")
-            if timeout < self._rtt:
+                feedback.lost(probe)
+                if timeout <= 0:
+                    raise self._deadline_error(ticket, "before it could be sent")
                 # It would use up the upstream's quota only to be cut off at its deadline.
-                permit.ignore()
-                reservation.cancel()
                 raise self._too_late(ticket, timeout)
         self._sent += 1
         ticket.sent += 1
+        feedback.sent(now, probe)
         sent_at = now
         try:
             reply = await send(ticket, timeout)
@@ -866,45 +871,65 @@ class Shaper:
             # The upstream may have started on it: keep the tokens charged, learn nothing.
             permit.ignore()
             reservation.reconcile(reservation.estimate)
+            feedback.lost(probe)
             raise
         except TransportError as exc:
+            feedback.lost(probe)
             return self._transport_failed(ticket, exc, permit, reservation)
         now = self._now()
-        if not (reply.ok and self._ample(reply.headers, now)):
-            self._observe_quota(reply.headers, now)
+        ok = reply.ok
         verdict = classify_error_body(
             reply.status,
             reply.body,
-            None if reply.ok else reply.headers,
-            now=None if reply.ok else self._reply_time(reply.headers),
+            None if ok else reply.headers,
+            now=None if ok else feedback.reply_time(reply.headers),
         )
+        # The reservation is settled before the headers are read: they re-anchor the
+        # mirrors at what the upstream counted, this request's own usage included.
         if verdict.kind is Outcome.SUCCESS:
             sample = now - sent_at
             self._rtt = sample if not self._rtt else self._rtt + RTT_GAIN * (sample - self._rtt)
             if ticket.hold:
                 ticket.permit, ticket.reservation = permit, reservation
-                return reply
-            permit.success()
-            used = usage_tokens(reply.body)
-            reservation.reconcile(used if used is not None else reservation.estimate)
+            else:
+                permit.success()
+                used = usage_tokens(reply.body)
+                reservation.reconcile(used if used is not None else reservation.estimate)
+            if not feedback.ample(reply.headers, now):
+                feedback.observe(reply.headers, now, ticket.rate_mark, ticket.token_mark)
+            feedback.succeeded(now, probe)
             return reply
+        reservation.cancel()
+        feedback.observe(reply.headers, now, ticket.rate_mark, ticket.token_mark)
         if verdict.congestion:
-            permit.dropped()
-            reservation.cancel()
+            limiter = self._limiter
+            if 2 * limiter.inflight < limiter.capacity:
+                # Refused while few were in flight: not a sign of too many in flight (the
+                # pace and the cooldown answer a rate); the concurrency limit keeps still.
+                permit.ignore()
+            else:
+                permit.dropped()
             self._throttled += 1
-            if verdict.retry_after is not None:
-                self._cooldown.close_until(now + verdict.retry_after)
-                self._end_outlasted(now)
+            feedback.congested(
+                now,
+                sent_at,
+                verdict.retry_after,
+                probe,
+                rate_limited=verdict.kind is Outcome.THROTTLED,
+                rtt=self._rtt,
+            )
+            self._end_outlasted(now)
             if self._hooks:
                 self._emit(Throttled, ticket, status=reply.status, retry_after=verdict.retry_after)
         else:
             permit.ignore()
-            reservation.cancel()
+            feedback.lost(probe)
         return _Failure(
             self._upstream_error(ticket, reply, verdict),
             retryable=verdict.retryable,
             retry_after=verdict.retry_after,
             congestion=verdict.congestion,
+            probe=bool(probe) and verdict.congestion,
         )
 
     def _transport_failed(
@@ -956,6 +981,8 @@ class Shaper:
         ticket.permit.ignore()
         ticket.reservation.cancel()
         ticket.permit = ticket.reservation = None
+        self._feedback.lost(ticket.probe)
+        ticket.probe = 0
 
     # ------------------------------------------------------------------ the dispatcher
 
@@ -968,9 +995,11 @@ class Shaper:
         leaves its grant to the next.
         """
         queue, loop = self._queue, asyncio.get_running_loop()
+        cooldown = self._cooldown
         permit: Permit | None = None
         reservation: Reservation | None = None
         rate_taken = False
+        probe = 0  # the cooldown generation the dispatcher holds a probe of (0: none)
         try:
             while True:
                 head = queue.peek()
@@ -978,10 +1007,14 @@ class Shaper:
                     self._work.clear()
                     await self._work.wait()
                     continue
-                # After a cooldown the fleet comes back spread over the ramp, not in one
-                # burst, and at least at the pace it was served before.
-                pace = self._service_rate(loop.time()) * self._cooldown.ramp
-                await self._cooldown.wait(spread=max(self._limiter.capacity, int(pace)))
+                if probe and (probe != cooldown.generation or cooldown.is_open()):
+                    self._feedback.lost(probe)  # that closure ended: no probe needed
+                    probe = 0
+                if not probe:
+                    # After a cooldown the fleet comes back spread over the ramp, not in
+                    # one burst, and at least at the pace it was served before.
+                    pace = self._service_rate(loop.time()) * cooldown.ramp
+                    probe = await cooldown.wait(spread=max(self._limiter.capacity, int(pace)))
                 if not rate_taken:
                     await self._rate.acquire()
                     rate_taken = True
@@ -996,24 +1029,23 @@ class Shaper:
                 if permit is None:
                     permit = await self._limiter.acquire()
                 head = queue.peek()
-                if (
-                    head is None
-                    or head.item.cost > reservation.estimate
-                    or not self._cooldown.is_open()
-                ):
+                if head is None or head.item.cost > reservation.estimate:
+                    continue
+                if not (cooldown.is_open() or (probe and probe == cooldown.generation)):
                     continue
                 waiter = queue.pop_nowait()
                 ticket = waiter.item
                 left = math.inf if ticket.deadline is None else ticket.deadline - loop.time()
                 if left < self._rtt:
                     # Too late to be answered in time: say so now and keep the grant (the
-                    # rate unit included) for the next head, rather than spend it on nothing.
+                    # rate unit and a probe included) for the next head, rather than spend
+                    # it on nothing.
                     waiter.set_exception(self._too_late(ticket, left))
                     continue
                 ticket.permit, ticket.reservation = permit, reservation
                 if waiter.admit():
-                    permit, reservation, rate_taken = None, None, False
-                    self._count_served(loop.time())
+                    self._grant(ticket, probe if not cooldown.is_open() else 0, loop.time())
+                    permit, reservation, rate_taken, probe = None, None, False, 0
                 else:  # the caller left between pop and admit: the grant goes to the next
                     ticket.permit = ticket.reservation = None
         finally:
@@ -1021,57 +1053,16 @@ class Shaper:
                 permit.ignore()
             if reservation is not None:
                 reservation.cancel()
+            self._feedback.lost(probe)
+
+    def _grant(self, ticket: _Ticket, probe: int, now: float) -> None:
+        """Mark ``ticket`` granted: the gates' marks for its reply, the probe it carries."""
+        ticket.probe = probe
+        ticket.rate_mark = self._rate.taken
+        ticket.token_mark = self._tokens.taken
+        self._count_served(now)
 
     # ------------------------------------------------------------------ reading replies
-
-    def _ample(self, headers: Mapping[str, str], now: float) -> bool:
-        """Whether a full read of these headers can wait (see ``AMPLE_READ_INTERVAL``)."""
-        if now >= self._full_read_due:
-            return False
-        for name, half in self._glances:
-            text = headers.get(name)
-            if text is None or not text.isdigit() or int(text) < half:
-                return False
-        return bool(self._glances)
-
-    def _observe_quota(self, headers: Mapping[str, str], now: float) -> None:
-        """Let the gates pace by what the upstream says is left (``x-ratelimit-*``)."""
-        snapshot = _parse_quota(headers, now=self._reply_time(headers))
-        if snapshot.is_empty:
-            return
-        self._quota = snapshot
-        tokens = snapshot.tokens if not snapshot.tokens.is_empty else snapshot.input_tokens
-        glances = []
-        for kind, window in (
-            ("requests", snapshot.requests),
-            ("tokens" if tokens is snapshot.tokens else "input_tokens", tokens),
-        ):
-            name = _REMAINING_HEADERS.get((snapshot.provider or "", kind))
-            if window.limit and name is not None:
-                glances.append((name, window.limit / 2))
-        self._glances = tuple(glances)
-        self._full_read_due = now + AMPLE_READ_INTERVAL
-        for gate, window in ((self._rate, snapshot.requests), (self._tokens, tokens)):
-            if window.remaining is None:
-                continue
-            gate.sync(
-                remaining=window.remaining,
-                reset_after=window.reset_after,
-                limit=window.limit or None,
-            )
-
-    def _reply_time(self, headers: Mapping[str, str]) -> float:
-        """Unix time of a reply: its ``Date`` header, else the wall clock (dates only)."""
-        date = headers.get("date")
-        if date:
-            if date == self._last_date[0]:  # replies within one second share a Date
-                return self._last_date[1]
-            with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
-                parsed = email.utils.parsedate_to_datetime(date).timestamp()
-                if math.isfinite(parsed):
-                    self._last_date = (date, parsed)
-                    return parsed
-        return self._wall_clock()
 
     def _upstream_error(
         self, ticket: _Ticket, reply: Response, verdict: Classification

@@ -170,8 +170,10 @@ class ShapedStream:
             error_class = ThrottledError
         if kind in (Outcome.OVERLOADED, Outcome.THROTTLED):
             shaper._throttled += 1
-            if retry_after is not None:
-                shaper._cooldown.close_until(shaper._now() + retry_after)
+            now = shaper._now()
+            shaper._feedback.congested(
+                now, now, retry_after, 0, rate_limited=kind is Outcome.THROTTLED
+            )
         detail = f": {verdict.message}" if verdict.message else "."
         return error_class(
             f"The stream of {ticket.method} {ticket.path} broke off with an error event "

@@ -78,7 +78,9 @@ async def test_a_request_that_stays_throttled_raises_the_typed_error():
             with pytest.raises(ThrottledError) as caught:
                 await session.post(base + "/chat/completions", json={"q": "hi"})
         assert caught.value.retry_after == pytest.approx(0.1)
-        assert len(upstream.seen) == 2
+        # The first attempt, a probe 10 ms after its 429 (refused: a probe costs the
+        # request no attempt), then the second attempt.
+        assert len(upstream.seen) == 3
     finally:
         await server.close()
 
@@ -134,7 +136,7 @@ async def test_a_key_in_the_query_shows_in_no_error_event_or_log_line(caplog):
             ):
                 with pytest.raises(ThrottledError) as caught:
                     await session.post(base + "/models/x?key=SECRET-KEY-42", json={"q": "hi"})
-        assert len(upstream.seen) == 2  # sent, key and all, twice
+        assert len(upstream.seen) == 3  # sent, key and all: twice and a probe
         shown = [str(caught.value), repr(caught.value), caplog.text, *map(repr, events)]
         assert events
         assert all("SECRET-KEY-42" not in text for text in shown)

@@ -6,6 +6,8 @@ timeline matters, the simulated upstream where the behaviour is about load.
 
 import asyncio
 import collections
+import itertools
+import math
 import statistics
 
 import pytest
@@ -48,14 +50,14 @@ async def outcome(call) -> tuple[str, float, QuotaError | None]:
 # -- Retry-After ------------------------------------------------------------------------
 
 
-async def test_a_429_with_retry_after_7_holds_every_waiter_7_s_and_cuts_the_limit_once():
+async def test_a_429_with_retry_after_7_holds_every_waiter_until_a_probe_gets_through():
     sends: list[float] = []
 
     async def upstream(request: Request) -> Response:
         sent = now()
         sends.append(sent)
         await asyncio.sleep(0.1)
-        if sent < 1:  # the first wave finds the quota gone
+        if sent < 1:  # the quota is gone for a second, whatever the Retry-After says
             return Response(429, {"retry-after": "7"}, RATE_LIMITED)
         return Response(200, {}, b"{}")
 
@@ -73,48 +75,94 @@ async def test_a_429_with_retry_after_7_holds_every_waiter_7_s_and_cuts_the_limi
         await asyncio.sleep(0.1 + 1e-3)
         during = shaper.statistics()
         results = await asyncio.gather(*calls)
+        after = shaper.statistics()
 
     # The first wave of 20 (the initial limit) all got 429 at 0.1: one congestion episode.
     assert sends[:20] == [0.0] * 20
     assert during.throttled == 20
     assert during.limit == 10  # cut once, not 20 times
     assert during.cooldown_until == pytest.approx(7.1)
-    # Nobody, waiting or retrying, was sent during the cooldown.
-    resumed = sends[20:]
-    assert min(resumed) > 7.1
-    # The fleet resumes after a jittered moment inside the ramp, not at 7.1 sharp.
-    assert 7.1 < min(resumed) < 7.1 + 1.0
-    assert len(set(resumed)) > 1
+    # Then one probe at a time, 10 ms after the 429 and twice as long after each refusal
+    # (each answered 0.1 s after it went): 0.11, 0.23, 0.37, 0.55, 0.81 are refused; 1.23
+    # gets through and reopens the gate at 1.33.
+    assert sends[20:26] == pytest.approx([0.11, 0.23, 0.37, 0.55, 0.81, 1.23])
+    resumed = sends[26:]
+    assert min(resumed) == pytest.approx(1.33)
+    assert max(resumed) < 7.1  # nobody waited out the whole Retry-After
     assert [name for name, _, _ in results] == ["ok"] * 50
-    assert all(at > 7.1 for _, at, _ in results)
+    assert after.throttled == 25 and after.retried == 20  # refused probes cost no attempt
 
 
-async def test_the_moment_the_fleet_resumes_after_a_cooldown_depends_on_the_jitter_seed():
-    async def first_resume(seed: int) -> float:
-        sends: list[float] = []
+async def test_a_whole_second_retry_after_over_a_fast_bucket_costs_milliseconds_not_seconds():
+    # 100 requests a second, a bucket of 10: "retry-after: 1" means "a few ms" here.
+    upstream = SimulatedUpstream(
+        UpstreamConfig(
+            rps=100.0,
+            burst_seconds=0.1,
+            latency_base=0.2,
+            latency_per_token=0.0,
+            headers_style="none",
+            retry_after_style="seconds",
+            count_rejected=False,
+            wall_clock=frozen_wall_clock,
+        )
+    )
+    async with Shaper(URL, transport=MockTransport(upstream.handle), hooks=()) as shaper:
+        started = now()
+        results = await asyncio.gather(
+            *(outcome(shaper.request("POST", CHAT, json=BODY)) for _ in range(300))
+        )
+        took = now() - started
+        closures = shaper._cooldown.statistics().closures
+    assert [name for name, _, _ in results] == ["ok"] * 300
+    # 300 requests at 100 a second take 3 s at best. Each "retry-after: 1" held the fleet
+    # only until a probe got in: honoured in full, the closures alone would take longer.
+    assert took < 4.5, took
+    assert closures > took
+    totals = upstream.stats()["totals"]
+    assert totals["429"] <= 0.1 * totals["requests"]
 
-        async def upstream(request: Request) -> Response:
-            sends.append(now())
-            if len(sends) == 1:
-                return Response(429, {"retry-after": "7"}, RATE_LIMITED)
-            return Response(200)
 
-        async with Shaper(URL, transport=MockTransport(upstream), hooks=(), seed=seed) as shaper:
-            await shaper.request("GET", "/v1/models")
-        return sends[1] - sends[0]  # from the 429 to the retry
+async def test_an_upstream_that_punishes_early_sends_is_learnt_and_then_honoured_in_full():
+    # Every send inside the window is refused and pushes the window 1 s later.
+    window_end = 0.0
+    sends: list[float] = []
 
-    resumes = {await first_resume(seed) for seed in range(5)}
-    assert len(resumes) == 5
-    assert all(7.0 < t < 8.0 for t in resumes)
+    async def upstream(request: Request) -> Response:
+        nonlocal window_end
+        t = now()
+        sends.append(t)
+        if t < 0.01 or t < window_end:
+            window_end = max(window_end, t + 2.0) + (1.0 if t >= 0.01 else 0.0)
+            wait = math.ceil(window_end - t - 1e-9)
+            return Response(429, {"retry-after": str(wait)}, RATE_LIMITED)
+        return Response(200, {}, b"{}")
+
+    async with Shaper(
+        URL, transport=MockTransport(upstream), hooks=(), cooldown_ramp=0.0, limit=AIMD(initial=1)
+    ) as shaper:
+        first = await outcome(shaper.request("GET", "/v1/models", deadline=60))
+        learnt = shaper._feedback.punishes
+        # Later windows are honoured in full: no probe knocks inside them.
+        window_end = now() + 5.0
+        sends.clear()
+        window_start = now()
+        second = await outcome(shaper.request("GET", "/v1/models", deadline=60))
+
+    assert learnt
+    assert first[0] == "ok"
+    assert second[0] == "ok"
+    # The second request's first send found the window; it was then held out in full.
+    assert len(sends) == 2 and sends[1] >= window_start + 5.0
 
 
-async def test_a_retry_after_of_200_s_is_honoured_not_given_up_on():
+async def test_a_retry_after_of_200_s_is_probed_and_honoured_while_the_probes_are_refused():
     calls: list[float] = []
 
     async def upstream(request: Request) -> Response:
         calls.append(now())
-        if len(calls) == 1:
-            return Response(429, {"retry-after": "200"}, RATE_LIMITED)
+        if now() < 200:
+            return Response(429, {"retry-after": str(math.ceil(200 - now()))}, RATE_LIMITED)
         return Response(200, {}, b'{"ok": true}')
 
     async with Shaper(
@@ -123,10 +171,14 @@ async def test_a_retry_after_of_200_s_is_honoured_not_given_up_on():
         response = await shaper.request("GET", "/v1/models", deadline=300)
         stats = shaper.statistics()
 
-    assert response.attempts == 2
-    assert calls == [0.0, 200.0]
-    assert now() == 200.0
-    assert stats.retried == 1 and stats.throttled == 1
+    assert response.attempts == 2  # the refused probes cost no attempt
+    assert calls[0] == 0.0 and calls[-1] >= 200.0
+    # Probes 10 ms after the 429, then twice as far apart: a handful in 200 s, not a flood.
+    # (the last send is the window's end, not a probe)
+    gaps = [b - a for a, b in itertools.pairwise(calls[1:-1])]
+    assert all(later >= 2 * earlier - 1e-6 for earlier, later in itertools.pairwise(gaps))
+    assert len(calls) <= 20
+    assert stats.retried == 1
 
 
 async def test_a_retry_after_past_the_deadline_ends_the_caller_at_the_429_with_the_hint():
@@ -144,26 +196,30 @@ async def test_a_retry_after_past_the_deadline_ends_the_caller_at_the_429_with_t
     assert transport.calls == 1
 
 
-async def test_a_newcomer_whose_deadline_ends_inside_the_cooldown_is_refused_unsent():
+async def test_once_a_probe_confirms_the_window_a_newcomer_past_it_is_refused_unsent():
     calls: list[float] = []
 
     async def upstream(request: Request) -> Response:
         calls.append(now())
-        return Response(429, {"retry-after": "30"}, RATE_LIMITED)
+        return Response(429, {"retry-after": str(math.ceil(30 - now()))}, RATE_LIMITED)
 
     async with Shaper(URL, transport=MockTransport(upstream), hooks=()) as shaper:
         await outcome(shaper.request("GET", "/v1/models", deadline=10))
         await asyncio.sleep(5)
+        # Unconfirmed, the window may be a whole-second overstatement: it goes, as a probe.
+        probed = await outcome(shaper.request("GET", "/v1/models", deadline=10))
+        await asyncio.sleep(1)
         name, at, error = await outcome(shaper.request("GET", "/v1/models", deadline=10))
         stats = shaper.statistics()
 
-    assert (name, at) == ("ThrottledError", 5.0)
-    assert error is not None and error.retry_after == pytest.approx(25.0)
-    assert calls == [0.0]
+    assert probed[0] == "ThrottledError"
+    assert (name, at) == ("ThrottledError", 6.0)
+    assert error is not None and error.retry_after == pytest.approx(24.0)
+    assert calls == [0.0, 5.0]
     assert stats.shed == 1
 
 
-async def test_queued_requests_whose_deadline_falls_inside_a_new_cooldown_end_at_once():
+async def test_queued_requests_whose_deadline_falls_inside_a_confirmed_cooldown_end_at_once():
     gate = asyncio.Event()
 
     async def upstream(request: Request) -> Response:
@@ -178,12 +234,12 @@ async def test_queued_requests_whose_deadline_falls_inside_a_new_cooldown_end_at
         short = asyncio.create_task(outcome(shaper.request("GET", "/b", deadline=10)))
         long = asyncio.create_task(outcome(shaper.request("GET", "/c", deadline=100)))
         await asyncio.sleep(1)
-        gate.set()  # the 429 arrives at t=2 and closes the gate until t=32
-        name, at, error = await short
+        gate.set()  # the 429 arrives at t=2: held until t=32, a probe at 2.01
+        name, at, error = await short  # /a probes: refused, so the window is real
         long.cancel()
         await asyncio.gather(first, long, return_exceptions=True)
 
-    assert (name, at) == ("ThrottledError", 2.0)
+    assert (name, at) == ("ThrottledError", 2.01)
     assert error is not None and error.retry_after == pytest.approx(30.0)
 
 
@@ -392,7 +448,8 @@ async def test_a_queued_request_whose_deadline_outlasts_the_cooldown_keeps_its_p
         queued = await outcome(shaper.request("GET", "/b", deadline=30))
         earlier = await first
 
-    # The throttled first request retries first (it is older), then the queued one goes.
-    assert calls == [0.0, 6.0, 6.0]
-    assert queued == ("ok", 6.0, None)
-    assert earlier == ("ok", 6.0, None)
+    # The throttled first request retries first (it is older) as the probe, 10 ms after the
+    # 429; its success reopens the gate and the queued one goes.
+    assert calls == [0.0, 1.01, 1.01]
+    assert queued == ("ok", 1.01, None)
+    assert earlier == ("ok", 1.01, None)

@@ -1,0 +1,515 @@
+"""Feedback: what each reply teaches the cooldown, the pace and the mirrors of the upstream.
+
+Every signal an upstream sends about its limits is a hint, worded in its own dialect and
+rounded to its own granularity; evidence decides. The reply path hands each answered
+attempt to :class:`Feedback`, which turns it into three controls:
+
+- **The cooldown** (``CooldownGate``). A congestion reply's Retry-After is about the
+  request that got it: "1" in whole seconds over a bucket that refills every few
+  milliseconds overstates the wait up to 100×. So a Retry-After *holds* the fleet and
+  sends one probe early (``PROBE_FIRST`` after the 429, then twice as long after each
+  refused probe); the probe's success reopens the gate, its refusal keeps it shut. Only
+  on an upstream seen to punish early sends (a probe refused with a window provably
+  later than the one it probed: the window grew because we knocked) is every window
+  honoured in full, from then on.
+- **The pace** (:class:`Pace`): a requests-per-second ceiling learnt from congestion
+  alone, for upstreams whose 429s come back at once (a concurrency window bounds nothing
+  then) or whose headers mislead. A congestion episode cuts it to a little under what
+  the upstream delivered over the last second; while it binds and nothing is refused it
+  grows, back quickly to the last level that held, then beyond it slowly at first and
+  faster while nothing pushes back, so capacity that returns is found within seconds.
+- **The mirrors** of the upstream's buckets (``TokenBucket.sync``): every read of the
+  rate-limit headers re-anchors them at ``remaining`` less what was sent since the
+  request went out, up or down, so a wrong learnt rate or level costs one reply.
+
+Pure parts take ``now``; nothing here waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import math
+from collections.abc import Callable, Mapping
+
+from .gates import CooldownGate, RateGate, TokenGate
+from .signals import QuotaSnapshot
+from .signals import parse_rate_limit_headers as _parse_quota
+from .window import SlidingCount
+
+__all__ = [
+    "AMPLE_READ_INTERVAL",
+    "PROBE_FIRST",
+    "PROBE_SILENCE",
+    "Feedback",
+    "Pace",
+]
+
+PROBE_FIRST = 0.01
+"""Seconds from a Retry-After's 429 to the first probe (then doubling per refusal): about
+one unit of a bucket refilling at 100 a second."""
+
+PROBE_SILENCE = 3.0
+"""A probe not refused within this many smoothed refusal times was let in."""
+
+PROBE_SILENCE_MIN = 0.01
+"""The shortest such wait (seconds): refusals over loopback take well under it."""
+
+REFUSAL_GAIN = 0.125
+"""Weight of each new congestion reply's time in the smoothed refusal time."""
+
+AMPLE_READ_INTERVAL = 0.05
+"""While the upstream says at least half of each quota is left and our mirrors agree, its
+rate-limit headers are read in full at most this often (seconds); the other successful
+replies only have their ``remaining`` counts glanced at. A reply showing less than half,
+and every error reply, is always read in full."""
+
+PACE_BETA = 0.9
+"""A congestion episode cuts the pace to this share of what the upstream accepted lately
+(sends less congestion replies over the last ``PACE_WINDOW`` seconds)."""
+
+PACE_WINDOW = 1.0
+"""Seconds of sends and refusals behind the accepted rate."""
+
+PACE_TOLERANCE = 0.03
+"""Share of the sends over the last window that may be refused without a cut: sporadic
+429s (a noisy upstream) are borne, a wall of them is not (AIMD's drop tolerance)."""
+
+AT_THE_DOOR = 0.5
+"""A congestion reply faster than this share of the smoothed reply time was refused at the
+door, by a rate limiter: only those teach the pace. A slower one (a 429 or 503 after the
+request was worked on) is the concurrency limit's signal."""
+
+PACE_CUT_SPACING = 0.1
+"""Seconds at least between two cuts: a wall of 429s answered at once is one episode."""
+
+PACE_STARVED = 0.75
+"""Share of the sends over the last window refused from which the upstream is starved:
+no rate would do, only a pause (a probing hold of the cooldown)."""
+
+PACE_MIN_REFUSED = 3
+"""Refusals at the door over the last window below which the pace is neither cut nor the
+upstream called starved: a few are chance, not a rate."""
+
+STARVED_HOLD = 1.0
+"""Seconds a starved upstream is held for when it stated no Retry-After (probes may end
+it early)."""
+
+PACE_STEP = 0.5
+"""Seconds between two looks at whether the pace may grow."""
+
+PACE_FIRST_GROWTH = 0.02
+"""The first step beyond the last level that held; it doubles each step nothing pushes back."""
+
+PACE_MAX_GROWTH = 0.5
+"""The largest single step of growth (a share of the pace)."""
+
+PACE_BINDING = 0.8
+"""The pace binds when a step sent at least this share of what it allowed."""
+
+PACE_LIFT_AFTER = 10.0
+"""Seconds of a pace that never binds after which it is lifted altogether."""
+
+PACE_FLOOR = 0.5
+"""The slowest pace (requests per second): a probe's worth, never a stop."""
+
+
+_REMAINING_HEADERS = {
+    ("openai", "requests"): "x-ratelimit-remaining-requests",
+    ("openai", "tokens"): "x-ratelimit-remaining-tokens",
+    ("anthropic", "requests"): "anthropic-ratelimit-requests-remaining",
+    ("anthropic", "tokens"): "anthropic-ratelimit-tokens-remaining",
+    ("anthropic", "input_tokens"): "anthropic-ratelimit-input-tokens-remaining",
+}
+
+_MAX_COUNT_DIGITS = 15
+
+_TOKEN_ROUNDING = {"anthropic": 1000}
+"""Providers that round remaining tokens, and to what (Anthropic: the nearest thousand)."""
+
+
+class Pace:
+    """A requests-per-second ceiling learnt from congestion replies; None until one comes.
+
+    Pure: methods take ``now``. ``rate`` is the ceiling (None: no ceiling). Feed it every
+    send (``sent``), every success (``delivered``) and every congestion reply
+    (``congested``); ``step`` says whether the ceiling changed.
+    """
+
+    __slots__ = (
+        "_first",
+        "_growth",
+        "_held",
+        "_idle_since",
+        "_last_cut",
+        "_recent_refused",
+        "_recent_sent",
+        "_sent",
+        "_step_start",
+        "rate",
+    )
+
+    def __init__(self) -> None:
+        self.rate: float | None = None
+        self._recent_sent = SlidingCount(window=PACE_WINDOW)
+        self._recent_refused = SlidingCount(window=PACE_WINDOW)
+        self._first = math.inf
+        self._last_cut = -math.inf
+        self._held = 0.0  # the delivered rate at the last cut: the level that last held
+        self._growth = PACE_FIRST_GROWTH
+        self._step_start = -math.inf
+        self._sent = 0
+        self._idle_since = math.inf
+
+    def sent(self, now: float) -> None:
+        """Count one send."""
+        self._sent += 1
+        self._recent_sent.add(now)
+        if self._first == math.inf:
+            self._first = now
+
+    def congested(self, now: float, sent_at: float) -> bool:
+        """A congestion reply to a request sent at ``sent_at``; whether the pace was cut.
+
+        Replies to requests sent before the last cut echo the episode it answered.
+        """
+        self._recent_refused.add(now)
+        if sent_at <= self._last_cut or now - self._last_cut < PACE_CUT_SPACING:
+            return False
+        refused = self._recent_refused.total(now)
+        sent_count = self._recent_sent.total(now)
+        if refused < PACE_MIN_REFUSED or refused <= PACE_TOLERANCE * sent_count:
+            return False  # sporadic refusals, not a rate: borne
+        span = max(min(PACE_WINDOW, now - self._first), 0.1)
+        sent = sent_count / span
+        accepted = max(0.0, sent - refused / span)
+        if self.starved(now):
+            # Nearly everything refused: a debt to the upstream (refusals counted against
+            # the quota), not a rate. Halve, and let the cooldown's probes find the end.
+            base = (self.rate if self.rate is not None else sent) / 2
+        elif self.rate is None:
+            base = self._held = accepted
+        elif accepted >= self.rate / 2:
+            base = self._held = min(self.rate, accepted)
+        else:
+            # Little was sent lately (a hold, a lull): what got through says little of
+            # what would have. One episode never more than halves the pace.
+            base = self.rate / 2
+        if base <= 0:
+            return False
+        self.rate = max(PACE_FLOOR, PACE_BETA * base)
+        self._last_cut = now
+        self._growth = PACE_FIRST_GROWTH
+        self._step_start = now
+        self._sent = 0
+        self._idle_since = math.inf
+        return True
+
+    def starved(self, now: float) -> bool:
+        """Whether nearly everything sent over the last window was refused."""
+        refused = self._recent_refused.total(now)
+        sent = self._recent_sent.total(now)
+        return refused >= PACE_MIN_REFUSED and refused >= PACE_STARVED * sent
+
+    def step(self, now: float) -> bool:
+        """Grow (or lift) the pace if a step has passed; whether ``rate`` changed."""
+        rate = self.rate
+        elapsed = now - self._step_start
+        if rate is None or elapsed < PACE_STEP:
+            return False
+        binding = self._sent >= PACE_BINDING * rate * elapsed
+        self._step_start, self._sent = now, 0
+        if not binding:
+            self._growth = PACE_FIRST_GROWTH
+            if self._idle_since == math.inf:
+                self._idle_since = now
+            elif now - self._idle_since >= PACE_LIFT_AFTER:
+                self.rate = None
+                return True
+            return False
+        self._idle_since = math.inf
+        if rate < self._held:
+            # Back to the level that held quickly: half the gap a step.
+            self.rate = max(rate * (1 + PACE_FIRST_GROWTH), (rate + self._held) / 2)
+        else:
+            self.rate = rate * (1 + self._growth)
+            self._growth = min(PACE_MAX_GROWTH, 2 * self._growth)
+        return True
+
+    def __repr__(self) -> str:
+        rate = "none" if self.rate is None else f"{self.rate:.2f}/s"
+        return f"<Pace {rate} held={self._held:.2f}/s>"
+
+
+class Feedback:
+    """Turns answered attempts into cooldown, pace and mirror changes (see the module doc).
+
+    Args:
+        cooldown: the fleet-wide cooldown gate.
+        rate, tokens: the request and token gates (their mirrors and the pace).
+        rpm: the configured requests per minute (the pace never exceeds it).
+        wall_clock: Unix time, only to read dates in replies that carry no ``Date``.
+    """
+
+    __slots__ = (
+        "_cooldown",
+        "_failed_probes",
+        "_full_read_due",
+        "_glances",
+        "_interval",
+        "_last_date",
+        "_pace",
+        "_rate",
+        "_refusal_time",
+        "_reopened_at",
+        "_rpm",
+        "_stated_end",
+        "_tokens",
+        "_wall_clock",
+        "punishes",
+        "quota",
+    )
+
+    def __init__(
+        self,
+        *,
+        cooldown: CooldownGate,
+        rate: RateGate,
+        tokens: TokenGate,
+        rpm: float,
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self._cooldown = cooldown
+        self._rate = rate
+        self._tokens = tokens
+        self._rpm = rpm
+        self._wall_clock = wall_clock
+        self._pace = Pace()
+        self.punishes = False
+        """Whether this upstream was seen to punish sends inside its Retry-After window."""
+        self.quota: QuotaSnapshot | None = None
+        """What the upstream's rate-limit headers said last."""
+        self._interval = PROBE_FIRST
+        self._stated_end = -math.inf  # the latest window end the upstream stated
+        self._failed_probes = 0  # in the current closure
+        self._reopened_at = -math.inf
+        self._refusal_time = 0.0  # smoothed seconds from a send to its congestion reply
+        self._glances: tuple[tuple[str, float], ...] = ()
+        self._full_read_due = -math.inf
+        self._last_date: tuple[str, float] = ("", 0.0)
+
+    @property
+    def pace(self) -> float | None:
+        """The learnt requests-per-second ceiling, None while congestion has set none."""
+        return self._pace.rate
+
+    def confirmed_cooldown(self, now: float) -> float:
+        """Seconds of cooldown that evidence confirms (0 while a first probe may end it).
+
+        What a newcomer may be refused for: a closure honoured in full (a punishing
+        upstream), or one a probe has already found to be real.
+        """
+        if self.punishes or self._failed_probes or not self._cooldown.probing:
+            return self._cooldown.remaining(now)
+        return 0.0
+
+    # ------------------------------------------------------------------ outcomes
+
+    def sent(self, now: float, probe: int) -> None:
+        """One request went out; ``probe``: the cooldown generation it probes (0: none).
+
+        A probe not refused at the door within ``PROBE_SILENCE`` refusal times was let
+        in: the gate reopens then, without waiting for its reply (which may take as long
+        as the model writes).
+        """
+        self._pace.sent(now)
+        if probe:
+            wait = max(PROBE_SILENCE_MIN, PROBE_SILENCE * self._refusal_time)
+            asyncio.get_running_loop().call_at(
+                now + wait, self._probe_let_in, probe, self._cooldown.probes
+            )
+
+    def _probe_let_in(self, probe: int, number: int) -> None:
+        cooldown = self._cooldown
+        if cooldown.probe_out and cooldown.probes == number:  # that very probe, unanswered
+            self.succeeded(asyncio.get_running_loop().time(), probe)
+
+    def succeeded(self, now: float, probe: int) -> None:
+        """A success; ``probe`` is the cooldown generation it probed (0: not a probe)."""
+        if probe and probe == self._cooldown.generation and not self._cooldown.is_open(now):
+            self._cooldown.reopen()
+            self._reopened_at = now
+            self._interval = PROBE_FIRST
+            self._failed_probes = 0
+        self._step(now)
+
+    def congested(
+        self,
+        now: float,
+        sent_at: float,
+        retry_after: float | None,
+        probe: int,
+        *,
+        rate_limited: bool = True,
+        rtt: float = 0.0,
+    ) -> None:
+        """A congestion reply (429, 503, 529) to a request sent at ``sent_at``.
+
+        ``rate_limited``: a 429 (a limit on us), not an overloaded service (503, 529),
+        which says nothing of a rate to keep. ``rtt`` is the smoothed reply time of
+        successes (0: none yet), to tell a refusal at the door (a rate limiter's) from
+        one after the request was worked on.
+        """
+        took = now - sent_at
+        self._refusal_time += REFUSAL_GAIN * (took - self._refusal_time)
+        cooldown = self._cooldown
+        own_probe = bool(probe) and probe == cooldown.generation
+        # A refused probe was expected to be refused: it says the closure is real, and
+        # nothing of the pace to resume at.
+        at_the_door = rate_limited and (not rtt or now - sent_at < AT_THE_DOOR * rtt)
+        if not own_probe and at_the_door and self._pace.congested(now, sent_at):
+            self._apply_pace()
+        if retry_after is None:
+            if own_probe and not cooldown.is_open(now):
+                self._probe_refused(now, None)
+            elif (
+                at_the_door
+                and cooldown.is_open(now)
+                and sent_at >= self._reopened_at
+                and self._pace.starved(now)
+            ):
+                self._interval = PROBE_FIRST
+                self._failed_probes = 0
+                cooldown.hold(now + STARVED_HOLD, probe_at=now + PROBE_FIRST)
+            return
+        end = now + retry_after
+        if self.punishes:
+            cooldown.close_until(end)
+        elif own_probe and not cooldown.is_open(now):
+            # A whole-second (or HTTP-date) value is a ceiling: the true end lies within
+            # one second below it. Later than the window probed, beyond that doubt, means
+            # the window grew because we knocked.
+            doubt = 1.0 if retry_after == int(retry_after) else 1e-3
+            if end - doubt > self._stated_end + 1e-6:
+                self.punishes = True
+                cooldown.close_until(end)
+            else:
+                self._probe_refused(now, end)
+        elif cooldown.is_open(now):
+            if sent_at < self._reopened_at:
+                return  # an echo of the closure a probe has already ended
+            self._interval = PROBE_FIRST
+            self._failed_probes = 0
+            self._stated_end = end
+            cooldown.hold(end, probe_at=now + min(PROBE_FIRST, retry_after))
+        else:
+            self._stated_end = max(self._stated_end, end)
+            cooldown.hold(end, probe_at=None)
+
+    def _probe_refused(self, now: float, end: float | None) -> None:
+        self._failed_probes += 1
+        self._interval *= 2
+        if end is not None:
+            self._stated_end = max(self._stated_end, end)
+        cooldown = self._cooldown
+        # The window stated last still ends it; the next probe may not come before it.
+        until = end if end is not None else (cooldown.closed_until or now + self._interval)
+        cooldown.hold(until, probe_at=now + self._interval)
+
+    def lost(self, probe: int) -> None:
+        """A probe ended with no answer about the quota: the next may go at once."""
+        if probe:
+            self._cooldown.probe_lost(probe)
+
+    def _step(self, now: float) -> None:
+        if self._pace.step(now):
+            self._apply_pace()
+
+    def _apply_pace(self) -> None:
+        rate = self._pace.rate
+        per_minute = self._rpm if rate is None else min(self._rpm, rate * 60)
+        if per_minute != self._rate.per_minute:
+            self._rate.per_minute = per_minute
+
+    # ------------------------------------------------------------------ headers
+
+    def ample(self, headers: Mapping[str, str], now: float) -> bool:
+        """Whether a full read of these headers can wait (see ``AMPLE_READ_INTERVAL``).
+
+        The glance is total: a count that is not a plain run of ASCII digits, or an
+        absurdly long one, means "read in full".
+        """
+        if now >= self._full_read_due or not self._glances:
+            return False
+        if not (self._rate.mirror_ample() and self._tokens.mirror_ample()):
+            return False  # our mirror is low while the upstream says plenty: re-anchor
+        for name, half in self._glances:
+            text = headers.get(name)
+            if (
+                text is None
+                or not (text.isascii() and text.isdigit())
+                or len(text) > _MAX_COUNT_DIGITS
+                or int(text) < half
+            ):
+                return False
+        return True
+
+    def observe(
+        self, headers: Mapping[str, str], now: float, rate_mark: float, token_mark: float
+    ) -> None:
+        """Let the gates pace by what the upstream says is left (``x-ratelimit-*``).
+
+        ``rate_mark`` and ``token_mark`` are the gates' ``taken`` when the request went
+        out: the mirrors are re-anchored at ``remaining`` less what went out since.
+        """
+        snapshot = _parse_quota(headers, now=self.reply_time(headers))
+        if snapshot.is_empty:
+            return
+        self.quota = snapshot
+        tokens = snapshot.tokens if not snapshot.tokens.is_empty else snapshot.input_tokens
+        glances = []
+        for kind, window in (
+            ("requests", snapshot.requests),
+            ("tokens" if tokens is snapshot.tokens else "input_tokens", tokens),
+        ):
+            name = _REMAINING_HEADERS.get((snapshot.provider or "", kind))
+            if window.limit and name is not None:
+                glances.append((name, window.limit / 2))
+        self._glances = tuple(glances)
+        self._full_read_due = now + AMPLE_READ_INTERVAL
+        for gate, window, mark, rounding in (
+            (self._rate, snapshot.requests, rate_mark, 0),
+            (self._tokens, tokens, token_mark, _TOKEN_ROUNDING.get(snapshot.provider or "", 0)),
+        ):
+            if window.remaining is None:
+                continue
+            # A count rounded to the nearest ``rounding`` may be half of it high: the
+            # anchor may raise the mirror, so it takes the count's lower bound.
+            remaining = max(0, window.remaining - rounding // 2) if rounding else window.remaining
+            with contextlib.suppress(ValueError, TypeError):  # a reading the gate refuses
+                gate.sync(
+                    remaining=remaining,
+                    reset_after=window.reset_after,
+                    limit=window.limit or None,
+                    sent_mark=mark,
+                )
+
+    def reply_time(self, headers: Mapping[str, str]) -> float:
+        """Unix time of a reply: its ``Date`` header, else the wall clock (dates only)."""
+        date = headers.get("date")
+        if date:
+            if date == self._last_date[0]:  # replies within one second share a Date
+                return self._last_date[1]
+            with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+                parsed = email.utils.parsedate_to_datetime(date).timestamp()
+                if math.isfinite(parsed):
+                    self._last_date = (date, parsed)
+                    return parsed
+        return self._wall_clock()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Feedback pace={self._pace!r} punishes={self.punishes} "
+            f"cooldown={self._cooldown!r}>"
+        )
