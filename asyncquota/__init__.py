@@ -12,6 +12,7 @@ Every error a caller can see is in errors.py, under QuotaError.
 from .backoff import RetryBudget, backoff_delay, retry_delay
 from .errors import (
     BudgetExceededError,
+    BusyError,
     ClosedError,
     DeadlineExceededError,
     DeadlineUnreachableError,
@@ -21,6 +22,7 @@ from .errors import (
     QuotaError,
     QuotaExhaustedError,
     RejectedError,
+    StoreUnavailableError,
     TenantLimitError,
     ThrottledError,
     TransportError,
@@ -60,6 +62,7 @@ __all__ = [
     "Admitted",
     "AiohttpTransport",
     "BudgetExceededError",
+    "BusyError",
     "Classification",
     "ClosedError",
     "Completed",
@@ -101,6 +104,7 @@ __all__ = [
     "Shaper",
     "ShaperStatistics",
     "Shed",
+    "StoreUnavailableError",
     "StreamResponse",
     "TenantLimitError",
     "Throttled",

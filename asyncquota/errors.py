@@ -6,6 +6,7 @@ Every request that enters asyncquota ends exactly once: in a response, or in one
     ├── RejectedError                refused before reaching the upstream (nothing was sent)
     │   ├── QueueFullError           shed from a full queue: it was the least important waiter
     │   ├── DeadlineUnreachableError shed early: the estimated wait is longer than its deadline
+    │   ├── BusyError                shed early: the wait would pass its class's max_wait
     │   ├── ClosedError              the shaper is shutting down or closed
     │   ├── TenantLimitError         the tenant is over its own tier's limit (not congestion)
     │   ├── BudgetExceededError      the budget cannot pay for it and the policy says reject
@@ -37,6 +38,7 @@ from .urls import redact_text
 
 __all__ = [
     "BudgetExceededError",
+    "BusyError",
     "ClosedError",
     "DeadlineExceededError",
     "DeadlineUnreachableError",
@@ -114,6 +116,16 @@ class DeadlineUnreachableError(RejectedError):
     """Shed early: the estimated wait ahead of it is longer than its deadline allows."""
 
     default_reason = "deadline_unreachable"
+
+
+class BusyError(RejectedError):
+    """Not sent: more is waiting than can be served within this class's ``max_wait``.
+
+    A standing queue adds waiting, not answers: the request is told at once, with
+    ``retry_after`` the estimated wait, or leaves the queue when its ``max_wait`` ends.
+    """
+
+    default_reason = "busy"
 
 
 class ClosedError(RejectedError):

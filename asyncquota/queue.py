@@ -287,10 +287,11 @@ def _older(a: Waiter[T], b: Waiter[T]) -> bool:
 class _Class(Generic[T]):
     """One priority class: its tenants in round-robin order, and grouped by depth."""
 
-    __slots__ = ("deepest", "depths", "live", "rank", "ring")
+    __slots__ = ("deepest", "depths", "live", "rank", "ring", "since")
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, since: float) -> None:
         self.rank = rank
+        self.since = since  # when the class last became non-empty
         self.live = 0
         self.ring: OrderedDict[Hashable | None, _Tenant[T]] = OrderedDict()
         # depth -> the tenants with that many waiters, in the order they reached it
@@ -382,17 +383,27 @@ class PriorityQueue(Generic[T]):
     Args:
         maxsize: how many waiters may wait at once; when a newcomer finds the queue full,
             the least important waiter (maybe the newcomer) is shed. None: unbounded.
+        on_expire: makes the exception of a waiter whose ``deadline`` came while it was
+            queued (given the waiter and the time); None (or a None from it): a
+            ``DeadlineExceededError``. An owner that queues with a leave-by time earlier
+            than the caller's deadline (a bound on the wait) says so here.
 
     Raises:
         ValueError: ``maxsize`` is not a positive integer.
     """
 
-    def __init__(self, *, maxsize: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        maxsize: int | None = None,
+        on_expire: Callable[[Waiter[T], float], BaseException | None] | None = None,
+    ) -> None:
         if maxsize is not None and (
             isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1
         ):
             raise ValueError(f"maxsize must be a positive integer or None, not {maxsize!r}.")
         self._maxsize = maxsize
+        self._on_expire = on_expire
         self._closed = False
         self._seq = itertools.count()
         self._ranks: list[int] = []
@@ -468,7 +479,7 @@ class PriorityQueue(Generic[T]):
 
         cls = self._classes.get(rank)
         if cls is None:
-            cls = self._classes[rank] = _Class(rank)
+            cls = self._classes[rank] = _Class(rank, now)
             bisect.insort(self._ranks, rank)
         slot = cls.ring.get(tenant)
         if slot is None:
@@ -612,6 +623,40 @@ class PriorityQueue(Generic[T]):
                 failed += 1
         return failed
 
+    def nonempty_since(self, priority: PriorityLike) -> float | None:
+        """Loop time since which class ``priority`` has had waiters; None while it has none.
+
+        A class that has not drained for a while holds a standing queue: latency with no
+        throughput to show for it (CoDel's "bad queue").
+        """
+        cls = self._classes.get(coerce_priority(priority))
+        return None if cls is None else cls.since
+
+    def depths(self) -> list[tuple[int, int]]:
+        """``(rank, waiters)`` for each class with waiters, most important first."""
+        return [(rank, self._classes[rank].live) for rank in self._ranks]
+
+    def shed_newest(
+        self, priority: PriorityLike, count: int, exc: Callable[[Waiter[T]], BaseException]
+    ) -> int:
+        """Fail the ``count`` newest waiters of class ``priority``; say how many.
+
+        The newest of the tenant with the most waiters goes first, as when the queue is
+        full, so a flooding tenant loses its excess before anyone else loses theirs. They
+        count as shed. For an owner that finds more queued than can be served in time.
+        """
+        rank = coerce_priority(priority)
+        failed = 0
+        while failed < count:
+            cls = self._classes.get(rank)
+            if cls is None:
+                break
+            victim = cls.heaviest().newest()
+            self._shed += 1
+            self._fail(victim, exc(victim))
+            failed += 1
+        return failed
+
     def fail_due_before(self, t: float, exc: Callable[[Waiter[T]], BaseException]) -> int:
         """Fail at once every waiter whose deadline comes before ``t``; say how many.
 
@@ -743,6 +788,11 @@ class PriorityQueue(Generic[T]):
         self._cancelled += 1
 
     def _expire(self, waiter: Waiter[T], now: float) -> None:
+        exc = self._on_expire(waiter, now) if self._on_expire is not None else None
+        if exc is not None:
+            self._shed += 1
+            self._fail(waiter, exc)
+            return
         self._expired += 1
         self._fail(
             waiter,

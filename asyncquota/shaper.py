@@ -31,12 +31,14 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import orjson
 
 from .backoff import RetryBudget, backoff_delay
 from .errors import (
+    BusyError,
     ClosedError,
     DeadlineExceededError,
     DeadlineUnreachableError,
@@ -97,8 +99,27 @@ have been told at once."""
 RTT_GAIN = 0.125
 """Weight of each new sample in the smoothed reply time (as TCP's SRTT)."""
 
-SERVICE_RATE_WINDOW = 5.0
-"""Seconds of admissions behind the service-rate estimate used to shed early."""
+SERVICE_RATE_WINDOW = 2.0
+"""Seconds of admissions behind the service-rate estimate used to shed early (short, so
+that capacity that drops is seen within a couple of seconds)."""
+
+DEFAULT_MAX_WAIT: Mapping[int, float] = MappingProxyType(
+    {int(Priority.CRITICAL): 5.0, int(Priority.INTERACTIVE): 2.0, int(Priority.BATCH): 120.0}
+)
+"""The longest a request of each class waits in line (seconds; see ``Shaper``'s
+``max_wait``): a person waiting gets an answer or a "busy, retry in N s" within a couple
+of seconds; background work may wait for minutes."""
+
+STANDING_SHARE = 0.25
+"""The share of its ``max_wait`` a standing queue of a class above batch is held to (CoDel's
+target: interactive 2 s → 0.5 s)."""
+
+STANDING_AFTER = 1.0
+"""Seconds a class must have had waiters without a break to be a standing queue (CoDel's
+interval): a burst that drains within it is absorbed up to ``max_wait``."""
+
+RECHECK_INTERVAL = 0.1
+"""Seconds between two checks of the queue against the current service rate."""
 
 
 
@@ -257,6 +278,19 @@ class Shaper:
             one ends the request with a ThrottledError carrying it. The cooldown itself
             always honours what the upstream said.
         max_queue: waiters the queue holds before it sheds the least important.
+        max_wait: the longest a request of a class waits in line, by class (merged over
+            ``DEFAULT_MAX_WAIT``: critical 5 s, interactive 2 s, batch 120 s; a rank
+            not named takes the value of the next less important class named). A
+            newcomer whose estimated wait is longer is refused at once with a
+            ``BusyError`` (``retry_after``: the estimate); one still waiting at its
+            ``max_wait`` leaves with one. A retry is bound by its deadline only. For
+            classes more important than batch, a *standing* queue (one that has not
+            drained for ``STANDING_AFTER`` seconds) is held to ``STANDING_SHARE`` of
+            it, as CoDel holds its target delay: under overload the queue keeps only
+            what keeps the upstream full, the rest is told "busy" at once, and those
+            served are served fresh. Queued requests are re-checked against the current
+            service rate every ``RECHECK_INTERVAL`` s, so a drop in capacity refuses the
+            excess at once rather than near its deadline.
         default_deadline: seconds a request may take, queueing included, when the caller
             gives none (None: no deadline).
         timeout: the longest one attempt may take, in seconds.
@@ -287,6 +321,7 @@ class Shaper:
         retry_budget: float = 0.1,
         max_retry_after: float = 300.0,
         max_queue: int = 100_000,
+        max_wait: Mapping[PriorityLike, float] | None = None,
         default_deadline: float | None = 60.0,
         timeout: float = 120.0,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -305,6 +340,11 @@ class Shaper:
         _check("retry_budget", retry_budget, minimum=0)
         _check("max_retry_after", max_retry_after, minimum=0)
         _check("max_queue", max_queue, minimum=1, integer=True)
+        waits = dict(DEFAULT_MAX_WAIT)
+        for priority, seconds in (max_wait or {}).items():
+            _check(f"max_wait[{priority!r}]", seconds, minimum=0, strict=True)
+            waits[coerce_priority(priority)] = float(seconds)
+        self._max_waits = tuple(sorted(waits.items()))
         if default_deadline is not None:
             _check("default_deadline", default_deadline, minimum=0, strict=True)
         _check("timeout", timeout, minimum=0, strict=True)
@@ -324,7 +364,10 @@ class Shaper:
         self._transport: Transport = transport or AiohttpTransport(max_connections=max_connections)
         self._rpm = rpm
         self._tpm = tpm
-        self._queue: PriorityQueue[_Ticket] = PriorityQueue(maxsize=max_queue)
+        self._queue: PriorityQueue[_Ticket] = PriorityQueue(
+            maxsize=max_queue, on_expire=self._waited_too_long
+        )
+        self._recheck_timer: asyncio.TimerHandle | None = None
         # A transport with a bounded pool says how many it sends at once: more in flight
         # would wait inside the pool, in its order rather than the queue's, unseen.
         pool = getattr(self._transport, "max_connections", None)
@@ -394,6 +437,9 @@ class Shaper:
         if self._state == "closed":
             return
         self._state = "closed"
+        if self._recheck_timer is not None:
+            self._recheck_timer.cancel()
+            self._recheck_timer = None
         self._queue.close(
             lambda waiter: ClosedError(
                 "The Shaper is shutting down; this request was not sent.",
@@ -720,18 +766,25 @@ class Shaper:
             if self._tracing():
                 self._emit(Admitted, ticket, waited=self._now() - ticket.enqueued_at)
             return
+        leave_by = ticket.deadline
+        if ticket.attempt == 1:
+            patience = ticket.enqueued_at + self._max_wait(ticket.priority)
+            leave_by = patience if leave_by is None else min(leave_by, patience)
         try:
             waiter = self._queue.push(
                 ticket,
                 priority=ticket.priority,
                 tenant=ticket.tenant,
-                deadline=ticket.deadline,
+                deadline=leave_by,
                 enqueued_at=ticket.enqueued_at,
             )
         except QueueFullError as exc:
             exc.retry_after = self._estimate_wait(ticket)
             raise
         self._work.set()
+        if self._recheck_timer is None:
+            loop = asyncio.get_running_loop()
+            self._recheck_timer = loop.call_at(loop.time() + RECHECK_INTERVAL, self._recheck)
         if self._tracing():
             self._emit(Queued, ticket, depth=len(self._queue))
         try:
@@ -770,7 +823,7 @@ class Shaper:
         return True
 
     def _refuse_early(self, ticket: _Ticket) -> None:
-        """Reject now what cannot be served before its deadline, with a retry hint.
+        """Reject now what cannot be served in time (deadline, ``max_wait``), with a hint.
 
         A retry is held to the cooldown only: it keeps its original age, so the newcomer's
         estimate of the wait does not apply to it.
@@ -778,9 +831,7 @@ class Shaper:
         now = self._now()
         if self._shed_until > now and ticket.priority >= self._shed_rank:
             raise self._shedding_error(ticket, now)
-        if ticket.deadline is None:
-            return
-        left = ticket.deadline - now
+        left = math.inf if ticket.deadline is None else ticket.deadline - now
         cooling = self._feedback.confirmed_cooldown(now)
         if cooling > left:
             raise ThrottledError(
@@ -793,7 +844,9 @@ class Shaper:
         if ticket.attempt > 1:
             return
         wait = self._estimate_wait(ticket)
-        if wait is not None and wait + self._rtt > left * ESTIMATE_TRUST:
+        if wait is None:
+            return
+        if wait + self._rtt > left * ESTIMATE_TRUST:
             raise DeadlineUnreachableError(
                 f"About {wait:.1f} s of work is queued ahead of this request and a reply takes "
                 f"about {self._rtt:.1f} s, longer than its deadline of {left:.1f} s; it was not "
@@ -802,6 +855,80 @@ class Shaper:
                 tenant=ticket.tenant,
                 retry_after=wait,
             )
+        patience = self._patience(ticket.priority, now)
+        if wait > patience:
+            raise BusyError(
+                f"About {wait:.1f} s of work is queued ahead of this "
+                f"{_class_name(ticket.priority)} request, more than its class waits "
+                f"({patience:g} s); it was not sent.",
+                priority=ticket.priority,
+                tenant=ticket.tenant,
+                retry_after=wait,
+            )
+
+    def _max_wait(self, rank: int) -> float:
+        """The configured ``max_wait`` of class ``rank`` (the next named class's if unnamed)."""
+        for named, seconds in self._max_waits:
+            if named >= rank:
+                return seconds
+        return self._max_waits[-1][1]
+
+    def _patience(self, rank: int, now: float) -> float:
+        """How long a newcomer of class ``rank`` may expect to wait, now (see ``max_wait``)."""
+        patience = self._max_wait(rank)
+        if rank < Priority.BATCH:
+            since = self._queue.nonempty_since(rank)
+            if since is not None and now - since >= STANDING_AFTER:
+                patience *= STANDING_SHARE
+        return patience
+
+    def _waited_too_long(self, waiter: Waiter[_Ticket], now: float) -> BusyError | None:
+        """The queue's word for a waiter whose leave-by time came: None at its deadline."""
+        ticket = waiter.item
+        if ticket.deadline is not None and now >= ticket.deadline - 1e-6:
+            return None
+        return BusyError(
+            f"The request waited {now - ticket.enqueued_at:.2f} s in line, the most a "
+            f"{_class_name(ticket.priority)} request waits; it was not sent.",
+            priority=ticket.priority,
+            tenant=ticket.tenant,
+            retry_after=self._estimate_wait(ticket),
+        )
+
+    def _recheck(self) -> None:
+        """Refuse now, newest first, what the current service rate cannot serve in time.
+
+        A request admitted while the upstream served faster would otherwise wait out its
+        ``max_wait`` (or deadline) and be refused late. Runs every ``RECHECK_INTERVAL``
+        while anyone waits.
+        """
+        self._recheck_timer = None
+        queue = self._queue
+        if not len(queue) or self._state != "open":
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        rate = self._service_rate(now)
+        if rate > 0 and not self._cooldown.closed_until:
+            ahead = 0
+            for rank, depth in queue.depths():
+                keep = max(0, math.ceil(rate * self._patience(rank, now)) - ahead)
+                if depth > keep:
+                    queue.shed_newest(rank, depth - keep, lambda w: self._too_busy(w, now))
+                ahead += min(depth, keep)
+        self._recheck_timer = loop.call_at(now + RECHECK_INTERVAL, self._recheck)
+
+    def _too_busy(self, waiter: Waiter[_Ticket], now: float) -> BusyError:
+        ticket = waiter.item
+        wait = self._estimate_wait(ticket)
+        return BusyError(
+            f"The upstream now serves fewer requests than wait in line: this "
+            f"{_class_name(ticket.priority)} request would wait past "
+            f"{self._patience(ticket.priority, now):g} s; it was not sent.",
+            priority=ticket.priority,
+            tenant=ticket.tenant,
+            retry_after=wait,
+        )
 
     def _end_outlasted(self, now: float) -> None:
         """End at once the queued requests whose deadline falls inside the cooldown.

@@ -26,6 +26,9 @@ from asyncquota.governance.tiers import TenantQuotas, Tier, TierLimits
 
 EPOCH = 1_800_000_000.0  # 2027-01-15 08:00 UTC
 
+PATIENT = {"critical": 86_400, "interactive": 86_400, "batch": 86_400}
+"""Classes that wait their turn however long (the test is not about waiting in line)."""
+
 
 def wall() -> float:
     return EPOCH + asyncio.get_running_loop().time()
@@ -80,6 +83,7 @@ def make_gateway(
             f"http://{name}.test",
             transport=MockTransport(up.handle),
             hooks=(),
+            max_wait=PATIENT,
             default_deadline=deadline,
             wall_clock=wall,
         )
@@ -282,7 +286,11 @@ async def test_a_thousand_concurrent_requests_cannot_overshoot_the_budget_togeth
         return Response(200, {}, orjson.dumps({"usage": usage}))
 
     gateway._upstreams["b"] = Shaper(  # the same gateway, a slow upstream with usage
-        "http://b.test", transport=MockTransport(handle), hooks=(), wall_clock=wall
+        "http://b.test",
+        transport=MockTransport(handle),
+        hooks=(),
+        wall_clock=wall,
+        max_wait=PATIENT,  # all 1 000 wait their turn: none is told "busy"
     )
     outcomes: collections.Counter[str] = collections.Counter()
     async with gateway:

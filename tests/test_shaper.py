@@ -22,6 +22,9 @@ from asyncquota.tokens import estimate_tokens
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "Where is my parcel?"}]}
 
+PATIENT = {"critical": 86_400, "interactive": 86_400, "batch": 86_400}
+"""Classes that wait their turn however long (the test is not about waiting in line)."""
+
 
 def frozen_wall_clock() -> float:
     return 1_800_000_000.0
@@ -35,7 +38,7 @@ async def test_a_spike_of_6000_requests_is_served_without_a_wall_of_429s():
     upstream = SimulatedUpstream(UpstreamConfig.preset("crisis", wall_clock=frozen_wall_clock))
     outcomes: collections.Counter[str] = collections.Counter()
     async with Shaper(
-        "http://upstream.test", transport=MockTransport(upstream.handle), hooks=()
+        "http://upstream.test", transport=MockTransport(upstream.handle), hooks=(), max_wait=PATIENT
     ) as shaper:
 
         async def one(i: int) -> None:
@@ -133,6 +136,7 @@ async def test_closing_rejects_the_waiting_lets_the_in_flight_finish_and_cancels
         "http://upstream.test",
         transport=transport,
         hooks=(),
+        max_wait=PATIENT,
         limit=Fixed(2),
         shutdown_grace=5.0,
     )
@@ -217,7 +221,11 @@ async def test_concurrent_large_requests_cannot_overshoot_the_tpm():
         return Response(200, {}, b'{"usage": {"prompt_tokens": 100, "completion_tokens": 300}}')
 
     async with Shaper(
-        "http://upstream.test", transport=MockTransport(upstream), hooks=(), tpm=60_000
+        "http://upstream.test",
+        transport=MockTransport(upstream),
+        hooks=(),
+        max_wait=PATIENT,
+        tpm=60_000,
     ) as shaper:
         await asyncio.gather(
             *(shaper.request("POST", "/v1/chat/completions", cost_tokens=400) for _ in range(50))
@@ -356,7 +364,9 @@ async def test_no_more_requests_are_in_flight_than_the_transport_has_connections
         inflight -= 1
         return Response(200, {}, b"{}")
 
-    async with Shaper("http://upstream.test", transport=PoolOf8(upstream), hooks=()) as shaper:
+    async with Shaper(
+        "http://upstream.test", transport=PoolOf8(upstream), hooks=(), max_wait=PATIENT
+    ) as shaper:
         await asyncio.gather(*(shaper.request("GET", "/v1/models") for _ in range(500)))
         assert shaper.statistics().limit <= 8
     assert peak == 8  # the pool is used, never overrun (slow start reached it)

@@ -17,6 +17,9 @@ from asyncquota import (
 
 URL = "http://upstream.test"
 
+PATIENT = {"critical": 86_400, "interactive": 86_400, "batch": 86_400}
+"""Classes that wait their turn however long (the test is not about waiting in line)."""
+
 
 def now() -> float:
     return asyncio.get_running_loop().time()
@@ -36,7 +39,11 @@ def one_second_upstream(log: list[tuple[float, str]]):
 async def test_a_request_that_cannot_be_served_before_its_deadline_is_refused_at_once():
     log: list[tuple[float, str]] = []
     async with Shaper(
-        URL, transport=MockTransport(one_second_upstream(log)), hooks=(), limit=Fixed(1)
+        URL,
+        transport=MockTransport(one_second_upstream(log)),
+        hooks=(),
+        max_wait=PATIENT,
+        limit=Fixed(1),
     ) as shaper:
         backlog = [asyncio.create_task(shaper.request("GET", "/queued")) for _ in range(20)]
         await asyncio.sleep(5.5)  # served one a second: 14.5 s of work is left
@@ -93,7 +100,11 @@ async def test_a_queued_request_ends_at_its_deadline_unsent():
 async def test_interactive_requests_overtake_batch_ones_under_overload():
     log: list[tuple[float, str]] = []
     async with Shaper(
-        URL, transport=MockTransport(one_second_upstream(log)), hooks=(), limit=Fixed(1)
+        URL,
+        transport=MockTransport(one_second_upstream(log)),
+        hooks=(),
+        max_wait=PATIENT,
+        limit=Fixed(1),
     ) as shaper:
         calls = [
             asyncio.create_task(shaper.request("GET", f"/batch{i}", priority="batch"))
@@ -119,7 +130,11 @@ async def test_interactive_requests_overtake_batch_ones_under_overload():
 async def test_a_tenant_flooding_the_queue_cannot_starve_another_of_the_same_class():
     log: list[tuple[float, str]] = []
     async with Shaper(
-        URL, transport=MockTransport(one_second_upstream(log)), hooks=(), limit=Fixed(1)
+        URL,
+        transport=MockTransport(one_second_upstream(log)),
+        hooks=(),
+        max_wait=PATIENT,
+        limit=Fixed(1),
     ) as shaper:
         flood = [
             asyncio.create_task(shaper.request("GET", "/flood", tenant="loud", deadline=600))
@@ -150,7 +165,9 @@ async def test_tenants_of_one_class_share_the_upstream_evenly():
         await asyncio.sleep(0.1)
         return Response(200)
 
-    async with Shaper(URL, transport=MockTransport(upstream), hooks=(), limit=Fixed(4)) as shaper:
+    async with Shaper(
+        URL, transport=MockTransport(upstream), hooks=(), max_wait=PATIENT, limit=Fixed(4)
+    ) as shaper:
 
         async def tenant(name: str, callers: int) -> None:
             async def caller() -> None:

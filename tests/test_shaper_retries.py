@@ -22,6 +22,9 @@ from asyncquota import (
 
 URL = "http://upstream.test"
 
+PATIENT = {"critical": 86_400, "interactive": 86_400, "batch": 86_400}
+"""Classes that wait their turn however long (the test is not about waiting in line)."""
+
 
 def now() -> float:
     return asyncio.get_running_loop().time()
@@ -121,7 +124,7 @@ async def test_a_retry_re_enters_the_queue_at_its_original_priority_and_age():
         return Response(200)
 
     async with Shaper(
-        URL, transport=MockTransport(upstream), hooks=(), limit=Fixed(1), seed=0
+        URL, transport=MockTransport(upstream), hooks=(), max_wait=PATIENT, limit=Fixed(1), seed=0
     ) as shaper:
         calls = [asyncio.create_task(shaper.request("GET", "/old", tenant="a"))]
         await asyncio.sleep(0.5)  # "old" is in flight; three newer ones queue behind it

@@ -7,6 +7,9 @@ import pytest
 from asyncquota import Fixed, MockTransport, Priority, RejectedError, Request, Response
 from asyncquota.shaper import Shaper
 
+PATIENT = {"critical": 86_400, "interactive": 86_400, "batch": 86_400}
+"""Classes that wait their turn however long (the test is not about waiting in line)."""
+
 
 def now() -> float:
     return asyncio.get_running_loop().time()
@@ -42,7 +45,7 @@ async def test_batch_is_refused_at_once_with_the_time_left_and_interactive_still
 async def test_those_waiting_in_the_shed_classes_are_told_now_and_the_rest_keep_their_turn():
     transport = slow_upstream(10.0)
     async with Shaper(
-        "http://upstream.test", transport=transport, limit=Fixed(1), hooks=()
+        "http://upstream.test", transport=transport, limit=Fixed(1), hooks=(), max_wait=PATIENT
     ) as shaper:
         first = asyncio.create_task(shaper.request("GET", "/v1/a", priority="critical"))
         await asyncio.sleep(0)

@@ -29,6 +29,9 @@ CHAT = "/v1/chat/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "Where is my parcel?"}]}
 RATE_LIMITED = b'{"error": {"type": "requests", "code": "rate_limit_exceeded"}}'
 
+PATIENT = {"critical": 86_400, "interactive": 86_400, "batch": 86_400}
+"""Classes that wait their turn however long (the test is not about waiting in line)."""
+
 
 def frozen_wall_clock() -> float:
     return 1_800_000_000.0
@@ -65,6 +68,7 @@ async def test_a_429_with_retry_after_7_holds_every_waiter_until_a_probe_gets_th
         URL,
         transport=MockTransport(upstream),
         hooks=(),
+        max_wait=PATIENT,
         limit=AIMD(initial=20),
         retry_budget=1.0,
         seed=7,
@@ -107,7 +111,9 @@ async def test_a_whole_second_retry_after_over_a_fast_bucket_costs_milliseconds_
             wall_clock=frozen_wall_clock,
         )
     )
-    async with Shaper(URL, transport=MockTransport(upstream.handle), hooks=()) as shaper:
+    async with Shaper(
+        URL, transport=MockTransport(upstream.handle), hooks=(), max_wait=PATIENT
+    ) as shaper:
         started = now()
         results = await asyncio.gather(
             *(outcome(shaper.request("POST", CHAT, json=BODY)) for _ in range(300))
@@ -265,6 +271,7 @@ async def drive(upstream: SimulatedUpstream, n: int, **options) -> collections.C
         URL,
         transport=MockTransport(upstream.handle),
         hooks=(),
+        max_wait=PATIENT,
         default_deadline=None,
         wall_clock=frozen_wall_clock,
         seed=1,
@@ -343,6 +350,7 @@ async def test_a_long_token_reset_still_lets_the_shaper_use_the_whole_quota():
         URL,
         transport=MockTransport(upstream),
         hooks=(),
+        max_wait=PATIENT,
         default_deadline=None,
         wall_clock=frozen_wall_clock,
     ) as shaper:
