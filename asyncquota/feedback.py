@@ -32,6 +32,7 @@ import contextlib
 import email.utils
 import math
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 from .gates import CooldownGate, RateGate, TokenGate
 from .signals import QuotaSnapshot
@@ -44,6 +45,7 @@ __all__ = [
     "PROBE_SILENCE",
     "Feedback",
     "Pace",
+    "Refusal",
 ]
 
 PROBE_FIRST = 0.01
@@ -59,6 +61,10 @@ PROBE_SILENCE_MIN = 0.01
 REFUSAL_GAIN = 0.125
 """Weight of each new congestion reply's time in the smoothed refusal time."""
 
+ANCHOR_MAX_AGE = 1.0
+"""Seconds from send to reply beyond which a reply's rate-limit headers only lower the
+mirrors (see ``Feedback.observe``)."""
+
 AMPLE_READ_INTERVAL = 0.05
 """While the upstream says at least half of each quota is left and our mirrors agree, its
 rate-limit headers are read in full at most this often (seconds); the other successful
@@ -66,8 +72,10 @@ replies only have their ``remaining`` counts glanced at. A reply showing less th
 and every error reply, is always read in full."""
 
 PACE_BETA = 0.9
-"""A congestion episode cuts the pace to this share of what the upstream accepted lately
-(sends less congestion replies over the last ``PACE_WINDOW`` seconds)."""
+"""A congestion episode cuts the pace to this share of itself (at the first, of the rate
+we were sending at over the last ``PACE_WINDOW`` seconds). Measuring what the upstream
+accepted instead errs low whenever we sent little (a hold, a lull), and a rate cut too
+low is only found again slowly."""
 
 PACE_WINDOW = 1.0
 """Seconds of sends and refusals behind the accepted rate."""
@@ -95,6 +103,9 @@ upstream called starved: a few are chance, not a rate."""
 STARVED_HOLD = 1.0
 """Seconds a starved upstream is held for when it stated no Retry-After (probes may end
 it early)."""
+
+PACE_BURST = 0.05
+"""Seconds of the pace that may go at once (the rest is spread at the pace)."""
 
 PACE_STEP = 0.5
 """Seconds between two looks at whether the pace may grow."""
@@ -124,6 +135,9 @@ _REMAINING_HEADERS = {
 }
 
 _MAX_COUNT_DIGITS = 15
+
+Refusal = Literal["rate", "crowd", "unknown"]
+"""What a congestion reply names: a rate limit, a cap on how many are in flight, or either."""
 
 _TOKEN_ROUNDING = {"anthropic": 1000}
 """Providers that round remaining tokens, and to what (Anthropic: the nearest thousand)."""
@@ -156,7 +170,7 @@ class Pace:
         self._recent_refused = SlidingCount(window=PACE_WINDOW)
         self._first = math.inf
         self._last_cut = -math.inf
-        self._held = 0.0  # the delivered rate at the last cut: the level that last held
+        self._held = 0.0  # the pace the last cut found too high: growth returns near it fast
         self._growth = PACE_FIRST_GROWTH
         self._step_start = -math.inf
         self._sent = 0
@@ -181,21 +195,16 @@ class Pace:
         sent_count = self._recent_sent.total(now)
         if refused < PACE_MIN_REFUSED or refused <= PACE_TOLERANCE * sent_count:
             return False  # sporadic refusals, not a rate: borne
-        span = max(min(PACE_WINDOW, now - self._first), 0.1)
-        sent = sent_count / span
-        accepted = max(0.0, sent - refused / span)
+        if self.rate is None:
+            # What we were sending when the refusals came: the first level found too high.
+            base = sent_count / max(min(PACE_WINDOW, now - self._first), 0.1)
+        else:
+            base = self.rate
+        self._held = base
         if self.starved(now):
             # Nearly everything refused: a debt to the upstream (refusals counted against
             # the quota), not a rate. Halve, and let the cooldown's probes find the end.
-            base = (self.rate if self.rate is not None else sent) / 2
-        elif self.rate is None:
-            base = self._held = accepted
-        elif accepted >= self.rate / 2:
-            base = self._held = min(self.rate, accepted)
-        else:
-            # Little was sent lately (a hold, a lull): what got through says little of
-            # what would have. One episode never more than halves the pace.
-            base = self.rate / 2
+            base /= 2
         if base <= 0:
             return False
         self.rate = max(PACE_FLOOR, PACE_BETA * base)
@@ -230,7 +239,7 @@ class Pace:
             return False
         self._idle_since = math.inf
         if rate < self._held:
-            # Back to the level that held quickly: half the gap a step.
+            # Back towards the level last found too high quickly: half the gap a step.
             self.rate = max(rate * (1 + PACE_FIRST_GROWTH), (rate + self._held) / 2)
         else:
             self.rate = rate * (1 + self._growth)
@@ -259,11 +268,13 @@ class Feedback:
         "_glances",
         "_interval",
         "_last_date",
+        "_last_reading",
         "_pace",
         "_rate",
         "_refusal_time",
         "_reopened_at",
         "_rpm",
+        "_rpm_burst",
         "_stated_end",
         "_tokens",
         "_wall_clock",
@@ -284,12 +295,14 @@ class Feedback:
         self._rate = rate
         self._tokens = tokens
         self._rpm = rpm
+        self._rpm_burst = rate.statistics().burst if rate.per_minute == rpm else None
         self._wall_clock = wall_clock
         self._pace = Pace()
         self.punishes = False
         """Whether this upstream was seen to punish sends inside its Retry-After window."""
         self.quota: QuotaSnapshot | None = None
         """What the upstream's rate-limit headers said last."""
+        self._last_reading: QuotaSnapshot | None = None  # the last observed reply's
         self._interval = PROBE_FIRST
         self._stated_end = -math.inf  # the latest window end the upstream stated
         self._failed_probes = 0  # in the current closure
@@ -367,7 +380,11 @@ class Feedback:
         own_probe = bool(probe) and probe == cooldown.generation
         # A refused probe was expected to be refused: it says the closure is real, and
         # nothing of the pace to resume at.
-        at_the_door = rate_limited and (not rtt or now - sent_at < AT_THE_DOOR * rtt)
+        at_the_door = (
+            rate_limited
+            and self.refusal(retry_after) != "crowd"
+            and (not rtt or now - sent_at < AT_THE_DOOR * rtt)
+        )
         if not own_probe and at_the_door and self._pace.congested(now, sent_at):
             self._apply_pace()
         if retry_after is None:
@@ -417,6 +434,24 @@ class Feedback:
         until = end if end is not None else (cooldown.closed_until or now + self._interval)
         cooldown.hold(until, probe_at=now + self._interval)
 
+    def refusal(self, retry_after: float | None) -> Refusal:
+        """What a congestion reply just observed names: a rate, a crowd, or it cannot tell.
+
+        A concurrency cap cannot say when a slot frees up (DeepSeek sends no
+        Retry-After); a rate limiter can, and its headers then show a window with
+        nothing left. Headers that show room in every window, with no Retry-After, name
+        a crowd: too many in flight. Call after ``observe`` with the reply's headers.
+        """
+        if retry_after is not None:
+            return "rate"
+        quota = self._last_reading
+        if quota is None:
+            return "unknown"
+        windows = [w for w in (quota.requests, quota.tokens) if w.remaining is not None]
+        if any(window.remaining == 0 for window in windows):
+            return "rate"
+        return "crowd" if windows else "unknown"
+
     def lost(self, probe: int) -> None:
         """A probe ended with no answer about the quota: the next may go at once."""
         if probe:
@@ -428,9 +463,11 @@ class Feedback:
 
     def _apply_pace(self) -> None:
         rate = self._pace.rate
-        per_minute = self._rpm if rate is None else min(self._rpm, rate * 60)
-        if per_minute != self._rate.per_minute:
-            self._rate.per_minute = per_minute
+        if rate is None or rate * 60 >= self._rpm:
+            self._rate.reconfigure(per_minute=self._rpm, burst=self._rpm_burst)
+        else:
+            # A small burst: a pace held after a pause must not come back as a wave.
+            self._rate.reconfigure(per_minute=rate * 60, burst=max(1.0, rate * PACE_BURST))
 
     # ------------------------------------------------------------------ headers
 
@@ -456,17 +493,26 @@ class Feedback:
         return True
 
     def observe(
-        self, headers: Mapping[str, str], now: float, rate_mark: float, token_mark: float
+        self,
+        headers: Mapping[str, str],
+        now: float,
+        sent_at: float,
+        rate_mark: float,
+        token_mark: float,
     ) -> None:
         """Let the gates pace by what the upstream says is left (``x-ratelimit-*``).
 
         ``rate_mark`` and ``token_mark`` are the gates' ``taken`` when the request went
-        out: the mirrors are re-anchored at ``remaining`` less what went out since.
+        out, at ``sent_at``: the mirrors are re-anchored at ``remaining`` less what went
+        out since. The reading was taken somewhere between the send and the reply; for a
+        reply slower than ``ANCHOR_MAX_AGE`` that span holds too many sends to subtract
+        them all, and the reading only lowers the mirror.
         """
         snapshot = _parse_quota(headers, now=self.reply_time(headers))
         if snapshot.is_empty:
+            self._last_reading = None
             return
-        self.quota = snapshot
+        self.quota = self._last_reading = snapshot
         tokens = snapshot.tokens if not snapshot.tokens.is_empty else snapshot.input_tokens
         glances = []
         for kind, window in (
@@ -478,9 +524,11 @@ class Feedback:
                 glances.append((name, window.limit / 2))
         self._glances = tuple(glances)
         self._full_read_due = now + AMPLE_READ_INTERVAL
+        fresh = now - sent_at <= ANCHOR_MAX_AGE
+        token_rounding = _TOKEN_ROUNDING.get(snapshot.provider or "", 0)
         for gate, window, mark, rounding in (
-            (self._rate, snapshot.requests, rate_mark, 0),
-            (self._tokens, tokens, token_mark, _TOKEN_ROUNDING.get(snapshot.provider or "", 0)),
+            (self._rate, snapshot.requests, rate_mark if fresh else None, 0),
+            (self._tokens, tokens, token_mark if fresh else None, token_rounding),
         ):
             if window.remaining is None:
                 continue

@@ -581,6 +581,22 @@ class _BucketGate:
         self._per_minute = value
         self._wake()
 
+    def reconfigure(self, *, per_minute: float, burst: float | None) -> None:
+        """Change the rate and the burst together (None: the default, one second's worth).
+
+        The level earned so far is kept, capped at the new burst; waiters are woken.
+
+        Raises:
+            ValueError: ``per_minute`` or ``burst`` not a finite number greater than 0.
+        """
+        per_minute = _check_positive("per_minute", per_minute)
+        self._burst_option = None if burst is None else _check_positive("burst", burst)
+        self._bucket.configure(
+            rate=per_minute / 60, burst=self._burst_for(per_minute), now=self._now()
+        )
+        self._per_minute = per_minute
+        self._wake()
+
     def time_until(self, amount: float = 1) -> float:
         """Seconds until the bucket holds ``amount`` (ignoring waiters ahead), 0 if now.
 

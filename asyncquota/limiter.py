@@ -162,6 +162,19 @@ class ConcurrencyLimiter:
             raise
         return Permit(self, loop)
 
+    def stalled(self, now: float) -> None:
+        """Tell the limit that the limiter has been full a while with nothing coming back.
+
+        A limit that grows on time (``AIMD.on_stall``) may grow; others ignore it.
+        """
+        grow = getattr(self._limit, "on_stall", None)
+        if grow is None:
+            return
+        capacity = grow(now, self._inflight)
+        if capacity != self._capacity:
+            self._resize(capacity)
+            self._wake()
+
     def statistics(self) -> LimiterStatistics:
         """A snapshot of the capacity, the live counts and the outcome counters."""
         return LimiterStatistics(

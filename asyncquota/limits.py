@@ -100,6 +100,11 @@ class _Episodes:
         """Fold a successful request's round trip into the smoothed round trip."""
         self.srtt = rtt if self.srtt is None else self.srtt + RTT_SMOOTHING * (rtt - self.srtt)
 
+    @property
+    def last_cut(self) -> float:
+        """When the last episode began (-inf: never)."""
+        return self._last_cut
+
     def begins(self, now: float, rtt: float) -> bool:
         """Whether a drop opens a new episode (then it is recorded as the latest cut)."""
         window = DEFAULT_RTT if self.srtt is None else self.srtt
@@ -256,6 +261,31 @@ class AIMD:
                 return limit
             self._acked = 0
             self._limit = min(self._limit + self._increase, float(self._max_limit))
+        return int(self._limit)
+
+    def on_stall(self, now: float, inflight: int) -> int:
+        """The limit has been full for a while, and nothing came back: grow on time.
+
+        Successes clock the growth, and a reply that takes 20 s (a long streamed answer)
+        clocks it 20 s late: starting at 20, the limit would need minutes to reach the
+        hundreds such replies keep in flight. A full limit that nobody refused for a stall
+        (the caller's ``STALL`` seconds) is evidence enough to grow as if a window had
+        been acknowledged: half again below the threshold, ``increase`` above it. Not
+        within one round trip of a cut (the limit was just found too high).
+
+        Returns:
+            The new limit.
+        """
+        window = DEFAULT_RTT if self._episodes.srtt is None else self._episodes.srtt
+        if inflight < int(self._limit) or now - self._episodes.last_cut < window:
+            return int(self._limit)
+        if self._limit < self._ssthresh:
+            # By half, not double: the growth goes out at once, before any reply could say
+            # how much the upstream takes.
+            self._limit = min(1.5 * self._limit, self._ssthresh)
+        else:
+            self._limit = min(self._limit + self._increase, float(self._max_limit))
+        self._acked = 0
         return int(self._limit)
 
     def __repr__(self) -> str:

@@ -38,6 +38,7 @@ import asyncio
 import bisect
 import contextlib
 import itertools
+import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -417,6 +418,9 @@ class PriorityQueue(Generic[T]):
         self._due: dict[float, Waiter[T] | dict[Waiter[T], None]] = {}
         self._deadlines: list[float] = []
         self._timer: asyncio.TimerHandle | None = None
+        # When it was set for: uvloop hands back a plain Handle, without ``when()``, for a
+        # time already past.
+        self._timer_at = math.inf
         self._poppers: deque[asyncio.Future[None]] = deque()
         self._pushed = 0
         self._admitted = 0
@@ -499,10 +503,11 @@ class PriorityQueue(Generic[T]):
                 self._due[deadline] = waiter
                 heappush(self._deadlines, deadline)
                 timer = self._timer
-                if timer is None or deadline < timer.when():
+                if timer is None or deadline < self._timer_at:
                     if timer is not None:
                         timer.cancel()
                     self._timer = loop.call_at(deadline, self._expire_due)
+                    self._timer_at = deadline
             elif isinstance(group, Waiter):
                 self._due[deadline] = {group: None, waiter: None}
             else:
@@ -810,7 +815,7 @@ class PriorityQueue(Generic[T]):
         loop = asyncio.get_running_loop()
         now = loop.time()
         # The loop runs a timer up to its clock resolution early; the timer's time is the truth.
-        due = now if timer is None else max(now, timer.when())
+        due = now if timer is None else max(now, self._timer_at)
         # Re-read each time round: expiring the last waiters may clear or rebuild the heap.
         while self._deadlines:
             deadline = self._deadlines[0]
@@ -819,6 +824,7 @@ class PriorityQueue(Generic[T]):
                 heappop(self._deadlines)
             elif deadline > due:
                 self._timer = loop.call_at(deadline, self._expire_due)
+                self._timer_at = deadline
                 return
             else:
                 heappop(self._deadlines)

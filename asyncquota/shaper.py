@@ -85,7 +85,7 @@ hundreds in flight (aiohttp's own default of 100 would cap it at 100 / reply tim
 UNBOUNDED_PER_MINUTE = 1e12
 """The rate of a gate with no configured quota: it only paces by the upstream's headers."""
 
-AIMD_INITIAL, AIMD_MAX_LIMIT = 20, 1000
+AIMD_INITIAL, AIMD_MAX_LIMIT = 20, 10_000
 """The default limit's start and ceiling (the ceiling lowered to the transport's pool)."""
 
 DROP_TOLERANCE = 0.03
@@ -117,6 +117,10 @@ target: interactive 2 s → 0.5 s)."""
 STANDING_AFTER = 1.0
 """Seconds a class must have had waiters without a break to be a standing queue (CoDel's
 interval): a burst that drains within it is absorbed up to ``max_wait``."""
+
+STALL = 1.0
+"""Seconds the dispatcher waits for a permit before telling the limit it has stalled (a
+full limit, nothing back: long replies; see ``AIMD.on_stall``)."""
 
 RECHECK_INTERVAL = 0.1
 """Seconds between two checks of the queue against the current service rate."""
@@ -368,6 +372,8 @@ class Shaper:
             maxsize=max_queue, on_expire=self._waited_too_long
         )
         self._recheck_timer: asyncio.TimerHandle | None = None
+        self._limit_bound = 0.0  # seconds the dispatcher waited on the limit lately
+        self._stall_check_at = -math.inf
         # A transport with a bounded pool says how many it sends at once: more in flight
         # would wait inside the pool, in its order rather than the queue's, unseen.
         pool = getattr(self._transport, "max_connections", None)
@@ -1023,16 +1029,19 @@ class Shaper:
                 used = usage_tokens(reply.body)
                 reservation.reconcile(used if used is not None else reservation.estimate)
             if not feedback.ample(reply.headers, now):
-                feedback.observe(reply.headers, now, ticket.rate_mark, ticket.token_mark)
+                feedback.observe(reply.headers, now, sent_at, ticket.rate_mark, ticket.token_mark)
             feedback.succeeded(now, probe)
             return reply
         reservation.cancel()
-        feedback.observe(reply.headers, now, ticket.rate_mark, ticket.token_mark)
+        feedback.observe(reply.headers, now, sent_at, ticket.rate_mark, ticket.token_mark)
         if verdict.congestion:
             limiter = self._limiter
-            if 2 * limiter.inflight < limiter.capacity:
-                # Refused while few were in flight: not a sign of too many in flight (the
-                # pace and the cooldown answer a rate); the concurrency limit keeps still.
+            kind = feedback.refusal(verdict.retry_after)
+            if kind == "rate" or (kind == "unknown" and 2 * limiter.inflight < limiter.capacity):
+                # A refusal that names a rate (a Retry-After, nothing left in a window),
+                # or one that may while few were in flight, is not a sign of too many in
+                # flight: the pace, the mirrors and the cooldown answer it; the
+                # concurrency limit keeps still.
                 permit.ignore()
             else:
                 permit.dropped()
@@ -1154,7 +1163,7 @@ class Shaper:
                         reservation = None
                     reservation = await self._tokens.reserve(head.item.cost)
                 if permit is None:
-                    permit = await self._limiter.acquire()
+                    permit = await self._permit(loop)
                 head = queue.peek()
                 if head is None or head.item.cost > reservation.estimate:
                     continue
@@ -1181,6 +1190,31 @@ class Shaper:
             if reservation is not None:
                 reservation.cancel()
             self._feedback.lost(probe)
+
+    async def _permit(self, loop: asyncio.AbstractEventLoop) -> Permit:
+        """A concurrency permit for the head; tells the limit when it is what holds us.
+
+        Time spent waiting here is time the limit, not the rate, held the upstream back.
+        When that is most of the last ``STALL`` seconds and nobody refused anything, the
+        limit is told it stalled (``ConcurrencyLimiter.stalled``): long replies clock its
+        growth far too slowly otherwise.
+        """
+        limiter = self._limiter
+        started = loop.time()
+        while True:
+            try:
+                async with asyncio.timeout(STALL):
+                    permit = await limiter.acquire()
+                break
+            except TimeoutError:
+                limiter.stalled(loop.time())
+        now = loop.time()
+        self._limit_bound += now - started
+        if now >= self._stall_check_at:
+            if self._limit_bound >= STALL / 2:
+                limiter.stalled(now)
+            self._limit_bound, self._stall_check_at = 0.0, now + STALL
+        return permit
 
     def _grant(self, ticket: _Ticket, probe: int, now: float) -> None:
         """Mark ``ticket`` granted: the gates' marks for its reply, the probe it carries."""

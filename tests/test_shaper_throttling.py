@@ -81,10 +81,11 @@ async def test_a_429_with_retry_after_7_holds_every_waiter_until_a_probe_gets_th
         results = await asyncio.gather(*calls)
         after = shaper.statistics()
 
-    # The first wave of 20 (the initial limit) all got 429 at 0.1: one congestion episode.
+    # The first wave of 20 (the initial limit) all got 429 at 0.1. A Retry-After names a
+    # rate, not a crowd: the concurrency limit is not cut for it.
     assert sends[:20] == [0.0] * 20
     assert during.throttled == 20
-    assert during.limit == 10  # cut once, not 20 times
+    assert during.limit == 20
     assert during.cooldown_until == pytest.approx(7.1)
     # Then one probe at a time, 10 ms after the 429 and twice as long after each refusal
     # (each answered 0.1 s after it went): 0.11, 0.23, 0.37, 0.55, 0.81 are refused; 1.23
