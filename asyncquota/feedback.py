@@ -110,10 +110,10 @@ PACE_BURST = 0.05
 PACE_STEP = 0.5
 """Seconds between two looks at whether the pace may grow."""
 
-PACE_FIRST_GROWTH = 0.02
+PACE_FIRST_GROWTH = 0.04
 """The first step beyond the last level that held; it doubles each step nothing pushes back."""
 
-PACE_MAX_GROWTH = 0.5
+PACE_MAX_GROWTH = 0.25
 """The largest single step of growth (a share of the pace)."""
 
 PACE_BINDING = 0.8
