@@ -259,6 +259,7 @@ class Feedback:
         rate, tokens: the request and token gates (their mirrors and the pace).
         rpm: the configured requests per minute (the pace never exceeds it).
         wall_clock: Unix time, only to read dates in replies that carry no ``Date``.
+        max_cooldown: the longest one reply's Retry-After closes the cooldown for.
     """
 
     __slots__ = (
@@ -269,6 +270,7 @@ class Feedback:
         "_interval",
         "_last_date",
         "_last_reading",
+        "_max_cooldown",
         "_pace",
         "_rate",
         "_refusal_time",
@@ -290,11 +292,13 @@ class Feedback:
         tokens: TokenGate,
         rpm: float,
         wall_clock: Callable[[], float],
+        max_cooldown: float = 3600.0,
     ) -> None:
         self._cooldown = cooldown
         self._rate = rate
         self._tokens = tokens
         self._rpm = rpm
+        self._max_cooldown = max_cooldown
         self._rpm_burst = rate.statistics().burst if rate.per_minute == rpm else None
         self._wall_clock = wall_clock
         self._pace = Pace()
@@ -372,8 +376,11 @@ class Feedback:
         ``rate_limited``: a 429 (a limit on us), not an overloaded service (503, 529),
         which says nothing of a rate to keep. ``rtt`` is the smoothed reply time of
         successes (0: none yet), to tell a refusal at the door (a rate limiter's) from
-        one after the request was worked on.
+        one after the request was worked on. A Retry-After beyond ``max_cooldown``
+        holds that long at most.
         """
+        if retry_after is not None:
+            retry_after = min(retry_after, self._max_cooldown)
         took = now - sent_at
         self._refusal_time += REFUSAL_GAIN * (took - self._refusal_time)
         cooldown = self._cooldown

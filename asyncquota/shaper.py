@@ -74,6 +74,7 @@ from .signals import Classification, Outcome, QuotaSnapshot, classify_error_body
 from .streaming import ShapedStream
 from .tokens import estimate_tokens, usage_tokens
 from .transport import AiohttpTransport, Request, Response, StreamResponse, Transport
+from .urls import check_headers, check_method, join_path, redact_url
 from .window import SlidingCount
 
 __all__ = ["Shaper", "ShaperStatistics"]
@@ -95,6 +96,14 @@ ESTIMATE_TRUST = 0.9
 """Share of its deadline a newcomer's estimated wait may fill: the estimate is a rate, and
 a request admitted at the very edge is refused later, near its deadline, when it could
 have been told at once."""
+
+USAGE_CEILING = 4
+"""A reply's usage is charged up to this many times its request's estimate (plus 1 024
+tokens): more than any real request uses (the estimate counts 4 bytes a token and the
+whole ``max_tokens``), little enough that garbage cannot freeze the token gate."""
+
+MIN_DEADLINE = 0.001
+"""The shortest deadline a request may have (seconds): nothing is answered sooner."""
 
 RTT_GAIN = 0.125
 """Weight of each new sample in the smoothed reply time (as TCP's SRTT)."""
@@ -279,8 +288,10 @@ class Shaper:
         max_attempts: attempts per request, first included.
         retry_budget: retries allowed per recent request, fleet-wide (0.1: one in ten).
         max_retry_after: the longest Retry-After honoured by retrying (seconds); a longer
-            one ends the request with a ThrottledError carrying it. The cooldown itself
-            always honours what the upstream said.
+            one ends the request with a ThrottledError carrying it.
+        max_cooldown: the longest the fleet-wide cooldown holds on one reply's word
+            (seconds); a Retry-After or date beyond it (``1e12``, a far-future date) holds
+            this long at most, and probes may end it sooner. ``reopen()`` ends it now.
         max_queue: waiters the queue holds before it sheds the least important.
         max_wait: the longest a request of a class waits in line, by class (merged over
             ``DEFAULT_MAX_WAIT``: critical 5 s, interactive 2 s, batch 120 s; a rank
@@ -324,6 +335,7 @@ class Shaper:
         max_attempts: int = 4,
         retry_budget: float = 0.1,
         max_retry_after: float = 300.0,
+        max_cooldown: float = 3600.0,
         max_queue: int = 100_000,
         max_wait: Mapping[PriorityLike, float] | None = None,
         default_deadline: float | None = 60.0,
@@ -338,10 +350,14 @@ class Shaper:
         seed: int | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http:// or https:// URL, not {base_url!r}.")
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            shown = redact_url(base_url) if isinstance(base_url, str) else type(base_url).__name__
+            raise ValueError(f"base_url must be an http:// or https:// URL, not {shown!r}.")
+        join_path(base_url.rstrip("/"), "/")  # no query, no control character
+        check_headers(headers or {})
         _check("max_attempts", max_attempts, minimum=1, integer=True)
         _check("retry_budget", retry_budget, minimum=0)
+        _check("max_cooldown", max_cooldown, minimum=0, strict=True)
         _check("max_retry_after", max_retry_after, minimum=0)
         _check("max_queue", max_queue, minimum=1, integer=True)
         waits = dict(DEFAULT_MAX_WAIT)
@@ -395,11 +411,13 @@ class Shaper:
             tokens=self._tokens,
             rpm=self._rate.per_minute,
             wall_clock=wall_clock,
+            max_cooldown=float(max_cooldown),
         )
         self._budget = RetryBudget(ratio=retry_budget)
         self._served = SlidingCount(window=SERVICE_RATE_WINDOW)
         self._first_served: float | None = None
         self._rtt = 0.0  # smoothed seconds from send to a successful reply
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop start() ran on
         self._work = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._active: set[asyncio.Task[Any]] = set()  # tasks with a request under way
@@ -428,7 +446,8 @@ class Shaper:
         if self._state == "closed":
             raise ClosedError("This Shaper is closed; make a new one.")
         if self._dispatcher is None:
-            self._dispatcher = asyncio.get_running_loop().create_task(
+            self._loop = asyncio.get_running_loop()
+            self._dispatcher = self._loop.create_task(
                 self._dispatch(), name="asyncquota-dispatcher"
             )
             self._state = "open"
@@ -547,6 +566,14 @@ class Shaper:
         """
         return self._feedback.quota
 
+    def reopen(self) -> None:
+        """End the fleet-wide cooldown now: an operator knows the quota is back.
+
+        Waiting requests resume at once (spread over the ramp); a later congestion reply
+        closes it again as usual.
+        """
+        self._cooldown.reopen()
+
     def cooldown_remaining(self) -> float:
         """Seconds the fleet-wide cooldown (the upstream's Retry-After) still holds; 0 if open."""
         return self._cooldown.remaining(self._now())
@@ -611,7 +638,7 @@ class Shaper:
 
     def __repr__(self) -> str:
         return (
-            f"<Shaper {self.base_url} {self._state} queued={len(self._queue)} "
+            f"<Shaper {redact_url(self.base_url)} {self._state} queued={len(self._queue)} "
             f"inflight={self._limiter.inflight}/{self._limiter.capacity} sent={self._sent} "
             f"ok={self._ok} throttled={self._throttled} shed={self._shed}>"
         )
@@ -638,14 +665,12 @@ class Shaper:
         deadline: float | None,
         cost_tokens: int | None,
     ) -> _Ticket:
-        if not path.startswith("/"):
-            raise ValueError(
-                f"path must start with '/' and stay under the configured upstream, not {path!r}."
-            )
-        body = None if payload is None else orjson.dumps(payload)
+        url = join_path(self.base_url, path)  # refuses what would leave the base path
         merged = dict(self._headers)
         if headers:
+            check_headers(headers)
             merged.update(headers)
+        body = None if payload is None else orjson.dumps(payload)
         if body is not None and not any(k.lower() == "content-type" for k in merged):
             merged["Content-Type"] = "application/json"
         if cost_tokens is None:
@@ -655,7 +680,7 @@ class Shaper:
         return self._new_ticket(
             method=method,
             path=path,
-            url=self.base_url + path,
+            url=url,
             headers=merged,
             body=body,
             priority=priority,
@@ -684,18 +709,38 @@ class Shaper:
                 if self._state == "new"
                 else "The Shaper is closed and accepts no more requests."
             )
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            raise RuntimeError(
+                "This Shaper runs on another event loop; a Shaper (its queue, its timers, its "
+                "connection pool) belongs to the loop that started it. Make one per loop."
+            )
+        # Every option is checked before anything is touched.
+        method = check_method(method).upper()
         rank = coerce_priority(priority)
+        try:
+            hash(tenant)
+        except TypeError:
+            raise TypeError(
+                f"tenant must be hashable (a name, a number, a tuple), not "
+                f"{type(tenant).__name__}."
+            ) from None
         if deadline is None:
             deadline = self._default_deadline
         elif isinstance(deadline, bool) or not (
-            isinstance(deadline, int | float) and math.isfinite(deadline) and deadline > 0
+            isinstance(deadline, int | float) and math.isfinite(deadline)
         ):
-            raise ValueError(f"deadline must be a number of seconds > 0, not {deadline!r}.")
+            raise ValueError(f"deadline must be a number of seconds, not {deadline!r}.")
+        elif deadline < MIN_DEADLINE:
+            raise ValueError(
+                f"deadline must be at least {MIN_DEADLINE:g} s (no request can be answered "
+                f"sooner), not {deadline!r}."
+            )
         if isinstance(cost_tokens, bool) or not isinstance(cost_tokens, int) or cost_tokens < 0:
             raise ValueError(f"cost_tokens must be an integer ≥ 0, not {cost_tokens!r}.")
-        now = asyncio.get_running_loop().time()
+        now = loop.time()
         return _Ticket(
-            method=method.upper(),
+            method=method,
             path=path,
             url=url,
             headers=headers,
@@ -1027,7 +1072,11 @@ class Shaper:
             else:
                 permit.success()
                 used = usage_tokens(reply.body)
-                reservation.reconcile(used if used is not None else reservation.estimate)
+                if used is None:
+                    used = reservation.estimate
+                # One reply may not charge more than a request could plausibly use: a
+                # usage of 5e7 tokens would hold the token gate for minutes.
+                reservation.reconcile(min(used, USAGE_CEILING * reservation.estimate + 1024))
             if not feedback.ample(reply.headers, now):
                 feedback.observe(reply.headers, now, sent_at, ticket.rate_mark, ticket.token_mark)
             feedback.succeeded(now, probe)

@@ -2,6 +2,7 @@
 
 import asyncio
 import collections
+import math
 
 import orjson
 import pytest
@@ -79,7 +80,7 @@ async def test_a_full_url_as_path_is_refused_so_nothing_leaves_for_another_host(
     async with Shaper(
         "http://upstream.test", transport=MockTransport(lambda r: Response(200)), hooks=()
     ) as shaper:
-        with pytest.raises(ValueError, match="must start with '/'"):
+        with pytest.raises(ValueError, match="must start with a single '/'"):
             await shaper.request("GET", "http://elsewhere.test/steal")
 
 
@@ -94,8 +95,10 @@ def ok_transport() -> MockTransport:
     ("options", "message"),
     [
         ({"priority": "urgent"}, "Unknown priority class 'urgent'"),
-        ({"deadline": 0}, "deadline must be a number of seconds > 0"),
-        ({"deadline": -1.5}, "deadline must be a number of seconds > 0"),
+        ({"deadline": 0}, "deadline must be at least 0.001 s"),
+        ({"deadline": -1.5}, "deadline must be at least 0.001 s"),
+        ({"deadline": 1e-9}, "deadline must be at least 0.001 s"),
+        ({"deadline": math.nan}, "deadline must be a number of seconds"),
         ({"cost_tokens": -1}, "cost_tokens must be an integer"),
     ],
 )
@@ -104,7 +107,7 @@ async def test_bad_arguments_are_refused_clearly_and_nothing_is_sent(options, me
     async with Shaper("http://upstream.test", transport=transport, hooks=()) as shaper:
         with pytest.raises(ValueError, match=message):
             await shaper.request("GET", "/v1/models", **options)
-        with pytest.raises(ValueError, match="must start with '/'"):
+        with pytest.raises(ValueError, match="must start with a single '/'"):
             await shaper.request("GET", "v1/models")
     assert transport.calls == 0
 
