@@ -120,6 +120,11 @@ class Waiter(asyncio.Future[None], Generic[T]):
         """What the caller awaits: the waiter itself; resolves to None when admitted."""
         return self
 
+    @property
+    def admitted(self) -> bool:
+        """Whether ``admit`` let the caller go on (and it has not left since)."""
+        return self.done() and not self.cancelled() and self.exception() is None
+
     def admit(self) -> bool:
         """Let the caller go on; False if the caller already left (it was cancelled).
 

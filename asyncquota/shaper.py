@@ -1220,19 +1220,31 @@ class Shaper:
                     continue
                 waiter = queue.pop_nowait()
                 ticket = waiter.item
-                left = math.inf if ticket.deadline is None else ticket.deadline - loop.time()
-                if left < self._rtt:
-                    # Too late to be answered in time: say so now and keep the grant (the
-                    # rate unit and a probe included) for the next head, rather than spend
-                    # it on nothing.
-                    waiter.set_exception(self._too_late(ticket, left))
-                    continue
-                ticket.permit, ticket.reservation = permit, reservation
-                if waiter.admit():
-                    self._grant(ticket, probe if not cooldown.is_open() else 0, loop.time())
-                    permit, reservation, rate_taken, probe = None, None, False, 0
-                else:  # the caller left between pop and admit: the grant goes to the next
-                    ticket.permit = ticket.reservation = None
+                try:
+                    left = math.inf if ticket.deadline is None else ticket.deadline - loop.time()
+                    if left < self._rtt:
+                        # Too late to be answered in time: say so now and keep the grant
+                        # (the rate unit and a probe included) for the next head, rather
+                        # than spend it on nothing.
+                        waiter.set_exception(self._too_late(ticket, left))
+                        continue
+                    ticket.permit, ticket.reservation = permit, reservation
+                    if waiter.admit():
+                        self._grant(ticket, probe if not cooldown.is_open() else 0, loop.time())
+                        permit, reservation, rate_taken, probe = None, None, False, 0
+                    else:  # the caller left between pop and admit: the grant goes on
+                        ticket.permit = ticket.reservation = None
+                except Exception as exc:
+                    # One request's failure must not stop every other: the dispatcher goes
+                    # on. Admitted already, the grant is the request's; else the request
+                    # ends with an error and the grant stays for the next head.
+                    logger.exception("asyncquota could not hand a request its turn.")
+                    if permit is not None and ticket.permit is permit and waiter.admitted:
+                        permit, reservation, rate_taken, probe = None, None, False, 0
+                    else:
+                        ticket.permit = ticket.reservation = None
+                        if not waiter.done():
+                            waiter.set_exception(self._internal_error(ticket, exc))
         finally:
             if permit is not None:
                 permit.ignore()
@@ -1306,6 +1318,15 @@ class Shaper:
             priority=ticket.priority,
             tenant=ticket.tenant,
             retry_after=verdict.retry_after,
+        )
+
+    def _internal_error(self, ticket: _Ticket, exc: Exception) -> RejectedError:
+        return RejectedError(
+            f"{ticket.method} {ticket.path} was not sent: asyncquota failed to hand it its "
+            f"turn ({type(exc).__name__}); the Shaper goes on serving.",
+            reason="internal_error",
+            priority=ticket.priority,
+            tenant=ticket.tenant,
         )
 
     def _too_late(self, ticket: _Ticket, left: float) -> DeadlineUnreachableError:

@@ -171,3 +171,57 @@ async def test_a_usage_no_request_could_have_used_does_not_freeze_the_token_gate
     # Charged at most 4 x its estimate + 1 024 tokens: a few seconds of a 1 000/s gate,
     # not the 14 hours 5e7 tokens would take.
     assert waited < 10
+
+
+async def test_the_dispatcher_survives_one_request_it_cannot_hand_a_turn(caplog):
+    release = asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        await release.wait()
+        return Response(200, {}, b"{}")
+
+    async with Shaper(URL, transport=MockTransport(slow), hooks=(), limit=1) as shaper:
+        grant = shaper._grant
+
+        def broken_for_b(ticket, probe, now):  # a bug that strikes one request only
+            grant(ticket, probe, now)
+            if ticket.path == "/b":
+                raise RuntimeError("boom")
+
+        shaper._grant = broken_for_b  # type: ignore[method-assign]
+        first = asyncio.create_task(shaper.request("GET", "/a"))
+        doomed = asyncio.create_task(shaper.request("GET", "/b"))
+        after = asyncio.create_task(shaper.request("GET", "/c"))
+        await asyncio.sleep(0.01)
+        release.set()
+        results = await asyncio.gather(first, doomed, after, return_exceptions=True)
+        stats = shaper.statistics()
+    # /b was admitted before the failure: its grant was its own, and it was served.
+    assert [getattr(r, "status", None) for r in results] == [200, 200, 200]
+    assert stats.inflight == 0 and stats.open_reservations == 0
+    assert "could not hand a request its turn" in caplog.text
+
+
+async def test_a_request_the_dispatcher_fails_on_ends_with_an_error_and_the_rest_go_on(caplog):
+    async def one_second(request: Request) -> Response:
+        await asyncio.sleep(1)
+        return Response(200, {}, b"{}")
+
+    async with Shaper(
+        URL, transport=MockTransport(one_second), hooks=(), limit=1, max_wait={"interactive": 60}
+    ) as shaper:
+
+        def broken(ticket, left):  # a bug on the way to refusing one request
+            raise RuntimeError("boom")
+
+        shaper._too_late = broken  # type: ignore[method-assign]
+        first = asyncio.create_task(shaper.request("GET", "/a"))
+        # Due in 1.5 s, reached at 1 s with a reply taking 1 s: refused, by the broken path.
+        doomed = asyncio.create_task(shaper.request("GET", "/b", deadline=1.5))
+        after = asyncio.create_task(shaper.request("GET", "/c"))
+        results = await asyncio.gather(first, doomed, after, return_exceptions=True)
+        stats = shaper.statistics()
+    assert isinstance(results[1], QuotaError) and results[1].reason == "internal_error"
+    assert [getattr(r, "status", None) for r in (results[0], results[2])] == [200, 200]
+    assert stats.inflight == 0 and stats.open_reservations == 0
+    assert "could not hand a request its turn" in caplog.text
