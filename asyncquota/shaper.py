@@ -102,6 +102,9 @@ USAGE_CEILING = 4
 tokens): more than any real request uses (the estimate counts 4 bytes a token and the
 whole ``max_tokens``), little enough that garbage cannot freeze the token gate."""
 
+STREAM_SHUTDOWN = 1.0
+"""Seconds ``aclose`` waits, past its grace, for cancelled stream readers to end them."""
+
 MIN_DEADLINE = 0.001
 """The shortest deadline a request may have (seconds): nothing is answered sooner."""
 
@@ -154,7 +157,8 @@ class ShaperStatistics:
         sent, ok, throttled, retried, shed, deadline, failed: counters. ``sent`` counts
             attempts; ``throttled`` counts congestion replies (429, 503, 529); ``shed``
             requests rejected unsent; ``deadline`` requests that ended by their deadline;
-            ``failed`` requests that ended in any other error.
+            ``failed`` requests that ended in any other error; ``cancelled`` requests
+            whose caller gave up (cancelled the call) before they ended.
     """
 
     queued: tuple[tuple[Priority | int, int], ...]
@@ -175,6 +179,7 @@ class ShaperStatistics:
     shed: int
     deadline: int
     failed: int
+    cancelled: int = 0
 
 
 class _Ticket:
@@ -426,7 +431,9 @@ class Shaper:
         self._state = "new"
         self._shed_rank, self._shed_until = int(Priority.BATCH), -math.inf  # see shed_below
         self._sent = self._ok = self._throttled = self._retried = 0
-        self._shed = self._deadline_count = self._failed = 0
+        self._shed = self._deadline_count = self._failed = self._cancelled = 0
+        self._streams: set[ShapedStream] = set()  # open streams, each holding its permit
+        self._no_streams = asyncio.Event()  # set when the last open stream ends
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -476,6 +483,8 @@ class Shaper:
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._dispatcher
+        loop = asyncio.get_running_loop()
+        grace_ends = loop.time() + self._shutdown_grace
         if self._active:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
@@ -486,6 +495,20 @@ class Shaper:
             while self._active:
                 self._idle.clear()
                 await self._idle.wait()
+        # Open streams get what is left of the grace to end, then are closed: their
+        # readers get a ClosedError, their permits and reservations end.
+        if self._streams:
+            self._no_streams.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._no_streams.wait(), max(0.0, grace_ends - loop.time())
+                )
+        if self._streams:
+            self._no_streams.clear()
+            for stream in list(self._streams):
+                await stream._shut()
+            with contextlib.suppress(TimeoutError):  # the readers end their streams
+                await asyncio.wait_for(self._no_streams.wait(), STREAM_SHUTDOWN)
         await self._transport.aclose()
 
     # ------------------------------------------------------------------ the public call
@@ -610,8 +633,12 @@ class Shaper:
         )
 
     def statistics(self) -> ShaperStatistics:
-        """A frozen snapshot of the live state and the counters."""
-        now = asyncio.get_running_loop().time()
+        """A frozen snapshot of the live state and the counters.
+
+        It may be called from any thread (a monitoring thread, say): it only reads, and
+        its clock is the Shaper's loop's.
+        """
+        now = self._loop.time() if self._loop is not None else 0.0
         queue: QueueStatistics = self._queue.statistics()
         rates = self._rate.statistics()
         tokens = self._tokens.statistics()
@@ -634,6 +661,7 @@ class Shaper:
             shed=self._shed,
             deadline=self._deadline_count,
             failed=self._failed,
+            cancelled=self._cancelled,
         )
 
     def __repr__(self) -> str:
@@ -785,6 +813,7 @@ class Shaper:
             raise
         except asyncio.CancelledError:
             if task not in self._closing:
+                self._cancelled += 1
                 self._complete(ticket, "cancelled", None)
                 raise
             closed = ClosedError(

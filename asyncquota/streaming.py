@@ -25,12 +25,13 @@ timeout bounds each silence between chunks.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import orjson
 
-from .errors import OverloadedError, QuotaError, ThrottledError, UpstreamError
+from .errors import ClosedError, OverloadedError, QuotaError, ThrottledError, UpstreamError
 from .signals import Classification, Outcome, classify_stream_event
 from .tokens import usage_from_mapping
 
@@ -54,8 +55,10 @@ class ShapedStream:
         "_input_tokens",
         "_output_tokens",
         "_permit",
+        "_reader",
         "_reservation",
         "_shaper",
+        "_shut_down",
         "_stream",
         "_ticket",
         "attempts",
@@ -71,6 +74,8 @@ class ShapedStream:
         self._input_tokens = 0
         self._output_tokens = 0
         self.attempts = 0
+        self._reader: asyncio.Task[Any] | None = None  # the task reading an event now
+        self._shut_down = False
 
     async def __aenter__(self) -> Self:
         """Wait for a turn and open the stream (retrying what may be retried).
@@ -87,6 +92,7 @@ class ShapedStream:
         ticket.stream = ticket.permit = ticket.reservation = None
         assert self._stream is not None
         self._events = self._stream.events()
+        shaper._streams.add(self)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -104,15 +110,29 @@ class ShapedStream:
 
     async def __anext__(self) -> SSEEvent:
         if self._events is None:
+            if self._shut_down:
+                raise self._closed_error()
             raise StopAsyncIteration
+        reader = self._reader = asyncio.current_task()
         try:
             event = await anext(self._events)
+        except asyncio.CancelledError:
+            self._reader = None
+            if not self._shut_down:
+                raise
+            if reader is not None:
+                reader.uncancel()  # the Shaper's cancel, answered with a ClosedError
+            await self._end("ignore")
+            raise self._closed_error() from None
         except StopAsyncIteration:
+            self._reader = None
             await self._end("success")
             raise
         except QuotaError:  # the connection broke or went silent mid-stream
+            self._reader = None
             await self._end("ignore")
             raise
+        self._reader = None
         self._count_usage(event.data)
         verdict = classify_stream_event(event.data)
         if verdict is not None:
@@ -120,11 +140,36 @@ class ShapedStream:
             raise self._stream_error(verdict)
         return event
 
+    async def _shut(self) -> None:
+        """The Shaper is closing: end the stream now; its reader gets a ClosedError.
+
+        A reader waiting for the next event is cancelled and ends the stream itself
+        (closing the source under a running reader would fail); otherwise it ends here.
+        """
+        self._shut_down = True
+        reader = self._reader
+        if reader is not None and not reader.done() and reader is not asyncio.current_task():
+            reader.cancel()
+            return
+        await self._end("ignore")
+
+    def _closed_error(self) -> ClosedError:
+        return ClosedError(
+            f"The Shaper shut down while the stream of {self._ticket.method} "
+            f"{self._ticket.path} was open; it was closed.",
+            priority=self._ticket.priority,
+            tenant=self._ticket.tenant,
+        )
+
     async def _end(self, outcome: str) -> None:
         """End the permit and the reservation exactly once, and close the stream."""
         permit, reservation, stream = self._permit, self._reservation, self._stream
         self._permit = self._reservation = None
         self._events = None
+        streams = self._shaper._streams
+        streams.discard(self)
+        if not streams:
+            self._shaper._no_streams.set()
         if permit is not None:
             if outcome == "success":
                 permit.success()

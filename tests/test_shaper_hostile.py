@@ -225,3 +225,19 @@ async def test_a_request_the_dispatcher_fails_on_ends_with_an_error_and_the_rest
     assert [getattr(r, "status", None) for r in (results[0], results[2])] == [200, 200]
     assert stats.inflight == 0 and stats.open_reservations == 0
     assert "could not hand a request its turn" in caplog.text
+
+
+async def test_cancelled_requests_are_counted_and_statistics_work_from_another_thread():
+    async def slow(request: Request) -> Response:
+        await asyncio.sleep(10)
+        return Response(200, {}, b"{}")
+
+    async with Shaper(URL, transport=MockTransport(slow), hooks=()) as shaper:
+        calls = [asyncio.create_task(shaper.request("GET", "/models")) for _ in range(3)]
+        await asyncio.sleep(1)
+        calls[0].cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        from_thread = await asyncio.to_thread(shaper.statistics)
+    assert from_thread.cancelled == 1
+    assert from_thread.sent == 3 and from_thread.ok == 2
+    assert from_thread.sent == from_thread.ok + from_thread.cancelled

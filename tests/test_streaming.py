@@ -107,3 +107,35 @@ async def test_a_caller_leaving_early_closes_the_stream_and_frees_the_permit():
         stats = shaper.statistics()
     assert closed == ["closed"]  # the upstream saw the caller leave and stopped generating
     assert stats.inflight == 0 and stats.limit == 8  # nothing learnt from an abandoned stream
+
+
+async def test_closing_the_shaper_ends_an_open_stream_within_the_grace_with_closed_error():
+    from asyncquota import ClosedError
+
+    async def endless():
+        yield b'event: message_start\ndata: {"type": "message_start"}\n\n'
+        while True:
+            await asyncio.sleep(1)
+            yield b'event: ping\ndata: {"type": "ping"}\n\n'
+
+    transport = MockTransport(lambda request: StreamResponse(200, SSE, endless()))
+    loop = asyncio.get_running_loop()
+    shaper = Shaper("http://upstream.test", transport=transport, hooks=(), shutdown_grace=2.0)
+    await shaper.__aenter__()
+    read: list[str] = []
+
+    async def reader() -> None:
+        async with shaper.stream("POST", "/v1/messages", json={}) as events:
+            async for event in events:
+                read.append(event.event)
+
+    task = asyncio.create_task(reader())
+    await asyncio.sleep(3.5)
+    closing_at = loop.time()
+    await shaper.aclose()
+    with pytest.raises(ClosedError):
+        await task
+    stats = shaper.statistics()
+    assert loop.time() - closing_at == pytest.approx(2.0)  # the grace, then closed
+    assert read[:2] == ["message_start", "ping"]
+    assert stats.inflight == 0 and stats.open_reservations == 0
