@@ -241,3 +241,22 @@ async def test_cancelled_requests_are_counted_and_statistics_work_from_another_t
     assert from_thread.cancelled == 1
     assert from_thread.sent == 3 and from_thread.ok == 2
     assert from_thread.sent == from_thread.ok + from_thread.cancelled
+
+
+async def test_nothing_left_for_a_thousand_hours_holds_sends_a_minute_at_most():
+    calls: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    def upstream(request: Request) -> Response:
+        calls.append(loop.time())
+        headers = {
+            "x-ratelimit-limit-requests": "100",
+            "x-ratelimit-remaining-requests": "0" if len(calls) == 1 else "99",
+            "x-ratelimit-reset-requests": "1000h0m0s" if len(calls) == 1 else "10ms",
+        }
+        return Response(200, headers, b"{}")
+
+    async with Shaper(URL, transport=MockTransport(upstream), hooks=()) as shaper:
+        await shaper.request("GET", "/models")
+        await shaper.request("GET", "/models", deadline=120)
+    assert calls[0] == 0.0 and 0 < calls[1] <= 60.0
