@@ -159,6 +159,10 @@ class ShaperStatistics:
             requests rejected unsent; ``deadline`` requests that ended by their deadline;
             ``failed`` requests that ended in any other error; ``cancelled`` requests
             whose caller gave up (cancelled the call) before they ended.
+        pace: the requests per second learnt from refusals at the door (None: none).
+        cooldown_probing: the cooldown holds, and a probe may end it early.
+        punishing_upstream: the upstream was seen to punish sends inside its windows:
+            they are honoured in full.
     """
 
     queued: tuple[tuple[Priority | int, int], ...]
@@ -180,6 +184,9 @@ class ShaperStatistics:
     deadline: int
     failed: int
     cancelled: int = 0
+    pace: float | None = None
+    cooldown_probing: bool = False
+    punishing_upstream: bool = False
 
 
 class _Ticket:
@@ -662,6 +669,9 @@ class Shaper:
             deadline=self._deadline_count,
             failed=self._failed,
             cancelled=self._cancelled,
+            pace=self._feedback.pace,
+            cooldown_probing=self._cooldown.probing,
+            punishing_upstream=self._feedback.punishes,
         )
 
     def __repr__(self) -> str:
@@ -1165,7 +1175,9 @@ class Shaper:
             reservation.reconcile(reservation.estimate)
         exc.priority = describe_priority(ticket.priority)
         exc.tenant = ticket.tenant
-        return _Failure(exc, retryable=exc.reason != "closed", retry_after=None)
+        # A body over the cap would be over it again: not retried, like a closed pool.
+        retryable = exc.reason not in ("closed", "body_too_large")
+        return _Failure(exc, retryable=retryable, retry_after=None)
 
     def _retry_delay(self, ticket: _Ticket, failure: _Failure, now: float) -> float | None:
         """Seconds to wait before re-queueing ``ticket``, or None: it ends with its error."""

@@ -148,11 +148,13 @@ async def test_an_absurd_retry_after_holds_at_most_max_cooldown_and_an_operator_
         first = asyncio.create_task(shaper.request("GET", "/a", deadline=100_000))
         await asyncio.sleep(1)
         held = shaper.cooldown_remaining()
+        probing = shaper.statistics().cooldown_probing
         probes = len(calls) - 1
         back = True
         shaper.reopen()  # the operator knows the quota is back
         reply = await first
     assert 0 < held <= 600  # not the 1e12 s (nor the day) the reply asked for
+    assert probing  # and statistics() says why nothing goes
     assert 5 <= probes <= 10  # probing all along, ever further apart
     assert reply.status == 200 and calls[-1] == pytest.approx(1.0)
 
@@ -260,3 +262,19 @@ async def test_nothing_left_for_a_thousand_hours_holds_sends_a_minute_at_most():
         await shaper.request("GET", "/models")
         await shaper.request("GET", "/models", deadline=120)
     assert calls[0] == 0.0 and 0 < calls[1] <= 60.0
+
+
+async def test_a_reply_over_the_body_cap_is_not_fetched_again():
+    from asyncquota import TransportError
+
+    calls = 0
+
+    def too_large(request: Request) -> Response:
+        nonlocal calls
+        calls += 1
+        raise TransportError("The reply's body is over the cap.", reason="body_too_large")
+
+    async with Shaper(URL, transport=MockTransport(too_large), hooks=()) as shaper:
+        with pytest.raises(TransportError) as raised:
+            await shaper.request("GET", "/huge")
+    assert raised.value.reason == "body_too_large" and calls == 1
