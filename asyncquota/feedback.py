@@ -61,11 +61,6 @@ PROBE_SILENCE_MIN = 0.01
 REFUSAL_GAIN = 0.125
 """Weight of each new congestion reply's time in the smoothed refusal time."""
 
-MAX_MIRROR_RESET = 60.0
-"""The longest reset (seconds) a reading of the rate-limit headers may make the mirrors
-wait for: per-minute windows refill within it, and a quota gone for the day says so in
-its refusals, which the cooldown answers."""
-
 ANCHOR_MAX_AGE = 1.0
 """Seconds from send to reply beyond which a reply's rate-limit headers only lower the
 mirrors (see ``Feedback.observe``)."""
@@ -547,15 +542,10 @@ class Feedback:
             # A count rounded to the nearest ``rounding`` may be half of it high: the
             # anchor may raise the mirror, so it takes the count's lower bound.
             remaining = max(0, window.remaining - rounding // 2) if rounding else window.remaining
-            reset_after = window.reset_after
-            if reset_after is not None:
-                # "Nothing left, full again in 1 000 h" holds a minute at most: then a send
-                # goes, and its reply says what is true by then.
-                reset_after = min(reset_after, MAX_MIRROR_RESET)
             with contextlib.suppress(ValueError, TypeError):  # a reading the gate refuses
                 gate.sync(
                     remaining=remaining,
-                    reset_after=reset_after,
+                    reset_after=window.reset_after,
                     limit=window.limit or None,
                     sent_mark=mark,
                 )

@@ -61,6 +61,12 @@ _LEDGER_SIZE = 1024
 _RATE_MEMORY = 10.0
 """How many full refills of the upstream's bucket a learnt rate is trusted for."""
 
+_MIRROR_TRUST = 60.0
+"""Seconds a reading of the upstream's headers may hold sends back: "nothing left, full
+again in 1 000 h" holds a minute at most, then a send goes and its reply says what is
+true by then (per-minute windows refill within it; a quota gone for the day says so in
+its refusals, which the cooldown answers)."""
+
 _TIMER_SLACK = 1e-6
 """Loops fire timers up to their clock resolution early (looptime rounds to 1 µs); a
 deadline this close counts as reached, so an early timer does not re-arm itself forever."""
@@ -139,6 +145,7 @@ class TokenBucket:
         "_rate",
         "_recent_best",
         "_stamp",
+        "_synced_at",
         "_taken",
     )
 
@@ -154,6 +161,7 @@ class TokenBucket:
         self._mirror_level = 0.0
         self._mirror_rate = 0.0
         self._mirror_until = math.inf
+        self._synced_at = -math.inf  # when the mirror last heard from the upstream
         self._learnt_rate = 0.0
         self._learnt_at = now  # when, and under which limit, it was learnt
         self._learnt_limit = math.nan
@@ -250,6 +258,8 @@ class TokenBucket:
             else:  # a fixed window supplies what it has left, then nothing until it lapses
                 enough = amount - self._mirror_level <= _EPSILON * max(1.0, amount)
                 mirror = 0.0 if enough else self._mirror_until - now
+            # A reading holds sends back for _MIRROR_TRUST at most: evidence goes stale.
+            mirror = min(mirror, max(0.0, self._synced_at + _MIRROR_TRUST - now))
             wait = max(wait, mirror)
         return wait
 
@@ -370,6 +380,7 @@ class TokenBucket:
             return
         remaining = float(remaining)
         self._settle(now)
+        self._synced_at = now
         if limit is not None and remaining < limit and reset_after:
             self._learn(limit - remaining, reset_after, limit, now)
         fresh = self._mirror_burst is None

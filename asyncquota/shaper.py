@@ -978,8 +978,8 @@ class Shaper:
         if ticket.deadline is not None and now >= ticket.deadline - 1e-6:
             return None
         return BusyError(
-            f"The request waited {now - ticket.enqueued_at:.2f} s in line, the most a "
-            f"{_class_name(ticket.priority)} request waits; it was not sent.",
+            f"The request waited {now - ticket.enqueued_at:.2f} s in line, as long as "
+            f"{_class_name(ticket.priority)} requests wait; it was not sent.",
             priority=ticket.priority,
             tenant=ticket.tenant,
             retry_after=self._estimate_wait(ticket),

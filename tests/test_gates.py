@@ -103,8 +103,17 @@ def test_nothing_left_of_11_with_a_reset_in_1_s_then_ten_a_second():
     assert bucket.time_until(1, 0.0) == pytest.approx(0.1)
     assert sends(bucket, 4) == pytest.approx([0.1, 0.2, 0.3, 0.4])
     # left alone, the mirror fills to the upstream's limit and no further
-    assert bucket.mirror(100.0).level == 11.0
-    assert sends(bucket, 12, start=100.0)[-2:] == pytest.approx([100.0, 100.1])
+    assert bucket.mirror(30.0).level == 11.0
+    assert sends(bucket, 12, start=30.0)[-2:] == pytest.approx([30.0, 30.1])
+
+
+def test_a_reading_holds_sends_back_a_minute_at_most():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    # "nothing left, full again in 1 000 h": a rate of one every 3.6 days
+    bucket.sync(remaining=0, reset_after=3_600_000.0, limit=1000, now=0.0)
+    assert bucket.time_until(1, 0.0) == pytest.approx(60.0)
+    # evidence goes stale: a send goes, and its reply will say what is true by then
+    assert bucket.time_until(1, 60.0) == 0.0
 
 
 def test_the_largest_recent_reading_of_the_rate_wins_until_the_limit_changes():

@@ -258,7 +258,9 @@ async def test_nothing_left_for_a_thousand_hours_holds_sends_a_minute_at_most():
         }
         return Response(200, headers, b"{}")
 
-    async with Shaper(URL, transport=MockTransport(upstream), hooks=()) as shaper:
+    async with Shaper(
+        URL, transport=MockTransport(upstream), hooks=(), max_wait={"interactive": 120}
+    ) as shaper:
         await shaper.request("GET", "/models")
         await shaper.request("GET", "/models", deadline=120)
     assert calls[0] == 0.0 and 0 < calls[1] <= 60.0
