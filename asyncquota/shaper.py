@@ -947,13 +947,12 @@ class Shaper:
             )
         patience = self._patience(ticket.priority, now)
         if wait > patience:
-            raise BusyError(
+            raise self._busy(
+                ticket,
                 f"About {wait:.1f} s of work is queued ahead of this "
                 f"{_class_name(ticket.priority)} request, more than its class waits "
-                f"({patience:g} s); it was not sent.",
-                priority=ticket.priority,
-                tenant=ticket.tenant,
-                retry_after=wait,
+                f"({patience:g} s)",
+                wait,
             )
 
     def _max_wait(self, rank: int) -> float:
@@ -977,12 +976,11 @@ class Shaper:
         ticket = waiter.item
         if ticket.deadline is not None and now >= ticket.deadline - 1e-6:
             return None
-        return BusyError(
+        return self._busy(
+            ticket,
             f"The request waited {now - ticket.enqueued_at:.2f} s in line, as long as "
-            f"{_class_name(ticket.priority)} requests wait; it was not sent.",
-            priority=ticket.priority,
-            tenant=ticket.tenant,
-            retry_after=self._estimate_wait(ticket),
+            f"{_class_name(ticket.priority)} requests wait",
+            self._estimate_wait(ticket),
         )
 
     def _recheck(self) -> None:
@@ -1010,14 +1008,20 @@ class Shaper:
 
     def _too_busy(self, waiter: Waiter[_Ticket], now: float) -> BusyError:
         ticket = waiter.item
-        wait = self._estimate_wait(ticket)
-        return BusyError(
+        return self._busy(
+            ticket,
             f"The upstream now serves fewer requests than wait in line: this "
             f"{_class_name(ticket.priority)} request would wait past "
-            f"{self._patience(ticket.priority, now):g} s; it was not sent.",
+            f"{self._patience(ticket.priority, now):g} s",
+            self._estimate_wait(ticket),
+        )
+
+    def _busy(self, ticket: _Ticket, why: str, retry_after: float | None) -> BusyError:
+        return BusyError(
+            f"{why}; it was not sent.",
             priority=ticket.priority,
             tenant=ticket.tenant,
-            retry_after=wait,
+            retry_after=retry_after,
         )
 
     def _end_outlasted(self, now: float) -> None:
