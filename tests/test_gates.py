@@ -732,3 +732,40 @@ async def test_a_new_closure_during_the_ramp_restarts_the_spread():
     reopened = gate.closed_until
     await gate.wait(spread=10)
     assert reopened is not None and loop.time() >= reopened
+
+
+async def test_a_hold_lets_one_probe_through_at_its_time_and_a_reopen_frees_the_rest():
+    loop = asyncio.get_running_loop()
+    gate = CooldownGate(ramp=0.0)
+    gate.hold(7.0, probe_at=0.01)
+    assert gate.probing and gate.closed_until == 7.0
+    # A dispatcher waiting on the gate passes at 0.01, as the probe of this closure.
+    probe = await gate.wait(spread=10)
+    assert probe == gate.generation and loop.time() == pytest.approx(0.01)
+    assert gate.probe_out and gate.statistics().probes == 1
+    # Plain waiters keep waiting while the probe is out...
+    others = asyncio.gather(*(gate.wait() for _ in range(3)))
+    await asyncio.sleep(0.1)
+    assert not others.done()
+    # ...and all go the moment its success reopens the gate, well before 7 s.
+    gate.reopen()
+    assert await others == [0, 0, 0]
+    assert loop.time() == pytest.approx(0.11)
+    assert gate.is_open() and gate.statistics().reopened == 1
+
+
+async def test_a_refused_probe_holds_on_and_the_next_goes_later_a_lost_one_at_once():
+    loop = asyncio.get_running_loop()
+    gate = CooldownGate(ramp=0.0)
+    gate.hold(7.0, probe_at=0.01)
+    first = await gate.wait(spread=10)
+    gate.hold(7.0, probe_at=loop.time() + 0.02)  # refused: the next probe in 20 ms
+    second = await gate.wait(spread=10)
+    assert second == first and loop.time() == pytest.approx(0.03)
+    gate.probe_lost(second)  # it ended with no answer: another may go now
+    third = await gate.wait(spread=10)
+    assert third == first and loop.time() == pytest.approx(0.03)
+    # Honoured in full (a punishing upstream): no probe passes, the window ends it.
+    gate.close_until(9.0)
+    assert not gate.probing
+    assert await gate.wait(spread=10) == 0 and loop.time() == pytest.approx(9.0)
