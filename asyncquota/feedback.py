@@ -14,15 +14,16 @@ attempt to :class:`Feedback`, which turns it into three controls:
   honoured in full, from then on.
 - **The pace** (:class:`Pace`): a requests-per-second ceiling learnt from congestion
   alone, for upstreams whose 429s come back at once (a concurrency window bounds nothing
-  then) or whose headers mislead. A congestion episode cuts it to a little under what
-  the upstream delivered over the last second; while it binds and nothing is refused it
-  grows, back quickly to the last level that held, then beyond it slowly at first and
-  faster while nothing pushes back, so capacity that returns is found within seconds.
+  then) or whose headers mislead. A congestion episode cuts it by a tenth (the first
+  one from the rate we were sending at); while it binds and nothing is refused it grows,
+  quickly back towards the level last found too high, then beyond it slowly at first
+  and faster while nothing pushes back, so capacity that returns is found in seconds.
 - **The mirrors** of the upstream's buckets (``TokenBucket.sync``): every read of the
   rate-limit headers re-anchors them at ``remaining`` less what was sent since the
   request went out, up or down, so a wrong learnt rate or level costs one reply.
 
-Pure parts take ``now``; nothing here waits.
+Pure parts take ``now``; nothing here waits (a probe's silence is timed by one
+``call_at``).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ accepted instead errs low whenever we sent little (a hold, a lull), and a rate c
 low is only found again slowly."""
 
 PACE_WINDOW = 1.0
-"""Seconds of sends and refusals behind the accepted rate."""
+"""Seconds of sends and refusals behind the sending rate and the refused share."""
 
 PACE_TOLERANCE = 0.03
 """Share of the sends over the last window that may be refused without a cut: sporadic
@@ -111,7 +112,8 @@ PACE_STEP = 0.5
 """Seconds between two looks at whether the pace may grow."""
 
 PACE_FIRST_GROWTH = 0.04
-"""The first step beyond the last level that held; it doubles each step nothing pushes back."""
+"""The first step beyond the level last found too high; it doubles each step nothing
+pushes back."""
 
 PACE_MAX_GROWTH = 0.25
 """The largest single step of growth (a share of the pace)."""
@@ -147,8 +149,8 @@ class Pace:
     """A requests-per-second ceiling learnt from congestion replies; None until one comes.
 
     Pure: methods take ``now``. ``rate`` is the ceiling (None: no ceiling). Feed it every
-    send (``sent``), every success (``delivered``) and every congestion reply
-    (``congested``); ``step`` says whether the ceiling changed.
+    send (``sent``) and every congestion reply refused at the door (``congested``); call
+    ``step`` now and then (on successes): it says whether the ceiling changed.
     """
 
     __slots__ = (
