@@ -857,7 +857,7 @@ class Shaper:
                 self._emit(Admitted, ticket, waited=self._now() - ticket.enqueued_at)
             return
         leave_by = ticket.deadline
-        if ticket.attempt == 1:
+        if not ticket.sent:  # a retry, or a refused probe, is bound by its deadline only
             patience = ticket.enqueued_at + self._max_wait(ticket.priority)
             leave_by = patience if leave_by is None else min(leave_by, patience)
         try:
@@ -931,7 +931,7 @@ class Shaper:
                 tenant=ticket.tenant,
                 retry_after=cooling,
             )
-        if ticket.attempt > 1:
+        if ticket.sent:  # a retry (or a refused probe) keeps its age: the cooldown only
             return
         wait = self._estimate_wait(ticket)
         if wait is None:
