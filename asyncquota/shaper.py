@@ -377,6 +377,7 @@ class Shaper:
             _check(f"max_wait[{priority!r}]", seconds, minimum=0, strict=True)
             waits[coerce_priority(priority)] = float(seconds)
         self._max_waits = tuple(sorted(waits.items()))
+        self._max_wait_of: dict[int, float] = {}  # by rank, as first asked for
         if default_deadline is not None:
             _check("default_deadline", default_deadline, minimum=0, strict=True)
         _check("timeout", timeout, minimum=0, strict=True)
@@ -945,6 +946,8 @@ class Shaper:
                 tenant=ticket.tenant,
                 retry_after=wait,
             )
+        if wait <= 0:  # nobody ahead, no cooldown: the common case, nothing to weigh
+            return
         patience = self._patience(ticket.priority, now)
         if wait > patience:
             raise self._busy(
@@ -957,10 +960,13 @@ class Shaper:
 
     def _max_wait(self, rank: int) -> float:
         """The configured ``max_wait`` of class ``rank`` (the next named class's if unnamed)."""
-        for named, seconds in self._max_waits:
-            if named >= rank:
-                return seconds
-        return self._max_waits[-1][1]
+        seconds = self._max_wait_of.get(rank)
+        if seconds is None:
+            seconds = next((w for named, w in self._max_waits if named >= rank), None)
+            if seconds is None:
+                seconds = self._max_waits[-1][1]
+            self._max_wait_of[rank] = seconds
+        return seconds
 
     def _patience(self, rank: int, now: float) -> float:
         """How long a newcomer of class ``rank`` may expect to wait, now (see ``max_wait``)."""
