@@ -10,7 +10,9 @@ seconds or as an HTTP date. This module turns them into three plain answers:
 - :func:`parse_rate_limit_headers`: how much quota is left, per window, as a
   :class:`QuotaSnapshot`;
 - :func:`classify_error_body`: what kind of reply this is (an :class:`Outcome`): success,
-  rate limited, out of quota, overloaded, a transient failure, or a refusal.
+  rate limited, out of quota, overloaded, a transient failure, or a refusal; and, when the
+  quota is gone, why (:attr:`Classification.reason`) and until when
+  (:attr:`Classification.regain_at`) where the provider says or documents it.
 
 Everything here is pure and synchronous, takes ``now`` (Unix seconds) where a timestamp
 must be resolved, and never raises on any input: what cannot be read is reported as
@@ -42,12 +44,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from typing import Literal, TypeAlias, cast
+from zoneinfo import ZoneInfo
 
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
     "MAX_COUNT",
+    "MAX_REGAIN",
     "MAX_RETRY_AFTER",
     "MESSAGE_EXCERPT_CHARS",
     "Classification",
@@ -75,6 +79,12 @@ MAX_COUNT = 10**12
 """The largest request or token count a header is believed: a trillion, a thousand times
 any quota a provider sells per minute or per day. Anything larger is garbage (None), so a
 limit of 10^300 cannot reach the gates' arithmetic."""
+
+MAX_REGAIN = 32 * 86_400.0
+"""The furthest ahead (seconds) a stated regain time is believed: a month and a day, the
+longest cycle on which a provider's spend cap or quota comes back. A later one (a body
+saying "2099") is no information: the exhaustion is reported without a regain time, so
+nothing parks a model for decades on one reply's word."""
 
 MESSAGE_EXCERPT_CHARS = 300
 """How much of a provider's error message a :class:`Classification` keeps."""
@@ -522,6 +532,17 @@ class Classification:
         message: an excerpt of the provider's message, at most
             :data:`MESSAGE_EXCERPT_CHARS` characters.
         should_retry: OpenAI's ``x-should-retry`` header (True/False), None if absent.
+        regain_at: for QUOTA_EXHAUSTED, the Unix time (wall clock) the quota comes back,
+            where the body states it (Anthropic's spend cap: "You will regain access on
+            2026-12-01 at 00:00 UTC") or the provider documents it (a Gemini API per-day
+            quota: the next midnight Pacific time after the reply); else None, as for
+            every other outcome. Believed up to :data:`MAX_REGAIN` after the reply's
+            time; a stated time already past is kept as stated (the quota is back).
+            Distinct from ``retry_after``: Gemini's per-day refusal still says "retry in
+            26 s", which only ends in another refusal before ``regain_at``.
+        reason: for QUOTA_EXHAUSTED, a short sentence fragment saying what ran out and
+            when it returns, fit for an alert ("Anthropic spend cap reached; regain
+            2026-12-01T00:00Z"); None for every other outcome.
     """
 
     kind: Outcome
@@ -529,6 +550,8 @@ class Classification:
     code: str | None = None
     message: str | None = None
     should_retry: bool | None = None
+    regain_at: float | None = None
+    reason: str | None = None
 
     @property
     def retryable(self) -> bool:
@@ -558,17 +581,58 @@ class Classification:
 _SUCCESS = Classification(Outcome.SUCCESS)
 
 # Provider error codes/types/statuses (lowercased) that name the outcome outright.
-_QUOTA_NAMES = frozenset(
-    {"insufficient_quota", "billing_error", "billing_hard_limit_reached", "billing_not_active"}
-)
+_BILLING_NAMES = frozenset({"billing_error", "billing_hard_limit_reached", "billing_not_active"})
 _THROTTLED_NAMES = frozenset({"rate_limit_exceeded", "rate_limit_error", "resource_exhausted"})
 _OVERLOADED_NAMES = frozenset({"overloaded_error"})
 _RETRYABLE_NAMES = frozenset(
     {"api_error", "server_error", "internal", "timeout_error", "deadline_exceeded"}
 )
-_PER_DAY = re.compile(r"per[_-]?day", re.IGNORECASE)
-# Anthropic reports an empty balance as a 400 invalid_request_error with this message.
+_PER_DAY = re.compile(r"per[ _-]?day", re.IGNORECASE)
+# The Gemini API's own quotas ("generativelanguage.googleapis.com/generate_content_free_tier_
+# requests"): Google documents that their per-day counts reset at midnight Pacific time. Other
+# Google services (Vertex AI, Code Assist) do not say, so their per-day refusals get no regain.
+_GEMINI_API_METRIC = "generativelanguage.googleapis.com/"
+_PACIFIC = "America/Los_Angeles"
+
+# Anthropic's messages for a spent account, seen as a 400 invalid_request_error (the spend cap
+# the organisation set, an empty balance) or a 429 rate_limit_error (the monthly spend limit):
+# not bad requests and not rate limits, since waiting minutes does not bring them back.
+_SPEND_CAP = re.compile(r"reached your specified API usage limits", re.IGNORECASE)
+_SPEND_LIMIT = re.compile(r"\bspend(?:ing)? limit", re.IGNORECASE)
 _NO_CREDIT = re.compile(r"credit balance is too low", re.IGNORECASE)
+# DeepSeek's 402 (also sent with other statuses through proxies): "Insufficient Balance".
+_NO_BALANCE = re.compile(r"insufficient balance", re.IGNORECASE)
+
+# "You will regain access on 2026-12-01 at 00:00 UTC.", or with a month name ("December 1,
+# 2026", "1 Dec 2026"), an optional 12-hour clock, seconds, or a T. The zone must be stated as
+# UTC: a regain time is read only where it cannot be read wrong.
+_MONTH_NAMES = (
+    "january",
+    "february",
+    "march",
+    "april",
+    "may",
+    "june",
+    "july",
+    "august",
+    "september",
+    "october",
+    "november",
+    "december",
+)
+_MONTHS = {name: number for number, name in enumerate(_MONTH_NAMES, 1)} | {
+    name[:3]: number for number, name in enumerate(_MONTH_NAMES, 1)
+}
+_MONTHS["sept"] = 9
+_REGAIN = re.compile(
+    r"regain\s+access\s+(?:on\s+)?"
+    r"(?:(?P<y1>\d{4})-(?P<m1>\d{1,2})-(?P<d1>\d{1,2})"
+    r"|(?P<mon2>[a-z]+)\.?\s+(?P<d2>\d{1,2})(?:st|nd|rd|th)?,?\s+(?P<y2>\d{4})"
+    r"|(?P<d3>\d{1,2})(?:st|nd|rd|th)?\s+(?:of\s+)?(?P<mon3>[a-z]+)\.?,?\s+(?P<y3>\d{4}))"
+    r"(?:\s*,?\s*(?:at\s+)?|T)(?P<h>\d{1,2}):(?P<mi>\d{2})(?::(?P<s>\d{2}))?\s*(?P<ampm>[ap]\.?m\.?)?"
+    r"\s*(?:UTC|GMT|Z|[+]00:?00)(?![a-z0-9])",
+    re.IGNORECASE | re.ASCII,
+)
 # OpenAI answers a single request larger than the whole TPM window with a 429
 # rate_limit_exceeded that no amount of waiting will cure.
 _TOO_LARGE = re.compile(r"\s*request too large", re.IGNORECASE)
@@ -583,7 +647,8 @@ class _Report:
     message: str | None
     is_error: bool  # an "error" key, or Anthropic's top-level "type": "error"
     is_envelope: bool  # Anthropic's top-level "type": "error"
-    per_day: bool  # a Gemini QuotaFailure naming a per-day quota
+    per_day: bool  # a Google QuotaFailure or ErrorInfo naming a per-day quota
+    gemini_api: bool  # ... of the Gemini API itself (whose days end at midnight Pacific)
     retry_delay: float | None  # Gemini RetryInfo.retryDelay
 
 
@@ -607,12 +672,23 @@ def _load(body: bytes | str | None) -> object:
         return None
 
 
-def _read_details(details: object) -> tuple[bool, float | None]:
-    """Gemini's ``error.details``: (a per-day quota failed, the RetryInfo delay)."""
-    per_day = False
+def _per_day_quota(entry: object, keys: tuple[str, ...]) -> str | None:
+    """The quota metric (or "") of a violation naming a per-day quota, else None."""
+    if not isinstance(entry, dict):
+        return None
+    if not any(isinstance(entry.get(key), str) and _PER_DAY.search(entry[key]) for key in keys):
+        return None
+    metric = entry.get("quotaMetric", entry.get("quota_metric"))
+    return metric if isinstance(metric, str) else ""
+
+
+def _read_details(details: object) -> tuple[bool, bool, float | None]:
+    """Google's ``error.details``: (a per-day quota failed, all of them the Gemini API's,
+    the RetryInfo delay)."""
+    metrics: list[str] = []
     retry_delay = None
     if not isinstance(details, list):
-        return per_day, retry_delay
+        return False, False, retry_delay
     for detail in details:
         if not isinstance(detail, dict):
             continue
@@ -627,15 +703,17 @@ def _read_details(details: object) -> tuple[bool, float | None]:
         elif kind.endswith("google.rpc.QuotaFailure"):
             violations = detail.get("violations")
             if isinstance(violations, list):
-                per_day = per_day or any(
-                    isinstance(v, dict)
-                    and any(
-                        isinstance(v.get(key), str) and _PER_DAY.search(v[key]) is not None
-                        for key in ("quotaId", "quotaMetric")
-                    )
-                    for v in violations
-                )
-    return per_day, retry_delay
+                for violation in violations:
+                    metric = _per_day_quota(violation, ("quotaId", "quotaMetric", "description"))
+                    if metric is not None:
+                        metrics.append(metric)
+        elif kind.endswith("google.rpc.ErrorInfo"):
+            # Code Assist names its per-day quota only here ("...RequestsPerDayPerUser...").
+            metric = _per_day_quota(detail.get("metadata"), ("quota_limit", "quota_metric"))
+            if metric is not None:
+                metrics.append(metric)
+    gemini_api = bool(metrics) and all(m.startswith(_GEMINI_API_METRIC) for m in metrics)
+    return bool(metrics), gemini_api, retry_delay
 
 
 def _read(body: bytes | str | None) -> _Report | None:
@@ -659,7 +737,7 @@ def _read(body: bytes | str | None) -> _Report | None:
     message = source.get("message")
     if message is None:
         message = error if isinstance(error, str) else doc.get("detail")
-    per_day, retry_delay = _read_details(source.get("details"))
+    per_day, gemini_api, retry_delay = _read_details(source.get("details"))
     return _Report(
         names=frozenset(name.lower() for name in names),
         code=_excerpt(names[0]) if names else None,
@@ -667,20 +745,102 @@ def _read(body: bytes | str | None) -> _Report | None:
         is_error=error is not None or is_envelope,
         is_envelope=is_envelope,
         per_day=per_day,
+        gemini_api=gemini_api,
         retry_delay=retry_delay,
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Exhaustion:
+    """Why the quota is gone and when it comes back (Unix time), as a body says."""
+
+    reason: str
+    regain_at: float | None = None
+
+
+_PAYMENT_REQUIRED = _Exhaustion("Payment required (HTTP 402)")
+
+
+def _utc_regain(message: str) -> float | None:
+    """The instant in "regain access on <date> at <time> UTC", or None if not certain."""
+    match = _REGAIN.search(message)
+    if match is None:
+        return None
+    parts = match.groupdict()
+    year = parts["y1"] or parts["y2"] or parts["y3"]
+    day = parts["d1"] or parts["d2"] or parts["d3"]
+    month_name = (parts["mon2"] or parts["mon3"] or "").lower()
+    month = int(parts["m1"]) if parts["m1"] else _MONTHS.get(month_name)
+    hour, minute, second = int(parts["h"]), int(parts["mi"]), int(parts["s"] or 0)
+    if month is None:
+        return None
+    if parts["ampm"]:
+        if not 1 <= hour <= 12:
+            return None
+        hour = hour % 12 + (12 if parts["ampm"][0] in "pP" else 0)
+    try:
+        return datetime(int(year), month, int(day), hour, minute, second, tzinfo=UTC).timestamp()
+    except (ValueError, OverflowError):
+        return None
+
+
+def _next_midnight(now: float | None, zone_name: str) -> float | None:
+    """Unix time of the first midnight in ``zone_name`` after ``now`` (None: no now)."""
+    if now is None:
+        return None
+    try:
+        zone = ZoneInfo(zone_name)
+        tomorrow = datetime.fromtimestamp(now, zone).date() + timedelta(days=1)
+        # A midnight a DST jump skips maps to the jump itself: the day starts then.
+        return datetime(tomorrow.year, tomorrow.month, tomorrow.day, tzinfo=zone).timestamp()
+    except (ValueError, OverflowError, OSError, KeyError):
+        # NaN or a time out of range; or no tz database: no regain rather than a wrong one.
+        return None
+
+
+def _exhaustion(report: _Report, now: float | None) -> _Exhaustion | None:
+    """What ran out, if the body says the account's quota or credit is gone."""
+    message = report.message or ""
+    names = report.names
+    if _SPEND_CAP.search(message):
+        return _Exhaustion("Anthropic spend cap reached", _utc_regain(message))
+    if _SPEND_LIMIT.search(message):
+        return _Exhaustion("Anthropic monthly spend limit reached")
+    if _NO_CREDIT.search(message):
+        return _Exhaustion("Anthropic credit balance too low")
+    if report.per_day:
+        if report.gemini_api:
+            return _Exhaustion("Gemini per-day quota exhausted", _next_midnight(now, _PACIFIC))
+        return _Exhaustion("Google per-day quota exhausted")
+    if "insufficient_quota" in names:
+        return _Exhaustion("OpenAI quota exhausted (insufficient_quota)")
+    billing = sorted(names & _BILLING_NAMES)
+    if billing:
+        return _Exhaustion(f"Billing stopped the account ({billing[0]})")
+    if _NO_BALANCE.search(message):
+        return _Exhaustion("Insufficient balance")
+    return None
+
+
+def _regain(found: _Exhaustion | None, now: float | None) -> tuple[float | None, str | None]:
+    """(regain_at, reason) of an exhaustion: a regain past belief dropped, the reason completed."""
+    if found is None:
+        return None, None
+    regain_at = found.regain_at
+    if regain_at is not None and now is not None and not regain_at - now <= MAX_REGAIN:
+        regain_at = None  # beyond MAX_REGAIN, or now is NaN
+    reason = found.reason
+    if regain_at is not None:
+        when = datetime.fromtimestamp(regain_at, UTC)
+        stamp = when.strftime("%Y-%m-%dT%H:%M:%SZ" if when.second else "%Y-%m-%dT%H:%MZ")
+        reason = f"{reason}; regain {stamp}"
+    return regain_at, reason
+
+
 def _named_outcome(report: _Report) -> Outcome | None:
-    """The outcome the body names outright, if it names one."""
+    """The outcome the body names outright, if it names one (exhaustion aside)."""
     names = report.names
     message = report.message or ""
-    if (
-        report.per_day
-        or not names.isdisjoint(_QUOTA_NAMES)
-        or _NO_CREDIT.search(message) is not None
-    ):
-        return Outcome.QUOTA_EXHAUSTED
     if not names.isdisjoint(_OVERLOADED_NAMES):
         return Outcome.OVERLOADED
     if not names.isdisjoint(_THROTTLED_NAMES):
@@ -744,9 +904,19 @@ def classify_error_body(
       cut the concurrency limit; a 408 is our own connection idling out.
     - Any other status (other 4xx, 1xx, 3xx, nonsense) is FATAL.
 
-    A body that names its error overrides the status: OpenAI ``insufficient_quota`` (as
-    type or code, even on a 429), billing errors, Anthropic's "credit balance is too
-    low" and a Gemini ``QuotaFailure`` naming a per-day quota are QUOTA_EXHAUSTED;
+    A body that says the account is spent overrides the status, whatever it is (a 400, a
+    403, a 429): QUOTA_EXHAUSTED, with a ``reason`` for an alert and, where known, the
+    ``regain_at`` time. These are Anthropic's spend cap ("You have reached your specified
+    API usage limits. You will regain access on 2026-12-01 at 00:00 UTC.": regain at that
+    instant; a date that is missing, malformed, not in UTC or more than
+    :data:`MAX_REGAIN` ahead gives none), its monthly spend limit and "credit balance is
+    too low"; OpenAI's ``insufficient_quota`` (as type or code) and billing errors; a
+    Google ``QuotaFailure`` or ``ErrorInfo`` naming a per-day quota (regain at the next
+    midnight Pacific time after ``now`` for the Gemini API's own quotas, as Google
+    documents; none for other Google services); DeepSeek's "Insufficient Balance". A 402
+    whose body says nothing of the kind is QUOTA_EXHAUSTED too ("Payment required").
+
+    A body that names another error overrides the status too:
     ``overloaded_error`` is OVERLOADED; ``rate_limit_exceeded``, ``rate_limit_error``
     and Gemini's other ``RESOURCE_EXHAUSTED`` are THROTTLED, except OpenAI's "Request too
     large" (one request above the whole window: waiting never helps), which is FATAL.
@@ -762,51 +932,73 @@ def classify_error_body(
         status: the HTTP status code.
         body: the reply body (only bodies up to :data:`MAX_BODY_CHARS` are parsed).
         headers: the reply's headers, if at hand.
-        now: the current time in Unix seconds, to resolve a Retry-After date.
+        now: the reply's time in Unix seconds (its ``Date`` header, else the wall clock),
+            to resolve a Retry-After date and a regain the provider documents relative to
+            it (a Gemini per-day quota); without it neither is given.
     """
     report: _Report | None
+    found: _Exhaustion | None = None
     if 200 <= status < 300:
         report = _read(body) if _may_hold_error(body) else None
         if report is None or not report.is_envelope:
             return _SUCCESS
-        kind = _named_outcome(report) or Outcome.FATAL
+        found = _exhaustion(report, now)
+        kind = Outcome.QUOTA_EXHAUSTED if found else _named_outcome(report) or Outcome.FATAL
     else:
         report = _read(body)
-        named = _named_outcome(report) if report is not None else None
+        named = None
+        if report is not None:
+            found = _exhaustion(report, now)
+            named = Outcome.QUOTA_EXHAUSTED if found else _named_outcome(report)
         kind = (
             named
             if named is not None and named is not Outcome.RETRYABLE
             else _status_outcome(status)
         )
+        if kind is Outcome.QUOTA_EXHAUSTED and found is None:
+            found = _PAYMENT_REQUIRED
     view = _lower_view(headers)
     retry_after = _retry_after(view, now)
     if retry_after is None and report is not None:
         retry_after = report.retry_delay
+    regain_at, reason = _regain(found, now)
     return Classification(
         kind,
         retry_after=retry_after,
         code=report.code if report is not None else None,
         message=report.message if report is not None else None,
         should_retry=_should_retry(view),
+        regain_at=regain_at,
+        reason=reason,
     )
 
 
-def classify_stream_event(data: bytes | str) -> Classification | None:
+def classify_stream_event(data: bytes | str, *, now: float | None = None) -> Classification | None:
     """Classify one server-sent event's ``data:`` payload, or None if it is not an error.
 
     Anthropic reports trouble in the middle of a 200 stream as
     ``{"type": "error", "error": {"type": "overloaded_error", "message": ...}}``;
-    OpenAI-compatible servers as ``{"error": {...}}``. The error's name decides as in
-    :func:`classify_error_body` (``overloaded_error`` → OVERLOADED, ``rate_limit_error``
-    → THROTTLED, ``api_error`` → RETRYABLE, ...); an error with an unknown name is FATAL.
+    OpenAI-compatible servers as ``{"error": {...}}``. The error decides as in
+    :func:`classify_error_body` (a spent account → QUOTA_EXHAUSTED with its ``reason``
+    and ``regain_at``, ``overloaded_error`` → OVERLOADED, ``rate_limit_error`` →
+    THROTTLED, ``api_error`` → RETRYABLE, ...); an error with an unknown name is FATAL.
     Ordinary events, ``[DONE]`` and garbage give None.
+
+    Args:
+        data: the event's data.
+        now: Unix time of the reply, for a regain the provider states relative to it (a
+            Gemini per-day quota); a stated date needs none.
     """
     report = _read(data)
     if report is None or not report.is_error:
         return None
+    found = _exhaustion(report, now)
+    regain_at, reason = _regain(found, now)
     return Classification(
-        _named_outcome(report) or Outcome.FATAL,
+        Outcome.QUOTA_EXHAUSTED if found else _named_outcome(report) or Outcome.FATAL,
         retry_after=report.retry_delay,
         code=report.code,
         message=report.message,
+        regain_at=regain_at,
+        reason=reason,
     )

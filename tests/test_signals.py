@@ -12,6 +12,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from asyncquota.signals import (
     MAX_BODY_CHARS,
     MAX_COUNT,
+    MAX_REGAIN,
     MAX_RETRY_AFTER,
     MESSAGE_EXCERPT_CHARS,
     Classification,
@@ -118,6 +119,26 @@ ANTHROPIC_BILLING = (
 ANTHROPIC_AUTH = (
     b'{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}'
 )
+# As Anthropic sends it (anthropics/claude-code#2127, #38035), the date varying.
+ANTHROPIC_SPEND_CAP = (
+    b'{"type":"error","error":{"type":"invalid_request_error","message":"You have reached '
+    b'your specified API usage limits. You will regain access on 2026-12-01 at 00:00 UTC."},'
+    b'"request_id":"req_011CZLrUfBVkVHn5T6EqQaf7"}'
+)
+# The monthly spend limit as a rate_limit_error (can1357/oh-my-pi#5418).
+ANTHROPIC_MONTHLY_SPEND_LIMIT = (
+    b'{"type":"error","error":{"type":"rate_limit_error","message":"This request would '
+    b"exceed your account's monthly spend limit. Please try again later.\"}}"
+)
+ANTHROPIC_BAD_REQUEST = (
+    b'{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: '
+    b'Field required"}}'
+)
+# DeepSeek's 402 (as relayed in Aider-AI/aider#4851).
+DEEPSEEK_NO_BALANCE = (
+    b'{"error":{"message":"Insufficient Balance","type":"unknown_error","param":null,'
+    b'"code":"invalid_request_error"}}'
+)
 ANTHROPIC_MESSAGE = (
     b'{"id":"msg_01","type":"message","role":"assistant","content":[{"type":"text","text":'
     b'"An \\"error\\" is when something goes wrong."}],"stop_reason":"end_turn"}'
@@ -165,6 +186,29 @@ GEMINI_WRAPPED_IN_LIST = b"[" + gemini_429("GenerateContentInputTokensPerModelPe
 GEMINI_UNAVAILABLE = (
     b'{"error": {"code": 503, "message": "The model is overloaded. Please try again later.",'
     b' "status": "UNAVAILABLE"}}'
+)
+# Gemini Code Assist names its per-day quota only in an ErrorInfo (google-gemini/gemini-cli#10513).
+CODE_ASSIST_PER_DAY = orjson.dumps(
+    {
+        "error": {
+            "code": 429,
+            "message": "Quota exceeded for quota metric 'Gemini 2.5 Pro Requests' and limit "
+            "'Gemini 2.5 Pro Requests per day per user per tier' of service "
+            "'cloudcode-pa.googleapis.com' for consumer 'project_number:681255809395'.",
+            "status": "RESOURCE_EXHAUSTED",
+            "details": [
+                {
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "RATE_LIMIT_EXCEEDED",
+                    "domain": "googleapis.com",
+                    "metadata": {
+                        "quota_metric": "cloudcode-pa.googleapis.com/gemini_2_5_pro_requests",
+                        "quota_limit": "Gemini25ProRequestsPerDayPerUserPerTier",
+                    },
+                }
+            ],
+        }
+    }
 )
 HTML_BAD_GATEWAY = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
 
@@ -483,6 +527,12 @@ def test_fraction_remaining_of_a_window():
         (400, ANTHROPIC_NO_CREDIT, Outcome.QUOTA_EXHAUSTED, "invalid_request_error"),
         (402, ANTHROPIC_BILLING, Outcome.QUOTA_EXHAUSTED, "billing_error"),
         (402, b"", Outcome.QUOTA_EXHAUSTED, None),
+        (400, ANTHROPIC_SPEND_CAP, Outcome.QUOTA_EXHAUSTED, "invalid_request_error"),
+        (429, ANTHROPIC_MONTHLY_SPEND_LIMIT, Outcome.QUOTA_EXHAUSTED, "rate_limit_error"),
+        (403, OPENAI_INSUFFICIENT_QUOTA, Outcome.QUOTA_EXHAUSTED, "insufficient_quota"),
+        (402, DEEPSEEK_NO_BALANCE, Outcome.QUOTA_EXHAUSTED, "invalid_request_error"),
+        (429, CODE_ASSIST_PER_DAY, Outcome.QUOTA_EXHAUSTED, "RESOURCE_EXHAUSTED"),
+        (200, ANTHROPIC_SPEND_CAP, Outcome.QUOTA_EXHAUSTED, "invalid_request_error"),
         # One request larger than the whole window: waiting never helps.
         (429, OPENAI_REQUEST_TOO_LARGE, Outcome.FATAL, "rate_limit_exceeded"),
         # Overloaded.
@@ -501,6 +551,7 @@ def test_fraction_remaining_of_a_window():
         (520, b"", Outcome.RETRYABLE, None),
         # Refused: a generic server-error name does not make a 4xx retryable.
         (400, OPENAI_BAD_REQUEST, Outcome.FATAL, "context_length_exceeded"),
+        (400, ANTHROPIC_BAD_REQUEST, Outcome.FATAL, "invalid_request_error"),
         (400, b'{"error":{"type":"server_error"}}', Outcome.FATAL, "server_error"),
         (401, ANTHROPIC_AUTH, Outcome.FATAL, "authentication_error"),
         (403, b"Forbidden", Outcome.FATAL, None),
@@ -658,6 +709,198 @@ def test_a_large_success_body_is_not_parsed():
     assert classify_error_body(529, body + b'"}').code is None
 
 
+# ---------------------------------------------------------------------------------------------
+# Exhaustion: what ran out, and when it comes back
+# ---------------------------------------------------------------------------------------------
+
+
+def utc(*args: int) -> float:
+    return datetime(*args, tzinfo=UTC).timestamp()  # type: ignore[misc]
+
+
+VERTEX_PER_DAY = orjson.dumps(
+    {
+        "error": {
+            "code": 429,
+            "status": "RESOURCE_EXHAUSTED",
+            "details": [
+                {
+                    "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                    "violations": [{"quotaMetric": "aiplatform.googleapis.com/requests_per_day"}],
+                }
+            ],
+        }
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "reason", "regain_at"),
+    [
+        (
+            400,
+            ANTHROPIC_SPEND_CAP,
+            "Anthropic spend cap reached; regain 2026-12-01T00:00Z",
+            utc(2026, 12, 1),
+        ),
+        (429, ANTHROPIC_MONTHLY_SPEND_LIMIT, "Anthropic monthly spend limit reached", None),
+        (400, ANTHROPIC_NO_CREDIT, "Anthropic credit balance too low", None),
+        (429, OPENAI_INSUFFICIENT_QUOTA, "OpenAI quota exhausted (insufficient_quota)", None),
+        (403, OPENAI_INSUFFICIENT_QUOTA, "OpenAI quota exhausted (insufficient_quota)", None),
+        (
+            429,
+            OPENAI_BILLING_LIMIT,
+            "Billing stopped the account (billing_hard_limit_reached)",
+            None,
+        ),
+        (402, ANTHROPIC_BILLING, "Billing stopped the account (billing_error)", None),
+        # NOW is 14:40 on Nov 27 in California: the Gemini API's day ends at 08:00 UTC.
+        (
+            429,
+            GEMINI_PER_DAY,
+            "Gemini per-day quota exhausted; regain 2026-11-28T08:00Z",
+            utc(2026, 11, 28, 8),
+        ),
+        # Other Google services do not document when their days end: no regain time.
+        (429, VERTEX_PER_DAY, "Google per-day quota exhausted", None),
+        (429, CODE_ASSIST_PER_DAY, "Google per-day quota exhausted", None),
+        (402, DEEPSEEK_NO_BALANCE, "Insufficient balance", None),
+        (402, b"", "Payment required (HTTP 402)", None),
+        (402, b"<html>Payment Required</html>", "Payment required (HTTP 402)", None),
+    ],
+)
+def test_each_providers_quota_gone_is_exhaustion_with_its_reason_and_regain(
+    status, body, reason, regain_at
+):
+    result = classify_error_body(status, body, {"date": "Fri, 27 Nov 2026 22:40:00 GMT"}, now=NOW)
+    assert result.kind is Outcome.QUOTA_EXHAUSTED
+    assert (result.reason, result.regain_at) == (reason, regain_at)
+    assert not result.retryable and not result.congestion
+
+
+def test_a_per_day_gemini_refusal_keeps_its_retry_delay_beside_the_regain():
+    result = classify_error_body(429, GEMINI_PER_DAY, now=NOW)
+    assert (result.retry_after, result.regain_at) == (26.0, utc(2026, 11, 28, 8))
+
+
+def test_a_gemini_regain_needs_the_replys_time_and_follows_californias_clock():
+    assert classify_error_body(429, GEMINI_PER_DAY).regain_at is None
+    assert classify_error_body(429, GEMINI_PER_DAY).reason == "Gemini per-day quota exhausted"
+    # Summer (PDT, UTC-7): midnight is 07:00 UTC.
+    assert classify_error_body(429, GEMINI_PER_DAY, now=utc(2026, 7, 1, 12)).regain_at == utc(
+        2026, 7, 2, 7
+    )
+    # 23:30 PST on the eve of the spring change: the next day starts at 08:00 UTC as before.
+    assert classify_error_body(429, GEMINI_PER_DAY, now=utc(2026, 3, 8, 7, 30)).regain_at == (
+        utc(2026, 3, 8, 8)
+    )
+    # Just after midnight Pacific: a whole day to wait.
+    assert classify_error_body(429, GEMINI_PER_DAY, now=utc(2026, 11, 28, 8, 0, 1)).regain_at == (
+        utc(2026, 11, 29, 8)
+    )
+    assert classify_error_body(429, GEMINI_PER_DAY, now=float("nan")).regain_at is None
+
+
+def anthropic_400(message: str) -> bytes:
+    return orjson.dumps(
+        {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    )
+
+
+CAP = "You have reached your specified API usage limits. You will regain access on "
+
+
+@pytest.mark.parametrize(
+    ("when", "regain_at"),
+    [
+        ("2026-12-01 at 00:00 UTC.", utc(2026, 12, 1)),
+        ("2026-12-1 at 0:00 UTC", utc(2026, 12, 1)),
+        ("2026-12-01T00:00:00Z.", utc(2026, 12, 1)),
+        ("2026-12-01 at 00:00:30 UTC.", utc(2026, 12, 1, 0, 0, 30)),
+        ("2026-12-01, 17:45 GMT.", utc(2026, 12, 1, 17, 45)),
+        ("December 1, 2026 at 00:00 UTC.", utc(2026, 12, 1)),
+        ("Dec 1st, 2026 at 12:00 AM UTC.", utc(2026, 12, 1)),
+        ("Dec. 1 2026 at 1:30 p.m. UTC.", utc(2026, 12, 1, 13, 30)),
+        ("1 December 2026 at 00:00 UTC.", utc(2026, 12, 1)),
+        ("1st of Sept 2026 at 00:00 +00:00.", utc(2026, 9, 1)),
+    ],
+)
+def test_the_spend_caps_regain_date_is_read_in_the_forms_a_person_writes_it(when, regain_at):
+    result = classify_error_body(400, anthropic_400(CAP + when), now=NOW)
+    assert result.kind is Outcome.QUOTA_EXHAUSTED
+    assert result.regain_at == regain_at
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "2026-02-31 at 00:00 UTC.",  # no such day
+        "2026-13-01 at 00:00 UTC.",
+        "2026-12-01 at 24:00 UTC.",
+        "2026-12-01 at 00:61 UTC.",
+        "2026-12-01 at 13:00 PM UTC.",
+        "2026-12-01 at 00:00 PST.",  # a zone not UTC: not guessed
+        "2026-12-01 at 00:00.",  # no zone at all
+        "2026-12-01.",  # no time
+        "Smarch 1, 2026 at 00:00 UTC.",
+        "the first of next month.",
+        "\u0662\u0660\u0662\u0666-12-01 at 00:00 UTC.",  # other scripts' digits
+        "",
+    ],
+)
+def test_a_malformed_regain_date_gives_exhaustion_without_a_regain(when):
+    result = classify_error_body(400, anthropic_400(CAP + when), now=NOW)
+    assert result.kind is Outcome.QUOTA_EXHAUSTED
+    assert (result.regain_at, result.reason) == (None, "Anthropic spend cap reached")
+
+
+def test_a_regain_beyond_a_month_ahead_is_not_believed_and_one_past_is_kept():
+    far = classify_error_body(400, anthropic_400(CAP + "2099-01-01 at 00:00 UTC."), now=NOW)
+    assert (far.kind, far.regain_at) == (Outcome.QUOTA_EXHAUSTED, None)
+    bound = NOW + MAX_REGAIN
+    stamp = datetime.fromtimestamp(bound, UTC).strftime("%Y-%m-%d at %H:%M UTC")
+    assert classify_error_body(400, anthropic_400(CAP + stamp), now=NOW).regain_at == bound
+    past = classify_error_body(400, anthropic_400(CAP + "2026-11-01 at 00:00 UTC."), now=NOW)
+    assert past.regain_at == utc(2026, 11, 1)
+    # A stated date needs no now.
+    assert classify_error_body(400, ANTHROPIC_SPEND_CAP).regain_at == utc(2026, 12, 1)
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (400, ANTHROPIC_BAD_REQUEST),
+        (400, OPENAI_BAD_REQUEST),
+        (
+            400,
+            b'{"type":"error","error":{"type":"invalid_request_error","message":"Your '
+            b'usage limits are per model."}}',
+        ),
+        (429, ANTHROPIC_RATE_LIMITED),
+        (429, GEMINI_PER_MINUTE),
+        (529, ANTHROPIC_OVERLOADED),
+        (200, b'{"id":"chatcmpl-1"}'),
+    ],
+)
+def test_other_replies_carry_no_reason_and_no_regain(status, body):
+    result = classify_error_body(status, body, now=NOW)
+    assert result.kind is not Outcome.QUOTA_EXHAUSTED
+    assert (result.reason, result.regain_at) == (None, None)
+
+
+def test_a_spent_account_reported_inside_a_stream_is_exhaustion_with_its_regain():
+    result = classify_stream_event(ANTHROPIC_SPEND_CAP)
+    assert result is not None
+    assert (result.kind, result.regain_at) == (Outcome.QUOTA_EXHAUSTED, utc(2026, 12, 1))
+    assert result.reason == "Anthropic spend cap reached; regain 2026-12-01T00:00Z"
+    per_day = classify_stream_event(GEMINI_PER_DAY, now=NOW)
+    assert per_day is not None
+    assert per_day.regain_at == utc(2026, 11, 28, 8)
+    overloaded = classify_stream_event(ANTHROPIC_OVERLOADED)
+    assert overloaded is not None
+    assert overloaded.reason is None
+
+
 @pytest.mark.parametrize(
     ("data", "kind", "code"),
     [
@@ -795,6 +1038,8 @@ KEYS = st.sampled_from(
         "quotaMetric",
         "retryDelay",
         "detail",
+        "metadata",
+        "quota_limit",
     ]
 ) | st.text(max_size=8)
 SCALARS = st.one_of(
@@ -811,6 +1056,12 @@ SCALARS = st.one_of(
             "insufficient_quota",
             "RESOURCE_EXHAUSTED",
             "PerDay",
+            "generativelanguage.googleapis.com/requests_per_day",
+            "type.googleapis.com/google.rpc.ErrorInfo",
+            CAP + "2026-12-01 at 00:00 UTC.",
+            CAP + "9999-12-31 at 23:59 UTC.",
+            CAP + "0001-01-01 at 00:00 UTC.",
+            "Insufficient Balance",
             "26s",
             "-1s",
             "type.googleapis.com/google.rpc.RetryInfo",
@@ -863,12 +1114,25 @@ def test_any_reply_classifies_without_raising(status, body, headers, now):
     assert result.code is None or len(result.code) <= MESSAGE_EXCERPT_CHARS
     assert isinstance(result.retryable, bool)
     assert result.congestion is (result.kind in (Outcome.THROTTLED, Outcome.OVERLOADED))
+    assert_exhaustion_is_sound(result, now)
 
 
-@given(data=BODIES.filter(lambda body: body is not None))
-def test_any_stream_payload_classifies_without_raising(data):
-    result = classify_stream_event(data)
+def assert_exhaustion_is_sound(result: Classification, now: float | None) -> None:
+    """A reason exactly for exhaustion; a regain only with it, and never past belief."""
+    assert (result.reason is not None) is (result.kind is Outcome.QUOTA_EXHAUSTED)
+    assert result.reason is None or len(result.reason) < 100
+    if result.regain_at is not None:
+        assert result.kind is Outcome.QUOTA_EXHAUSTED
+        if now is not None:
+            assert result.regain_at - now <= MAX_REGAIN
+
+
+@given(data=BODIES.filter(lambda body: body is not None), now=st.none() | NOWS)
+def test_any_stream_payload_classifies_without_raising(data, now):
+    result = classify_stream_event(data, now=now)
     assert result is None or in_range(result.retry_after)
+    if result is not None:
+        assert_exhaustion_is_sound(result, now)
 
 
 @given(text=st.text() | st.from_regex(r"(\d{0,3}(\.\d{0,3})?(ns|us|µs|ms|s|m|h)){1,4}"))
