@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from asyncquota.governance.tiers import (
     TenantQuotas,
     Tier,
     TierLimits,
+    tenant_id,
     zone,
 )
 
@@ -483,8 +485,9 @@ def test_tier_of_gives_a_listed_tenant_its_tier_and_others_the_default():
     quotas = TenantQuotas(tiers=[free, pro], tenants={"acme": "pro"}, default_tier="free")
     assert quotas.tier_of("acme") is pro
     assert quotas.tier_of("stranger") is free
-    assert quotas.tier_of(None) is None
+    assert quotas.tier_of(None) is free  # no tenant: the default tier too
     assert TenantQuotas(tiers=[free], tenants={}).tier_of("stranger") is None
+    assert TenantQuotas(tiers=[free], tenants={}).tier_of(None) is None
 
 
 async def test_bad_token_counts_are_refused():
@@ -492,3 +495,294 @@ async def test_bad_token_counts_are_refused():
     for bad in (-1, float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="tokens must be a finite number of tokens"):
             await quotas.admit("acme", "gpt-4o", bad)
+
+
+# --- one identity per tenant ----------------------------------------------------------------
+
+
+class Plan(enum.IntEnum):
+    ACME = 42
+
+
+class Name(enum.StrEnum):
+    ACME = "acme"
+
+
+def test_a_tenant_id_is_a_string_as_given_and_an_int_as_its_decimal_string():
+    assert tenant_id("acme") == "acme"
+    assert tenant_id("42") == tenant_id(42) == tenant_id(Plan.ACME) == "42"
+    assert tenant_id(-7) == "-7"
+    assert tenant_id(Name.ACME) == "acme"
+    assert tenant_id(None) is None
+    for bad in (42.0, True, b"acme", ("acme",), object()):
+        with pytest.raises(TypeError, match="A tenant id must be a str, an int or None"):
+            tenant_id(bad)
+    with pytest.raises(ValueError, match="must not be empty"):
+        tenant_id("")
+
+
+async def test_42_and_the_string_42_are_one_tenant_with_one_set_of_counters():
+    tiers = [Tier("free", {"*": TierLimits(rpm=2)}), Tier("pro", {"*": TierLimits(rpm=100)})]
+    quotas = TenantQuotas(tiers=tiers, tenants={42: "free"}, wall_clock=virtual_wall())
+    assert quotas.tier_of("42") is quotas.tier_of(42) is tiers[0]
+    grant = await quotas.admit(42, "gpt-4o", 0)
+    assert grant.tenant == "42"
+    await quotas.admit("42", "gpt-4o", 0)
+    with pytest.raises(TenantLimitError) as caught:
+        await quotas.admit(Plan.ACME, "gpt-4o", 0)
+    assert caught.value.tenant == "42"
+    assert await quotas.status(42, "gpt-4o") == await quotas.status("42", "gpt-4o")
+    assert [s.used for s in await quotas.status(42, "gpt-4o")] == [2.0]
+
+
+def test_a_tenant_listed_twice_under_its_two_spellings_must_agree():
+    free, pro = Tier("free", {}), Tier("pro", {})
+    quotas = TenantQuotas(tiers=[free, pro], tenants={42: "pro", "42": "pro"})
+    assert repr(quotas).startswith("<TenantQuotas tiers=2 tenants=1 ")
+    with pytest.raises(ValueError, match=r"Tenant '42' is listed twice \(as '42' too\)"):
+        TenantQuotas(tiers=[free, pro], tenants={42: "pro", "42": "free"})
+    with pytest.raises(TypeError, match="not float"):
+        TenantQuotas(tiers=[free], tenants={4.2: "free"})
+    with pytest.raises(ValueError, match="tenants lists None"):
+        TenantQuotas(tiers=[free], tenants={None: "free"})
+
+
+async def test_every_entry_refuses_a_tenant_that_is_not_an_id_and_counts_nothing():
+    quotas = quotas_for(TierLimits(rpm=1), store=UnusableStore())
+    with pytest.raises(TypeError):
+        await quotas.admit(("acme",), "gpt-4o", 0)
+    with pytest.raises(TypeError):
+        await quotas.status(b"acme", "gpt-4o")
+    with pytest.raises(TypeError):
+        quotas.tier_of(4.2)
+    with pytest.raises(ValueError, match="must not be empty"):
+        await quotas.admit("", "gpt-4o", 0)
+    assert "admitted=0 refused=0" in repr(quotas)
+
+
+# --- no tenant: the default tier ------------------------------------------------------------
+
+
+async def test_requests_naming_no_tenant_share_the_default_tiers_limits():
+    store = RecordingStore(wall_clock=virtual_wall())
+    quotas = TenantQuotas(
+        tiers=[Tier("free", {"*": TierLimits(rpm=2)})],
+        tenants={},
+        default_tier="free",
+        store=store,
+        wall_clock=virtual_wall(),
+    )
+    first = await quotas.admit(None, "gpt-4o", 0)
+    assert first.tenant is None
+    await quotas.admit(None, "gpt-4o", 0)
+    with pytest.raises(TenantLimitError) as caught:
+        await quotas.admit(None, "gpt-4o", 0)
+    assert str(caught.value) == (
+        "Requests naming no tenant (tier 'free') are over their limit of 2 requests per "
+        "minute on 'gpt-4o'; try again in 90 s."
+    )
+    assert caught.value.tenant is None
+    await quotas.admit("acme", "gpt-4o", 0)  # a named tenant: its own counters
+    minute = int(T0 // 60)
+    # "*" cannot be a tenant's own key: a tenant "*" is percent-encoded as %2A.
+    assert store.keys[0] == f"tier:*:gpt-4o:rpm:{minute}"
+    assert store.keys[-1] == f"tier:acme:gpt-4o:rpm:{minute}"
+    assert [s.used for s in await quotas.status(None, "gpt-4o")] == [2.0]
+
+
+# --- limits shared by every model of a tier -------------------------------------------------
+
+
+def shared_quotas(**options: Any) -> TenantQuotas:
+    options.setdefault("wall_clock", virtual_wall())
+    tier = Tier(
+        "free",
+        {"*": TierLimits(rpm=2), "gpt-4o": TierLimits(rpm=1, tpm=1000)},
+        shared=TierLimits(rpd=3, tpm=1500),
+    )
+    return TenantQuotas(tiers=[tier], tenants={"acme": "free"}, **options)
+
+
+async def test_a_fallback_to_another_model_spends_the_tiers_shared_day_not_a_fresh_one():
+    quotas = shared_quotas()
+    await quotas.admit("acme", "gpt-4o", 0)
+    await quotas.admit("acme", "claude", 0)
+    await quotas.admit("acme", "mini", 0)
+    # Each model has room of its own left, but the tier's day is spent across them.
+    with pytest.raises(TenantLimitError) as caught:
+        await quotas.admit("acme", "gemini", 0)
+    assert (caught.value.dimension, caught.value.model) == ("tier_rpd", "gemini")
+    assert caught.value.retry_after == 86_400.0
+    assert str(caught.value) == (
+        "Tenant 'acme' (tier 'free') is over its limit of 3 requests per day across all "
+        "models of its tier; try again in 86400 s."
+    )
+    await asyncio.sleep(86_400)
+    await quotas.admit("acme", "gemini", 0)
+
+
+async def test_per_model_limits_still_bind_beside_the_shared_ones():
+    quotas = shared_quotas()
+    await quotas.admit("acme", "gpt-4o", 0)
+    with pytest.raises(TenantLimitError) as caught:
+        await quotas.admit("acme", "gpt-4o", 0)
+    assert caught.value.dimension == "rpm"
+    # The refused request took nothing from the shared day.
+    assert [(s.dimension, s.used) for s in await quotas.status("acme", "gpt-4o")] == [
+        ("rpm", 1.0),
+        ("tpm", 0.0),
+        ("tier_rpd", 1.0),
+        ("tier_tpm", 0.0),
+    ]
+
+
+async def test_tokens_are_reconciled_and_refunded_on_the_model_and_the_tier_alike():
+    store = RecordingStore(wall_clock=virtual_wall())
+    quotas = shared_quotas(store=store)
+    grant = await quotas.admit("acme", "gpt-4o", 800)
+    minute = int(T0 // 60)
+    assert store.keys == [
+        f"tier:acme:gpt-4o:rpm:{minute}",
+        f"tier:acme:gpt-4o:tpm:{minute}",
+        "tier:acme:*:rpd:2026-03-20",
+        f"tier:acme:*:tpm:{minute}",
+    ]
+    with pytest.raises(TenantLimitError) as caught:
+        await quotas.admit("acme", "claude", 800)  # claude has no tpm; the tier's 1500 binds
+    assert caught.value.dimension == "tier_tpm"
+    await grant.reconcile(300)
+    second = await quotas.admit("acme", "claude", 800)
+    tokens = {s.dimension: s.used for s in await quotas.status("acme", "gpt-4o")}
+    assert (tokens["tpm"], tokens["tier_tpm"]) == (300.0, 1100.0)
+    await second.cancel()
+    tokens = {s.dimension: s.used for s in await quotas.status("acme", "gpt-4o")}
+    assert (tokens["tier_rpd"], tokens["tier_tpm"]) == (1.0, 300.0)
+
+
+def test_a_tiers_shared_limits_must_be_tier_limits():
+    assert Tier("free", {}).shared.unlimited
+    with pytest.raises(ValueError, match="Tier 'free': its shared limits must be a TierLimits"):
+        Tier("free", {}, shared={"rpd": 3})  # type: ignore[arg-type]
+
+
+async def test_a_request_larger_than_a_shared_limit_can_never_pass():
+    quotas = shared_quotas()
+    with pytest.raises(TenantLimitError) as caught:
+        await quotas.admit("acme", "claude", 2000)
+    assert caught.value.retry_after is None
+    assert str(caught.value) == (
+        "Tenant 'acme' (tier 'free') can never send this request to 'claude': it needs 2000, "
+        "more than its limit of 1500 tokens per minute across all models of its tier."
+    )
+
+
+# --- reload: tiers and membership replaced while running -------------------------------------
+
+
+FREE = Tier("free", {"*": TierLimits(rpm=2, rpd=5)})
+PRO = Tier("pro", {"*": TierLimits(rpm=100, rpd=1000)})
+
+
+async def test_reload_moves_a_tenant_to_its_new_tier_keeping_what_it_used():
+    quotas = TenantQuotas(tiers=[FREE], tenants={"acme": "free"}, wall_clock=virtual_wall())
+    await admit_n(quotas, 2)
+    assert (await refusal(quotas)).dimension == "rpm"
+    quotas.reload(tiers=[FREE, PRO], tenants={"acme": "pro", "zeta": "free"}, default_tier="free")
+    assert quotas.tier_of("acme") is PRO
+    assert quotas.default_tier == "free"
+    assert quotas.tier_of(None) is FREE
+    await quotas.admit("acme", "gpt-4o", 0)
+    assert [(s.dimension, s.used, s.limit) for s in await quotas.status("acme", "gpt-4o")] == [
+        ("rpm", 3.0, 100),
+        ("rpd", 3.0, 1000),
+    ]
+    # Back to free: today's three still count against free's five.
+    quotas.reload(tiers=[FREE], tenants={"acme": "free"})
+    await asyncio.sleep(120)
+    await admit_n(quotas, 2)
+    error = await refusal(quotas)
+    assert (error.dimension, error.tenant) == ("rpd", "acme")
+    assert repr(quotas) == "<TenantQuotas tiers=1 tenants=1 admitted=5 refused=2 open=5>"
+
+
+async def test_a_reload_that_does_not_check_changes_nothing():
+    quotas = TenantQuotas(
+        tiers=[FREE], tenants={"acme": "free"}, timezone="Asia/Shanghai", wall_clock=virtual_wall()
+    )
+    bad_reloads: list[dict[str, Any]] = [
+        {"tiers": [FREE], "tenants": {"acme": "gold"}},
+        {"tiers": [FREE, FREE], "tenants": {}},
+        {"tiers": [FREE], "tenants": {}, "default_tier": "gold"},
+        {"tiers": [FREE], "tenants": {}, "timezone": "Mars/Olympus"},
+        {"tiers": [FREE], "tenants": {1.5: "free"}},
+    ]
+    for bad in bad_reloads:
+        with pytest.raises((ValueError, TypeError)):
+            quotas.reload(**bad)
+        assert quotas.tier_of("acme") is FREE
+        assert quotas.timezone == "Asia/Shanghai"
+    # timezone=None keeps the zone; default_tier is part of the whole new set.
+    quotas.reload(tiers=[FREE, PRO], tenants={}, default_tier="pro")
+    assert (quotas.timezone, quotas.tier_of("acme")) == ("Asia/Shanghai", PRO)
+
+
+async def test_a_reload_can_move_the_end_of_a_tenants_day_to_another_zone():
+    quotas = TenantQuotas(
+        tiers=[Tier("free", {"*": TierLimits(rpd=1)})],
+        tenants={"acme": "free"},
+        wall_clock=virtual_wall(SHANGHAI_DAY_END - 3600),  # 15:00 UTC, 23:00 in Shanghai
+    )
+    [rpd] = await quotas.status("acme", "gpt-4o")
+    assert rpd.resets_at == T0 + 86_400
+    quotas.reload(
+        tiers=[Tier("free", {"*": TierLimits(rpd=1)})],
+        tenants={"acme": "free"},
+        timezone="Asia/Shanghai",
+    )
+    [rpd] = await quotas.status("acme", "gpt-4o")
+    assert (quotas.timezone, rpd.resets_at) == ("Asia/Shanghai", SHANGHAI_DAY_END)
+
+
+async def test_grants_in_flight_settle_where_they_were_counted_whatever_a_reload_says():
+    store = SlowStore(random.Random(3), wall_clock=virtual_wall())
+    free = Tier("free", {"*": TierLimits(rpm=50, tpm=50_000)}, shared=TierLimits(rpd=80))
+    pro = Tier("pro", {"gpt-4o": TierLimits(rpd=500)})
+    quotas = TenantQuotas(
+        tiers=[free], tenants={"acme": "free"}, store=store, wall_clock=virtual_wall()
+    )
+
+    async def one(index: int) -> bool:
+        """One request: admitted under whichever tiers hold then, settled after a reload."""
+        await asyncio.sleep(index / 1000)
+        try:
+            grant = await quotas.admit("acme", "gpt-4o", 100)
+        except TenantLimitError:
+            return False
+        await asyncio.sleep(0.03)
+        if index % 2:
+            await grant.reconcile(100)
+            return True
+        await grant.cancel()
+        return False
+
+    async def reloads() -> None:
+        for tiers in ([pro], [free], [pro], [free]):
+            await asyncio.sleep(0.02)
+            quotas.reload(tiers=tiers, tenants={"acme": tiers[0].name})
+
+    kept, _ = await asyncio.gather(asyncio.gather(*(one(i) for i in range(100))), reloads())
+    await asyncio.sleep(1)
+    assert "open=0" in repr(quotas)
+    minute = int(T0 // 60)
+    rpm, tpm, shared_rpd, pro_rpd = await store.get(
+        [
+            f"tier:acme:gpt-4o:rpm:{minute}",
+            f"tier:acme:gpt-4o:tpm:{minute}",
+            "tier:acme:*:rpd:2026-03-20",
+            "tier:acme:gpt-4o:rpd:2026-03-20",
+        ]
+    )
+    # Requests were kept under both tiers; each counted exactly where it was admitted.
+    assert rpm > 0 and pro_rpd > 0
+    assert rpm + pro_rpd == sum(kept)
+    assert (tpm, shared_rpd) == (rpm * 100, rpm)

@@ -1,11 +1,17 @@
-"""Tenant tiers: each tenant's own per-model limits on requests per minute, per day, tokens.
+"""Tenant tiers: each tenant's own limits on requests per minute, per day, tokens.
 
-A ``Tier`` names limits per model (``TierLimits``: RPM, RPD, TPM, any may be absent).
-``TenantQuotas`` maps tenants to tiers and admits a request against the tenant's limits
-for that model, all or nothing, before it joins any queue: a tenant over its own quota is
+A ``Tier`` names limits per model (``TierLimits``: RPM, RPD, TPM, any may be absent) and,
+beside them, limits ``shared`` by every model of the tier, so a request that falls back to
+another model spends the same allowance rather than a fresh one. ``TenantQuotas`` maps
+tenants to tiers and admits a request against the tenant's limits for that model and the
+shared ones, all or nothing, before it joins any queue: a tenant over its own quota is
 told at once with ``TenantLimitError`` and a ``retry_after`` (it is their quota, not
 congestion). Counters live in a ``Store``, so with ``SQLiteStore`` a tenant's day survives a
-restart.
+restart. Tiers and membership can be replaced while requests run (``TenantQuotas.reload``).
+
+A tenant is known by one identity, :func:`tenant_id`: a string as given, an integer as its
+decimal string (``42`` and ``"42"`` are the same tenant), None for a request that names no
+tenant (the default tier's, when there is one, all such requests counted together).
 
 Minute windows (RPM, TPM) slide, approximately, as Cloudflare's rate limiter does: two fixed
 one-minute counters, and the previous minute's count is taken in proportion to the part of
@@ -35,7 +41,15 @@ from ..errors import StoreUnavailableError, TenantLimitError
 from ..priority import Priority
 from .store import MemoryStore, Store
 
-__all__ = ["DimensionStatus", "TenantGrant", "TenantQuotas", "Tier", "TierLimits", "zone"]
+__all__ = [
+    "DimensionStatus",
+    "TenantGrant",
+    "TenantQuotas",
+    "Tier",
+    "TierLimits",
+    "tenant_id",
+    "zone",
+]
 
 logger = logging.getLogger("asyncquota.governance")
 
@@ -94,21 +108,55 @@ class TierLimits:
 UNLIMITED = TierLimits()
 
 
+def tenant_id(tenant: object) -> str | None:
+    """The one identity of a tenant, under which its tier and counters are found.
+
+    The rule: a string is itself; an integer is its decimal string, so ``42`` and ``"42"``
+    are the same tenant (a TOML key, a header, a database id all end up as one); None is
+    no tenant. Nothing else is guessed at: a float (is ``42.0`` tenant ``"42"``?), a bool,
+    bytes or a tuple is refused, as is the empty string.
+
+    Raises:
+        TypeError: a tenant that is not a str, an int or None.
+        ValueError: the empty string.
+    """
+    if tenant is None:
+        return None
+    if isinstance(tenant, str):
+        if not tenant:
+            raise ValueError("A tenant id must not be empty; use None for no tenant.")
+        return str(tenant)  # str(): a subclass (a StrEnum member) as its text
+    if isinstance(tenant, int) and not isinstance(tenant, bool):
+        return str(int(tenant))  # int(): an IntEnum member as its number, not its name
+    raise TypeError(
+        f"A tenant id must be a str, an int or None, not {type(tenant).__name__} "
+        f"({tenant!r}); tenants are told apart by text, and an int by its decimal string."
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Tier:
-    """A named set of per-model limits that tenants subscribe to.
+    """A named set of limits that tenants subscribe to: per model, and shared by all.
+
+    A request on a model counts against the model's own limits and against ``shared``:
+    with ``models={"*": TierLimits(rpm=20)}`` and ``shared=TierLimits(rpd=200)``, a tenant
+    sends 20 a minute to each model but 200 a day in all, so falling back to another
+    model does not open a fresh day.
 
     Attributes:
         name: the tier's name, as tenants refer to it.
-        models: model name → its limits; the key ``"*"`` applies to every model not named.
-            A model neither named nor covered by ``"*"`` is unlimited. Copied read-only.
+        models: model name → its limits; the key ``"*"`` applies to every model not named
+            (to each on its own). A model neither named nor covered by ``"*"`` has no
+            limits of its own. Copied read-only.
+        shared: limits on the tier's models together (default: none).
 
     Raises:
-        ValueError: an empty name, or a value that is not a ``TierLimits``.
+        ValueError: an empty name, or limits that are not a ``TierLimits``.
     """
 
     name: str
     models: Mapping[str, TierLimits]
+    shared: TierLimits = UNLIMITED
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -123,6 +171,11 @@ class Tier:
                     f"Tier {self.name!r}: the limits of model {model!r} must be a "
                     f"TierLimits, not {type(limits).__name__}."
                 )
+        if not isinstance(self.shared, TierLimits):
+            raise ValueError(
+                f"Tier {self.name!r}: its shared limits must be a TierLimits, not "
+                f"{type(self.shared).__name__}."
+            )
         object.__setattr__(self, "models", MappingProxyType(dict(self.models)))
 
     def limits_for(self, model: str) -> TierLimits:
@@ -138,7 +191,9 @@ class DimensionStatus:
     """Where one quota dimension stands: used, limit, what remains and when it frees.
 
     Attributes:
-        dimension: ``"rpm"``, ``"rpd"``, ``"tpm"``, ``"budget"``, ``"tenant_budget"``, ...
+        dimension: ``"rpm"``, ``"rpd"``, ``"tpm"`` (a tier's limits on one model),
+            ``"tier_rpm"``, ``"tier_rpd"``, ``"tier_tpm"`` (its limits shared by all
+            models), ``"budget"``, ``"tenant_budget"``, ...
         used: what is counted in the current window.
         limit: the limit, or None when the dimension is unlimited.
         remaining: ``limit - used`` (never below 0), or None when unlimited.
@@ -231,6 +286,11 @@ class _Window:
 
 _Charge = tuple[str, float, float]  # (key, amount, expires_at): one change to one counter
 
+SHARED_PREFIX = "tier_"
+"""Prefix of the dimensions of a tier's shared limits (``tier_rpd``), beside ``rpd``."""
+
+_TOKEN_DIMENSIONS = frozenset({"tpm", SHARED_PREFIX + "tpm"})
+
 
 class TenantGrant:
     """A request's admission against its tenant's tier (from ``TenantQuotas.admit``):
@@ -239,10 +299,11 @@ class TenantGrant:
     ``reconcile(actual_tokens)`` when the upstream reports the real usage (the tokens
     counted at admission are refunded or topped up), or ``cancel()`` when the request was
     never sent (the request and its tokens are refunded). A grant for a tenant without
-    limits changes nothing but still ends once.
+    limits changes nothing but still ends once. A grant settles the counters it was
+    admitted on, even after ``TenantQuotas.reload`` changed the tenant's tier.
 
     Attributes:
-        tenant: the tenant admitted (None for none).
+        tenant: the tenant admitted, as :func:`tenant_id` reads it (None for none).
         model: the model it was admitted for.
         tokens: the tokens counted at admission.
     """
@@ -252,11 +313,11 @@ class TenantGrant:
     def __init__(
         self,
         quotas: TenantQuotas,
-        tenant: Hashable | None,
+        tenant: str | None,
         model: str,
         tokens: float,
         charges: tuple[_Charge, ...],
-        tpm: _Charge | None,
+        tpm: tuple[_Charge, ...],
     ) -> None:
         self._quotas = quotas
         self.tenant = tenant
@@ -269,8 +330,9 @@ class TenantGrant:
     async def reconcile(self, actual_tokens: float) -> None:
         """Count ``actual_tokens`` instead of the estimate against tokens per minute.
 
-        The difference goes to the minute the request was admitted in, so an estimate
-        that was too high frees room at once.
+        The difference goes to the minute the request was admitted in (of the model's
+        limit and of the tier's shared one), so an estimate that was too high frees room
+        at once.
 
         Raises:
             ValueError: ``actual_tokens`` not a finite number >= 0.
@@ -278,9 +340,9 @@ class TenantGrant:
         """
         _check_tokens(actual_tokens, "actual_tokens")
         self._end()
-        if self._tpm is not None and actual_tokens != self.tokens:
-            key, _, expires_at = self._tpm
-            await self._quotas._settle(((key, actual_tokens - self.tokens, expires_at),))
+        if actual_tokens != self.tokens:
+            difference = actual_tokens - self.tokens
+            await self._quotas._settle(tuple((key, difference, exp) for key, _, exp in self._tpm))
 
     async def cancel(self) -> None:
         """The request was never sent: give back the request and its tokens.
@@ -327,54 +389,122 @@ def _check_tokens(tokens: float, name: str) -> None:
 _UNITS = {"rpm": "requests per minute", "rpd": "requests per day", "tpm": "tokens per minute"}
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Tiers, membership and the days' zone: checked whole, replaced whole, read once a call."""
+
+    tiers: Mapping[str, Tier]
+    members: Mapping[str, Tier]
+    default: Tier | None
+    zone: ZoneInfo
+
+    @classmethod
+    def build(
+        cls,
+        tiers: Sequence[Tier],
+        tenants: Mapping[Hashable, str],
+        default_tier: str | None,
+        timezone: str,
+    ) -> _Plan:
+        by_name: dict[str, Tier] = {}
+        for index, tier in enumerate(tiers):
+            if not isinstance(tier, Tier):
+                raise ValueError(f"tiers[{index}] must be a Tier, not {type(tier).__name__}.")
+            if tier.name in by_name:
+                raise ValueError(f"tiers[{index}] repeats the tier name {tier.name!r}.")
+            by_name[tier.name] = tier
+        known = ", ".join(repr(name) for name in by_name) or "none"
+        members: dict[str, Tier] = {}
+        for tenant, name in tenants.items():
+            who = tenant_id(tenant)
+            if who is None:
+                raise ValueError(
+                    "tenants lists None; requests naming no tenant take the default_tier."
+                )
+            if name not in by_name:
+                raise ValueError(
+                    f"Tenant {who!r} is assigned to unknown tier {name!r}; known tiers: {known}."
+                )
+            if members.get(who, by_name[name]) is not by_name[name]:
+                raise ValueError(
+                    f"Tenant {who!r} is listed twice (as {tenant!r} too), in tiers "
+                    f"{members[who].name!r} and {name!r}; an int and its decimal string "
+                    "are one tenant."
+                )
+            members[who] = by_name[name]
+        if default_tier is not None and default_tier not in by_name:
+            raise ValueError(
+                f"default_tier {default_tier!r} is not a known tier; known tiers: {known}."
+            )
+        return cls(
+            tiers=MappingProxyType(by_name),
+            members=MappingProxyType(members),
+            default=None if default_tier is None else by_name[default_tier],
+            zone=zone(timezone),
+        )
+
+    def tier_of(self, tenant: str | None) -> Tier | None:
+        tier = None if tenant is None else self.members.get(tenant)
+        return self.default if tier is None else tier
+
+
 class TenantQuotas:
-    """Each tenant's tier limits, per model: admits requests all or nothing, or refuses them.
+    """Each tenant's tier limits: admits requests all or nothing, or refuses them.
 
     ``admit`` counts one request against RPM and RPD and the request's token estimate
-    against TPM, for that tenant and model, and returns a ``TenantGrant`` to settle when the
-    request ends. Over any limit it refuses at once with ``TenantLimitError`` carrying the
-    dimension and a ``retry_after``: the seconds until that window frees enough for this
-    request if nothing else changes, computed from the same sliding estimate that admits
-    (so a caller that waits it is admitted), rounded up to the millisecond. For a minute
-    window it is at most 60 s plus the request's share of the limit (60 × amount / limit):
-    a minute spent entirely in its first second is still counted whole at the next minute's
-    start, and leaves evenly from then. When several limits refuse, the longest wait is
-    reported. A request larger than a limit can never pass: its ``retry_after`` is None.
+    against TPM, for that tenant, on the model's own limits and on the tier's shared ones,
+    and returns a ``TenantGrant`` to settle when the request ends. Over any limit it
+    refuses at once with ``TenantLimitError`` carrying the dimension (``"rpd"``, or
+    ``"tier_rpd"`` for a shared limit) and a ``retry_after``: the seconds until that
+    window frees enough for this request if nothing else changes, computed from the same
+    sliding estimate that admits (so a caller that waits it is admitted), rounded up to the
+    millisecond. For a minute window it is at most 60 s plus the request's share of the
+    limit (60 × amount / limit): a minute spent entirely in its first second is still
+    counted whole at the next minute's start, and leaves evenly from then. When several
+    limits refuse, the longest wait is reported. A request larger than a limit can never
+    pass: its ``retry_after`` is None.
 
     Admission reserves the dimensions one by one and, when one refuses, refunds the ones it
     took (the ``Store`` has no multi-key transaction): counters can be high for a moment,
     never past a limit, and a concurrent request may be refused in that moment.
 
+    Tenants are told apart by :func:`tenant_id` (``42`` and ``"42"`` are one tenant), at
+    every entry: the constructor's and ``reload``'s ``tenants``, ``admit``, ``status``,
+    ``tier_of``. A tenant not listed, and a request naming no tenant (None), take
+    ``default_tier``; without one they are unlimited. All requests naming no tenant share
+    one set of counters.
+
     Counters are kept in ``store`` under ``tier:{tenant}:{model}:{dimension}:{window}``
-    (tenant and model percent-encoded; window = the Unix minute number, or the ISO date in
-    the time zone), so they are shared by every ``TenantQuotas`` on the same store and, with
-    ``SQLiteStore``, survive a restart. Tenants are told apart by ``str(tenant)``. The store
-    is not closed by this object (others may share it).
+    (tenant and model percent-encoded, ``*`` for no tenant and for the shared limits;
+    window = the Unix minute number, or the ISO date in the time zone), so they are shared
+    by every ``TenantQuotas`` on the same store and, with ``SQLiteStore``, survive a
+    restart. The store is not closed by this object (others may share it).
 
     Args:
         tiers: the tiers, with unique names.
         tenants: tenant → the name of its tier.
-        default_tier: the tier of tenants not listed (None: they are unlimited).
+        default_tier: the tier of tenants not listed and of requests naming no tenant
+            (None: they are unlimited).
         store: where counters live (default: a new ``MemoryStore``).
-        timezone: the IANA zone whose midnight ends a day (default UTC).
+        timezone: the IANA zone whose midnight ends a tenant's day (default UTC); it may
+            differ from the budget's, whose months are another matter.
         wall_clock: Unix time; the only clock read.
 
     Raises:
         ValueError: duplicate tier names, a tenant or ``default_tier`` naming an unknown
-            tier, or an unknown time zone.
+            tier, a tenant listed twice in different tiers (``42`` and ``"42"``), None or
+            ``""`` as a tenant, or an unknown time zone.
+        TypeError: a tenant that is not a str or an int.
     """
 
     __slots__ = (
         "_admitted",
         "_open",
+        "_plan",
         "_refused",
         "_settling",
         "_store",
-        "_tenants",
-        "_tiers",
         "_wall_clock",
-        "_zone",
-        "default_tier",
     )
 
     def __init__(
@@ -387,29 +517,9 @@ class TenantQuotas:
         timezone: str = "UTC",
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self._tiers: dict[str, Tier] = {}
-        for index, tier in enumerate(tiers):
-            if not isinstance(tier, Tier):
-                raise ValueError(f"tiers[{index}] must be a Tier, not {type(tier).__name__}.")
-            if tier.name in self._tiers:
-                raise ValueError(f"tiers[{index}] repeats the tier name {tier.name!r}.")
-            self._tiers[tier.name] = tier
-        known = ", ".join(repr(name) for name in self._tiers) or "none"
-        self._tenants: dict[Hashable, Tier] = {}
-        for tenant, name in tenants.items():
-            if name not in self._tiers:
-                raise ValueError(
-                    f"Tenant {tenant!r} is assigned to unknown tier {name!r}; known tiers: {known}."
-                )
-            self._tenants[tenant] = self._tiers[name]
-        if default_tier is not None and default_tier not in self._tiers:
-            raise ValueError(
-                f"default_tier {default_tier!r} is not a known tier; known tiers: {known}."
-            )
+        self._plan = _Plan.build(tiers, tenants, default_tier, timezone)
         if not callable(wall_clock):
             raise ValueError("wall_clock must be a callable returning Unix time in seconds.")
-        self.default_tier = default_tier
-        self._zone = zone(timezone)
         self._wall_clock = wall_clock
         self._store: Store = store if store is not None else MemoryStore(wall_clock=wall_clock)
         self._settling: set[asyncio.Task[None]] = set()
@@ -417,14 +527,58 @@ class TenantQuotas:
         self._refused = 0
         self._open = 0
 
+    @property
+    def default_tier(self) -> str | None:
+        """The name of the tier of unlisted tenants and of no tenant (None: unlimited)."""
+        default = self._plan.default
+        return None if default is None else default.name
+
+    @property
+    def timezone(self) -> str:
+        """The IANA zone whose midnight ends a tenant's day."""
+        return self._plan.zone.key
+
+    def reload(
+        self,
+        *,
+        tiers: Sequence[Tier],
+        tenants: Mapping[Hashable, str],
+        default_tier: str | None = None,
+        timezone: str | None = None,
+    ) -> None:
+        """Replace the tiers, the membership and the default tier at once, while running.
+
+        Everything is checked first, as the constructor checks it; on any error nothing
+        changes. Then the new set replaces the old in one step: an admission or a status
+        reads the one or the other, never a mix. Counters are kept by tenant, model and
+        window, not by tier, so what a tenant has used this minute and today still counts
+        against whatever limits it has now (a tenant moved from free to pro keeps its 150
+        requests of today against pro's 2 000); a limit that no longer exists is no longer
+        read, and its counters expire. Grants in flight settle the counters they were
+        admitted on, whatever the new tiers say. The store, the clock and the statistics
+        stay.
+
+        Args:
+            tiers, tenants, default_tier: as for the constructor (the whole new set, not
+                changes to the old one).
+            timezone: the zone of tenants' days (None: keep the current one). A new zone
+                counts days under the new zone's date from now on, so today's RPD count
+                starts afresh when the date differs there.
+
+        Raises:
+            ValueError, TypeError: as the constructor's; the old configuration stays.
+        """
+        zone_name = self._plan.zone.key if timezone is None else timezone
+        self._plan = _Plan.build(tiers, tenants, default_tier, zone_name)
+
     def tier_of(self, tenant: Hashable | None) -> Tier | None:
-        """The tier ``tenant`` belongs to (the default for unlisted tenants); None: no limits."""
-        if tenant is None:
-            return None
-        tier = self._tenants.get(tenant)
-        if tier is None and self.default_tier is not None:
-            tier = self._tiers[self.default_tier]
-        return tier
+        """The tier ``tenant`` belongs to: its own, else the default (also for None);
+        None: no limits.
+
+        Raises:
+            TypeError, ValueError: ``tenant`` is not a tenant id (see :func:`tenant_id`).
+        """
+        return self._plan.tier_of(tenant_id(tenant))
 
     async def admit(
         self,
@@ -436,22 +590,24 @@ class TenantQuotas:
     ) -> TenantGrant:
         """Count one request and ``tokens`` for ``tenant`` on ``model``, or refuse it whole.
 
-        A tenant of None, or one whose tier puts no limit on ``model``, gets a grant that
-        changes nothing (no store call). Safe under cancellation: a cancelled admission
-        gives back whatever it had counted.
+        A tenant without a tier, or whose tier puts no limit on ``model`` and none shared,
+        gets a grant that changes nothing (no store call). Safe under cancellation: a
+        cancelled admission gives back whatever it had counted.
 
         Raises:
             TenantLimitError: over a limit; nothing is counted. ``dimension`` names the
                 limit, ``retry_after`` the seconds until it frees enough (None: never).
-            ValueError: ``tokens`` not a finite number >= 0.
+            ValueError: ``tokens`` not a finite number >= 0, or the empty tenant.
+            TypeError: ``tenant`` is neither a str, an int nor None.
         """
         _check_tokens(tokens, "tokens")
-        tier = self.tier_of(tenant)
-        limits = UNLIMITED if tier is None else tier.limits_for(model)
-        if tier is None or limits.unlimited:
+        who = tenant_id(tenant)
+        plan = self._plan
+        tier = plan.tier_of(who)
+        windows = [] if tier is None else self._windows(who, model, tier, tokens, plan.zone)
+        if tier is None or not windows:
             self._admitted += 1
-            return TenantGrant(self, tenant, model, tokens, (), None)
-        windows = self._windows(tenant, model, limits, tokens)
+            return TenantGrant(self, who, model, tokens, (), ())
         keys = [w.previous_key for w in windows if w.previous_key is not None]
         previous = dict(zip(keys, await self._store.get(keys), strict=True))
         taken: list[_Charge] = []
@@ -471,21 +627,31 @@ class TenantQuotas:
                 await self._settle(tuple((key, -amount, exp) for key, amount, exp in taken))
         if refused is not None:
             self._refused += 1
-            raise await self._refusal(tenant, tier, model, windows, refused, priority)
+            raise await self._refusal(who, tier, model, windows, refused, priority)
         self._admitted += 1
         self._open += 1
-        tpm = next((c for c, w in zip(taken, windows, strict=True) if w.dimension == "tpm"), None)
-        return TenantGrant(self, tenant, model, tokens, tuple(taken), tpm)
+        tpm = tuple(
+            charge
+            for charge, window in zip(taken, windows, strict=True)
+            if window.dimension in _TOKEN_DIMENSIONS
+        )
+        return TenantGrant(self, who, model, tokens, tuple(taken), tpm)
 
-    async def status(self, tenant: Hashable, model: str) -> list[DimensionStatus]:
-        """Used, limit, remaining and reset time of each limited dimension (rpm, rpd, tpm).
+    async def status(self, tenant: Hashable | None, model: str) -> list[DimensionStatus]:
+        """Used, limit, remaining and reset time of each limited dimension on ``model``.
 
-        Dimensions without a limit are left out: a tenant with no limits on ``model`` gets
-        an empty list. A minute window's ``used`` is the sliding estimate (fractional).
+        The model's own limits come first (``rpm``, ``rpd``, ``tpm``), then the tier's
+        shared ones (``tier_rpm``, ``tier_rpd``, ``tier_tpm``). Dimensions without a limit
+        are left out: a tenant with no limits on ``model`` gets an empty list. A minute
+        window's ``used`` is the sliding estimate (fractional).
+
+        Raises:
+            TypeError, ValueError: ``tenant`` is not a tenant id (see :func:`tenant_id`).
         """
-        tier = self.tier_of(tenant)
-        limits = UNLIMITED if tier is None else tier.limits_for(model)
-        windows = self._windows(tenant, model, limits, 0.0)
+        who = tenant_id(tenant)
+        plan = self._plan
+        tier = plan.tier_of(who)
+        windows = [] if tier is None else self._windows(who, model, tier, 0.0, plan.zone)
         counts = await self._counts(windows)
         statuses = []
         for window, (previous, current) in zip(windows, counts, strict=True):
@@ -502,17 +668,20 @@ class TenantQuotas:
         return statuses
 
     def _windows(
-        self, tenant: Hashable | None, model: str, limits: TierLimits, tokens: float
+        self, tenant: str | None, model: str, tier: Tier, tokens: float, tz: ZoneInfo
     ) -> list[_Window]:
-        """The limited windows of a request made now, in the order rpm, rpd, tpm."""
+        """The limited windows of a request made now: the model's rpm, rpd, tpm, then the
+        tier's shared ones."""
         now = self._wall_clock()
-        prefix = f"tier:{quote(str(tenant), safe='')}:{quote(model, safe='')}"
+        who = "*" if tenant is None else quote(tenant, safe="")
         minute = math.floor(now / MINUTE)
         minute_end = (minute + 1) * MINUTE
 
-        def minute_window(dimension: str, limit: float, amount: float) -> _Window:
+        def minute_window(
+            prefix: str, scope: str, dimension: str, limit: float, amount: float
+        ) -> _Window:
             return _Window(
-                dimension=dimension,
+                dimension=scope + dimension,
                 limit=limit,
                 amount=amount,
                 now=now,
@@ -523,25 +692,29 @@ class TenantQuotas:
                 previous_key=f"{prefix}:{dimension}:{minute - 1}",
             )
 
-        windows = []
-        if limits.rpm is not None:
-            windows.append(minute_window("rpm", limits.rpm, 1.0))
-        if limits.rpd is not None:
-            day, day_end = _day(now, self._zone)
-            windows.append(
-                _Window(
-                    dimension="rpd",
-                    limit=limits.rpd,
-                    amount=1.0,
-                    now=now,
-                    key=f"{prefix}:rpd:{day}",
-                    expires_at=day_end + EXPIRY_MARGIN,
-                    resets_at=day_end,
-                    previous_key=None,
+        windows: list[_Window] = []
+        for prefix, scope, limits in (
+            (f"tier:{who}:{quote(model, safe='')}", "", tier.limits_for(model)),
+            (f"tier:{who}:*", SHARED_PREFIX, tier.shared),
+        ):
+            if limits.rpm is not None:
+                windows.append(minute_window(prefix, scope, "rpm", limits.rpm, 1.0))
+            if limits.rpd is not None:
+                day, day_end = _day(now, tz)
+                windows.append(
+                    _Window(
+                        dimension=scope + "rpd",
+                        limit=limits.rpd,
+                        amount=1.0,
+                        now=now,
+                        key=f"{prefix}:rpd:{day}",
+                        expires_at=day_end + EXPIRY_MARGIN,
+                        resets_at=day_end,
+                        previous_key=None,
+                    )
                 )
-            )
-        if limits.tpm is not None:
-            windows.append(minute_window("tpm", limits.tpm, tokens))
+            if limits.tpm is not None:
+                windows.append(minute_window(prefix, scope, "tpm", limits.tpm, tokens))
         return windows
 
     async def _counts(self, windows: Sequence[_Window]) -> list[tuple[float, float]]:
@@ -557,7 +730,7 @@ class TenantQuotas:
 
     async def _refusal(
         self,
-        tenant: Hashable | None,
+        tenant: str | None,
         tier: Tier,
         model: str,
         windows: Sequence[_Window],
@@ -574,18 +747,25 @@ class TenantQuotas:
             wait = waits[window.dimension]
             if worst_wait is not None and (wait is None or wait > worst_wait):
                 worst, worst_wait = window, wait
-        what = f"{worst.limit:g} {_UNITS[worst.dimension]}"
-        who = f"Tenant {tenant!r} (tier {tier.name!r})"
+        shared = worst.dimension.startswith(SHARED_PREFIX)
+        limit = f"{worst.limit:g} {_UNITS[worst.dimension.removeprefix(SHARED_PREFIX)]}"
+        if shared:
+            limit += " across all models of its tier"
+        who = "Requests naming no tenant" if tenant is None else f"Tenant {tenant!r}"
+        who += f" (tier {tier.name!r})"
+        verb, their = ("are", "their") if tenant is None else ("is", "its")
         if worst_wait is None:
             message = (
                 f"{who} can never send this request to {model!r}: it needs "
-                f"{worst.amount:g}, more than its limit of {what}."
+                f"{worst.amount:g}, more than {their} limit of {limit}."
             )
             retry_after = None
         else:
             retry_after = _round_up_ms(worst_wait)
+            where = "" if shared else f" on {model!r}"
             message = (
-                f"{who} is over its limit of {what} on {model!r}; try again in {retry_after:g} s."
+                f"{who} {verb} over {their} limit of {limit}{where}; "
+                f"try again in {retry_after:g} s."
             )
         return TenantLimitError(
             message,
@@ -617,7 +797,8 @@ class TenantQuotas:
             await self._store.add(key, amount, expires_at=expires_at)
 
     def __repr__(self) -> str:
+        plan = self._plan
         return (
-            f"<TenantQuotas tiers={len(self._tiers)} tenants={len(self._tenants)} "
+            f"<TenantQuotas tiers={len(plan.tiers)} tenants={len(plan.members)} "
             f"admitted={self._admitted} refused={self._refused} open={self._open}>"
         )
