@@ -26,7 +26,7 @@ from asyncquota.governance.config import (
     parse_config,
 )
 from asyncquota.governance.routing import Model, Rule
-from asyncquota.governance.tiers import Tier, TierLimits
+from asyncquota.governance.tiers import TenantQuotas, Tier, TierLimits
 
 
 def docstring_example() -> str:
@@ -113,7 +113,11 @@ def test_the_docstring_example_loads_from_a_file_into_the_objects_it_describes(
         fallbacks={"gpt-4o": ("claude-haiku", "gpt-4o-mini")},
         default_model="gpt-4o-mini",
         tiers=(
-            Tier(name="free", models={"*": TierLimits(rpm=20, rpd=200, tpm=40_000)}),
+            Tier(
+                name="free",
+                models={"*": TierLimits(rpm=20, rpd=200, tpm=40_000)},
+                shared=TierLimits(rpd=300),
+            ),
             Tier(
                 name="pro",
                 models={
@@ -124,6 +128,7 @@ def test_the_docstring_example_loads_from_a_file_into_the_objects_it_describes(
         ),
         tenants={"acme": "pro"},
         default_tier="free",
+        tenant_timezone="Asia/Shanghai",
         budget=BudgetSpec(
             monthly=5000.0, tenants={"acme": 1000.0}, downgrade_share=0.10, when_spent="downgrade"
         ),
@@ -529,6 +534,23 @@ INVALID: dict[str, tuple[Edit, str]] = {
         "timezone must be an IANA time zone name such as 'UTC' or 'Europe/Paris', not "
         "'Europe/Parsi'.",
     ),
+    "unknown time zone of tenants' days": (
+        setting("tenants", "timezone", to="Asia/Shanghia"),
+        "tenants.timezone: timezone must be an IANA time zone name such as 'UTC' or "
+        "'Europe/Paris', not 'Asia/Shanghia'.",
+    ),
+    "tenants' time zone not a string": (
+        setting("tenants", "timezone", to=8),
+        "tenants.timezone must be a non-empty string, not 8.",
+    ),
+    "misspelt shared tier limit": (
+        setting("tiers", "free", "shared", to={"rpds": 300}),
+        "tiers.free.shared.rpds is not a known field; did you mean rpd?",
+    ),
+    "shared tier limit zero": (
+        setting("tiers", "free", "shared", "rpd", to=0),
+        "tiers.free.shared.rpd must be a positive whole number, not 0.",
+    ),
     "auth without a key to send": (
         removing("upstreams", "anthropic", "api_key_env"),
         "upstreams.anthropic.auth says how to send a key, but upstreams.anthropic.api_key_env "
@@ -547,6 +569,42 @@ def test_an_invalid_configuration_fails_at_load_naming_the_field(edit: Edit, mes
 
     assert str(caught.value) == message
     assert isinstance(caught.value, ValueError)
+
+
+def test_a_tiers_shared_key_cannot_be_read_two_ways() -> None:
+    data = example_data()
+    data["models"]["shared"] = dict(data["models"]["gpt-4o-mini"])
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+
+    assert str(caught.value) == (
+        "tiers.free.shared is ambiguous: 'shared' holds the limits every model of the tier "
+        "shares, and is also a model's name; rename that model (its api_name keeps the name "
+        "sent upstream)."
+    )
+    # A model named "shared" is fine where no tier uses the key.
+    del data["tiers"]["free"]["shared"]
+    assert parse_config(data).tiers[0].shared == TierLimits()
+
+
+def test_tenants_days_take_the_top_time_zone_unless_tenants_name_their_own() -> None:
+    data = example_data()
+    del data["tenants"]["timezone"]
+    loaded = parse_config(data)
+    assert (loaded.timezone, loaded.tenant_timezone) == ("Europe/Paris", None)
+    assert parse_config(tomllib.loads(MINIMAL)).tenant_timezone is None
+
+
+def test_tenant_ids_in_the_file_are_the_strings_an_int_tenant_is_read_as() -> None:
+    data = example_data()
+    data["tenants"]["members"]["42"] = "free"
+    loaded = parse_config(data)
+    quotas = TenantQuotas(
+        tiers=loaded.tiers, tenants=dict(loaded.tenants), default_tier=loaded.default_tier
+    )
+    assert quotas.tier_of(42) is quotas.tier_of("42") is loaded.tiers[0]
+    assert quotas.tier_of("acme") is loaded.tiers[1]
 
 
 def test_the_same_mistake_in_a_file_fails_at_load_config(tmp_path: Path) -> None:

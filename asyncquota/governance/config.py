@@ -29,7 +29,8 @@ A file nested too deeply to read, a base URL or a path that is wrong, fail with
 Every section is optional except ``upstreams`` and ``models``. A relative ``store`` path is
 taken from the TOML file's folder. A complete example, which the tests load as written::
 
-    timezone = "Europe/Paris"          # day and month windows (default "UTC")
+    timezone = "Europe/Paris"          # budget months, and tenants' days unless
+                                       # [tenants] names its own (default "UTC")
     store = "quota.sqlite3"            # SQLite file, relative to this file's folder;
                                        # absent: counters live in memory
 
@@ -80,15 +81,20 @@ taken from the TOML file's folder. A complete example, which the tests load as w
     ]
 
     [tiers.free]
-    "*" = { rpm = 20, rpd = 200, tpm = 40000 }   # "*": every model not named
+    "*" = { rpm = 20, rpd = 200, tpm = 40000 }   # "*": each model not named, on its own
+    shared = { rpd = 300 }             # every model together: a fallback spends the same
+                                       # allowance, not a fresh one
     [tiers.pro]
     "*" = { rpm = 600, rpd = 20000 }
     "gpt-4o" = { rpm = 100, tpm = 400000 }
 
     [tenants]
-    default_tier = "free"              # the tier of tenants not listed (absent: unlimited)
+    default_tier = "free"              # the tier of tenants not listed, and of requests
+                                       # naming no tenant (absent: unlimited)
+    timezone = "Asia/Shanghai"         # whose midnight ends a tenant's day (RPD); default:
+                                       # the timezone above
     [tenants.members]
-    acme = "pro"
+    acme = "pro"                       # a tenant given as 42 is the member "42"
 
     [budget]
     monthly = 5000.0                   # $ per calendar month in the time zone
@@ -254,7 +260,8 @@ class GovernanceConfig:
     """A whole governance configuration, checked: what ``Gateway.from_config`` builds from.
 
     Attributes:
-        timezone: the IANA zone of day and month windows.
+        timezone: the IANA zone of the budget's months, and of tenants' days unless
+            ``tenant_timezone`` is set.
         store: the SQLite file of the counters (None: in memory); relative to the TOML
             file's folder when loaded from a file.
         upstreams: the upstreams, in file order.
@@ -262,9 +269,13 @@ class GovernanceConfig:
         rules: the routing table, in order.
         fallbacks: model name → the models to fall back to, for models that name some.
         default_model: the model of requests no rule matches (None: NoRouteError).
-        tiers: the tenant tiers.
+        tiers: the tenant tiers (``shared`` from the reserved key ``shared`` of a tier's
+            table: limits on all its models together).
         tenants: tenant → its tier's name.
-        default_tier: the tier of tenants not listed (None: they are unlimited).
+        default_tier: the tier of tenants not listed and of requests naming no tenant
+            (None: they are unlimited).
+        tenant_timezone: the IANA zone whose midnight ends a tenant's day
+            (``[tenants] timezone``); None: ``timezone``.
         budget: the budget (None: no budget section, spend is not guarded).
         alerts: the usage monitor (None: no alerts section, no monitor).
     """
@@ -279,6 +290,7 @@ class GovernanceConfig:
     tiers: tuple[Tier, ...] = ()
     tenants: Mapping[str, str] = field(default_factory=dict)
     default_tier: str | None = None
+    tenant_timezone: str | None = None
     budget: BudgetSpec | None = None
     alerts: AlertsSpec | None = None
 
@@ -360,7 +372,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Go
     tiers = tuple(
         _tier(name, table, known_models) for name, table in top.get("tiers", _named, {}).items()
     )
-    tenants, default_tier = _tenants(top, {tier.name for tier in tiers})
+    tenants, default_tier, tenant_timezone = _tenants(top, {tier.name for tier in tiers})
     # Spelt out because Mapping keys are invariant and TenantQuotas takes any Hashable tenant.
     members: dict[Hashable, str] = {tenant: tier for tenant, tier in tenants.items()}
     with _reported("tenants: "):
@@ -368,7 +380,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Go
             tiers=tiers,
             tenants=members,
             default_tier=default_tier,
-            timezone=timezone,
+            timezone=tenant_timezone or timezone,
         )
     budget = top.get("budget", _budget, None)
     alerts = top.get("alerts", _alerts, None)
@@ -383,6 +395,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Go
         tiers=tiers,
         tenants=tenants,
         default_tier=default_tier,
+        tenant_timezone=tenant_timezone,
         budget=budget,
         alerts=alerts,
     )
@@ -516,36 +529,60 @@ def _routing(top: _Table, models: Collection[str]) -> tuple[tuple[Rule, ...], st
     return tuple(rules), default_model
 
 
+# The key of a tier's table that holds the limits all its models share, beside "*" and the
+# models' own names.
+_SHARED = "shared"
+
+
 def _tier(name: str, data: object, models: Collection[str]) -> Tier:
     path = _join("tiers", name)
     limits = {}
-    for model, entry in _named(data, path).items():
-        where = _join(path, model)
-        if model != "*":
-            _known(model, models, where, "model")
-        table = _Table(entry, where, ("rpm", "rpd", "tpm"))
-        limits[model] = TierLimits(
-            rpm=table.get("rpm", _whole_number, None),
-            rpd=table.get("rpd", _whole_number, None),
-            tpm=table.get("tpm", _whole_number, None),
-        )
+    shared = TierLimits()
+    for key, entry in _named(data, path).items():
+        where = _join(path, key)
+        if key == _SHARED:
+            if key in models:
+                raise ConfigError(
+                    f"{where} is ambiguous: {_SHARED!r} holds the limits every model of the "
+                    f"tier shares, and is also a model's name; rename that model (its "
+                    "api_name keeps the name sent upstream)."
+                )
+            shared = _tier_limits(entry, where)
+            continue
+        if key != "*":
+            _known(key, models, where, "model")
+        limits[key] = _tier_limits(entry, where)
     with _reported(f"{path}: "):
-        return Tier(name=name, models=limits)
+        return Tier(name=name, models=limits, shared=shared)
 
 
-def _tenants(top: _Table, tiers: Collection[str]) -> tuple[dict[str, str], str | None]:
+def _tier_limits(data: object, path: str) -> TierLimits:
+    table = _Table(data, path, ("rpm", "rpd", "tpm"))
+    return TierLimits(
+        rpm=table.get("rpm", _whole_number, None),
+        rpd=table.get("rpd", _whole_number, None),
+        tpm=table.get("tpm", _whole_number, None),
+    )
+
+
+def _tenants(top: _Table, tiers: Collection[str]) -> tuple[dict[str, str], str | None, str | None]:
+    """The members, the default tier and the zone of tenants' days (None: the top one's)."""
     if "tenants" not in top:
-        return {}, None
-    table = _Table(top.data["tenants"], "tenants", ("default_tier", "members"))
+        return {}, None, None
+    table = _Table(top.data["tenants"], "tenants", ("default_tier", "members", "timezone"))
     default_tier = table.get("default_tier", _string, None)
     if default_tier is not None:
         _known(default_tier, tiers, table.at("default_tier"), "tier")
+    timezone = table.get("timezone", _string, None)
+    if timezone is not None:
+        with _reported(f"{table.at('timezone')}: "):
+            zone(timezone)
     members = {}
     for tenant, tier in table.get("members", _named, {}).items():
         where = _join(table.at("members"), tenant)
         members[tenant] = _string(tier, where)
         _known(members[tenant], tiers, where, "tier")
-    return members, default_tier
+    return members, default_tier, timezone
 
 
 def _budget(data: object, path: str) -> BudgetSpec:
