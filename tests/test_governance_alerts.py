@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import logging
 import random
 import re
 import socket
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -18,11 +22,16 @@ from hypothesis import strategies as st
 
 from asyncquota.errors import ClosedError, TransportError, UpstreamError
 from asyncquota.governance.alerts import (
+    DEFAULT_THRESHOLDS,
+    WEBHOOK_PACES,
     Alert,
     CallbackSink,
     LoggingSink,
     MonitorStatistics,
+    Pace,
+    Route,
     ShedBatchAction,
+    Thresholds,
     UsageMonitor,
     WebhookSink,
 )
@@ -55,9 +64,18 @@ def levels(monitor: UsageMonitor, dimension: str, ratios: list[float]) -> list[s
 class Recorder:
     """A sink that keeps what it got, when it got it, and can be made slow or broken."""
 
-    def __init__(self, delay: float = 0.0, *, fail: BaseException | None = None) -> None:
+    def __init__(
+        self,
+        delay: float = 0.0,
+        *,
+        fail: BaseException | None = None,
+        pace: Pace | None = None,
+        route: Route | None = None,
+    ) -> None:
         self.delay = delay
         self.fail = fail
+        self.pace = pace
+        self.route = route
         self.got: list[tuple[float, Alert]] = []
         self.closed = False
 
@@ -114,6 +132,8 @@ def test_an_alert_carries_the_figures_a_default_sentence_the_family_action_and_w
         message="Usage of tenant:acme:gpt-4o:rpd reached 91 % of its limit (910 of 1000).",
         action="raise tier",
         at=T0,
+        kind="usage",
+        tenant="acme",
     )
 
 
@@ -133,27 +153,28 @@ def test_a_given_message_and_action_replace_the_defaults():
 
 
 @pytest.mark.parametrize(
-    ("dimension", "warning_action", "critical_action"),
+    ("dimension", "warns_at", "warning_action", "critical_action"),
     [
-        ("upstream:openai:requests", "enable fallback model", "shed batch traffic"),
-        ("tenant:acme:gpt-4o:rpd", "raise tier", "raise tier"),
-        ("budget", "downgrade to a cheaper model", "raise the budget"),
-        ("tenant_budget:acme", "downgrade to a cheaper model", "raise the tenant's budget"),
-        ("something:else", "review the quota", "review the quota"),
+        ("upstream:openai:requests", 0.7, "enable fallback model", "shed batch traffic"),
+        ("tenant:acme:gpt-4o:rpd", 0.7, "raise tier", "raise tier"),
+        ("budget", 0.8, "downgrade to a cheaper model", "raise the budget"),
+        ("tenant_budget:acme", 0.8, "downgrade to a cheaper model", "raise the tenant's budget"),
+        ("something:else", 0.7, "review the quota", "review the quota"),
     ],
 )
-def test_each_dimension_family_has_a_default_action_per_level(
-    dimension: str, warning_action: str, critical_action: str
+def test_each_dimension_family_has_its_warning_threshold_and_a_default_action_per_level(
+    dimension: str, warns_at: float, warning_action: str, critical_action: str
 ):
     monitor = quiet()
-    warning, critical = (monitor.observe(dimension, use, 1.0) for use in (0.7, 0.9))
+    assert monitor.observe(dimension, warns_at - 0.01, 1.0) is None
+    warning, critical = (monitor.observe(dimension, use, 1.0) for use in (warns_at, 0.9))
     assert warning is not None and critical is not None
     assert (warning.action, critical.action) == (warning_action, critical_action)
     assert critical.message == f"Usage of {dimension} reached 90 % of its limit (0.9 of 1)."
 
 
 def test_critical_fires_at_90_percent_after_the_warning_then_stays_quiet():
-    assert levels(quiet(), "budget", [0.7, 0.89, 0.9, 0.99, 1.2]) == [
+    assert levels(quiet(), "upstream:openai:requests", [0.7, 0.89, 0.9, 0.99, 1.2]) == [
         "warning",
         None,
         "critical",
@@ -165,7 +186,7 @@ def test_critical_fires_at_90_percent_after_the_warning_then_stays_quiet():
 def test_a_level_re_arms_only_when_use_falls_below_its_threshold_minus_the_hysteresis():
     monitor = quiet()
     # 0.66 is not below 0.70 - 0.05: no second warning; 0.64 is, and the next crossing fires.
-    assert levels(monitor, "budget", [0.7, 0.66, 0.72, 0.64, 0.7]) == [
+    assert levels(monitor, "upstream:openai:requests", [0.7, 0.66, 0.72, 0.64, 0.7]) == [
         "warning",
         None,
         None,
@@ -173,7 +194,7 @@ def test_a_level_re_arms_only_when_use_falls_below_its_threshold_minus_the_hyste
         "warning",
     ]
     # Critical re-arms below 0.85; the warning stays fired while use stays above 0.65.
-    assert levels(monitor, "budget", [0.9, 0.86, 0.95, 0.84, 0.8, 0.9]) == [
+    assert levels(monitor, "upstream:openai:requests", [0.9, 0.86, 0.95, 0.84, 0.8, 0.9]) == [
         "critical",
         None,
         None,
@@ -187,7 +208,7 @@ def test_a_jump_past_both_thresholds_fires_critical_only_and_the_passed_warning_
     monitor = quiet()
     # Falling back to 80 % after a critical fires no late warning; a new crossing after a
     # fall below 65 % fires the warning again.
-    assert levels(monitor, "budget", [0.1, 0.95, 0.8, 0.72, 0.6, 0.75]) == [
+    assert levels(monitor, "upstream:openai:requests", [0.1, 0.95, 0.8, 0.72, 0.6, 0.75]) == [
         None,
         "critical",
         None,
@@ -209,7 +230,7 @@ def test_dimensions_cross_independently():
 
 def test_thresholds_and_hysteresis_are_configurable():
     monitor = quiet(warning=0.5, critical=0.8, hysteresis=0.2)
-    assert levels(monitor, "budget", [0.5, 0.31, 0.5, 0.29, 0.8, 0.61, 0.8]) == [
+    assert levels(monitor, "upstream:openai:requests", [0.5, 0.31, 0.5, 0.29, 0.8, 0.61, 0.8]) == [
         "warning",
         None,
         None,
@@ -227,7 +248,7 @@ def test_every_alert_is_a_fresh_crossing_and_every_fresh_crossing_alerts(ratios:
     last_fired: dict[str, int] = {}
     below_all_since = True  # use has been below warning - hysteresis since the last alert
     for index, ratio in enumerate(ratios):
-        alert = monitor.observe("budget", ratio, 1.0)
+        alert = monitor.observe("upstream:openai:requests", ratio, 1.0)
         if alert is not None:
             assert ratio >= thresholds[alert.level]
             # Between two alerts of one level, use dipped below that level's re-arm point.
@@ -407,7 +428,7 @@ async def test_a_sink_that_raises_counts_as_failed_and_the_next_alert_is_still_s
 ):
     sink = Recorder(fail=ConnectionResetError("peer hung up"))
     async with UsageMonitor(sinks=[sink], wall_clock=virtual_clock()) as monitor:
-        monitor.observe("budget", 70, 100)
+        monitor.observe("budget", 80, 100)
         await asyncio.sleep(1)
         sink.fail = None
         monitor.observe("budget", 90, 100)
@@ -543,6 +564,8 @@ async def test_random_sinks_and_a_random_shutdown_account_for_every_delivery_exa
             Recorder(
                 delay=rng.choice([0.0, 0.3, 2.0, 10_000.0]),
                 fail=rng.choice([None, None, RuntimeError("down"), asyncio.CancelledError()]),
+                pace=rng.choice([None, Pace(1, per=2.0), Pace(3, per=5.0)]),
+                route=rng.choice([None, Route(min_level="critical"), Route(tenants={"t1"})]),
             )
             for _ in range(rng.randint(1, 4))
         ]
@@ -557,13 +580,16 @@ async def test_random_sinks_and_a_random_shutdown_account_for_every_delivery_exa
             monitor.observe(f"tenant:t{step % 3}:m:rpd", rng.uniform(0, 1.2), 1)
             await asyncio.sleep(rng.choice([0, 0.1, 1.0]))
             stats = monitor.statistics()
-            delivered = stats.sent + stats.failed + stats.dropped + stats.pending
+            delivered = stats.sent + stats.failed + stats.dropped + stats.pending + stats.skipped
             assert delivered == stats.fired * len(sinks)
         await monitor.aclose(grace=rng.choice([0, 0.2, 3.0]))
         stats = monitor.statistics()
         assert stats.pending == 0
-        assert stats.sent + stats.failed + stats.dropped == stats.fired * len(sinks)
-        assert stats.sent == sum(len(sink.got) for sink in sinks)
+        ended = stats.sent + stats.failed + stats.dropped + stats.skipped
+        assert ended == stats.fired * len(sinks)
+        got = [alert for sink in sinks for _, alert in sink.got]
+        assert stats.sent == sum(len(alert.folded) or 1 for alert in got)
+        assert stats.aggregated >= sum(len(alert.folded) for alert in got)
         assert only_the_test_task_is_left()
         assert now() - loop_start <= 20 * 1.0 + 3.0
 
@@ -579,8 +605,10 @@ class Hook:
 
     def __init__(self) -> None:
         self.bodies: list[object] = []
+        self.raw: list[bytes] = []
         self.headers: list[dict[str, str]] = []
         self.paths: list[str] = []
+        self.targets: list[str] = []  # the request line's target, exactly as sent
 
 
 @contextlib.asynccontextmanager
@@ -591,9 +619,11 @@ async def webhook(
     hook = Hook()
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        hook.raw.append(await request.read())
         hook.bodies.append(await request.json())
         hook.headers.append(dict(request.headers))
         hook.paths.append(request.path_qs)
+        hook.targets.append(request.raw_path)
         if answer is not None:
             return await answer(request)
         return web.json_response({"errcode": 0, "errmsg": "ok"})
@@ -645,6 +675,9 @@ TEXT = (
                 "message": "Tenant acme used 91 % of its gpt-4o requests today (910 of 1000).",
                 "action": "raise tier",
                 "at": T0,
+                "kind": "usage",
+                "tenant": None,
+                "folded": [],
             },
         ),
         ("wecom", {"msgtype": "text", "text": {"content": TEXT}}),
@@ -772,7 +805,10 @@ async def test_a_wecom_or_dingtalk_refusal_inside_a_200_is_a_failure():
     async with webhook(refuse) as (url, _):
         sink = WebhookSink(url, format="dingtalk")
         try:
-            with pytest.raises(UpstreamError, match=r"refused the message \(errcode 310000\)"):
+            with pytest.raises(
+                UpstreamError,
+                match=r"refused the message \(errcode 310000: keywords not in content\)\.$",
+            ):
                 await sink.send(critical_alert())
         finally:
             await sink.aclose()
@@ -810,3 +846,745 @@ def test_a_webhook_sink_refuses_bad_configuration_without_repeating_the_url(
     with pytest.raises(ValueError, match=message) as caught:
         WebhookSink(**options)  # type: ignore[arg-type]
     assert SECRET not in str(caught.value)
+
+
+# --- thresholds per dimension ------------------------------------------------------------------
+
+
+def test_the_budgets_warn_at_80_percent_by_default_whatever_the_monitors_own_pair():
+    assert quiet().thresholds("budget") == (
+        0.8,
+        0.9,
+        "downgrade to a cheaper model",
+        "raise the budget",
+    )
+    monitor = quiet(warning=0.5, critical=0.6)
+    assert monitor.thresholds("tenant_budget:acme") == (
+        0.8,
+        0.9,
+        "downgrade to a cheaper model",
+        "raise the tenant's budget",
+    )
+    assert monitor.thresholds("upstream:openai:tokens") == (
+        0.5,
+        0.6,
+        "enable fallback model",
+        "shed batch traffic",
+    )
+    assert levels(monitor, "budget", [0.6, 0.79, 0.8, 0.9]) == [None, None, "warning", "critical"]
+    assert DEFAULT_THRESHOLDS["budget"] == Thresholds(
+        warning=0.8,
+        critical=0.9,
+        warning_action="downgrade to a cheaper model",
+        critical_action="raise the budget",
+    )
+
+
+def test_a_dimensions_rule_is_the_first_that_matches_and_a_default_is_overridden_field_by_field():
+    monitor = quiet(
+        thresholds={
+            "tenant:*:gpt-4o:rpd": Thresholds(
+                warning=0.5, critical=0.75, critical_action="call the customer"
+            ),
+            "tenant:*": Thresholds(warning=0.6),
+            "budget": Thresholds(critical=0.95),
+        }
+    )
+    # The first rule sets both levels and the critical action; the warning action comes
+    # from the next rule that matches (tenant:*, merged over its default).
+    assert monitor.thresholds("tenant:acme:gpt-4o:rpd") == (
+        0.5,
+        0.75,
+        "raise tier",
+        "call the customer",
+    )
+    # A rule that sets one level takes the other from the monitor.
+    assert monitor.thresholds("tenant:acme:o1:rpd") == (0.6, 0.9, "raise tier", "raise tier")
+    # The budget keeps its 80 % warning and its actions; only the critical level moved.
+    assert monitor.thresholds("budget") == (
+        0.8,
+        0.95,
+        "downgrade to a cheaper model",
+        "raise the budget",
+    )
+    assert monitor.thresholds("something:else") == (
+        0.7,
+        0.9,
+        "review the quota",
+        "review the quota",
+    )
+    assert levels(monitor, "tenant:acme:gpt-4o:rpd", [0.49, 0.5, 0.74, 0.75]) == [
+        None,
+        "warning",
+        None,
+        "critical",
+    ]
+    alert = monitor.observe("tenant:bolt:gpt-4o:rpd", 80, 100)
+    assert alert is not None and alert.action == "call the customer"
+    assert levels(monitor, "budget", [0.9, 0.95]) == ["warning", "critical"]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: Thresholds(warning=0.9, critical=0.8),
+            "Alert thresholds must satisfy 0 < warning < critical <= 1; got warning=0.9 and "
+            "critical=0.8.",
+        ),
+        (
+            lambda: Thresholds(warning=1.5),
+            "A warning threshold must be above 0 and at most 1, not 1.5.",
+        ),
+        (
+            lambda: Thresholds(critical=float("nan")),
+            "A critical threshold must be above 0 and at most 1, not nan.",
+        ),
+        (
+            lambda: Thresholds(critical_action="  "),
+            "A critical_action must be a non-empty sentence, not '  '.",
+        ),
+        (
+            lambda: UsageMonitor(
+                warning=0.5, critical=0.6, thresholds={"x:*": Thresholds(warning=0.65)}
+            ),
+            "The thresholds of 'x:*' must satisfy warning < critical; with the monitor's "
+            "filled in they are warning=0.65 and critical=0.6.",
+        ),
+        (
+            lambda: UsageMonitor(
+                hysteresis=0.3, thresholds={"x:*": Thresholds(warning=0.25, critical=0.5)}
+            ),
+            "hysteresis must be at least 0 and below warning (0.25), not 0.3.",
+        ),
+        (
+            lambda: UsageMonitor(thresholds={"": Thresholds()}),
+            "A thresholds pattern must be a non-empty string, not ''.",
+        ),
+    ],
+)
+def test_invalid_thresholds_are_refused_with_a_sentence(make: Callable[[], object], message: str):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+def test_a_tenant_dimension_names_its_tenant_unless_told_otherwise():
+    monitor = quiet()
+    rpd = monitor.observe("tenant:acme:gpt-4o:rpd", 95, 100)
+    spend = monitor.observe("tenant_budget:bolt", 95, 100)
+    told = monitor.observe("tenant:org:7:gpt-4o:rpd", 95, 100, tenant="org:7")
+    upstream = monitor.observe("upstream:openai:requests", 95, 100)
+    assert [a.tenant if a else "-" for a in (rpd, spend, told, upstream)] == [
+        "acme",
+        "bolt",
+        "org:7",
+        None,
+    ]
+
+
+# --- events: exhaustion, fallback, recovery ------------------------------------------------------
+
+MIDNIGHT = 1_780_272_000.0  # 2026-06-01 00:00:00 UTC
+
+
+def test_an_exhausted_model_fires_one_critical_alert_per_episode_with_its_recommended_action():
+    acted: list[Alert] = []
+    monitor = quiet(on_critical=[acted.append])
+    exhausted = monitor.event(
+        "exhausted",
+        "claude-sonnet",
+        upstream="anthropic",
+        until=MIDNIGHT,
+        fallback="gpt-4o",
+        reason="You have reached your specified API usage limits.",
+    )
+    assert exhausted == Alert(
+        level="critical",
+        dimension="model:claude-sonnet",
+        current=0.0,
+        limit=0.0,
+        ratio=0.0,
+        message=(
+            "Model claude-sonnet's quota on anthropic is exhausted until 2026-06-01 00:00:00 "
+            "UTC (You have reached your specified API usage limits): traffic moved to gpt-4o."
+        ),
+        action=(
+            "raise the quota or add credit on anthropic; make sure gpt-4o can carry the "
+            "traffic meanwhile"
+        ),
+        at=T0,
+        kind="exhausted",
+    )
+    # Every request that meets the exhaustion may say so: the episode fires once.
+    assert monitor.event("exhausted", "claude-sonnet", upstream="anthropic") is None
+    assert monitor.event("fallback", "claude-sonnet", fallback="gpt-4o") is None
+    assert acted == [exhausted]
+    recovered = monitor.event(
+        "recovered", "claude-sonnet", upstream="anthropic", reason="a probe succeeded"
+    )
+    assert recovered is not None
+    assert (recovered.level, recovered.kind, recovered.message, recovered.action) == (
+        "info",
+        "recovered",
+        "Model claude-sonnet on anthropic is available again (a probe succeeded): traffic "
+        "returns to it.",
+        "none needed",
+    )
+    assert monitor.event("recovered", "claude-sonnet") is None
+    # A new episode fires again.
+    assert monitor.event("exhausted", "claude-sonnet") is not None
+    assert len(acted) == 2
+
+
+def test_a_fallback_warns_and_an_exhaustion_after_it_still_fires_critical():
+    monitor = quiet()
+    fallback = monitor.event("fallback", "gpt-4o", upstream="openai", reason="overloaded: HTTP 529")
+    assert fallback is not None
+    assert (fallback.level, fallback.kind, fallback.message, fallback.action) == (
+        "warning",
+        "fallback",
+        "Model gpt-4o on openai is unavailable (overloaded: HTTP 529): it has no fallback, "
+        "so its requests fail.",
+        "check openai's status; configure a fallback model for gpt-4o",
+    )
+    assert monitor.event("fallback", "gpt-4o") is None
+    exhausted = monitor.event("exhausted", "gpt-4o", upstream="openai")
+    assert exhausted is not None
+    assert (exhausted.level, exhausted.message, exhausted.action) == (
+        "critical",
+        "Model gpt-4o's quota on openai is exhausted: it has no fallback, so its requests fail.",
+        "raise the quota or add credit on openai; configure a fallback model for gpt-4o",
+    )
+    told = monitor.event("fallback", "o1", message="o1 is down.", action="wait")
+    assert told is not None and (told.message, told.action) == ("o1 is down.", "wait")
+
+
+@pytest.mark.parametrize(
+    ("kind", "model", "message"),
+    [
+        ("gone", "gpt-4o", "Unknown event 'gone'; use 'exhausted', 'fallback' or 'recovered'."),
+        ("exhausted", "", "An event needs the model's name, not ''."),
+    ],
+)
+def test_an_unknown_event_or_a_nameless_model_is_refused(kind: str, model: str, message: str):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        quiet().event(kind, model)  # type: ignore[arg-type]
+
+
+async def test_the_logging_sink_logs_a_recovery_at_info(caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="asyncquota.alerts")
+    async with UsageMonitor(wall_clock=virtual_clock()) as monitor:
+        monitor.event("fallback", "gpt-4o", fallback="claude-haiku")
+        monitor.event("recovered", "gpt-4o")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (
+            logging.WARNING,
+            "Model gpt-4o is unavailable: traffic moved to claude-haiku. Recommended action: "
+            "check gpt-4o's status; make sure claude-haiku can carry the traffic meanwhile.",
+        ),
+        (
+            logging.INFO,
+            "Model gpt-4o is available again: traffic returns to it. Recommended action: none "
+            "needed.",
+        ),
+    ]
+
+
+# --- routing -----------------------------------------------------------------------------------
+
+
+async def test_each_sink_gets_only_what_its_route_takes_and_the_rest_is_counted_skipped():
+    ops = Recorder(route=Route(dimensions=("upstream:*", "budget", "model:*")))
+    pager = Recorder(route=Route(min_level="critical"))
+    acme = Recorder(route=Route(tenants={"acme"}))
+    models = Recorder(route=Route(kinds={"exhausted", "recovered"}))
+    picky = Recorder(route=Route(when=lambda alert: alert.ratio >= 0.95))
+    sinks = [ops, pager, acme, models, picky]
+    async with UsageMonitor(sinks=sinks, wall_clock=virtual_clock()) as monitor:
+        monitor.observe("tenant:acme:gpt-4o:rpd", 70, 100)
+        monitor.observe("tenant:bolt:gpt-4o:rpd", 95, 100)
+        monitor.observe("upstream:openai:requests", 80, 100)
+        monitor.observe("budget", 96, 100)
+        monitor.event("exhausted", "claude", fallback="gpt-4o")
+        monitor.event("recovered", "claude")
+    assert [[alert.dimension for _, alert in sink.got] for sink in sinks] == [
+        ["upstream:openai:requests", "budget", "model:claude", "model:claude"],
+        ["tenant:bolt:gpt-4o:rpd", "budget", "model:claude"],
+        ["tenant:acme:gpt-4o:rpd"],
+        ["model:claude", "model:claude"],
+        ["tenant:bolt:gpt-4o:rpd", "budget"],
+    ]
+    assert monitor.statistics() == MonitorStatistics(
+        fired=6, sent=12, failed=0, dropped=0, pending=0, skipped=18
+    )
+
+
+def test_a_route_whose_predicate_raises_takes_the_alert_and_logs(
+    caplog: pytest.LogCaptureFixture,
+):
+    def broken(alert: Alert) -> bool:
+        raise KeyError("team")
+
+    route = Route(when=broken)
+    alert = quiet().observe("budget", 95, 100)
+    assert alert is not None and route.takes(alert)
+    assert "The route predicate" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"min_level": "debug"}, "Unknown alert level 'debug'; use 'info', 'warning' or"),
+        ({"kinds": {"usage", "digest"}}, "Unknown alert kind 'digest'; use 'usage', "),
+        ({"dimensions": ("",)}, "A route's dimension pattern must be a non-empty string, not ''."),
+        ({"tenants": {""}}, "A route's tenant must be a non-empty string, not ''."),
+    ],
+)
+def test_a_route_refuses_what_it_cannot_match(options: dict[str, object], message: str):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Route(**options)  # type: ignore[arg-type]
+
+
+# --- pacing and digests: virtual time ------------------------------------------------------------
+
+
+def dimensions(sink: Recorder) -> list[tuple[float, str | list[str]]]:
+    """When each message went, and its dimension (a digest: the dimensions it carries)."""
+    return [
+        (at, [each.dimension for each in alert.folded] if alert.folded else alert.dimension)
+        for at, alert in sink.got
+    ]
+
+
+async def test_a_burst_beyond_a_robots_pace_goes_in_its_last_message_of_the_minute():
+    sink = Recorder(pace=Pace(20, per=60))
+    async with UsageMonitor(sinks=[sink], wall_clock=virtual_clock()) as monitor:
+        for tenant in range(25):
+            monitor.observe(f"tenant:t{tenant}:gpt-4o:rpd", 95, 100)
+    assert now() == 0.0
+    assert dimensions(sink) == [(0.0, f"tenant:t{tenant}:gpt-4o:rpd") for tenant in range(19)] + [
+        (0.0, [f"tenant:t{tenant}:gpt-4o:rpd" for tenant in range(19, 25)])
+    ]
+    digest = sink.got[-1][1]
+    assert (digest.level, digest.kind, digest.dimension, digest.message, digest.action) == (
+        "critical",
+        "digest",
+        "digest",
+        "6 alerts came faster than this sink's pace (20 per 60 s) allows, in one message: "
+        "6 critical.",
+        "see each alert's own",
+    )
+    assert monitor.statistics() == MonitorStatistics(
+        fired=25, sent=25, failed=0, dropped=0, pending=0, aggregated=6
+    )
+
+
+async def test_alerts_wait_for_a_free_slot_and_the_last_slot_carries_all_that_waited():
+    sink = Recorder(pace=Pace(2, per=60))
+    async with UsageMonitor(sinks=[sink], wall_clock=virtual_clock()) as monitor:
+        monitor.observe("tenant:a:m:rpd", 95, 100)  # t = 0: sent
+        await asyncio.sleep(1)
+        monitor.observe("tenant:b:m:rpd", 95, 100)  # t = 1: the last slot, nothing waits
+        await asyncio.sleep(4)
+        for tenant in "cde":  # t = 5: no slot until a's frees at 60, then b's is still taken
+            monitor.observe(f"tenant:{tenant}:m:rpd", 95, 100)
+        await asyncio.sleep(25)
+        assert monitor.statistics().pending == 3
+        await asyncio.sleep(30.5)  # t = 60.5
+        monitor.observe("warning:f", 80, 100)  # b's slot frees at 61: sent alone
+    assert dimensions(sink) == [
+        (0.0, "tenant:a:m:rpd"),
+        (1.0, "tenant:b:m:rpd"),
+        (60.0, ["tenant:c:m:rpd", "tenant:d:m:rpd", "tenant:e:m:rpd"]),
+        (61.0, "warning:f"),
+    ]
+    assert monitor.statistics() == MonitorStatistics(
+        fired=6, sent=6, failed=0, dropped=0, pending=0, aggregated=3
+    )
+
+
+async def test_a_digest_that_fails_counts_every_alert_in_it_failed(
+    caplog: pytest.LogCaptureFixture,
+):
+    sink = Recorder(pace=Pace(1, per=60), fail=RuntimeError("robot blocked"))
+    async with UsageMonitor(sinks=[sink], wall_clock=virtual_clock()) as monitor:
+        # With one message a minute, every message is the last: a burst goes at once.
+        monitor.observe("budget", 80, 100)
+        monitor.observe("budget", 90, 100)
+        monitor.observe("tenant:a:m:rpd", 95, 100)
+    assert now() == 0.0
+    assert monitor.statistics() == MonitorStatistics(
+        fired=3, sent=0, failed=3, dropped=0, pending=0, aggregated=3
+    )
+    assert caplog.records[-1].getMessage() == (
+        f"A digest of 3 alerts (critical at worst) was not delivered to {sink!r}: "
+        "RuntimeError: robot blocked."
+    )
+
+
+async def test_aclose_drops_what_still_waits_for_the_pace_and_leaves_no_task():
+    sink = Recorder(pace=Pace(1, per=60))
+    monitor = UsageMonitor(sinks=[sink], wall_clock=virtual_clock())
+    monitor.start()
+    monitor.observe("tenant:a:m:rpd", 95, 100)
+    await asyncio.sleep(1)
+    for tenant in "bc":
+        monitor.observe(f"tenant:{tenant}:m:rpd", 95, 100)
+    await asyncio.sleep(1)
+    assert monitor.statistics().pending == 2
+    await monitor.aclose(grace=2)
+    assert now() == 4.0
+    assert dimensions(sink) == [(0.0, "tenant:a:m:rpd")]
+    assert monitor.statistics() == MonitorStatistics(
+        fired=3, sent=1, failed=0, dropped=2, pending=0
+    )
+    assert only_the_test_task_is_left()
+
+
+async def test_a_paced_logging_sink_logs_a_digest_one_alert_a_line(
+    caplog: pytest.LogCaptureFixture,
+):
+    caplog.set_level(logging.WARNING, logger="asyncquota.alerts")
+    sink = LoggingSink(pace=Pace(1, per=60))
+    async with UsageMonitor(sinks=[sink], wall_clock=virtual_clock()) as monitor:
+        monitor.observe("budget", 95, 100)
+        await asyncio.sleep(1)
+        monitor.observe("upstream:openai:requests", 80, 100)
+        monitor.event("exhausted", "o1")
+        await asyncio.sleep(60)
+    assert caplog.records[-1].levelno == logging.ERROR
+    assert caplog.records[-1].getMessage() == (
+        "2 alerts came faster than this sink's pace (1 per 60 s) allows, in one message: "
+        "1 critical, 1 warning.\n"
+        "1. [warning] Usage of upstream:openai:requests reached 80 % of its limit (80 of 100). "
+        "Recommended action: enable fallback model.\n"
+        "2. [critical] Model o1's quota is exhausted: it has no fallback, so its requests fail. "
+        "Recommended action: raise the quota or add credit on o1; configure a fallback model "
+        "for o1."
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ((0,), "A pace's messages must be a positive integer, not 0."),
+        ((1.5,), "A pace's messages must be a positive integer, not 1.5."),
+        ((True,), "A pace's messages must be a positive integer, not True."),
+        ((20, 0), "A pace's per must be a positive number of seconds, not 0."),
+        ((20, float("inf")), "A pace's per must be a positive number of seconds, not inf."),
+    ],
+)
+def test_a_pace_refuses_what_is_not_a_count_over_a_duration(
+    options: tuple[object, ...], message: str
+):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Pace(*options)  # type: ignore[arg-type]
+
+
+def test_each_webhook_format_has_its_robots_pace_unless_given_one():
+    url = "https://example.com/hook"
+    assert {fmt: WebhookSink(url, format=fmt).pace for fmt in WEBHOOK_PACES} == {  # type: ignore[arg-type]
+        "json": None,
+        "wecom": Pace(20, 60.0),
+        "dingtalk": Pace(20, 60.0),
+        "feishu": Pace(5, 3.0),
+        "slack": Pace(1, 1.0),
+    }
+    assert WebhookSink(url, format="wecom", pace=Pace(10)).pace == Pace(10, 60.0)
+    assert str(Pace(20)) == "20 per 60 s"
+
+
+# --- chat robots: formats, signatures, replies (loopback, real time) -------------------------
+
+FEISHU_OK = {"code": 0, "msg": "success", "data": {}}
+MESSAGE = "Tenant acme used 91 % of its gpt-4o requests today (910 of 1000)."
+TITLE = "[asyncquota critical] tenant:acme:gpt-4o:rpd"
+MARKDOWN = f"### {TITLE}\n\n{MESSAGE}\n\n> Recommended action: raise tier."
+
+
+def replying(document: object) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if isinstance(document, bytes):
+            return web.Response(body=document, content_type="text/html")
+        return web.json_response(document)
+
+    return answer
+
+
+async def send_once(url: str, alert: Alert | None = None, **options: object) -> None:
+    sink = WebhookSink(url, **options)  # type: ignore[arg-type]
+    try:
+        await sink.send(alert or critical_alert())
+    finally:
+        await sink.aclose()
+
+
+@real_time
+@pytest.mark.parametrize(
+    ("format", "markdown", "body"),
+    [
+        ("feishu", False, {"msg_type": "text", "content": {"text": TEXT}}),
+        (
+            "feishu",
+            True,
+            {
+                "msg_type": "post",
+                "content": {
+                    "post": {
+                        "en_us": {
+                            "title": TITLE,
+                            "content": [
+                                [{"tag": "text", "text": MESSAGE}],
+                                [{"tag": "text", "text": "Recommended action: raise tier."}],
+                            ],
+                        }
+                    }
+                },
+            },
+        ),
+        ("wecom", True, {"msgtype": "markdown", "markdown": {"content": MARKDOWN}}),
+        (
+            "dingtalk",
+            True,
+            {"msgtype": "markdown", "markdown": {"title": TITLE, "text": MARKDOWN}},
+        ),
+    ],
+)
+async def test_feishu_text_and_the_markdown_of_each_robot_that_has_it(
+    format: str, markdown: bool, body: object
+):
+    answer = replying(FEISHU_OK if format == "feishu" else {"errcode": 0, "errmsg": "ok"})
+    async with webhook(answer) as (url, hook):
+        await send_once(url, format=format, markdown=markdown)
+    assert hook.bodies == [body]
+
+
+@real_time
+@pytest.mark.parametrize(
+    ("secret", "clock", "sign"),
+    [
+        # DingTalk's documented computation for a timestamp of our choosing ...
+        ("SECthis-is-secret", 1_780_000_000.0, "G2BK6NklXLcS5jxqrip23DfkqGbjuEP9kk15m%2BL9faY%3D"),
+        # ... and the vector an independent implementation (Rust crate dingding) pins.
+        ("secret", 1_700_000_000.0, "OuzzJR5%2BxZ4%2FEYwqtNt6sMYZQMTa%2FHEGvc9miJe7XzY%3D"),
+    ],
+)
+async def test_a_signed_dingtalk_robot_gets_timestamp_and_sign_on_its_url_as_documented(
+    secret: str, clock: float, sign: str
+):
+    timestamp = str(round(clock * 1000))
+    # The Python sample of DingTalk's custom-robot page (加签), line for line.
+    string_to_sign = f"{timestamp}\n{secret}"
+    hmac_code = hmac.new(
+        secret.encode("utf-8"), string_to_sign.encode("utf-8"), digestmod=hashlib.sha256
+    ).digest()
+    assert urllib.parse.quote_plus(base64.b64encode(hmac_code)) == sign
+    async with webhook() as (url, hook):
+        await send_once(url, format="dingtalk", secret=secret, clock=lambda: clock)
+    assert hook.targets == [f"/hook/{SECRET}-path?key={SECRET}&timestamp={timestamp}&sign={sign}"]
+    assert hook.bodies == [{"msgtype": "text", "text": {"content": TEXT}}]
+
+
+@real_time
+async def test_a_signed_feishu_bot_gets_timestamp_and_sign_first_in_its_body_as_documented():
+    secret = "this is secret"
+    # The Python sample of Feishu's custom-bot page (签名校验): the key is timestamp + "\n"
+    # + secret, the message empty, the timestamp in seconds.
+    key = f"1780000000\n{secret}".encode()
+    sign = base64.b64encode(hmac.new(key, b"", digestmod=hashlib.sha256).digest()).decode()
+    assert sign == "6BTYBMvPUVSwEBCVtIgWzr7IjIHPleoBKUNsxzsQiRk="
+    async with webhook(replying(FEISHU_OK)) as (url, hook):
+        await send_once(url, format="feishu", secret=secret, clock=lambda: 1_780_000_000.4)
+    assert hook.raw == [
+        b'{"timestamp":"1780000000","sign":"6BTYBMvPUVSwEBCVtIgWzr7IjIHPleoBKUNsxzsQiRk=",'
+        b'"msg_type":"text","content":{"text":"' + TEXT.encode() + b'"}}'
+    ]
+    assert hook.targets == [f"/hook/{SECRET}-path?key={SECRET}"]  # the URL is left alone
+
+
+SIGNING = "SECs1gn1ng-s3cr3t"
+
+
+@real_time
+@pytest.mark.parametrize(
+    ("format", "reply", "logged"),
+    [
+        (
+            "dingtalk",
+            {"errcode": 310000, "errmsg": "sign not match, more: [sign not match]"},
+            "refused the message (errcode 310000: sign not match, more: [sign not match])",
+        ),
+        (
+            "wecom",
+            {"errcode": 93000, "errmsg": f"invalid webhook url, key={SECRET}"},
+            "refused the message (errcode 93000: invalid webhook url, …)",
+        ),
+        (
+            "feishu",
+            {
+                "code": 19021,
+                "msg": "sign match fail or timestamp is not within one hour from current time",
+                "data": {},
+            },
+            "refused the message (code 19021: sign match fail or timestamp is not within one "
+            "hour from current time)",
+        ),
+        (
+            "feishu",
+            {"StatusCode": 9499, "StatusMessage": "Bad Request"},
+            "refused the message (StatusCode 9499: Bad Request)",
+        ),
+        ("feishu", {}, "answered a reply without code: '{}'"),
+        ("dingtalk", {"ok": True}, "answered a reply without errcode: '{\"ok\": true}'"),
+        ("wecom", b"<html>ok</html>", "answered '<html>ok</html>', which is not its JSON reply"),
+        ("feishu", [0], "answered '[0]', which is not its JSON reply"),
+    ],
+)
+async def test_a_robots_refusal_or_a_reply_that_is_not_its_json_fails_and_its_errmsg_is_logged(
+    caplog: pytest.LogCaptureFixture, format: str, reply: object, logged: str
+):
+    secret = SIGNING if format in ("dingtalk", "feishu") else None
+    async with webhook(replying(reply)) as (url, _):
+        sink = WebhookSink(url, format=format, secret=secret)  # type: ignore[arg-type]
+        async with UsageMonitor(sinks=[sink]) as monitor:
+            monitor.observe("budget", 95, 100)
+    assert monitor.statistics().failed == 1
+    port = url.split(":")[2].split("/")[0]
+    assert caplog.records[-1].getMessage() == (
+        f"The critical alert on budget was not delivered to {sink!r}: UpstreamError: The "
+        f"webhook http://127.0.0.1:{port}/… {logged}."
+    )
+    assert SECRET not in caplog.text and SIGNING not in caplog.text
+    assert "sign=" not in caplog.text and "timestamp=" not in caplog.text
+
+
+@real_time
+@pytest.mark.parametrize(
+    ("format", "reply"),
+    [
+        ("feishu", FEISHU_OK | {"Extra": None, "StatusCode": 0, "StatusMessage": "success"}),
+        ("feishu", {"Extra": None, "StatusCode": 0, "StatusMessage": "success"}),
+        ("wecom", {"errcode": 0, "errmsg": "ok"}),
+    ],
+)
+async def test_a_robots_success_reply_counts_sent(format: str, reply: object):
+    async with webhook(replying(reply)) as (url, _):
+        sink = WebhookSink(url, format=format)  # type: ignore[arg-type]
+        async with UsageMonitor(sinks=[sink]) as monitor:
+            monitor.observe("budget", 95, 100)
+    assert (monitor.statistics().sent, monitor.statistics().failed) == (1, 0)
+
+
+@real_time
+async def test_an_unreachable_signed_robot_fails_without_its_secret_or_signed_url():
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sink = WebhookSink(
+        f"http://127.0.0.1:{port}/robot/send?access_token={SECRET}",
+        format="dingtalk",
+        secret=SIGNING,
+    )
+    try:
+        with pytest.raises(TransportError) as caught:
+            await sink.send(critical_alert())
+    finally:
+        await sink.aclose()
+    assert caught.value.reason == "connect_failed"
+    for hidden in (SECRET, SIGNING, "sign=", "timestamp="):
+        assert hidden not in caught.value.message and hidden not in repr(sink)
+    assert repr(sink) == f"<WebhookSink dingtalk signed http://127.0.0.1:{port}/…>"
+
+
+def digest_of(count: int, words: int = 1) -> Alert:
+    folded = tuple(
+        Alert(
+            "warning",
+            f"tenant:t{index}:m:rpd",
+            70,
+            100,
+            0.7,
+            f"Tenant t{index} used 70 %{' of its day' * words}.",
+            "raise tier",
+            T0,
+            tenant=f"t{index}",
+        )
+        for index in range(count)
+    )
+    return Alert(
+        "warning",
+        "digest",
+        0,
+        0,
+        0,
+        f"{count} alerts in one message.",
+        "see each alert's own",
+        T0,
+        kind="digest",
+        folded=folded,
+    )
+
+
+@real_time
+async def test_a_digest_lists_ten_alerts_one_a_line_and_counts_the_rest():
+    async with webhook() as (url, hook):
+        await send_once(url, digest_of(12), format="dingtalk")
+        await send_once(url, digest_of(2), format="wecom", markdown=True)
+    [text, markdown] = hook.bodies
+    assert text == {
+        "msgtype": "text",
+        "text": {
+            "content": "[asyncquota warning] 12 alerts in one message.\n"
+            + "".join(
+                f"{i + 1}. [warning] Tenant t{i} used 70 % of its day. Recommended action: "
+                "raise tier.\n"
+                for i in range(10)
+            )
+            + "… and 2 more."
+        },
+    }
+    assert markdown == {
+        "msgtype": "markdown",
+        "markdown": {
+            "content": "### [asyncquota warning] 2 alerts\n\n2 alerts in one message.\n\n"
+            "1. [warning] Tenant t0 used 70 % of its day. Recommended action: raise tier.\n"
+            "2. [warning] Tenant t1 used 70 % of its day. Recommended action: raise tier."
+        },
+    }
+
+
+@real_time
+async def test_a_wecom_message_is_cut_to_the_bytes_wecom_takes():
+    async with webhook() as (url, hook):
+        await send_once(url, digest_of(10, words=40), format="wecom")
+        await send_once(url, digest_of(10, words=80), format="wecom", markdown=True)
+    [text, markdown] = hook.bodies
+    content = text["text"]["content"]  # type: ignore[index]
+    assert len(content.encode()) == 2048
+    assert content.endswith("Recomm…")
+    assert len(markdown["markdown"]["content"].encode()) <= 4096  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"format": "slack", "secret": SIGNING},
+            "Only DingTalk and Feishu robots sign their messages; a slack webhook takes no secret.",
+        ),
+        ({"format": "dingtalk", "secret": ""}, "A webhook secret must be a non-empty string."),
+        (
+            {"format": "json", "markdown": True},
+            "Markdown is for WeCom, DingTalk and Feishu robots, not a json webhook.",
+        ),
+    ],
+)
+def test_a_secret_or_markdown_where_the_format_has_none_is_refused(
+    options: dict[str, object], message: str
+):
+    with pytest.raises(ValueError, match=re.escape(message)) as caught:
+        WebhookSink(f"https://example.com/h?key={SECRET}", **options)  # type: ignore[arg-type]
+    assert SIGNING not in str(caught.value) and SECRET not in str(caught.value)
+    assert repr(WebhookSink("https://example.com/h", format="feishu", markdown=True)) == (
+        "<WebhookSink feishu markdown https://example.com/…>"
+    )

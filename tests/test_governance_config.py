@@ -403,8 +403,8 @@ INVALID: dict[str, tuple[Edit, str]] = {
     ),
     "webhook format unknown": (
         setting("alerts", "webhooks", 0, "format", to="teams"),
-        'alerts.webhooks[0].format must be "json" or "wecom" or "dingtalk" or "slack", '
-        "not 'teams'.",
+        'alerts.webhooks[0].format must be "json" or "wecom" or "dingtalk" or "feishu" or '
+        "\"slack\", not 'teams'.",
     ),
     "webhook timeout zero": (
         setting("alerts", "webhooks", 0, "timeout", to=0),
