@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from asyncquota.governance import config
+from asyncquota.governance.alerts import Pace, Route, Thresholds, UsageMonitor, WebhookSink
 from asyncquota.governance.budget import Price
 from asyncquota.governance.config import (
     AlertsSpec,
@@ -139,7 +140,26 @@ def test_the_docstring_example_loads_from_a_file_into_the_objects_it_describes(
             log=True,
             shed_batch_on_critical=True,
             shed_seconds=60.0,
-            webhooks=(WebhookSpec(url_env="SLACK_WEBHOOK_URL", format="slack", timeout=5.0),),
+            webhooks=(
+                WebhookSpec(url_env="SLACK_WEBHOOK_URL", format="slack", timeout=5.0),
+                WebhookSpec(
+                    url_env="DINGTALK_WEBHOOK_URL",
+                    format="dingtalk",
+                    secret_env="DINGTALK_SECRET",
+                    markdown=True,
+                    route=Route(
+                        min_level="warning",
+                        kinds={"usage", "exhausted", "fallback"},
+                        dimensions=("upstream:*", "budget", "model:*"),
+                    ),
+                    pace=Pace(20, per=60.0),
+                ),
+            ),
+            thresholds={
+                "tenant:*:rpd": Thresholds(
+                    warning=0.8, critical_action="offer the customer the pro tier"
+                )
+            },
         ),
     )
 
@@ -429,8 +449,8 @@ INVALID: dict[str, tuple[Edit, str]] = {
     ),
     "unknown field with nothing close": (
         setting("alerts", "webhooks", 0, "channel", to="#ops"),
-        "alerts.webhooks[0].channel is not a known field; known fields: format, timeout, url, "
-        "url_env.",
+        "alerts.webhooks[0].channel is not a known field; known fields: dimensions, format, "
+        "kinds, markdown, min_level, pace, secret, secret_env, tenants, timeout, url, url_env.",
     ),
     "misspelt field in a rule": (
         setting("routing", "rules", 1, "max_contxt", to=8000),
@@ -715,3 +735,179 @@ def test_parse_config_leaves_its_input_untouched() -> None:
     parse_config(data)
 
     assert data == before
+
+
+# ---------------------------------------------------------------------------- alert sinks
+
+
+def test_a_webhook_takes_its_secret_route_and_pace_and_builds_the_sink_they_describe() -> None:
+    data = example_data()
+    data["alerts"]["webhooks"] = [
+        {
+            "url": "https://open.feishu.cn/open-apis/bot/v2/hook/x",
+            "format": "feishu",
+            "secret": "s3cr3t",
+            "tenants": ["acme"],
+            "pace": {"messages": 3},
+        },
+        {"url_env": "WECOM_URL", "format": "wecom", "min_level": "critical"},
+    ]
+    alerts = parse_config(data).alerts
+
+    assert alerts is not None
+    feishu, wecom = alerts.webhooks
+    assert feishu == WebhookSpec(
+        url="https://open.feishu.cn/open-apis/bot/v2/hook/x",
+        format="feishu",
+        secret="s3cr3t",
+        route=Route(tenants={"acme"}),
+        pace=Pace(3, per=60.0),
+    )
+    assert wecom == WebhookSpec(
+        url_env="WECOM_URL", format="wecom", route=Route(min_level="critical")
+    )
+    # What the Gateway makes of them, and the monitor of the thresholds.
+    sink = WebhookSink(
+        feishu.url or "",
+        format=feishu.format,
+        secret=feishu.secret,
+        markdown=feishu.markdown,
+        route=feishu.route,
+        pace=feishu.pace,
+    )
+    assert (sink.route, sink.pace) == (Route(tenants={"acme"}), Pace(3))
+    assert repr(sink) == "<WebhookSink feishu signed https://open.feishu.cn/…>"
+    monitor = UsageMonitor(thresholds=alerts.thresholds, sinks=())
+    assert monitor.thresholds("tenant:acme:gpt-4o:rpd") == (
+        0.8,
+        0.9,
+        "raise tier",
+        "offer the customer the pro tier",
+    )
+    assert monitor.thresholds("budget")[0] == 0.8
+
+
+ALERT_SECRET = "SECd0-n0t-r3p3at"
+
+INVALID_ALERTS: dict[str, tuple[Edit, str]] = {
+    "a threshold above 1": (
+        setting("alerts", "thresholds", "budget", to={"warning": 1.5}),
+        "alerts.thresholds.budget.warning must be a number above 0 and at most 1, not 1.5.",
+    ),
+    "a rule's levels the wrong way round": (
+        setting("alerts", "thresholds", "upstream:*", to={"warning": 0.9, "critical": 0.8}),
+        'alerts.thresholds."upstream:*": Alert thresholds must satisfy 0 < warning < critical '
+        "<= 1; got warning=0.9 and critical=0.8.",
+    ),
+    "a rule's level past the monitor's": (
+        setting("alerts", "thresholds", "x", to={"warning": 0.95}),
+        "alerts: The thresholds of 'x' must satisfy warning < critical; with the monitor's "
+        "filled in they are warning=0.95 and critical=0.9.",
+    ),
+    "an empty action": (
+        setting("alerts", "thresholds", "x", to={"critical_action": ""}),
+        "alerts.thresholds.x.critical_action must be a non-empty string, not ''.",
+    ),
+    "a misspelt threshold field": (
+        setting("alerts", "thresholds", "x", to={"warn": 0.5}),
+        "alerts.thresholds.x.warn is not a known field; did you mean warning?",
+    ),
+    "thresholds not a table": (
+        setting("alerts", "thresholds", to=[0.5]),
+        "alerts.thresholds must be a table, not an array.",
+    ),
+    "markdown not a boolean": (
+        setting("alerts", "webhooks", 1, "markdown", to="yes"),
+        "alerts.webhooks[1].markdown must be true or false, not 'yes'.",
+    ),
+    "markdown where the format has none": (
+        setting("alerts", "webhooks", 0, "markdown", to=True),
+        "alerts.webhooks[0]: Markdown is for WeCom, DingTalk and Feishu robots, not a slack "
+        "webhook.",
+    ),
+    "a secret where the format signs nothing": (
+        setting("alerts", "webhooks", 0, "secret_env", to="SLACK_SECRET"),
+        "alerts.webhooks[0]: Only DingTalk and Feishu robots sign their messages; a slack "
+        "webhook takes no secret.",
+    ),
+    "both secret and secret_env": (
+        setting("alerts", "webhooks", 1, "secret", to=ALERT_SECRET),
+        "alerts.webhooks[1] needs at most one of secret and secret_env; it has both.",
+    ),
+    "an unknown level": (
+        setting("alerts", "webhooks", 1, "min_level", to="error"),
+        'alerts.webhooks[1].min_level must be "info" or "warning" or "critical", not \'error\'.',
+    ),
+    "an unknown kind": (
+        setting("alerts", "webhooks", 1, "kinds", to=["usage", "digest"]),
+        'alerts.webhooks[1].kinds[1] must be "usage" or "exhausted" or "fallback" or '
+        "\"recovered\", not 'digest'.",
+    ),
+    "kinds not an array": (
+        setting("alerts", "webhooks", 1, "kinds", to="usage"),
+        "alerts.webhooks[1].kinds must be an array, not 'usage'.",
+    ),
+    "an empty dimension pattern": (
+        setting("alerts", "webhooks", 1, "dimensions", to=["budget", ""]),
+        "alerts.webhooks[1].dimensions[1] must be a non-empty string, not ''.",
+    ),
+    "a tenant that is not a string": (
+        setting("alerts", "webhooks", 1, "tenants", to=[42]),
+        "alerts.webhooks[1].tenants[0] must be a non-empty string, not 42.",
+    ),
+    "a pace of no messages": (
+        setting("alerts", "webhooks", 1, "pace", to={"messages": 0}),
+        "alerts.webhooks[1].pace.messages must be a positive integer, not 0.",
+    ),
+    "a pace without messages": (
+        setting("alerts", "webhooks", 1, "pace", to={"per": 60}),
+        "alerts.webhooks[1].pace.messages is required.",
+    ),
+    "a pace over no time": (
+        setting("alerts", "webhooks", 1, "pace", to={"messages": 20, "per": 0}),
+        "alerts.webhooks[1].pace.per must be a positive number, not 0.",
+    ),
+    "a pace that is a number": (
+        setting("alerts", "webhooks", 1, "pace", to=20),
+        "alerts.webhooks[1].pace must be a table, not 20.",
+    ),
+}
+
+
+@pytest.mark.parametrize(("edit", "message"), INVALID_ALERTS.values(), ids=INVALID_ALERTS.keys())
+def test_an_invalid_alert_option_fails_at_load_naming_the_field(edit: Edit, message: str) -> None:
+    data = example_data()
+    edit(data)
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+
+    assert str(caught.value) == message
+    assert ALERT_SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("secret", "start"),
+    [
+        ("", "alerts.webhooks[1].secret must be a non-empty string; the value given is not"),
+        (["SEC", ALERT_SECRET], "alerts.webhooks[1].secret must be a non-empty string; the"),
+    ],
+)
+def test_a_webhook_secret_that_is_not_one_is_refused_without_being_repeated(
+    secret: object, start: str
+) -> None:
+    data = example_data()
+    del data["alerts"]["webhooks"][1]["secret_env"]
+    data["alerts"]["webhooks"][1]["secret"] = secret
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+
+    assert str(caught.value).startswith(start)
+    assert ALERT_SECRET not in str(caught.value)
+    data["alerts"]["webhooks"][1]["secret_env"] = ALERT_SECRET
+    data["alerts"]["webhooks"][1]["secret"] = "SECx"
+    with pytest.raises(ConfigError) as caught:  # a secret pasted as secret_env
+        parse_config(data)
+    assert str(caught.value).startswith("alerts.webhooks[1].secret_env must name an environment")
+    assert ALERT_SECRET not in str(caught.value)

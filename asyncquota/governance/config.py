@@ -105,16 +105,28 @@ taken from the TOML file's folder. A complete example, which the tests load as w
     acme = 1000.0
 
     [alerts]
-    warning = 0.70
+    warning = 0.70                     # where no rule below says otherwise
     critical = 0.90
     hysteresis = 0.05
     log = true                         # alerts go to the log (default true)
     shed_batch_on_critical = true      # critical upstream alerts shed batch traffic
     shed_seconds = 60.0
+    [alerts.thresholds."tenant:*:rpd"] # per dimension, "*" for any run of characters; the
+    warning = 0.80                     # first match wins (budgets warn at 0.80 by default)
+    critical_action = "offer the customer the pro tier"   # and warning_action
     [[alerts.webhooks]]
     url_env = "SLACK_WEBHOOK_URL"      # or url = "https://..." (exactly one of the two)
-    format = "slack"                   # json | wecom | dingtalk | slack
+    format = "slack"                   # json | wecom | dingtalk | feishu | slack
     timeout = 5.0
+    [[alerts.webhooks]]
+    url_env = "DINGTALK_WEBHOOK_URL"
+    format = "dingtalk"
+    secret_env = "DINGTALK_SECRET"     # a signed robot (dingtalk, feishu); or secret = "..."
+    markdown = true                    # wecom, dingtalk, feishu (rich text)
+    min_level = "warning"              # which alerts it takes: the least severe level,
+    kinds = ["usage", "exhausted", "fallback"]         # the kinds, the dimensions
+    dimensions = ["upstream:*", "budget", "model:*"]   # (patterns), tenants = [...]
+    pace = { messages = 20, per = 60.0 }               # default: the robot's own limit
 """
 
 from __future__ import annotations
@@ -132,7 +144,15 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeVar, cast, get_args
 
 from ..urls import join_path, redact_url
-from .alerts import UsageMonitor, WebhookFormat, WebhookSink
+from .alerts import (
+    AlertLevel,
+    Pace,
+    Route,
+    Thresholds,
+    UsageMonitor,
+    WebhookFormat,
+    WebhookSink,
+)
 from .budget import Price
 from .routing import COMPLEXITIES, Model, Router, Rule
 from .tiers import TenantQuotas, Tier, TierLimits, zone
@@ -221,16 +241,27 @@ class BudgetSpec:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WebhookSpec:
-    """One webhook sink: its URL (or the variable holding it), body format and timeout.
+    """One webhook sink: the ``WebhookSink`` arguments, and where its URL and secret are.
 
-    Exactly one of ``url`` and ``url_env`` is set: a webhook URL carries its key, so it is
+    Exactly one of ``url`` and ``url_env`` is set, and at most one of ``secret`` and
+    ``secret_env``: a webhook URL carries its key, and a signing secret is one, so both are
     better kept in the environment.
+
+    Attributes:
+        route: which alerts it takes (None: all), from ``min_level``, ``kinds``,
+            ``dimensions`` and ``tenants``.
+        pace: its pace (None: its format's, ``WEBHOOK_PACES``).
     """
 
     url: str | None = None
     url_env: str | None = None
     format: WebhookFormat = "json"
     timeout: float = 5.0
+    secret: str | None = None
+    secret_env: str | None = None
+    markdown: bool = False
+    route: Route | None = None
+    pace: Pace | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -238,7 +269,8 @@ class AlertsSpec:
     """The usage monitor: thresholds, sinks and the built-in critical action.
 
     Attributes:
-        warning, critical, hysteresis: the ``UsageMonitor`` arguments of the same names.
+        warning, critical, hysteresis, thresholds: the ``UsageMonitor`` arguments of the
+            same names.
         log: whether alerts go to a ``LoggingSink``.
         shed_batch_on_critical: whether a critical upstream alert runs a
             ``ShedBatchAction`` on the upstreams.
@@ -253,6 +285,10 @@ class AlertsSpec:
     shed_batch_on_critical: bool = False
     shed_seconds: float = 60.0
     webhooks: tuple[WebhookSpec, ...] = ()
+    thresholds: Mapping[str, Thresholds] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "thresholds", MappingProxyType(dict(self.thresholds)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -612,6 +648,7 @@ def _alerts(data: object, path: str) -> AlertsSpec:
             "shed_batch_on_critical",
             "shed_seconds",
             "webhooks",
+            "thresholds",
         ),
     )
     spec = AlertsSpec(
@@ -625,32 +662,116 @@ def _alerts(data: object, path: str) -> AlertsSpec:
             _webhook(entry, f"{table.at('webhooks')}[{index}]")
             for index, entry in enumerate(table.get("webhooks", _list, []))
         ),
+        thresholds={
+            pattern: _thresholds(rule, _join(table.at("thresholds"), pattern))
+            for pattern, rule in table.get("thresholds", _named, {}).items()
+        },
     )
     with _reported(f"{path}: "):
         UsageMonitor(
-            warning=spec.warning, critical=spec.critical, hysteresis=spec.hysteresis, sinks=()
+            warning=spec.warning,
+            critical=spec.critical,
+            hysteresis=spec.hysteresis,
+            thresholds=spec.thresholds,
+            sinks=(),
         )
     return spec
 
 
+def _thresholds(data: object, path: str) -> Thresholds:
+    table = _Table(data, path, ("warning", "critical", "warning_action", "critical_action"))
+    warning = table.get("warning", _share, None)
+    critical = table.get("critical", _share, None)
+    warning_action = table.get("warning_action", _string, None)
+    critical_action = table.get("critical_action", _string, None)
+    with _reported(f"{path}: "):
+        return Thresholds(
+            warning=warning,
+            critical=critical,
+            warning_action=warning_action,
+            critical_action=critical_action,
+        )
+
+
+_ROUTE_FIELDS = ("min_level", "kinds", "dimensions", "tenants")
+
+
 def _webhook(data: object, path: str) -> WebhookSpec:
-    table = _Table(data, path, ("url", "url_env", "format", "timeout"))
+    table = _Table(
+        data,
+        path,
+        (
+            "url",
+            "url_env",
+            "format",
+            "timeout",
+            "secret",
+            "secret_env",
+            "markdown",
+            "pace",
+            *_ROUTE_FIELDS,
+        ),
+    )
     url = table.get("url", _string, None)
     url_env = table.get("url_env", _env_name, None)
     if (url is None) == (url_env is None):
         has = "both" if url is not None else "neither"
         raise ConfigError(f"{path} needs exactly one of url and url_env; it has {has}.")
+    secret = table.get("secret", _secret, None)
+    secret_env = table.get("secret_env", _env_name, None)
+    if secret is not None and secret_env is not None:
+        raise ConfigError(f"{path} needs at most one of secret and secret_env; it has both.")
     spec = WebhookSpec(
         url=url,
         url_env=url_env,
         format=cast(WebhookFormat, table.get("format", _one_of(*get_args(WebhookFormat)), "json")),
         timeout=table.get("timeout", _positive_number, 5.0),
+        secret=secret,
+        secret_env=secret_env,
+        markdown=table.get("markdown", _boolean, False),
+        route=_route(table) if any(key in table for key in _ROUTE_FIELDS) else None,
+        pace=table.get("pace", _pace, None),
     )
-    if url is not None:
-        # The sink's own check, which never repeats the URL: a webhook URL carries its key.
-        with _reported(f"{table.at('url')}: "):
-            WebhookSink(url, format=spec.format, timeout=spec.timeout)
+    # The sink's own checks, which never repeat the URL (it carries the webhook's key) nor
+    # the secret; a stand-in for what the environment will hold.
+    with _reported(f"{table.at('url') if url is not None else path}: "):
+        WebhookSink(
+            url or "https://webhook.invalid/",
+            format=spec.format,
+            timeout=spec.timeout,
+            secret=secret or ("…" if secret_env is not None else None),
+            markdown=spec.markdown,
+        )
     return spec
+
+
+def _route(table: _Table) -> Route:
+    kinds = ("usage", "exhausted", "fallback", "recovered")
+    levels = ("info", "warning", "critical")
+    return Route(
+        min_level=cast(AlertLevel, table.get("min_level", _one_of(*levels), "info")),
+        kinds=tuple(
+            _one_of(*kinds)(kind, f"{table.at('kinds')}[{index}]")
+            for index, kind in enumerate(table.get("kinds", _list, []))
+        ),
+        dimensions=table.get("dimensions", _strings, ()),
+        tenants=table.get("tenants", _strings, ()),
+    )
+
+
+def _pace(data: object, path: str) -> Pace:
+    table = _Table(data, path, ("messages", "per"))
+    return Pace(table.required("messages", _positive_int), table.get("per", _positive_number, 60.0))
+
+
+def _secret(value: object, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        # Not repeated: whatever stands where a secret belongs may be one.
+        raise ConfigError(
+            f"{path} must be a non-empty string; the value given is not shown in case it is "
+            "a secret."
+        )
+    return value
 
 
 # ---------------------------------------------------------------------------- reading fields
