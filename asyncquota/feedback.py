@@ -62,10 +62,6 @@ PROBE_SILENCE_MIN = 0.01
 REFUSAL_GAIN = 0.125
 """Weight of each new congestion reply's time in the smoothed refusal time."""
 
-ANCHOR_MAX_AGE = 1.0
-"""Seconds from send to reply beyond which a reply's rate-limit headers only lower the
-mirrors (see ``Feedback.observe``)."""
-
 AMPLE_READ_INTERVAL = 0.05
 """While the upstream says at least half of each quota is left and our mirrors agree, its
 rate-limit headers are read in full at most this often (seconds); the other successful
@@ -512,10 +508,11 @@ class Feedback:
         """Let the gates pace by what the upstream says is left (``x-ratelimit-*``).
 
         ``rate_mark`` and ``token_mark`` are the gates' ``taken`` when the request went
-        out, at ``sent_at``: the mirrors are re-anchored at ``remaining`` less what went
-        out since. The reading was taken somewhere between the send and the reply; for a
-        reply slower than ``ANCHOR_MAX_AGE`` that span holds too many sends to subtract
-        them all, and the reading only lowers the mirror.
+        out (at ``sent_at``, its own units left out): the mirrors are re-anchored at
+        ``remaining`` less what went out since, plus what the mirror's rate refilled
+        meanwhile, and no higher than ``remaining`` (``TokenBucket.sync``). The reading was
+        taken somewhere between the send and the reply, and that bound holds either way:
+        a reply 20 s long (a streamed answer) still puts right a mirror that was wrong.
         """
         snapshot = _parse_quota(headers, now=self.reply_time(headers))
         if snapshot.is_empty:
@@ -533,11 +530,11 @@ class Feedback:
                 glances.append((name, window.limit / 2))
         self._glances = tuple(glances)
         self._full_read_due = now + AMPLE_READ_INTERVAL
-        fresh = now - sent_at <= ANCHOR_MAX_AGE
+        age = now - sent_at
         token_rounding = _TOKEN_ROUNDING.get(snapshot.provider or "", 0)
         for gate, window, mark, rounding in (
-            (self._rate, snapshot.requests, rate_mark if fresh else None, 0),
-            (self._tokens, tokens, token_mark if fresh else None, token_rounding),
+            (self._rate, snapshot.requests, rate_mark, 0),
+            (self._tokens, tokens, token_mark, token_rounding),
         ):
             if window.remaining is None:
                 continue
@@ -550,6 +547,7 @@ class Feedback:
                     reset_after=window.reset_after,
                     limit=window.limit or None,
                     sent_mark=mark,
+                    sent_age=age,
                 )
 
     def reply_time(self, headers: Mapping[str, str]) -> float:

@@ -310,6 +310,7 @@ class TokenBucket:
         limit: float | None,
         now: float,
         sent_mark: float | None = None,
+        sent_age: float = 0.0,
     ) -> None:
         """Fold what the upstream says in its rate-limit headers into the mirror.
 
@@ -320,18 +321,22 @@ class TokenBucket:
           refills at about ``(limit - remaining) / reset_after`` units per second. The
           mirror's rate is the largest recent ``(limit - remaining - 1) / reset_after``,
           a bound that the headers' rounding cannot push above the true rate (see
-          ``_learn``; a deficit of one unit, which bounds nothing, is taken as it is
-          when no rate is known yet). Otherwise (a full bucket, no reset) the headers
+          ``_learn``; a deficit of one unit bounds nothing and teaches nothing: taken
+          as a rate over a reset rounded to the second it was a guess, 1 to 100 times
+          too low, that held the pace there). Otherwise (a full bucket, no reset) the headers
           say nothing about the rate and the last rate learnt is kept.
         - **Burst.** The mirror holds up to ``limit``.
         - **Level, anchored.** With ``sent_mark`` (``taken`` when the request that
-          carried these headers was sent) the level is set to ``remaining`` less what we
-          took since then, up or down: the upstream's count could not include those,
-          and every one it did count is in ``remaining`` already. So a mirror that was
-          wrong (a rate learnt too low from rounded resets, a level left low) is put
-          right by the next reply, and the mirror never holds the pace below what the
-          upstream says it has. It is a lower bound: a send after the mark that the
-          upstream had counted is subtracted twice, and the refill since is ignored.
+          carried these headers was sent, ``sent_age`` seconds ago) the level is set to
+          ``remaining`` less what we took since then, plus what the mirror's rate
+          refilled in those ``sent_age`` seconds, and no more than ``remaining``, up or
+          down: the reading was taken somewhere between the send and now; if at the
+          send, what we took since is not in it and the refill since is not either; if
+          just now, ``remaining`` stands as it is. So a mirror that was wrong (a rate
+          learnt too low from rounded resets, a level left low) is put right by the next
+          reply, however long it took, and the mirror never holds the pace below what
+          the upstream says it has. It is a lower bound while the mirror's rate is one
+          (a send after the mark that the upstream had counted is subtracted twice).
         - **Level, without a mark.** A ``sync`` only ever lowers the mirror's level, to
           ``remaining``;
           it never raises it: our sends not yet seen by the upstream are debited in the
@@ -364,6 +369,7 @@ class TokenBucket:
             limit: ``x-ratelimit-limit-*``: the upstream's bucket size, if it said.
             now: the current time.
             sent_mark: ``taken`` when the request carrying the headers was sent, if known.
+            sent_age: seconds since that send.
 
         Raises:
             ValueError: ``reset_after`` is negative or not finite, or ``limit`` is not a
@@ -402,7 +408,11 @@ class TokenBucket:
         self._ledger.clear()
         if sent_mark is not None and self._mirror_burst is not None:
             since = max(0.0, self._taken - sent_mark)
-            self._mirror_level = min(self._mirror_burst, remaining - since)
+            # Taken at the send, the reading has refilled since at the mirror's rate (a
+            # lower bound of the upstream's); taken at the reply, it is ``remaining`` as
+            # it stands. Either way no higher than what the upstream said.
+            refilled = self._mirror_rate * sent_age
+            self._mirror_level = min(self._mirror_burst, remaining, remaining - since + refilled)
             self._pending = None
             self._pending_fresh = False
             return
@@ -416,17 +426,22 @@ class TokenBucket:
         millisecond by OpenAI, to the second by Anthropic). So ``(deficit - 1) / reset``
         never exceeds the true rate, and the largest such bound among recent readings is
         the closest to it. Too high a rate would overshoot between syncs (a 429, and a
-        Retry-After that holds the whole fleet); too low a one is never corrected by a
-        sync, which only lowers the level. A bound is kept until a larger one comes, or
-        the limit changes, or it is older than ``_RATE_MEMORY`` full refills of the
-        bucket: then the best reading taken meanwhile from a bucket at least half empty
+        Retry-After that holds the whole fleet); too low a one holds the pace below the
+        quota between readings (a reading re-anchors the level, not the rate). A bound is
+        kept until a larger one comes, or the limit changes (then forgotten, even for a
+        reading that teaches none), or it is older than ``_RATE_MEMORY`` full refills of
+        the bucket: then the best reading taken meanwhile from a bucket at least half empty
         replaces it (a nearly full bucket's reading is mostly rounding), so a rate that
         fell is followed within one memory and a lucky low reading does not stick.
         """
         bound = max(deficit - 1.0, 0.0) / reset_after
         held = self._learnt_rate
+        if bound <= 0:
+            if limit != self._learnt_limit:
+                self._learnt_rate = 0.0  # a new quota: what was learnt of the old one is not
+            return
         if bound > held or held <= 0 or limit != self._learnt_limit:
-            self._learnt_rate = bound if bound > 0 else deficit / reset_after
+            self._learnt_rate = bound
             self._learnt_at = now
             self._learnt_limit = limit
             self._recent_best = 0.0
@@ -632,6 +647,7 @@ class _BucketGate:
         reset_after: float | None,
         limit: float | None = None,
         sent_mark: float | None = None,
+        sent_age: float = 0.0,
     ) -> None:
         """Fold the upstream's rate-limit headers into the mirror; see ``TokenBucket.sync``.
 
@@ -647,6 +663,7 @@ class _BucketGate:
             limit=limit,
             now=self._now(),
             sent_mark=sent_mark,
+            sent_age=sent_age,
         )
         if self._waiters:
             asyncio.get_running_loop().call_soon(self._wake)

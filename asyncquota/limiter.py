@@ -28,6 +28,9 @@ __all__ = ["ConcurrencyLimiter", "Ending", "LimiterStatistics", "Permit", "Would
 Ending = Literal["success", "dropped", "ignore"]
 """How a permit ended: a round-trip sample, a congestion signal, or nothing learned."""
 
+_RAMP_STEP = 0.005
+"""The finest step of a spread growth, seconds: at most one timer per 5 ms."""
+
 
 
 
@@ -78,7 +81,9 @@ class ConcurrencyLimiter:
         "_ignored",
         "_inflight",
         "_limit",
+        "_ramp",
         "_succeeded",
+        "_timer",
         "_waiters",
         "_waiting",
     )
@@ -100,6 +105,8 @@ class ConcurrencyLimiter:
         self._succeeded = 0
         self._ignored = 0
         self._dropped = 0
+        self._ramp: tuple[int, float, float] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def limit(self) -> Limit:
@@ -162,18 +169,58 @@ class ConcurrencyLimiter:
             raise
         return Permit(self, loop)
 
-    def stalled(self, now: float) -> None:
+    def stalled(self, now: float, *, spread: float = 0.0) -> None:
         """Tell the limit that the limiter has been full a while with nothing coming back.
 
-        A limit that grows on time (``AIMD.on_stall``) may grow; others ignore it.
+        A limit that grows on time (``AIMD.on_stall``) may grow; others ignore it. With
+        ``spread`` the new slots are handed out evenly over that many seconds rather than
+        at once: a growth made on time, with no reply to clock it, is a guess, and a burst
+        of it into an upstream that cannot take it would come back as a burst of 429s
+        (worse: an upstream that punishes sends inside its Retry-After window counts
+        every one of them). Spread, the first refusal, which comes back at once even
+        when replies take half a minute, stops it after a few sends.
         """
         grow = getattr(self._limit, "on_stall", None)
         if grow is None:
             return
         capacity = grow(now, self._inflight)
+        if capacity > self._capacity and spread > 0:
+            self._ramp = (self._capacity, now, spread)
+            self._tick()
+        elif capacity != self._capacity:
+            self._resize(capacity)
+            self._wake()
+
+    def _ramped(self, capacity: int, now: float) -> int:
+        """``capacity`` as far as a growth being spread (``stalled``) has reached by ``now``."""
+        ramp = self._ramp
+        if ramp is None:
+            return capacity
+        start, at, spread = ramp
+        if now >= at + spread or capacity <= start:
+            self._ramp = None
+            return capacity
+        return min(capacity, start + 1 + int((capacity - start) * (now - at) / spread))
+
+    def _tick(self) -> None:
+        """One step of a spread growth: the capacity reached by now, the next step timed."""
+        self._timer = None
+        ramp = self._ramp
+        if ramp is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        target = self._limit.limit
+        capacity = self._ramped(target, now)
         if capacity != self._capacity:
             self._resize(capacity)
             self._wake()
+        if self._ramp is not None:
+            start, at, spread = ramp
+            step = spread / max(1, target - start)
+            self._timer = loop.call_at(
+                min(at + spread, now + max(step, _RAMP_STEP)), self._tick
+            )
 
     def statistics(self) -> LimiterStatistics:
         """A snapshot of the capacity, the live counts and the outcome counters."""
@@ -224,6 +271,8 @@ class ConcurrencyLimiter:
                 self._succeeded += 1
             now = permit._loop.time()
             capacity = self._limit.on_sample(now, now - permit.acquired_at, inflight, dropped)
+            if self._ramp is not None:
+                capacity = self._ramped(capacity, now)
             if capacity != self._capacity:
                 self._resize(capacity)
         finally:

@@ -277,7 +277,7 @@ class AIMD:
             The new limit.
         """
         window = DEFAULT_RTT if self._episodes.srtt is None else self._episodes.srtt
-        if inflight < int(self._limit) or now - self._episodes.last_cut < window:
+        if inflight * 2 < int(self._limit) or now - self._episodes.last_cut < window:
             return int(self._limit)
         if self._limit < self._ssthresh:
             # By half, not double: the growth goes out at once, before any reply could say

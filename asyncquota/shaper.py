@@ -1319,20 +1319,23 @@ class Shaper:
                     permit = await limiter.acquire()
                 break
             except TimeoutError:
-                limiter.stalled(loop.time())
+                limiter.stalled(loop.time(), spread=STALL)
         now = loop.time()
         self._limit_bound += now - started
         if now >= self._stall_check_at:
             if self._limit_bound >= STALL / 2:
-                limiter.stalled(now)
+                limiter.stalled(now, spread=STALL)
             self._limit_bound, self._stall_check_at = 0.0, now + STALL
         return permit
 
     def _grant(self, ticket: _Ticket, probe: int, now: float) -> None:
         """Mark ``ticket`` granted: the gates' marks for its reply, the probe it carries."""
         ticket.probe = probe
-        ticket.rate_mark = self._rate.taken
-        ticket.token_mark = self._tokens.taken
+        # The marks leave out the request's own units: an upstream that counts a request
+        # in the ``remaining`` of its own reply and one that does not are both read right
+        # (the first one unit low, which is safe).
+        ticket.rate_mark = self._rate.taken - 1.0
+        ticket.token_mark = self._tokens.taken - ticket.cost
         self._count_served(now)
 
     # ------------------------------------------------------------------ reading replies

@@ -138,6 +138,47 @@ def test_a_reading_lowers_the_mirror_the_same_way():
     assert bucket.mirror(0.0).level == pytest.approx(10.0)
 
 
+def test_a_slow_replys_reading_puts_right_a_mirror_left_low():
+    # A rate learnt ten times too low; then a reply 20 s long (a streamed answer) says
+    # the bucket is nearly full. Whenever in those 20 s the upstream read its count, the
+    # mirror's own refill since the send covers what went out meanwhile: it may stand
+    # where the upstream says, no higher.
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=0, reset_after=10.0, limit=100, now=0.0)  # 9.9 a second
+    mark = bucket.taken
+    for step in range(1, 191):
+        bucket.take(1, step * 0.1)  # 190 sends in 19 s: about the mirror's pace
+    assert bucket.mirror(20.0).level < 10
+    bucket.sync(
+        remaining=95, reset_after=5.0, limit=100, now=20.0, sent_mark=mark, sent_age=20.0
+    )
+    assert bucket.mirror(20.0).level == pytest.approx(95.0)
+    # Had we sent more than the mirror refilled, the reading (if taken at the send)
+    # counts none of the excess: it comes off.
+    mark = bucket.taken
+    bucket.take(50, 20.5)
+    bucket.sync(
+        remaining=90, reset_after=2.0, limit=100, now=21.0, sent_mark=mark, sent_age=1.0
+    )
+    assert bucket.mirror(21.0).level == pytest.approx(90 - 50 + 9.9)
+
+
+def test_a_one_unit_deficit_teaches_no_rate():
+    # "remaining 99 of 100, full again at 22:40:05Z", the reset rounded up to the second:
+    # 0.07 s away says nothing of the rate (one unit may take 1 ms or 0.07 s to come back).
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=99, reset_after=0.07, limit=100, now=0.0)
+    mirror = bucket.mirror(0.0)
+    assert mirror is not None and mirror.rate == 0.0  # a fixed window: 99 until the reset
+    assert mirror.level == pytest.approx(99.0)
+    bucket.sync(remaining=40, reset_after=0.6, limit=100, now=0.1)  # a real reading
+    mirror = bucket.mirror(0.1)
+    assert mirror is not None and mirror.rate == pytest.approx(59 / 0.6)
+    bucket.sync(remaining=199, reset_after=0.07, limit=200, now=0.2)  # a new quota
+    mirror = bucket.mirror(0.2)
+    assert mirror is not None and mirror.rate == 0.0
+
+
 # -- the Shaper on upstreams it was not tuned to (virtual time) --------------------------
 
 

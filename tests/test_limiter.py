@@ -296,3 +296,35 @@ async def test_a_ceiling_caps_the_capacity_whatever_the_algorithm_says():
     assert limiter.capacity == 8 and limiter.inflight == 0
     with pytest.raises(ValueError, match="ceiling"):
         ConcurrencyLimiter(Fixed(5), ceiling=0)
+
+
+async def test_a_growth_on_stall_is_handed_out_over_its_spread_not_at_once():
+    # Twenty long requests in flight, nothing back: the AIMD grows by half on a stall.
+    # Spread over a second, the ten new slots go out one every 0.1 s, so a refusal (which
+    # comes back at once) can stop the growth after a few sends instead of a burst of ten.
+    loop = asyncio.get_running_loop()
+    limiter = ConcurrencyLimiter(AIMD(initial=20, max_limit=100))
+    held = [limiter.acquire_nowait() for _ in range(20)]
+    waiters = [asyncio.create_task(limiter.acquire()) for _ in range(15)]
+    await asyncio.sleep(0)
+    start = loop.time()
+    limiter.stalled(start, spread=1.0)
+    assert limiter.limit.limit == 30
+    granted: list[float] = []
+    for task in waiters:
+        task.add_done_callback(lambda _: granted.append(round(loop.time() - start, 3)))
+    await asyncio.sleep(1.5)
+    assert len(granted) == 10 and limiter.capacity == 30
+    assert granted == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], abs=0.006)
+    # A reply during a spread does not hand out the rest at once.
+    limiter.stalled(loop.time(), spread=1.0)  # 30 -> 45 over the next second
+    await asyncio.sleep(0.2)
+    held.pop().success()  # slow start: the limit is 46 now; the spread still rules
+    await asyncio.sleep(0)
+    assert 32 <= limiter.capacity <= 35
+    await asyncio.sleep(1.0)
+    assert limiter.capacity == 46
+    for task in waiters:
+        if not task.done():
+            task.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
