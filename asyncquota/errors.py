@@ -237,9 +237,29 @@ class OverloadedError(UpstreamError):
 
 
 class QuotaExhaustedError(UpstreamError):
-    """The account is out of credit or out of its daily quota: retrying will not help."""
+    """The account is out of credit or out of its daily quota: retrying will not help.
+
+    Attributes:
+        regain_at: Unix time at which the provider says the quota comes back (Anthropic's
+            spend cap names a date; Gemini's per-day quota resets at midnight Pacific), or
+            None when it did not say.
+        why: a short account of it for an operator ("Anthropic spend cap reached; regain
+            2026-12-01T00:00Z"), or None.
+    """
 
     default_reason = "quota_exhausted"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        regain_at: float | None = None,
+        why: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.regain_at = regain_at
+        self.why = why
 
 
 class TransportError(UpstreamError):

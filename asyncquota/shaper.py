@@ -1359,8 +1359,16 @@ class Shaper:
             error_class = OverloadedError
             message = f"{where}: the upstream service is overloaded{detail}"
         elif kind is Outcome.QUOTA_EXHAUSTED:
-            error_class = QuotaExhaustedError
-            message = f"{where}: the account's quota or credit is exhausted{detail}"
+            return QuotaExhaustedError(
+                f"{where}: the account's quota or credit is exhausted{detail}",
+                regain_at=verdict.regain_at,
+                why=verdict.reason,
+                status=reply.status,
+                body=reply.body,
+                priority=ticket.priority,
+                tenant=ticket.tenant,
+                retry_after=verdict.retry_after,
+            )
         else:
             error_class = UpstreamError
             message = f"{where}{detail}"
