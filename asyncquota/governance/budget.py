@@ -14,7 +14,8 @@ A reservation takes both or neither. Spend is always counted (globally, and per 
 requests that name one), so status reports it even where no budget is set.
 
 The period is the calendar month in the configured time zone: counters are keyed by month
-(``budget:2026-03`` and ``budget:2026-03:tenant:acme``, tenants by ``str(tenant)``), so a
+(``budget:2026-03`` and ``budget:2026-03:tenant:acme``, tenants by :func:`~.tiers.tenant_id`:
+``42`` and ``"42"`` are one tenant with one budget and one counter), so a
 new month starts at zero without anyone resetting anything, and a reservation reconciles
 against the month it was made in. Time comes only from the injected ``wall_clock``.
 
@@ -37,7 +38,7 @@ from zoneinfo import ZoneInfo
 
 from ..errors import BudgetExceededError, StoreUnavailableError
 from .store import MemoryStore, Store
-from .tiers import DimensionStatus, zone
+from .tiers import DimensionStatus, tenant_id, zone
 
 __all__ = ["SLACK", "BudgetGuard", "BudgetReservation", "Price", "month_window"]
 
@@ -97,7 +98,9 @@ class BudgetGuard:
         wall_clock: Unix time now; the only clock the guard reads.
 
     Raises:
-        ValueError: a budget that is not a finite number > 0, or an unknown time zone.
+        ValueError: a budget that is not a finite number > 0, two keys naming one tenant
+            (``42`` and ``"42"``), or an unknown time zone.
+        TypeError: a key that is not a tenant id (see :func:`~.tiers.tenant_id`).
     """
 
     __slots__ = ("_background", "_monthly", "_open", "_store", "_tenants", "_wall_clock", "_zone")
@@ -113,10 +116,17 @@ class BudgetGuard:
     ) -> None:
         if monthly is not None:
             _check_budget("monthly", monthly)
+        self._tenants: dict[str, float] = {}
         for tenant, budget in (tenants or {}).items():
             _check_budget(f"tenants[{tenant!r}]", budget)
+            who = tenant_id(tenant)
+            if who is None or who in self._tenants:
+                raise ValueError(
+                    f"tenants[{tenant!r}] is no tenant or the same tenant as another key "
+                    f"({who!r}): each tenant has one budget."
+                )
+            self._tenants[who] = budget
         self._monthly = monthly
-        self._tenants = dict(tenants or {})
         self._store: Store = store if store is not None else MemoryStore(wall_clock=wall_clock)
         self._zone = zone(timezone)
         self._wall_clock = wall_clock
@@ -126,7 +136,7 @@ class BudgetGuard:
 
     async def remaining(self, tenant: Hashable | None) -> float | None:
         """Dollars left this month: the smaller of the global and the tenant's (None: unlimited)."""
-        if self._monthly is None and self._tenants.get(tenant) is None:
+        if self._monthly is None and self._tenants.get(tenant_id(tenant) or "") is None:
             return None
         left = [s.remaining for s in await self.status(tenant) if s.remaining is not None]
         return min(left)
@@ -201,6 +211,7 @@ class BudgetGuard:
         counters: list[tuple[str, str, float | None]] = [
             ("budget", f"budget:{month}", self._monthly)
         ]
+        tenant = tenant_id(tenant)
         if tenant is not None:
             counters.append(
                 ("tenant_budget", f"budget:{month}:tenant:{tenant}", self._tenants.get(tenant))

@@ -36,7 +36,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Coroutine, Hashable, Mapping
+from collections.abc import Callable, Coroutine, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -64,7 +64,7 @@ from .alerts import LoggingSink, ShedBatchAction, Sink, UsageMonitor, WebhookSin
 from .budget import BudgetGuard, BudgetReservation
 from .routing import Model, Route, Router
 from .store import MemoryStore, SQLiteStore, Store
-from .tiers import DimensionStatus, TenantGrant, TenantQuotas
+from .tiers import DimensionStatus, TenantGrant, TenantQuotas, tenant_id
 
 __all__ = ["EXHAUSTED_HOLD", "WATCH_INTERVAL", "Gateway", "QuotaStatus", "Routed"]
 
@@ -121,7 +121,7 @@ class QuotaStatus:
         upstreams: upstream → its last rate-limit headers (None: none yet).
     """
 
-    tenant: Hashable | None
+    tenant: str | None
     models: Mapping[str, tuple[DimensionStatus, ...]]
     budget: tuple[DimensionStatus, ...]
     upstreams: Mapping[str, QuotaSnapshot | None]
@@ -203,7 +203,7 @@ class Gateway:
         self._store = store
         self._wall_clock = wall_clock
         self._exhausted: dict[str, float] = {}  # model → loop time until which it is skipped
-        self._watched: dict[Hashable | None, float] = {}  # tenant → last reading (loop time)
+        self._watched: dict[str | None, float] = {}  # tenant → last reading (loop time)
         self._watch_sweep_at = _WATCH_SWEEP_MIN  # sweep stale entries past this size
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -217,6 +217,7 @@ class Gateway:
         transports: Mapping[str, Transport] | None = None,
         wall_clock: Callable[[], float] = time.time,
         environ: Mapping[str, str] | None = None,
+        sinks: Sequence[Sink] = (),
     ) -> Gateway:
         """Build a gateway, its Shapers, store, tiers, budget and alerts from configuration.
 
@@ -226,8 +227,10 @@ class Gateway:
             transports: upstream name → a transport to use instead of the aiohttp pool
                 (tests, the simulator).
             wall_clock: Unix time, for day and month windows and reply dates.
-            environ: where API keys and webhook URLs named by ``*_env`` are read
-                (default: the process environment).
+            environ: where API keys, webhook URLs and signing secrets named by ``*_env``
+                are read (default: the process environment).
+            sinks: sinks of the application's own (a ``CallbackSink``), beside the
+                configured ones; used only when the file has an ``[alerts]`` section.
 
         Raises:
             ConfigError: the file is invalid (the message names the field).
@@ -281,7 +284,7 @@ class Gateway:
                 tenants=config.tenants,
                 default_tier=config.default_tier,
                 store=store,
-                timezone=config.timezone,
+                timezone=config.tenant_timezone or config.timezone,
                 wall_clock=wall_clock,
             )
         budget, share = None, 0.1
@@ -298,10 +301,24 @@ class Gateway:
         monitor = None
         if config.alerts is not None:
             alerts = config.alerts
-            sinks: list[Sink] = [LoggingSink()] if alerts.log else []
+            every: list[Sink] = [LoggingSink()] if alerts.log else []
             for index, hook in enumerate(alerts.webhooks):
-                url = hook.url or _env(env, hook.url_env or "", f"alerts.webhooks[{index}].url_env")
-                sinks.append(WebhookSink(url, format=hook.format, timeout=hook.timeout))
+                where = f"alerts.webhooks[{index}]"
+                url = hook.url or _env(env, hook.url_env or "", f"{where}.url_env")
+                secret = hook.secret
+                if hook.secret_env is not None:
+                    secret = _env(env, hook.secret_env, f"{where}.secret_env")
+                every.append(
+                    WebhookSink(
+                        url,
+                        format=hook.format,
+                        secret=secret,
+                        markdown=hook.markdown,
+                        route=hook.route,
+                        pace=hook.pace,
+                        timeout=hook.timeout,
+                    )
+                )
             actions = (
                 [ShedBatchAction(list(shapers.values()), for_seconds=alerts.shed_seconds)]
                 if alerts.shed_batch_on_critical
@@ -311,7 +328,8 @@ class Gateway:
                 warning=alerts.warning,
                 critical=alerts.critical,
                 hysteresis=alerts.hysteresis,
-                sinks=sinks,
+                thresholds=alerts.thresholds,
+                sinks=[*every, *sinks],
                 on_critical=actions,
                 wall_clock=wall_clock,
             )
@@ -359,6 +377,11 @@ class Gateway:
         return dict(self._upstreams)
 
     @property
+    def monitor(self) -> UsageMonitor | None:
+        """The usage monitor (None: no alerts)."""
+        return self._monitor
+
+    @property
     def router(self) -> Router:
         """The routing table."""
         return self._router
@@ -402,6 +425,7 @@ class Gateway:
             raise TypeError(
                 f"json must be a mapping (the request body), not {type(json).__name__}."
             )
+        tenant = tenant_id(tenant)  # once, so tiers, budget and alerts see one identity
         rank = coerce_priority(priority)
         estimate = _Estimate(
             input_tokens=prompt_tokens(len(orjson.dumps(json))),
@@ -452,12 +476,15 @@ class Gateway:
         """The tenant's tier usage per model, the budgets, and the upstreams' last headers.
 
         Args:
-            tenant: whose tier (None: no tier dimensions).
+            tenant: whose tier (None: the requests naming no tenant, under the default
+                tier if there is one); ``42`` and ``"42"`` are one tenant.
             model: one model (None: every configured model).
 
         Raises:
-            ValueError: ``model`` is not configured.
+            ValueError: ``model`` is not configured, or the empty tenant.
+            TypeError: ``tenant`` is neither a str, an int nor None.
         """
+        tenant = tenant_id(tenant)
         names = (
             [self._router.model(model).name]
             if model is not None
@@ -466,7 +493,7 @@ class Gateway:
         models: dict[str, tuple[DimensionStatus, ...]] = {}
         for name in names:
             dims: list[DimensionStatus] = []
-            if self._tenants is not None and tenant is not None:
+            if self._tenants is not None:
                 dims = await self._tenants.status(tenant, name)
             models[name] = tuple(dims)
         budget = tuple(await self._budget.status(tenant)) if self._budget is not None else ()
@@ -480,7 +507,7 @@ class Gateway:
     # ------------------------------------------------------------------ inside
 
     async def _budget_policy(
-        self, route: Route, tenant: Hashable | None, estimate: _Estimate
+        self, route: Route, tenant: str | None, estimate: _Estimate
     ) -> tuple[Route, bool]:
         """The route after the budget's say, and whether it may overdraw."""
         if self._budget is None:
@@ -543,7 +570,7 @@ class Gateway:
         route: Route,
         json: Mapping[str, Any],
         estimate: _Estimate,
-        tenant: Hashable | None,
+        tenant: str | None,
         rank: int,
         ends: float | None,
         headers: Mapping[str, str] | None,
@@ -661,7 +688,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ watching usage
 
-    def _watch(self, tenant: Hashable | None, model: Model, shaper: Shaper) -> None:
+    def _watch(self, tenant: str | None, model: Model, shaper: Shaper) -> None:
         """Feed the monitor: the upstream's headers now, day usage and budget at most 1/s."""
         monitor = self._monitor
         if monitor is None:
@@ -681,21 +708,26 @@ class Gateway:
             self._watch_sweep_at = max(_WATCH_SWEEP_MIN, 2 * len(self._watched))
         self._settle(self._watch_stores(monitor, tenant, model.name))
 
-    async def _watch_stores(
-        self, monitor: UsageMonitor, tenant: Hashable | None, model: str
-    ) -> None:
-        if self._tenants is not None and tenant is not None:
+    async def _watch_stores(self, monitor: UsageMonitor, tenant: str | None, model: str) -> None:
+        if self._tenants is not None:
+            who = "Requests naming no tenant" if tenant is None else f"Tenant {tenant}"
             for status in await self._tenants.status(tenant, model):
-                if status.dimension == "rpd" and status.limit:
-                    monitor.observe(
-                        f"tenant:{tenant}:{model}:rpd",
-                        status.used,
-                        status.limit,
-                        message=(
-                            f"Tenant {tenant} used {status.used / status.limit:.0%} of its "
-                            f"{model} requests today ({status.used:g} of {status.limit:g})."
-                        ),
-                    )
+                if status.dimension not in ("rpd", "tier_rpd") or not status.limit:
+                    continue
+                # A tier's shared limit is named as the configuration names it; no model
+                # may be called "shared", so the two never meet.
+                scope = model if status.dimension == "rpd" else "shared"
+                what = f"{model} requests" if status.dimension == "rpd" else "requests (all models)"
+                monitor.observe(
+                    f"tenant:{tenant or ''}:{scope}:rpd",
+                    status.used,
+                    status.limit,
+                    message=(
+                        f"{who} used {status.used / status.limit:.0%} of its {what} today "
+                        f"({status.used:g} of {status.limit:g})."
+                    ),
+                    tenant=tenant,
+                )
         if self._budget is not None:
             for status in await self._budget.status(tenant):
                 if status.limit:
