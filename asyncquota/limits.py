@@ -22,6 +22,7 @@ cut, not 500.
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Protocol
 
 __all__ = ["AIMD", "DEFAULT_RTT", "Fixed", "Gradient", "Limit"]
@@ -141,6 +142,78 @@ def _cut(limit: float, backoff_ratio: float, min_limit: int) -> float:
     return float(max(min_limit, math.floor(int(limit) * backoff_ratio)))
 
 
+LATENCY_MEMORY = 30.0
+"""Seconds a window's mean round trip counts towards the fastest recent one."""
+
+LATENCY_WINDOW_MIN = 16
+"""The fewest replies a window of round trips averages."""
+
+LATENCY_PROBE_EVERY = 10.0
+"""Seconds between two windows run at three quarters of the limit (see ``_Windows``)."""
+
+LATENCY_PROBE_RTT = 2.0
+"""Windows longer than this (seconds) are not probed: a quarter of a long window's
+replies held back costs too much."""
+
+
+class _Windows:
+    """Mean round trips per window of replies, and how slow the last is for its kind.
+
+    A single reply's time says little (a long answer takes longer), but the mean of a
+    window of them moves with the upstream's load: an upstream that slows down as it
+    fills (replies queue behind each other near its concurrency cap) shows it there
+    before it refuses anything, and past that point more in flight brings fewer answers
+    a second, not more. Each full window's mean is compared with the fastest window of
+    the last ``LATENCY_MEMORY`` seconds: more than ``room`` above it, the limit stops
+    growing; more than one and a half ``room``, it comes down by a tenth a window.
+
+    The fastest window must have been seen at a lower load to mean anything: a limit
+    that sat at one level all along has nothing to compare with. So while windows are
+    short (under ``LATENCY_PROBE_RTT``), every ``LATENCY_PROBE_EVERY`` seconds one window
+    runs at three quarters of the limit (BBR's ProbeRTT, in miniature).
+    """
+
+    __slots__ = ("_count", "_fastest", "_probe_at", "_room", "_started", "_sum", "probing", "slow")
+
+    def __init__(self, room: float) -> None:
+        self._room = room
+        self._count = 0
+        self._sum = 0.0
+        self._started: float | None = None
+        self._probe_at: float | None = None
+        self.slow = False
+        self.probing = False
+        self._fastest: deque[tuple[float, float]] = deque()  # (time, mean), means rising
+
+    def sample(self, now: float, rtt: float, limit: int) -> float:
+        """Count one round trip; at a window's end, the factor for the limit (else 1)."""
+        if self._started is None:
+            self._started = now
+            self._probe_at = now + LATENCY_PROBE_EVERY
+        self._count += 1
+        self._sum += rtt
+        if self._count < max(limit, LATENCY_WINDOW_MIN):
+            return 1.0
+        mean = self._sum / self._count
+        span = now - self._started
+        self._count, self._sum, self._started = 0, 0.0, now
+        fastest = self._fastest
+        while fastest and fastest[-1][1] >= mean:
+            fastest.pop()
+        fastest.append((now, mean))
+        while fastest[0][0] < now - LATENCY_MEMORY:
+            fastest.popleft()
+        ratio = mean / fastest[0][1] if fastest[0][1] > 0 else 1.0
+        was_probing, self.probing = self.probing, False
+        self.slow = ratio > 1.0 + self._room
+        if not was_probing and self._probe_at is not None and now >= self._probe_at:
+            self._probe_at = now + LATENCY_PROBE_EVERY
+            self.probing = span < LATENCY_PROBE_RTT
+        if not was_probing and ratio > 1.0 + 1.5 * self._room:
+            return 0.9
+        return 1.0
+
+
 class AIMD:
     """Additive increase, multiplicative decrease, driven by congestion signals.
 
@@ -171,12 +244,22 @@ class AIMD:
       A wall of 429s is far above any sensible tolerance and cuts after about
       ``DROP_SHARE_MEMORY`` drops.
 
+    - Latency brake: with ``latency_room``, the mean round trip of each window of
+      replies is compared with the fastest window of the last ``LATENCY_MEMORY``
+      seconds. More than ``latency_room`` slower, the limit stops growing (a stall too);
+      more than one and a half times that, it comes down by a tenth a window; now and
+      then one window runs at three quarters of the limit to see what fast is (see
+      ``_Windows``). An upstream that slows down as it fills, long before its
+      concurrency cap refuses anything, answers fewer requests a second past that point:
+      the limit sits there instead of climbing to the cap and being halved (a sawtooth
+      whose lower half starves the upstream).
+
     The limit always lies within ``[min_limit, max_limit]``.
 
     Raises:
         ValueError: bounds out of order, ``backoff_ratio`` outside (0, 1), a
-            non-positive ``increase`` or ``idle_reset``, or ``drop_tolerance`` outside
-            [0, 1).
+            non-positive ``increase``, ``idle_reset`` or ``latency_room``, or
+            ``drop_tolerance`` outside [0, 1).
     """
 
     __slots__ = (
@@ -186,6 +269,7 @@ class AIMD:
         "_idle_reset",
         "_increase",
         "_last_reply",
+        "_latency",
         "_limit",
         "_max_limit",
         "_min_limit",
@@ -202,9 +286,15 @@ class AIMD:
         increase: float = 1,
         idle_reset: float = 30.0,
         drop_tolerance: float = 0.0,
+        latency_room: float | None = None,
     ) -> None:
         _check_bounds(initial, min_limit, max_limit)
         _check_backoff(backoff_ratio)
+        if latency_room is not None and not latency_room > 0:
+            raise ValueError(
+                f"latency_room must be positive or None, not {latency_room!r}: it is how much "
+                "slower than the fastest recent window of replies the limit still grows."
+            )
         if not increase > 0:
             raise ValueError(f"increase must be positive, not {increase!r}.")
         if not idle_reset > 0:
@@ -226,6 +316,7 @@ class AIMD:
         self._last_reply: float | None = None
         self._acked = 0
         self._episodes = _Episodes(drop_tolerance)
+        self._latency = None if latency_room is None else _Windows(latency_room)
 
     @property
     def limit(self) -> int:
@@ -253,6 +344,16 @@ class AIMD:
         limit = int(self._limit)
         if inflight * 2 < limit:
             return limit
+        latency = self._latency
+        if latency is not None:
+            factor = latency.sample(now, rtt, limit)
+            if factor < 1.0:
+                self._limit = max(float(self._min_limit), self._limit * factor)
+                return int(self._limit)
+            if latency.probing:
+                return max(self._min_limit, (3 * limit) // 4)
+            if latency.slow:
+                return limit
         if self._limit < self._ssthresh:
             self._limit = min(self._limit + 1.0, self._ssthresh)
         else:
@@ -278,6 +379,8 @@ class AIMD:
         """
         window = DEFAULT_RTT if self._episodes.srtt is None else self._episodes.srtt
         if inflight * 2 < int(self._limit) or now - self._episodes.last_cut < window:
+            return int(self._limit)
+        if self._latency is not None and self._latency.slow:
             return int(self._limit)
         if self._limit < self._ssthresh:
             # By half, not double: the growth goes out at once, before any reply could say

@@ -90,6 +90,7 @@ AIMD_INITIAL, AIMD_MAX_LIMIT = 20, 10_000
 """The default limit's start and ceiling (the ceiling lowered to the transport's pool)."""
 
 DROP_TOLERANCE = 0.03
+LATENCY_ROOM = 0.15
 """The default limit's share of congestion replies borne without a cut (see AIMD)."""
 
 ESTIMATE_TRUST = 0.9
@@ -290,8 +291,9 @@ class Shaper:
     Args:
         base_url: the upstream's base URL; request paths are joined to it, and nothing is
             ever sent elsewhere.
-        limit: the concurrency algorithm (default ``AIMD(drop_tolerance=0.03)``: slow
-            start, cut once per congestion episode, sporadic failures borne; its
+        limit: the concurrency algorithm (default ``AIMD(drop_tolerance=0.03,
+            latency_room=0.15)``: slow start, cut once per congestion episode, sporadic
+            failures borne, no growth once replies slow down with the load; its
             ``max_limit`` is the transport's pool size). Whatever the algorithm, no more
             requests are in flight than the transport's ``max_connections``, when it has
             one (give your own limit that ``max_limit`` too, so its cuts bite).
@@ -411,6 +413,7 @@ class Shaper:
             ceiling = min(pool or AIMD_MAX_LIMIT, AIMD_MAX_LIMIT)
             limit = AIMD(
                 drop_tolerance=DROP_TOLERANCE,
+                latency_room=LATENCY_ROOM,
                 initial=min(AIMD_INITIAL, ceiling),
                 max_limit=ceiling,
             )

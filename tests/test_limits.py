@@ -382,3 +382,61 @@ def test_without_a_drop_tolerance_every_episode_cuts_as_before():
 def test_a_drop_tolerance_outside_zero_to_one_is_refused():
     with pytest.raises(ValueError, match="drop_tolerance"):
         AIMD(drop_tolerance=1.0)
+
+
+# -- AIMD's latency brake -----------------------------------------------------------------
+
+
+def run_windows(limit: AIMD, now: float, rtts: list[float], inflight: int) -> tuple[float, int]:
+    """Feed one used success per round trip, a millisecond apart; the time and last limit."""
+    answer = limit.limit
+    for rtt in rtts:
+        now += 0.001
+        answer = limit.on_sample(now, rtt, inflight, False)
+    return now, answer
+
+
+def test_aimd_stops_growing_when_windows_of_replies_slow_down_and_comes_down_past_that():
+    limit = AIMD(initial=40, max_limit=1000, latency_room=0.15)
+    limit._ssthresh = 40.0  # congestion avoidance: one more per window of 40
+    now, answer = run_windows(limit, 0.0, [0.30] * 40, 40)  # the fastest window: 0.30
+    assert answer == 41
+    # 10 % slower: still within the room, grows.
+    now, answer = run_windows(limit, now, [0.33] * 41, 41)
+    assert answer == 42
+    # 20 % slower: more in flight brings nothing; the limit holds.
+    now, answer = run_windows(limit, now, [0.36] * 42 * 3, 42)
+    assert answer == 42 and limit.limit == 42
+    # 30 % slower (beyond one and a half times the room): a tenth off per window.
+    now, answer = run_windows(limit, now, [0.39] * 42, 42)
+    assert limit.limit == 37
+    now, answer = run_windows(limit, now, [0.39] * 37, 37)
+    assert limit.limit == 34  # 42 * 0.9 * 0.9
+    # Back to the fast replies: it grows again.
+    now, answer = run_windows(limit, now, [0.30] * 34, 34)
+    assert limit.limit == 35
+
+
+def test_aimd_probes_a_lower_load_now_and_then_to_know_what_fast_is():
+    # Sitting at 48 all along, its windows have only each other to compare with: every
+    # 10 s one window runs at three quarters of the limit.
+    limit = AIMD(initial=48, max_limit=48, latency_room=0.15)
+    now, answer = 0.0, 48
+    while answer == 48:
+        now += 0.01
+        answer = limit.on_sample(now, 0.6, 48, False)
+    assert 10.0 <= now <= 10.5  # the first window to end 10 s after the first reply
+    assert answer == 36 and limit.limit == 48  # probing: the capacity, not the limit
+    # The probe's window is fast (a lower load): the windows at 48 are now slow, and the
+    # limit comes down until they are not.
+    now, answer = run_windows(limit, now, [0.3] * 47, 36)
+    assert answer == 36
+    now, answer = run_windows(limit, now, [0.3], 36)  # the probe's window ends
+    assert answer == 48
+    _, answer = run_windows(limit, now, [0.6] * 48, 48)
+    assert answer == 43 and limit.limit == 43
+
+
+def test_aimd_refuses_a_latency_room_that_is_not_positive():
+    with pytest.raises(ValueError, match="latency_room must be positive or None"):
+        AIMD(latency_room=0.0)
