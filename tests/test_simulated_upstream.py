@@ -16,9 +16,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from asyncquota.signals import Outcome, classify_error_body
 from asyncquota.testing import PRESETS, SimulatedUpstream, UpstreamConfig, run_in_process
 from asyncquota.testing.buckets import ScheduledBucket
 from asyncquota.testing.replies import go_duration, retry_after_headers
+from asyncquota.testing.upstream import spend_cap_body
 from asyncquota.transport import Request, Response
 
 EPOCH = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -347,6 +349,66 @@ async def test_after_n_requests_the_account_is_out_of_credit():
     assert "credit balance is too low" in broke.json()["error"]["message"]
 
 
+async def test_an_exhausted_window_refuses_every_request_from_its_start_to_its_end():
+    upstream = SimulatedUpstream(
+        config(rps=2, exhausted=((20.0, 45.0),), wall_clock=virtual_wall_clock)
+    )
+    assert (await upstream.handle(message())).status == 200  # t=0: the upstream's clock starts
+    statuses = []
+    for at in (19.999, 20.0, 30.5, 44.999, 45.0, 45.0, 45.0):
+        await asyncio.sleep(at - now())
+        statuses.append((await upstream.handle(message())).status)
+    # Dead from 20 s to 45 s; back at 45 s with its bucket full (2 requests, then a 429).
+    assert statuses == [200, 400, 400, 400, 200, 200, 429]
+    assert upstream.stats()["exhausted"] == [
+        {"start": 20.0, "end": 45.0, "refused": 3, "first_refused_at": 20.0}
+    ]
+
+
+async def test_in_an_exhausted_window_anthropic_says_its_spend_cap_and_when_access_returns():
+    upstream = SimulatedUpstream(config(exhausted=((20.0, 45.0),), wall_clock=virtual_wall_clock))
+    await upstream.handle(message())
+    await asyncio.sleep(30.5)
+    refused = await upstream.handle(message())
+    assert refused.status == 400
+    assert refused.headers == {"content-type": "application/json"}  # no Retry-After
+    # EPOCH + 45 s is 2023-11-14T22:14:05Z: the window's end on the upstream's clock.
+    assert refused.body == (
+        b'{"type":"error","error":{"type":"invalid_request_error","message":"You have reached '
+        b'your specified API usage limits. You will regain access on 2023-11-14 at 22:14:05 '
+        b'UTC."}}'
+    )
+    seen = classify_error_body(refused.status, refused.body, refused.headers, now=EPOCH + 30.5)
+    assert (seen.kind, seen.regain_at) == (Outcome.QUOTA_EXHAUSTED, EPOCH + 45.0)
+
+
+async def test_in_an_exhausted_window_openai_says_insufficient_quota_with_no_time():
+    upstream = SimulatedUpstream(config(exhausted=((0.0, 10.0),)))
+    refused = await upstream.handle(chat())
+    assert refused.status == 429
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    assert refused.headers == {"content-type": "application/json"}
+    assert upstream.stats()["totals"]["429"] == 1
+
+
+async def test_a_skewed_upstream_states_its_regain_on_its_own_clock_rounded_up():
+    upstream = SimulatedUpstream(
+        config(exhausted=((0.0, 10.0),), wall_clock=virtual_wall_clock, clock_skew=0.25)
+    )
+    refused = await upstream.handle(message())
+    assert b"regain access on 2023-11-14 at 22:13:31 UTC." in refused.body  # EPOCH+10.25, up
+
+
+def test_a_spend_cap_regaining_at_midnight_reads_as_anthropic_writes_it():
+    midnight = 1_764_547_200.0  # 2025-12-01T00:00:00Z
+    message = orjson.loads(spend_cap_body(midnight))["error"]["message"]
+    assert message == (
+        "You have reached your specified API usage limits. "
+        "You will regain access on 2025-12-01 at 00:00 UTC."
+    )
+    assert b"at 00:00:01 UTC" in spend_cap_body(midnight + 0.2)
+
+
 async def test_anthropic_rate_limits_and_overloads_in_its_own_shapes():
     upstream = SimulatedUpstream(config(rps=1, error_529_rate=1.0, count_rejected=False))
     overloaded = await upstream.handle(message())
@@ -513,6 +575,7 @@ async def test_stats_count_totals_and_a_per_second_timeline():
                    "max_inflight": 0, "prompt_tokens": 0, "completion_tokens": 0,
                    "last_admitted_at": None},
         "timeline": [],
+        "exhausted": [],
     }
 
 
@@ -566,6 +629,11 @@ def test_a_bucket_fills_to_an_amount_exactly_when_it_says_even_across_schedule_s
         ({"reply_seconds": (30, 5)}, r"reply_seconds must be \(low, high\) with 0 <= low"),
         ({"reply_seconds": 5}, "reply_seconds must be a \\(low, high\\) pair"),
         ({"clock_skew": float("nan")}, "clock_skew must be a finite number"),
+        ({"exhausted": ((20, 10),)}, "end after they start"),
+        ({"exhausted": ((0, 30), (20, 40))}, "without overlapping"),
+        ({"exhausted": ((-1, 5),)}, "start at 0 s or later"),
+        ({"exhausted": ((5, float("inf")),)}, "end after they start"),
+        ({"exhausted": (20, 45)}, r"a \(start, end\) pair of seconds"),
     ],
 )
 def test_a_bad_config_is_refused_with_a_sentence(overrides: dict[str, Any], message: str):
@@ -583,6 +651,9 @@ def test_the_presets_describe_the_harness_scenarios():
     assert anthropic.error_529_rate == 0.01
     assert PRESETS["penalty"].penalty
     assert PRESETS["steady"].rps > crisis.rps
+    exhaustion = PRESETS["exhaustion"]
+    assert (exhaustion.headers_style, exhaustion.exhausted) == ("anthropic", ((20.0, 45.0),))
+    assert (exhaustion.rps, exhaustion.max_concurrency) == (crisis.rps, crisis.max_concurrency)
     assert UpstreamConfig.preset("crisis", seed=5) == dataclasses.replace(crisis, seed=5)
     with pytest.raises(ValueError, match="Unknown upstream preset 'calm'"):
         UpstreamConfig.preset("calm")

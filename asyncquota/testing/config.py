@@ -97,6 +97,15 @@ class UpstreamConfig:
         insufficient_quota_after: after this many well-formed requests the account is out
             of credit: every later one gets ``insufficient_quota`` (0: from the start;
             None: never).
+        exhausted: ``(start, end)`` windows, in seconds since the upstream's first request,
+            in order and apart, during which the account's quota is gone: every
+            well-formed request is refused at once with the provider's word for it, and
+            at ``end`` the quota is back, buckets full (``((20, 45),)``: dead from 20 s to
+            45 s). On the Anthropic endpoint that is the spend cap's 400 ("You have
+            reached your specified API usage limits. You will regain access on
+            2027-01-15 at 08:00:45 UTC.", the window's end on the upstream's clock,
+            rounded up to the second); on the OpenAI one a 429 ``insufficient_quota``,
+            which states no time.
         hang_rate: the share of admitted requests that stall ``hang_seconds`` before
             their normal reply (the caller's timeout is what usually ends them).
         hang_seconds: how long a stalled reply stalls.
@@ -131,6 +140,7 @@ class UpstreamConfig:
     error_503_rate: float = 0.0
     error_529_rate: float = 0.0
     insufficient_quota_after: int | None = None
+    exhausted: tuple[tuple[float, float], ...] = ()
     hang_rate: float = 0.0
     hang_seconds: float = 600.0
     reset_rate: float = 0.0
@@ -153,6 +163,7 @@ class UpstreamConfig:
                 f"max_concurrency must be a positive integer or None, not {self.max_concurrency!r}."
             )
         object.__setattr__(self, "schedule", _checked_schedule(self.schedule))
+        object.__setattr__(self, "exhausted", _checked_windows(self.exhausted))
         for name in ("latency_base", "latency_per_token", "saturation_slowdown", "hang_seconds",
                      "penalty_extension"):
             _non_negative(name, getattr(self, name))
@@ -261,6 +272,26 @@ def _checked_schedule(steps: Any) -> tuple[tuple[float, float], ...]:
     return tuple(checked)
 
 
+def _checked_windows(windows: Any) -> tuple[tuple[float, float], ...]:
+    checked: list[tuple[float, float]] = []
+    previous = 0.0
+    for window in windows:
+        try:
+            start, end = (float(x) for x in window)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"Each exhausted window is a (start, end) pair of seconds, not {window!r}."
+            ) from None
+        if not (math.isfinite(end) and previous <= start < end):
+            raise ValueError(
+                "Exhausted windows must start at 0 s or later, end after they start, and "
+                f"follow one another without overlapping; {window!r} does not."
+            )
+        checked.append((start, end))
+        previous = end
+    return tuple(checked)
+
+
 _CRISIS = UpstreamConfig(
     rps=300.0,
     tpm=9_000_000.0,
@@ -289,5 +320,13 @@ PRESETS: Mapping[str, UpstreamConfig] = MappingProxyType(
         # The crisis quota shared by two tenants on different tiers, one of them flooding
         # (the bench's tenants: asyncquota.bench.sessions.SCENARIO_TENANTS).
         "tiers": _CRISIS,
+        # The 2 a.m. night: the crisis on an Anthropic-dialect account whose quota is gone
+        # from 20 s to 45 s (the bench's fallback: asyncquota.bench.exhaustion).
+        "exhaustion": dataclasses.replace(
+            _CRISIS,
+            headers_style="anthropic",
+            retry_after_style="http-date",
+            exhausted=((20.0, 45.0),),
+        ),
     }
 )

@@ -3,7 +3,9 @@
 :class:`SimulatedUpstream` answers OpenAI chat completions and Anthropic messages the way a
 provider under quota does. Each well-formed request passes, in order:
 
-1. the account's credit (``insufficient_quota`` once it has run out);
+1. the account's credit (``insufficient_quota`` once it has run out, and in an
+   ``exhausted`` window the provider's exhaustion reply: Anthropic's spend cap, OpenAI's
+   ``insufficient_quota``);
 2. the concurrency cap (over it: 429 at once, no Retry-After, like DeepSeek);
 3. the penalty window, in penalty mode (inside it: 429, and the window grows);
 4. the request bucket (no request left: 429 ``requests``);
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,10 +52,27 @@ from .replies import (
     retry_after_headers,
 )
 
-__all__ = ["SATURATION_KNEE", "SimulatedUpstream"]
+__all__ = ["SATURATION_KNEE", "SPEND_CAP_MESSAGE", "SimulatedUpstream", "spend_cap_body"]
 
 SATURATION_KNEE = 0.8
 """Share of the concurrency cap in flight from which replies start to slow down."""
+
+SPEND_CAP_MESSAGE = "You have reached your specified API usage limits."
+"""The first sentence of Anthropic's spend-cap refusal (the second says when access returns)."""
+
+
+def spend_cap_body(regain: float) -> bytes:
+    """Anthropic's spend-cap 400 body, regaining access at Unix time ``regain``.
+
+    The instant is rounded up to the second (never early) and written as Anthropic writes
+    it, ``on 2026-12-01 at 00:00 UTC``, with the seconds when they are not zero.
+    """
+    stamp = time.gmtime(math.ceil(regain - 1e-6))
+    when = time.strftime("%Y-%m-%d at %H:%M" + (":%S" if stamp.tm_sec else ""), stamp)
+    message = f"{SPEND_CAP_MESSAGE} You will regain access on {when} UTC."
+    return orjson.dumps(
+        {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    )
 
 # Timeline row fields, in order.
 _REQUESTS, _OK, _THROTTLED, _FIVE_XX, _INFLIGHT_MAX, _ADMITTED_OK = range(6)
@@ -73,6 +93,7 @@ class SimulatedUpstream:
         "_anthropic",
         "_clock",
         "_config",
+        "_exhaustion",
         "_fault_thresholds",
         "_inflight",
         "_last_admitted",
@@ -136,6 +157,8 @@ class SimulatedUpstream:
         self._outcomes = {"ok": 0, "429": 0, "5xx": 0, "other": 0}
         self._tokens_served = [0, 0]
         self._timeline: list[list[int]] = []
+        # Per exhausted window: requests refused in it, and when the first was.
+        self._exhaustion: list[list[Any]] = [[0, None] for _ in config.exhausted]
 
     @property
     def config(self) -> UpstreamConfig:
@@ -267,6 +290,9 @@ class SimulatedUpstream:
                 now, dialect.insufficient_quota_status, dialect.insufficient_quota_body,
                 _JSON_HEADERS,
             )
+        for index, (start, end) in enumerate(config.exhausted):
+            if start <= now < end:
+                return self._exhausted(now, dialect, index, end)
         cost = parsed.prompt_tokens + parsed.max_tokens
         requests, tokens = self._requests, self._tokens
         requests.advance(now)
@@ -293,6 +319,20 @@ class SimulatedUpstream:
             tokens.take(cost)
         self._last_admitted = now
         return None
+
+    def _exhausted(self, now: float, dialect: Dialect, window: int, end: float) -> Response:
+        """The provider's word for a spent account, in window ``window`` (ending at ``end``)."""
+        seen = self._exhaustion[window]
+        seen[0] += 1
+        if seen[1] is None:
+            seen[1] = now
+        if isinstance(dialect, AnthropicDialect):
+            body = spend_cap_body(self._clock() + (end - now))
+            return self._reply(now, 400, body, _JSON_HEADERS)
+        return self._reply(
+            now, dialect.insufficient_quota_status, dialect.insufficient_quota_body,
+            _JSON_HEADERS,
+        )
 
     def _count_refusal(self) -> None:
         if self._config.count_rejected:
@@ -414,6 +454,8 @@ class SimulatedUpstream:
         inflight, max_inflight, prompt_tokens and completion_tokens (of successful replies),
         last_admitted_at (seconds from the first request to the last one admitted past the
         buckets, or None).
+        ``exhausted``: one entry per ``exhausted`` window: its start and end, the requests
+        refused in it, and first_refused_at (seconds from the first request, or None).
         ``timeline``: one entry per second since the first request: t, requests (arrived),
         ok, 429, 5xx (decided in that second), inflight_max, capacity_rps, and admitted_ok
         (admitted in that second and answered 200, whenever the answer came).
@@ -437,4 +479,10 @@ class SimulatedUpstream:
             }
             for t, row in enumerate(self._timeline)
         ]
-        return {"totals": totals, "timeline": timeline}
+        exhausted = [
+            {"start": start, "end": end, "refused": refused, "first_refused_at": first}
+            for (start, end), (refused, first) in zip(
+                config.exhausted, self._exhaustion, strict=True
+            )
+        ]
+        return {"totals": totals, "timeline": timeline, "exhausted": exhausted}
