@@ -20,6 +20,7 @@ from asyncquota.governance.config import (
     AlertsSpec,
     BudgetSpec,
     ConfigError,
+    GatewaySpec,
     GovernanceConfig,
     UpstreamSpec,
     WebhookSpec,
@@ -131,7 +132,15 @@ def test_the_docstring_example_loads_from_a_file_into_the_objects_it_describes(
         default_tier="free",
         tenant_timezone="Asia/Shanghai",
         budget=BudgetSpec(
-            monthly=5000.0, tenants={"acme": 1000.0}, downgrade_share=0.10, when_spent="downgrade"
+            monthly=5000.0,
+            tenants={"acme": 1000.0},
+            downgrade_share=0.10,
+            when_spent="downgrade",
+            downgrade_at=0.80,
+            overdraft_limit=250.0,
+        ),
+        gateway=GatewaySpec(
+            exhausted_hold=600.0, fallback_on=("exhausted", "overloaded", "transport")
         ),
         alerts=AlertsSpec(
             warning=0.70,
@@ -162,6 +171,49 @@ def test_the_docstring_example_loads_from_a_file_into_the_objects_it_describes(
             },
         ),
     )
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"exhausted_hold": 0}, "gateway.exhausted_hold must be a positive number, not 0."),
+        (
+            {"fallback_on": ["exhausted", "timeout"]},
+            "gateway.fallback_on[1] names an unknown cause 'timeout'; known: exhausted, "
+            "overloaded, transport.",
+        ),
+        ({"fallback_on": "exhausted"}, "gateway.fallback_on must be an array"),
+        ({"exhausted": 1}, "gateway"),
+    ],
+)
+def test_the_gateway_section_is_checked(section: dict[str, Any], message: str) -> None:
+    data = tomllib.loads(MINIMAL)
+    data["gateway"] = section
+    with pytest.raises(ConfigError) as refused:
+        parse_config(data)
+    assert message in str(refused.value)
+
+
+def test_the_gateway_section_may_narrow_what_falls_back() -> None:
+    data = tomllib.loads(MINIMAL)
+    data["gateway"] = {"fallback_on": ["overloaded"]}
+    assert parse_config(data).gateway == GatewaySpec(fallback_on=("overloaded",))
+    assert parse_config(tomllib.loads(MINIMAL)).gateway == GatewaySpec()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("downgrade_at", 1.5, "budget.downgrade_at must be a number above 0 and at most 1"),
+        ("overdraft_limit", -1, "budget.overdraft_limit must be a number of dollars >= 0"),
+    ],
+)
+def test_the_budget_thresholds_are_checked(key: str, value: object, message: str) -> None:
+    data = tomllib.loads(MINIMAL)
+    data["budget"] = {"monthly": 10.0, key: value}
+    with pytest.raises(ConfigError) as refused:
+        parse_config(data)
+    assert message in str(refused.value)
 
 
 def test_the_loaded_configuration_is_read_only() -> None:

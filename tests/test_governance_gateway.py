@@ -171,9 +171,16 @@ async def test_insufficient_quota_moves_to_the_fallback_and_keeps_the_model_asid
         second = await gateway.request(chat(), model="big")
         assert len(ups["a"].seen) == 1
         assert (first.model, second.model) == ("small", "small")
-        assert second.reason == "fallback from big: out of quota"
+        assert second.reason == (
+            "fallback from big: out of quota until 2027-01-15 08:05:00 UTC "
+            "(OpenAI quota exhausted (insufficient_quota))"
+        )
         await asyncio.sleep(EXHAUSTED_HOLD)
+        # the hold is over: the next request probes the model, and is served
         assert (await gateway.request(chat(), model="big")).model == "big"
+        assert (await gateway.request(chat(), model="big")).model == "big"
+    stats = gateway.statistics()
+    assert (stats.exhaustions, stats.probes, stats.recoveries, stats.held) == (1, 1, 1, ())
 
 
 async def test_the_last_model_of_a_chain_is_tried_whatever_its_state_and_its_error_is_raised():

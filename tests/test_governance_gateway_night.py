@@ -8,12 +8,13 @@ behind a mock transport; ``Night`` can make the Anthropic account answer its spe
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import orjson
 import pytest
 
-from asyncquota import BudgetExceededError, MockTransport, Request, Response
+from asyncquota import BudgetExceededError, MockTransport, QuotaExhaustedError, Request, Response
 from asyncquota.governance import CallbackSink, Gateway, parse_config
 from asyncquota.governance.alerts import Alert
 from asyncquota.testing import SimulatedUpstream, UpstreamConfig
@@ -222,3 +223,147 @@ async def test_a_configured_webhook_is_signed_in_markdown_routed_and_paced_as_th
     assert "access_token=tok" in path and "&timestamp=" in path and "&sign=" in path
     assert body["msgtype"] == "markdown"
     assert stats.skipped == 1  # the fallback event, not routed to this robot
+
+
+# -- exhaustion: held per account until the stated regain, probed once, queued moved ------------
+
+
+async def test_a_spend_cap_moves_the_night_to_the_fallback_and_says_so_once(caplog):
+    got: list[Alert] = []
+    gateway, ups = build(config(alerts={"log": False}), sinks=[CallbackSink(got.append)])
+    ups["anthropic"].capped = True
+    caplog.set_level(logging.WARNING, logger="asyncquota.gateway")
+    async with gateway:
+        first = await gateway.request(chat())
+        later = [await gateway.request(chat()) for _ in range(3)]
+        status = await gateway.quota_status()
+    assert first.model == "gpt" and all(r.model == "gpt" for r in later)
+    assert len(ups["anthropic"].seen) == 1  # held back after its word: nothing more sent
+    assert first.passed_over[0].startswith("claude: out of quota until 2027-01-16 00:00:00 UTC")
+    exhausted = [a for a in got if a.kind == "exhausted"]
+    assert len(exhausted) == 1 and exhausted[0].level == "critical"
+    claude = status.availability["claude"]
+    assert claude.state == "exhausted" and claude.until == REGAIN
+    assert str(claude).startswith("exhausted until 2027-01-16 00:00:00 UTC (Anthropic spend cap")
+    assert claude.account.startswith("anthropic#")
+    assert str(status.availability["gpt"]) == "available"
+    stats = gateway.statistics()
+    assert (stats.exhaustions, stats.fallbacks, stats.held) == (1, 4, (claude.account,))
+    warnings = [r for r in caplog.records if r.name == "asyncquota.gateway"]
+    assert len(warnings) == 1 and "moves to gpt" in warnings[0].getMessage()
+    assert all(key not in caplog.text for key in KEYS.values())
+    assert all(key not in repr(status) for key in KEYS.values())
+
+
+async def test_the_hold_ends_at_the_stated_regain_with_one_probe_not_a_stampede():
+    got: list[Alert] = []
+    gateway, ups = build(config(alerts={"log": False}), sinks=[CallbackSink(got.append)])
+    ups["anthropic"].capped = True
+    async with gateway:
+        await gateway.request(chat())
+        await asyncio.sleep(REGAIN - EPOCH - 60)  # a minute before midnight UTC: still held
+        assert (await gateway.request(chat())).model == "gpt"
+        assert len(ups["anthropic"].seen) == 1
+        await asyncio.sleep(60)
+        ups["anthropic"].capped = False
+        burst = await asyncio.gather(*(gateway.request(chat()) for _ in range(5)))
+        after = await gateway.request(chat())
+    assert sorted(r.model for r in burst) == ["claude", "gpt", "gpt", "gpt", "gpt"]
+    probing = [r for r in burst if r.model == "gpt"]
+    assert all("a probe is checking" in r.passed_over[0] for r in probing)
+    assert after.model == "claude"
+    assert len(ups["anthropic"].seen) == 3  # the refusal, the probe, then traffic again
+    assert [a.kind for a in got] == ["exhausted", "recovered"]
+    stats = gateway.statistics()
+    assert (stats.probes, stats.recoveries, stats.held) == (1, 1, ())
+
+
+async def test_a_refused_probe_holds_the_account_again_for_the_configured_hold():
+    gateway, ups = build(config(gateway={"exhausted_hold": 120.0}))
+    ups["anthropic"].capped = True
+    async with gateway:
+        await gateway.request(chat())
+        await asyncio.sleep(REGAIN - EPOCH)
+        probe = await gateway.request(chat())  # still capped past the stated day
+        status = await gateway.quota_status(model="claude")
+        await asyncio.sleep(119)
+        assert (await gateway.request(chat())).model == "gpt"
+        await asyncio.sleep(1)
+        ups["anthropic"].capped = False
+        back = await gateway.request(chat())
+    assert probe.model == "gpt" and back.model == "claude"
+    assert len(ups["anthropic"].seen) == 3
+    assert status.availability["claude"].until == pytest.approx(wall_at(REGAIN - EPOCH + 120.05))
+    assert gateway.statistics().exhaustions == 1  # one episode, probed twice
+    assert gateway.statistics().probes == 2
+
+
+def wall_at(loop_time: float) -> float:
+    return EPOCH + loop_time
+
+
+async def test_requests_queued_on_an_exhausted_account_move_to_the_fallback_at_once():
+    data = config()
+    data["upstreams"]["anthropic"]["rpm"] = 6  # one every 10 s: the rest queue
+    gateway, ups = build(data)
+    ups["anthropic"].capped = True
+    loop = asyncio.get_running_loop()
+    async with gateway:
+        started = loop.time()
+
+        async def timed() -> tuple[str, float]:
+            routed = await gateway.request(chat())
+            return routed.model, loop.time() - started
+
+        done = await asyncio.gather(*(timed() for _ in range(6)))
+    assert len(ups["anthropic"].seen) == 1  # only the first was sent; the queued never were
+    assert [model for model, _ in done] == ["gpt"] * 6
+    # the refusal took 0.05 s, the fallback's reply 0.1 s: nobody waited its turn on claude
+    assert max(at for _, at in done) == pytest.approx(0.15, abs=0.02)
+
+
+async def test_without_exhausted_in_fallback_on_the_held_model_fails_fast_and_sends_nothing():
+    gateway, ups = build(config(gateway={"fallback_on": ["overloaded", "transport"]}))
+    ups["anthropic"].capped = True
+    async with gateway:
+        with pytest.raises(QuotaExhaustedError) as first:
+            await gateway.request(chat())
+        with pytest.raises(QuotaExhaustedError) as second:
+            await gateway.request(chat())
+    assert first.value.regain_at == REGAIN
+    assert second.value.status is None and "it was not sent" in str(second.value)
+    assert second.value.retry_after == pytest.approx(REGAIN - EPOCH - 0.05, abs=0.01)
+    assert len(ups["anthropic"].seen) == 1 and not ups["openai"].seen
+
+
+async def test_two_upstreams_with_one_key_are_one_account_held_together():
+    data = config()
+    data["upstreams"]["anthropic_eu"] = {
+        "base_url": "http://eu.anthropic.test",
+        "api_key_env": "ANTHROPIC_KEY",
+        "auth": "x-api-key",
+    }
+    data["models"]["claude-eu"] = {
+        "upstream": "anthropic_eu",
+        "context_window": 200_000,
+        "input_per_mtok": 3.0,
+        "output_per_mtok": 15.0,
+        "path": "/v1/messages",
+        "fallbacks": ["gpt"],
+    }
+    eu = Night("anthropic")
+    ups = {"anthropic": Night("anthropic"), "openai": Night("openai"), "anthropic_eu": eu}
+    gateway = Gateway.from_config(
+        parse_config(data),
+        transports={name: MockTransport(up.handle) for name, up in ups.items()},
+        wall_clock=wall,
+        environ=KEYS,
+    )
+    ups["anthropic"].capped = True
+    async with gateway:
+        await gateway.request(chat(), model="claude")
+        routed = await gateway.request(chat(), model="claude-eu")
+        status = await gateway.quota_status()
+    assert routed.model == "gpt" and not eu.seen
+    assert status.availability["claude-eu"].state == "exhausted"
+    assert status.availability["claude"].account == status.availability["claude-eu"].account

@@ -31,13 +31,14 @@ from .config import (
     AlertsSpec,
     BudgetSpec,
     ConfigError,
+    GatewaySpec,
     GovernanceConfig,
     UpstreamSpec,
     WebhookSpec,
     load_config,
     parse_config,
 )
-from .gateway import Gateway, QuotaStatus, Routed
+from .gateway import Availability, Gateway, GatewayStatistics, QuotaStatus, Routed
 from .routing import Model, Route, Router, Rule
 from .store import MemoryStore, SQLiteStore, Store
 from .tiers import DimensionStatus, TenantGrant, TenantQuotas, Tier, TierLimits
@@ -45,6 +46,7 @@ from .tiers import DimensionStatus, TenantGrant, TenantQuotas, Tier, TierLimits
 __all__ = [
     "Alert",
     "AlertsSpec",
+    "Availability",
     "BudgetGuard",
     "BudgetReservation",
     "BudgetSpec",
@@ -52,6 +54,8 @@ __all__ = [
     "ConfigError",
     "DimensionStatus",
     "Gateway",
+    "GatewaySpec",
+    "GatewayStatistics",
     "GovernanceConfig",
     "LoggingSink",
     "MemoryStore",

@@ -73,6 +73,12 @@ taken from the TOML file's folder. A complete example, which the tests load as w
     api_name = "claude-3-5-haiku-latest"
     path = "/v1/messages"              # default "/v1/chat/completions"
 
+    [gateway]
+    exhausted_hold = 600.0             # seconds an account out of quota is held back when it
+                                       # does not say until when (default 300)
+    fallback_on = ["exhausted", "overloaded", "transport"]   # what moves a request to its
+                                       # fallback, beside rate limiting (default: all three)
+
     [routing]
     default_model = "gpt-4o-mini"
     rules = [                          # the first match wins
@@ -101,6 +107,9 @@ taken from the TOML file's folder. A complete example, which the tests load as w
     downgrade_share = 0.10             # a request costing more than this share of what
                                        # is left is downgraded to a cheaper model
     when_spent = "downgrade"           # or "reject"
+    downgrade_at = 0.80                # from 80 % of a budget spent, requests go to the
+                                       # cheapest model of their chain that fits
+    overdraft_limit = 250.0            # $ a "downgrade" may spend past a budget, at most
     [budget.tenants]
     acme = 1000.0
 
@@ -154,6 +163,7 @@ from .alerts import (
     WebhookSink,
 )
 from .budget import Price
+from .gateway import EXHAUSTED_HOLD, FALLBACK_CAUSES
 from .routing import COMPLEXITIES, Model, Router, Rule
 from .tiers import TenantQuotas, Tier, TierLimits, zone
 
@@ -161,6 +171,7 @@ __all__ = [
     "AlertsSpec",
     "BudgetSpec",
     "ConfigError",
+    "GatewaySpec",
     "GovernanceConfig",
     "UpstreamSpec",
     "WebhookSpec",
@@ -228,15 +239,35 @@ class BudgetSpec:
             remaining budget is downgraded to a cheaper model that fits.
         when_spent: ``"downgrade"`` (to the cheapest allowed model, charged past the
             budget) or ``"reject"`` (``BudgetExceededError``) once a budget is spent.
+        downgrade_at: the share of a budget spent from which every request goes to the
+            cheapest model of its chain that fits (None: only ``downgrade_share``).
+        overdraft_limit: dollars ``"downgrade"`` may spend past a budget, at most (None:
+            no ceiling).
     """
 
     monthly: float | None = None
     tenants: Mapping[str, float] = field(default_factory=dict)
     downgrade_share: float = 0.1
     when_spent: WhenSpent = "downgrade"
+    downgrade_at: float | None = None
+    overdraft_limit: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tenants", MappingProxyType(dict(self.tenants)))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewaySpec:
+    """The gateway's own settings (``[gateway]``): the ``Gateway`` arguments of the same names.
+
+    Attributes:
+        exhausted_hold: seconds an account out of quota is held back when it does not say
+            until when.
+        fallback_on: what moves a request to its fallback, of ``FALLBACK_CAUSES``.
+    """
+
+    exhausted_hold: float = EXHAUSTED_HOLD
+    fallback_on: tuple[str, ...] = FALLBACK_CAUSES
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -314,6 +345,7 @@ class GovernanceConfig:
             (``[tenants] timezone``); None: ``timezone``.
         budget: the budget (None: no budget section, spend is not guarded).
         alerts: the usage monitor (None: no alerts section, no monitor).
+        gateway: the gateway's own settings (defaults where there is no section).
     """
 
     timezone: str = "UTC"
@@ -329,6 +361,7 @@ class GovernanceConfig:
     tenant_timezone: str | None = None
     budget: BudgetSpec | None = None
     alerts: AlertsSpec | None = None
+    gateway: GatewaySpec = field(default_factory=GatewaySpec)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fallbacks", MappingProxyType(dict(self.fallbacks)))
@@ -388,6 +421,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Go
             "tenants",
             "budget",
             "alerts",
+            "gateway",
         ),
     )
     timezone = top.get("timezone", _string, "UTC")
@@ -420,6 +454,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Go
         )
     budget = top.get("budget", _budget, None)
     alerts = top.get("alerts", _alerts, None)
+    gateway = top.get("gateway", _gateway, GatewaySpec())
     return GovernanceConfig(
         timezone=timezone,
         store=store_path,
@@ -434,6 +469,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Go
         tenant_timezone=tenant_timezone,
         budget=budget,
         alerts=alerts,
+        gateway=gateway,
     )
 
 
@@ -622,7 +658,18 @@ def _tenants(top: _Table, tiers: Collection[str]) -> tuple[dict[str, str], str |
 
 
 def _budget(data: object, path: str) -> BudgetSpec:
-    table = _Table(data, path, ("monthly", "downgrade_share", "when_spent", "tenants"))
+    table = _Table(
+        data,
+        path,
+        (
+            "monthly",
+            "downgrade_share",
+            "when_spent",
+            "tenants",
+            "downgrade_at",
+            "overdraft_limit",
+        ),
+    )
     return BudgetSpec(
         monthly=table.get("monthly", _positive_number, None),
         tenants={
@@ -633,6 +680,19 @@ def _budget(data: object, path: str) -> BudgetSpec:
         when_spent=cast(
             WhenSpent, table.get("when_spent", _one_of("downgrade", "reject"), "downgrade")
         ),
+        downgrade_at=table.get("downgrade_at", _share, None),
+        overdraft_limit=table.get("overdraft_limit", _dollars, None),
+    )
+
+
+def _gateway(data: object, path: str) -> GatewaySpec:
+    table = _Table(data, path, ("exhausted_hold", "fallback_on"))
+    fallback_on = table.get("fallback_on", _strings, FALLBACK_CAUSES)
+    for index, cause in enumerate(fallback_on):
+        _known(cause, FALLBACK_CAUSES, f"{table.at('fallback_on')}[{index}]", "cause")
+    return GatewaySpec(
+        exhausted_hold=table.get("exhausted_hold", _positive_number, EXHAUSTED_HOLD),
+        fallback_on=tuple(dict.fromkeys(fallback_on)),
     )
 
 

@@ -5,16 +5,20 @@ for each request, before anything is queued::
 
     route (task, complexity, context → model)  ── budget policy (may downgrade or reject)
       → for the model, then each fallback that fits:
-          unavailable? (cooling down, out of quota)          → next fallback
+          unavailable? (cooling down, account held: out of quota) → next fallback
           tenant tier (RPM/RPD/TPM for that model)           → TenantLimitError at once
           budget reservation (estimate)                      → BudgetExceededError
-          the model's Shaper (queue, gates, retries)         → shed/out of quota → next fallback
+          the model's Shaper (queue, gates, retries)         → shed, out of quota, overloaded,
+                                                               unreachable → next fallback
       → reconcile tier tokens and budget with the reply's usage; watch usage for alerts
 
 A tenant over its own tier gets its error at once: it is their quota, not congestion, so
 it never waits behind anyone nor falls back to another model. What the upstreams refuse
-(cooling down, ``insufficient_quota``, shedding) moves the request down the model's
-fallback chain; the answer says which model answered and why it was chosen.
+(cooling down, an account out of quota, shedding, overload, no reply: see
+``fallback_on``) moves the request down the model's fallback chain; the answer says which
+model answered and why it was chosen. An account out of quota is held back as a whole
+until the time its provider named (else ``exhausted_hold``), then probed by one request;
+see :class:`Gateway`.
 
 Cost is estimated before the call (prompt estimate + ``max_tokens``, at the model's
 prices) and reserved against the budgets, so concurrent requests cannot overshoot
@@ -32,12 +36,14 @@ and lost, so the counters keep the estimate charged at admission, never more, ne
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Coroutine, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Coroutine, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -47,12 +53,14 @@ from ..errors import (
     BudgetExceededError,
     DeadlineExceededError,
     DeadlineUnreachableError,
+    OverloadedError,
     QueueFullError,
     QuotaError,
     QuotaExhaustedError,
     RejectedError,
     StoreUnavailableError,
     ThrottledError,
+    TransportError,
     UpstreamError,
 )
 from ..priority import Priority, PriorityLike, coerce_priority
@@ -66,12 +74,29 @@ from .routing import Model, Route, Router
 from .store import MemoryStore, SQLiteStore, Store
 from .tiers import DimensionStatus, TenantGrant, TenantQuotas, tenant_id
 
-__all__ = ["EXHAUSTED_HOLD", "WATCH_INTERVAL", "Gateway", "QuotaStatus", "Routed"]
+__all__ = [
+    "EXHAUSTED_HOLD",
+    "FALLBACK_CAUSES",
+    "WATCH_INTERVAL",
+    "Availability",
+    "Gateway",
+    "GatewayStatistics",
+    "QuotaStatus",
+    "Routed",
+]
 
 logger = logging.getLogger("asyncquota.governance")
+events_logger = logging.getLogger("asyncquota.gateway")
 
 EXHAUSTED_HOLD = 300.0
-"""Seconds a model whose upstream said ``insufficient_quota`` is passed over for its fallbacks."""
+"""Seconds an account that said its quota is gone, without saying until when, is held back
+(the default of the Gateway's ``exhausted_hold``)."""
+
+FALLBACK_CAUSES = ("exhausted", "overloaded", "transport")
+"""What may move a request to its model's fallback, beside rate limiting and shedding:
+an account out of quota, an overloaded service (503, 529), an upstream out of reach."""
+
+_EVERY_RANK = -(2**63)  # more important than any class: shed_below() it refuses them all
 
 WATCH_INTERVAL = 1.0
 """Seconds between two readings of a tenant's day usage and the budget for alerts.
@@ -109,6 +134,71 @@ class Routed:
     passed_over: tuple[str, ...] = ()
 
 
+AvailabilityState = Literal["available", "cooling down", "exhausted", "probing"]
+
+
+@dataclass(frozen=True, slots=True)
+class Availability:
+    """Whether a model takes requests now, and if not, until when and why.
+
+    Attributes:
+        state: ``"available"``; ``"cooling down"`` (its upstream asked to wait: the
+            gateway passes it over meanwhile); ``"exhausted"`` (its account's quota is
+            gone: held back until ``until``); ``"probing"`` (the hold is over: the next
+            request, one only, checks whether the quota is back).
+        account: the upstream account it is served by: the upstream's name, and a short
+            hash of its API key where it has one (``"anthropic#1f0c9a2e"``), never the key.
+        until: Unix time at which the hold or the cooldown ends (None: not held).
+        why: what the upstream said (``"Anthropic spend cap reached; regain ..."``).
+    """
+
+    state: AvailabilityState
+    account: str
+    until: float | None = None
+    why: str | None = None
+
+    def __str__(self) -> str:
+        if self.until is None:
+            return self.state
+        text = f"{self.state} until {_utc(self.until)}"
+        return text if self.why is None else f"{text} ({self.why})"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayStatistics:
+    """What the gateway did so far, and which accounts it holds back now.
+
+    Attributes:
+        requests: requests that entered ``request()``.
+        served: requests a model answered.
+        fallbacks: times a request moved from a model to the next of its chain.
+        exhaustions: holds started (an account said its quota is gone).
+        probes: requests sent as the one probe of an account whose hold ended.
+        recoveries: episodes ended (a probe served, or a fallen-back model served again).
+        held: the accounts held back now.
+    """
+
+    requests: int
+    served: int
+    fallbacks: int
+    exhaustions: int
+    probes: int
+    recoveries: int
+    held: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _Hold:
+    """An account whose quota is gone: passed over until ``until``, then probed once."""
+
+    until: float  # loop time
+    until_wall: float  # the same instant, Unix time
+    regain_at: float | None  # what the provider said, if it said
+    why: str
+    models: set[str] = field(default_factory=set)  # the models reported exhausted
+    probing: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class QuotaStatus:
     """Where a tenant stands, and what the upstreams said last.
@@ -119,12 +209,15 @@ class QuotaStatus:
             reset time); a model without limits maps to an empty tuple.
         budget: ``"budget"`` (global) and ``"tenant_budget"`` spend this month.
         upstreams: upstream → its last rate-limit headers (None: none yet).
+        availability: model → whether it takes requests now (``str()`` of one reads
+            ``"exhausted until 2027-01-16 00:00:00 UTC (Anthropic spend cap reached)"``).
     """
 
     tenant: str | None
     models: Mapping[str, tuple[DimensionStatus, ...]]
     budget: tuple[DimensionStatus, ...]
     upstreams: Mapping[str, QuotaSnapshot | None]
+    availability: Mapping[str, Availability] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +247,26 @@ class Gateway:
             refuses it with BudgetExceededError.
         default_output_tokens: the output allowance of a request naming no ``max_tokens``.
         store: a store the gateway owns and closes (the one ``from_config`` made).
-        wall_clock: Unix time (for the ``retry_after`` of a spent budget).
+        wall_clock: Unix time (for the ``retry_after`` of a spent budget, and to turn a
+            provider's regain time into a hold).
+        accounts: upstream → the account it bills (default: its name). Upstreams of one
+            account are held back together. ``from_config`` names each by its upstream and
+            a short hash of its API key, so two upstreams sharing a key share the hold.
+        exhausted_hold: seconds an account that said its quota is gone is held back when
+            it did not say until when; one that did is held until then (Anthropic's spend
+            cap names the day, Gemini's per-day quota midnight Pacific).
+        fallback_on: which failures move a request to the next model of its chain, of
+            ``FALLBACK_CAUSES`` (rate limiting and shedding always do). Without
+            ``"exhausted"`` an account out of quota is still held back (nothing is sent
+            to it), but its requests get QuotaExhaustedError instead of a fallback.
+
+    Exhaustion is held per account: when a model's account says its quota is gone, every
+    model of that account is passed over until the hold ends, requests already queued on
+    its Shapers are refused at once (and move to their fallbacks), and when the hold ends
+    one request probes the account while the others keep to the fallbacks; the probe
+    served ends the hold, refused starts a new one. Each hold, fallback episode and
+    recovery is an alert (``monitor.event``), a WARNING on the ``asyncquota.gateway``
+    logger, a count in :meth:`statistics` and a state in :meth:`quota_status`.
 
     Raises:
         ValueError: a model's upstream is not among ``upstreams``, or a setting out of range.
@@ -173,6 +285,9 @@ class Gateway:
         default_output_tokens: int = DEFAULT_OUTPUT_TOKENS,
         store: Store | None = None,
         wall_clock: Callable[[], float] = time.time,
+        accounts: Mapping[str, str] | None = None,
+        exhausted_hold: float = EXHAUSTED_HOLD,
+        fallback_on: Collection[str] = FALLBACK_CAUSES,
     ) -> None:
         missing = sorted({m.upstream for m in router.models} - set(upstreams))
         if missing:
@@ -192,7 +307,30 @@ class Gateway:
             raise ValueError(
                 f"default_output_tokens must be an integer >= 0, not {default_output_tokens!r}."
             )
+        if not (
+            isinstance(exhausted_hold, int | float)
+            and not isinstance(exhausted_hold, bool)
+            and math.isfinite(exhausted_hold)
+            and exhausted_hold > 0
+        ):
+            raise ValueError(
+                f"exhausted_hold must be a number of seconds > 0, not {exhausted_hold!r}."
+            )
+        unknown = sorted(set(fallback_on) - set(FALLBACK_CAUSES))
+        if isinstance(fallback_on, str) or unknown:
+            raise ValueError(
+                f"fallback_on must be a collection of {', '.join(FALLBACK_CAUSES)}, "
+                f"not {fallback_on!r}."
+            )
         self._upstreams = dict(upstreams)
+        self._accounts = {name: (accounts or {}).get(name, name) for name in self._upstreams}
+        self._hold_seconds = float(exhausted_hold)
+        self._fallback_on = frozenset(fallback_on)
+        self._holds: dict[str, _Hold] = {}  # account → its hold
+        self._fallen: dict[str, str] = {}  # model → why its traffic moved (not exhaustion)
+        self._counts = dict.fromkeys(
+            ("requests", "served", "fallbacks", "exhaustions", "probes", "recoveries"), 0
+        )
         self._router = router
         self._tenants = tenants
         self._budget = budget
@@ -202,7 +340,6 @@ class Gateway:
         self._default_output = default_output_tokens
         self._store = store
         self._wall_clock = wall_clock
-        self._exhausted: dict[str, float] = {}  # model → loop time until which it is skipped
         self._watched: dict[str | None, float] = {}  # tenant → last reading (loop time)
         self._watch_sweep_at = _WATCH_SWEEP_MIN  # sweep stale entries past this size
         self._background: set[asyncio.Task[Any]] = set()
@@ -248,10 +385,14 @@ class Gateway:
             else MemoryStore(wall_clock=wall_clock)
         )
         shapers: dict[str, Shaper] = {}
+        accounts: dict[str, str] = {}
+        by_key: dict[str, str] = {}  # a key's digest → the account named after its first upstream
         for spec in config.upstreams:
             headers = dict(spec.headers)
             if spec.api_key_env is not None:
                 key = _env(env, spec.api_key_env, f"upstreams.{spec.name}.api_key_env")
+                digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+                accounts[spec.name] = by_key.setdefault(digest, f"{spec.name}#{digest}")
                 if spec.auth == "x-api-key":
                     headers["x-api-key"] = key
                 else:
@@ -343,6 +484,9 @@ class Gateway:
             when_spent=when_spent,
             store=store,
             wall_clock=wall_clock,
+            accounts=accounts,
+            exhausted_hold=config.gateway.exhausted_hold,
+            fallback_on=config.gateway.fallback_on,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -440,12 +584,20 @@ class Gateway:
         ends = None if deadline is None else loop.time() + _seconds(deadline)
         passed_over: list[str] = []
         last: QuotaError | None = None
+        self._counts["requests"] += 1
         while route is not None:
             current = route.model
-            why = self._unavailable(current, loop.time())
+            hold = self._holds.get(self._accounts[current.upstream])
+            why, probe = self._availability(current, hold, loop.time())
+            if hold is not None and why is not None:
+                follow = route.chain[0].name if route.chain else None
+                self._report_exhausted(current, hold, follow)
+                if follow is None or "exhausted" not in self._fallback_on:
+                    raise self._held_error(current, hold, rank, tenant, loop.time())
             if why is None or not route.chain:  # the last one is tried whatever its state
+                follow = route.chain[0].name if route.chain else None
                 try:
-                    return await self._send(
+                    routed = await self._send(
                         route,
                         json,
                         estimate,
@@ -457,16 +609,41 @@ class Gateway:
                         tuple(passed_over),
                     )
                 except QuotaExhaustedError as exc:
-                    self._exhausted[current.name] = loop.time() + EXHAUSTED_HOLD
-                    why, last = "out of quota", exc
+                    why, last = self._exhaust(current, exc, follow, probe), exc
+                    if "exhausted" not in self._fallback_on:
+                        raise
+                except OverloadedError as exc:
+                    if "overloaded" not in self._fallback_on:
+                        raise
+                    why, last = f"overloaded (HTTP {exc.status})", exc
+                    self._fall_back(current, why, follow)
+                except TransportError as exc:
+                    if "transport" not in self._fallback_on:
+                        raise
+                    why, last = "unreachable (no usable reply)", exc
+                    self._fall_back(current, why, follow)
                 except (QueueFullError, DeadlineUnreachableError) as exc:
                     why, last = "shedding", exc
+                except RejectedError as exc:
+                    # Queued when its account's quota went: refused at once to move on.
+                    hold = self._holds.get(self._accounts[current.upstream])
+                    if exc.reason != "shedding" or hold is None:
+                        raise
+                    why, last = _held_for(hold), exc
                 except ThrottledError as exc:
                     if exc.retry_after is None:
                         raise
                     why, last = f"rate limited for {exc.retry_after:.1f} s", exc
+                else:
+                    self._served(current, probe)
+                    return routed
+                finally:
+                    if probe:
+                        self._probe_over(current)
             passed_over.append(f"{current.name}: {why}")
             route = route.fallback(why)
+            if route is not None:
+                self._counts["fallbacks"] += 1
         assert last is not None
         raise last
 
@@ -497,12 +674,41 @@ class Gateway:
                 dims = await self._tenants.status(tenant, name)
             models[name] = tuple(dims)
         budget = tuple(await self._budget.status(tenant)) if self._budget is not None else ()
+        now, wall = asyncio.get_running_loop().time(), self._wall_clock()
         return QuotaStatus(
             tenant=tenant,
             models=models,
             budget=budget,
             upstreams={name: shaper.quota for name, shaper in self._upstreams.items()},
+            availability={
+                name: self._state_of(self._router.model(name), now, wall) for name in names
+            },
         )
+
+    def statistics(self) -> GatewayStatistics:
+        """What the gateway did so far, and the accounts it holds back now."""
+        return GatewayStatistics(**self._counts, held=tuple(sorted(self._holds)))
+
+    def __repr__(self) -> str:
+        counts = self._counts
+        return (
+            f"<Gateway upstreams={len(self._upstreams)} requests={counts['requests']} "
+            f"served={counts['served']} fallbacks={counts['fallbacks']} "
+            f"held={sorted(self._holds)}>"
+        )
+
+    def _state_of(self, model: Model, now: float, wall: float) -> Availability:
+        account = self._accounts[model.upstream]
+        hold = self._holds.get(account)
+        if hold is not None:
+            state: AvailabilityState = "exhausted" if now < hold.until else "probing"
+            return Availability(state, account, hold.until_wall, hold.why)
+        cooling = self._upstreams[model.upstream].cooldown_remaining()
+        if cooling > 0:
+            return Availability(
+                "cooling down", account, wall + cooling, "the upstream asked to wait"
+            )
+        return Availability("available", account)
 
     # ------------------------------------------------------------------ inside
 
@@ -553,17 +759,144 @@ class Gateway:
                 return down, False
         return route, False
 
-    def _unavailable(self, model: Model, now: float) -> str | None:
-        """Why ``model`` should be passed over for a fallback right now, or None."""
-        until = self._exhausted.get(model.name)
-        if until is not None:
-            if now < until:
-                return "out of quota"
-            del self._exhausted[model.name]
+    def _availability(
+        self, model: Model, hold: _Hold | None, now: float
+    ) -> tuple[str | None, bool]:
+        """Why ``model`` should be passed over right now (None: it may be sent to), and
+        whether this request is the one probe of its account's ended hold."""
+        if hold is not None:
+            if now < hold.until or hold.probing:
+                return _held_for(hold), False
+            hold.probing = True  # this request, and only it, goes to see
+            self._counts["probes"] += 1
+            for shaper in self._shapers_of(self._accounts[model.upstream]):
+                shaper.shed_below(_EVERY_RANK, for_seconds=0)
+            return None, True
         cooling = self._upstreams[model.upstream].cooldown_remaining()
         if cooling > 0:
-            return f"cooling down for {cooling:.1f} s"
-        return None
+            return f"cooling down for {cooling:.1f} s", False
+        return None, False
+
+    def _shapers_of(self, account: str) -> list[Shaper]:
+        return [self._upstreams[name] for name, of in self._accounts.items() if of == account]
+
+    def _exhaust(
+        self, model: Model, exc: QuotaExhaustedError, follow: str | None, probe: bool
+    ) -> str:
+        """Hold the model's account back: until the provider's regain time, else the default."""
+        account = self._accounts[model.upstream]
+        now, wall = asyncio.get_running_loop().time(), self._wall_clock()
+        regain = exc.regain_at if exc.regain_at is not None and exc.regain_at > wall else None
+        seconds = self._hold_seconds if regain is None else regain - wall
+        why = exc.why or "out of quota"
+        hold = self._holds.get(account)
+        if hold is None or probe or now + seconds > hold.until:
+            # A new hold, a failed probe's, or a later word; a refusal of a request sent
+            # before the hold began never shortens it.
+            fresh = hold is None
+            hold = _Hold(
+                until=now + seconds,
+                until_wall=wall + seconds,
+                regain_at=regain,
+                why=why,
+                models=set() if hold is None else hold.models,
+            )
+            self._holds[account] = hold
+            if fresh:
+                self._counts["exhaustions"] += 1
+            events_logger.warning(
+                "Model %s on %s is out of quota until %s (%s): %s; when the hold ends, one "
+                "request will probe it.",
+                model.name,
+                account,
+                _utc(hold.until_wall),
+                why,
+                f"its traffic moves to {follow}" if follow else "it has no fallback",
+            )
+            # Queued requests of the account leave now, for their fallbacks; new ones are
+            # kept away by the gateway, and by the Shapers should anyone call them directly.
+            for shaper in self._shapers_of(account):
+                shaper.shed_below(_EVERY_RANK, for_seconds=seconds)
+        self._report_exhausted(model, hold, follow, force=True)
+        return _held_for(hold)
+
+    def _report_exhausted(
+        self, model: Model, hold: _Hold, follow: str | None, *, force: bool = False
+    ) -> None:
+        if model.name in hold.models and not force:
+            return
+        hold.models.add(model.name)
+        if self._monitor is not None:
+            self._monitor.event(
+                "exhausted",
+                model.name,
+                upstream=self._accounts[model.upstream],
+                until=hold.until_wall,
+                fallback=follow,
+                reason=hold.why,
+            )
+
+    def _probe_over(self, model: Model) -> None:
+        """A probe ended without an answer on the quota: the next request probes again."""
+        hold = self._holds.get(self._accounts[model.upstream])
+        if hold is not None:
+            hold.probing = False
+
+    def _fall_back(self, model: Model, why: str, follow: str | None) -> None:
+        """Traffic moves off ``model`` for a failure other than exhaustion."""
+        if follow is None or model.name in self._fallen:
+            return
+        self._fallen[model.name] = why
+        events_logger.warning(
+            "Model %s on %s is %s: its traffic moves to %s.",
+            model.name,
+            self._accounts[model.upstream],
+            why,
+            follow,
+        )
+        if self._monitor is not None:
+            self._monitor.event(
+                "fallback",
+                model.name,
+                upstream=self._accounts[model.upstream],
+                fallback=follow,
+                reason=why,
+            )
+
+    def _served(self, model: Model, probe: bool) -> None:
+        """A reply from ``model``: a probe ends its account's hold, any ends a fallback."""
+        self._counts["served"] += 1
+        account = self._accounts[model.upstream]
+        recovered: set[str] = set()
+        if probe and (hold := self._holds.pop(account, None)) is not None:
+            recovered |= hold.models
+            events_logger.warning(
+                "The quota of %s is back: a probe on %s was served; its traffic returns.",
+                account,
+                model.name,
+            )
+        if self._fallen.pop(model.name, None) is not None:
+            recovered.add(model.name)
+            events_logger.warning("Model %s serves again; its traffic returns.", model.name)
+        if recovered:
+            self._counts["recoveries"] += 1
+        if self._monitor is not None:
+            for name in sorted(recovered):
+                self._monitor.event("recovered", name, upstream=account)
+
+    def _held_error(
+        self, model: Model, hold: _Hold, rank: int, tenant: str | None, now: float
+    ) -> QuotaExhaustedError:
+        return QuotaExhaustedError(
+            f"Model {model.name} is held back: the quota of {self._accounts[model.upstream]} "
+            f"is gone ({hold.why}) until {_utc(hold.until_wall)}, and no fallback could take "
+            "the request; it was not sent.",
+            regain_at=hold.regain_at,
+            why=hold.why,
+            priority=rank,
+            tenant=tenant,
+            retry_after=max(0.0, hold.until - now) or None,
+        )
 
     async def _send(
         self,
@@ -740,6 +1073,16 @@ async def _unless_store_fails(work: Coroutine[Any, Any, None]) -> None:
         await work
     except StoreUnavailableError as exc:
         logger.warning("%s A settlement or usage reading after the reply was dropped.", exc)
+
+
+def _held_for(hold: _Hold) -> str:
+    if hold.probing:
+        return f"out of quota ({hold.why}); a probe is checking whether it is back"
+    return f"out of quota until {_utc(hold.until_wall)} ({hold.why})"
+
+
+def _utc(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _observe_window(monitor: UsageMonitor, dimension: str, window: QuotaWindow) -> None:
