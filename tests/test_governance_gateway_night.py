@@ -14,7 +14,15 @@ from typing import Any
 import orjson
 import pytest
 
-from asyncquota import BudgetExceededError, MockTransport, QuotaExhaustedError, Request, Response
+from asyncquota import (
+    BudgetExceededError,
+    MockTransport,
+    NoRouteError,
+    OverloadedError,
+    QuotaExhaustedError,
+    Request,
+    Response,
+)
 from asyncquota.governance import CallbackSink, Gateway, parse_config
 from asyncquota.governance.alerts import Alert
 from asyncquota.testing import SimulatedUpstream, UpstreamConfig
@@ -49,6 +57,7 @@ class Night:
         )
         self.dialect = dialect
         self.capped = False
+        self.overloaded = False
         self.seen: list[dict[str, Any]] = []
         self.paths: list[str] = []
         self.headers: list[dict[str, str]] = []
@@ -60,6 +69,10 @@ class Night:
         if self.capped:
             await asyncio.sleep(0.05)
             return Response(400, {"content-type": "application/json"}, orjson.dumps(SPEND_CAP))
+        if self.overloaded:
+            await asyncio.sleep(0.05)
+            body = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+            return Response(529, {"content-type": "application/json"}, orjson.dumps(body))
         return await self.sim.handle(request)
 
 
@@ -367,3 +380,116 @@ async def test_two_upstreams_with_one_key_are_one_account_held_together():
     assert routed.model == "gpt" and not eu.seen
     assert status.availability["claude-eu"].state == "exhausted"
     assert status.availability["claude"].account == status.availability["claude-eu"].account
+
+
+# -- one format across providers ------------------------------------------------------------
+
+
+def anthropic_body(**extra: Any) -> dict[str, Any]:
+    return {
+        "system": "You track parcels.",
+        "messages": [{"role": "user", "content": "Where is my parcel?"}],
+        "max_tokens": 50,
+        **extra,
+    }
+
+
+def sse_data(body: bytes) -> list[Any]:
+    return [
+        line[6:] if line[6:] == b"[DONE]" else orjson.loads(line[6:])
+        for line in body.split(b"\n")
+        if line.startswith(b"data: ")
+    ]
+
+
+async def test_an_openai_caller_served_by_claude_reads_openai_whole_and_streamed():
+    gateway, ups = build(config())
+    async with gateway:
+        whole = await gateway.request(chat())
+        streamed = await gateway.request(chat(stream=True, stream_options={"include_usage": True}))
+    sent = ups["anthropic"].seen[0]
+    assert sent["model"] == "claude" and sent["messages"][0]["content"] == "Where is my parcel?"
+    assert "choices" not in sent and sent["max_tokens"] == 50
+    reply = whole.response.json()
+    assert reply["object"] == "chat.completion"
+    assert reply["choices"][0]["message"]["role"] == "assistant"
+    assert reply["usage"]["completion_tokens"] == whole.output_tokens > 0
+    chunks = sse_data(streamed.response.body)
+    assert chunks[-1] == b"[DONE]"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks[:-1])
+    assert chunks[-2]["usage"]["completion_tokens"] == streamed.output_tokens > 0
+
+
+async def test_an_anthropic_caller_falls_back_to_openai_and_reads_anthropic_whole_and_streamed():
+    gateway, ups = build(config(), dialect="anthropic")
+    ups["anthropic"].capped = True
+    async with gateway:
+        whole = await gateway.request(anthropic_body())
+        streamed = await gateway.request(anthropic_body(stream=True))
+    assert (whole.model, streamed.model) == ("gpt", "gpt")
+    sent = ups["openai"].seen[0]
+    assert sent["messages"][0] == {"role": "system", "content": "You track parcels."}
+    assert sent["model"] == "gpt"
+    reply = whole.response.json()
+    assert reply["type"] == "message" and reply["content"][0]["type"] == "text"
+    assert reply["stop_reason"] in ("end_turn", "max_tokens")
+    events = sse_data(streamed.response.body)
+    assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+    assert streamed.output_tokens == events[-2]["usage"]["output_tokens"] > 0
+
+
+async def test_a_body_one_dialect_cannot_say_passes_that_model_over_and_sends_it_nothing():
+    gateway, ups = build(config())
+    async with gateway:
+        served = await gateway.request(chat(n=1, seed=7))  # neutral and dropped: said
+        routed = await gateway.request(chat(n=2))  # Anthropic has no n=2: gpt takes it
+    assert served.model == "claude"
+    assert routed.model == "gpt" and routed.passed_over[0].startswith(
+        "claude: cannot take it in its dialect (n: Anthropic has no equivalent"
+    )
+    assert len(ups["anthropic"].seen) == 1
+    gateway, ups = build(config(), dialect="anthropic")
+    ups["anthropic"].capped = True
+    async with gateway:
+        await gateway.request(anthropic_body())  # the hold begins
+        with pytest.raises(NoRouteError, match="top_k"):
+            await gateway.request(anthropic_body(top_k=5))
+    assert len(ups["openai"].seen) == 1
+
+
+async def test_an_error_from_a_translated_model_reaches_the_caller_in_its_dialect():
+    gateway, ups = build(config(gateway={"fallback_on": []}))
+    ups["anthropic"].capped = True
+    async with gateway:
+        with pytest.raises(QuotaExhaustedError) as refused:
+            await gateway.request(chat())
+    error = orjson.loads(refused.value.body)["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("You have reached your specified API usage limits")
+
+
+async def test_an_overloaded_model_falls_back_and_recovers_and_each_is_said_once():
+    got: list[Alert] = []
+    gateway, ups = build(config(alerts={"log": False}), sinks=[CallbackSink(got.append)])
+    ups["anthropic"].overloaded = True
+    async with gateway:
+        moved = [await gateway.request(chat()) for _ in range(3)]
+        ups["anthropic"].overloaded = False
+        await asyncio.sleep(30)
+        back = await gateway.request(chat())
+    assert [r.model for r in moved] == ["gpt"] * 3 and back.model == "claude"
+    assert moved[0].passed_over[0] == "claude: overloaded (HTTP 529)"
+    assert [(a.kind, a.dimension) for a in got] == [
+        ("fallback", "model:claude"),
+        ("recovered", "model:claude"),
+    ]
+    assert gateway.statistics().recoveries == 1
+
+
+async def test_overload_does_not_fall_back_when_fallback_on_leaves_it_out():
+    gateway, ups = build(config(gateway={"fallback_on": ["exhausted"]}))
+    ups["anthropic"].overloaded = True
+    async with gateway:
+        with pytest.raises(OverloadedError):
+            await gateway.request(chat())
+    assert not ups["openai"].seen

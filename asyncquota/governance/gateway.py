@@ -49,10 +49,13 @@ from typing import Any, Literal, Self
 
 import orjson
 
+from .. import dialects
+from ..dialects import DialectError, dialect_of_path
 from ..errors import (
     BudgetExceededError,
     DeadlineExceededError,
     DeadlineUnreachableError,
+    NoRouteError,
     OverloadedError,
     QueueFullError,
     QuotaError,
@@ -65,7 +68,7 @@ from ..errors import (
 )
 from ..priority import Priority, PriorityLike, coerce_priority
 from ..shaper import Shaper
-from ..signals import QuotaSnapshot, QuotaWindow
+from ..signals import Provider, QuotaSnapshot, QuotaWindow
 from ..tokens import output_allowance, prompt_tokens, reply_usage
 from ..transport import Response, Transport
 from .alerts import LoggingSink, ShedBatchAction, Sink, UsageMonitor, WebhookSink
@@ -255,6 +258,13 @@ class Gateway:
         exhausted_hold: seconds an account that said its quota is gone is held back when
             it did not say until when; one that did is held until then (Anthropic's spend
             cap names the day, Gemini's per-day quota midnight Pacific).
+        dialect: the shape of the callers' bodies, ``"openai"`` (chat completions) or
+            ``"anthropic"`` (messages), unless a request names its own. A model whose path
+            speaks the other dialect gets the body translated (``asyncquota.dialects``) and
+            its reply, streamed reply and error body translated back, so the caller reads
+            the shape it sent whichever model answered. A body one dialect cannot say
+            faithfully passes that model over (nothing is sent to it); when no model of
+            the chain can take it, NoRouteError names the field.
         fallback_on: which failures move a request to the next model of its chain, of
             ``FALLBACK_CAUSES`` (rate limiting and shedding always do). Without
             ``"exhausted"`` an account out of quota is still held back (nothing is sent
@@ -288,6 +298,7 @@ class Gateway:
         accounts: Mapping[str, str] | None = None,
         exhausted_hold: float = EXHAUSTED_HOLD,
         fallback_on: Collection[str] = FALLBACK_CAUSES,
+        dialect: Provider = dialects.OPENAI,
     ) -> None:
         missing = sorted({m.upstream for m in router.models} - set(upstreams))
         if missing:
@@ -322,6 +333,8 @@ class Gateway:
                 f"fallback_on must be a collection of {', '.join(FALLBACK_CAUSES)}, "
                 f"not {fallback_on!r}."
             )
+        _check_dialect(dialect)
+        self._dialect = dialect
         self._upstreams = dict(upstreams)
         self._accounts = {name: (accounts or {}).get(name, name) for name in self._upstreams}
         self._hold_seconds = float(exhausted_hold)
@@ -355,6 +368,7 @@ class Gateway:
         wall_clock: Callable[[], float] = time.time,
         environ: Mapping[str, str] | None = None,
         sinks: Sequence[Sink] = (),
+        dialect: Provider = dialects.OPENAI,
     ) -> Gateway:
         """Build a gateway, its Shapers, store, tiers, budget and alerts from configuration.
 
@@ -368,6 +382,7 @@ class Gateway:
                 are read (default: the process environment).
             sinks: sinks of the application's own (a ``CallbackSink``), beside the
                 configured ones; used only when the file has an ``[alerts]`` section.
+            dialect: the shape of the callers' bodies (see :class:`Gateway`).
 
         Raises:
             ConfigError: the file is invalid (the message names the field).
@@ -487,6 +502,7 @@ class Gateway:
             accounts=accounts,
             exhausted_hold=config.gateway.exhausted_hold,
             fallback_on=config.gateway.fallback_on,
+            dialect=dialect,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -543,10 +559,14 @@ class Gateway:
         priority: PriorityLike = Priority.INTERACTIVE,
         deadline: float | None = None,
         headers: Mapping[str, str] | None = None,
+        dialect: Provider | None = None,
     ) -> Routed:
         """Route one JSON request to a model and send it through that model's Shaper.
 
-        The body is sent with its ``model`` field set to the chosen model's API name.
+        The body is sent with its ``model`` field set to the chosen model's API name, in
+        that model's dialect; the reply comes back in the body's (see ``dialect`` of
+        :class:`Gateway`). A body with ``"stream": true`` gets the whole stream's bytes,
+        translated event by event.
 
         Args:
             json: the request body (chat completion or messages).
@@ -555,13 +575,16 @@ class Gateway:
             tenant: whose tier and budget apply.
             priority, deadline, headers: as for ``Shaper.request`` (the deadline covers
                 every model tried).
+            dialect: the body's shape, ``"openai"`` or ``"anthropic"`` (None: the
+                gateway's).
 
         Raises:
             TenantLimitError: the tenant is over its tier's limit for the model.
             BudgetExceededError: the budget cannot pay and the policy is to reject.
             StoreUnavailableError: tiers or budgets could not be checked (the store is
                 locked, corrupt or failing): refused, nothing sent, no fallback tried.
-            NoRouteError: no model fits the request.
+            NoRouteError: no model fits the request, or none can take it in its dialect
+                (the message names the field that cannot be translated); nothing was sent.
             QuotaError: what the last model's Shaper raised (see ``Shaper.request``).
             ValueError: a malformed argument.
         """
@@ -570,6 +593,7 @@ class Gateway:
                 f"json must be a mapping (the request body), not {type(json).__name__}."
             )
         tenant = tenant_id(tenant)  # once, so tiers, budget and alerts see one identity
+        speaks = self._dialect if dialect is None else _check_dialect(dialect)
         rank = coerce_priority(priority)
         estimate = _Estimate(
             input_tokens=prompt_tokens(len(orjson.dumps(json))),
@@ -607,6 +631,15 @@ class Gateway:
                         headers,
                         overdraft,
                         tuple(passed_over),
+                        speaks,
+                    )
+                except DialectError as exc:
+                    why = f"cannot take it in its dialect ({exc})"
+                    last = NoRouteError(
+                        f"No model could take the request: {current.name} cannot say it in "
+                        f"its dialect ({exc}); it was not sent.",
+                        priority=rank,
+                        tenant=tenant,
                     )
                 except QuotaExhaustedError as exc:
                     why, last = self._exhaust(current, exc, follow, probe), exc
@@ -909,10 +942,16 @@ class Gateway:
         headers: Mapping[str, str] | None,
         overdraft: bool,
         passed_over: tuple[str, ...],
+        speaks: Provider,
     ) -> Routed:
         """One model: tier, budget reservation, the Shaper, then settle with the usage."""
         model = route.model
         shaper = self._upstreams[model.upstream]
+        # Translated first: a body the model's dialect cannot say costs nothing.
+        hears = dialect_of_path(model.path)
+        translate = hears is not None and hears != speaks
+        body = dict(_to_dialect(json, hears) if translate and hears is not None else json)
+        body["model"] = model.api_name or model.name
         grant: TenantGrant | None = None
         if self._tenants is not None:
             grant = await self._tenants.admit(tenant, model.name, estimate.context, priority=rank)
@@ -938,8 +977,6 @@ class Gateway:
                     priority=rank,
                     tenant=tenant,
                 )
-        body = dict(json)
-        body["model"] = model.api_name or model.name
         try:
             response = await shaper.request(
                 "POST",
@@ -954,14 +991,18 @@ class Gateway:
         except RejectedError:
             self._release(grant, reservation)  # nothing was sent
             raise
-        except UpstreamError:
+        except UpstreamError as exc:
             self._release(grant, reservation)  # refused: no tokens were generated
+            if translate:
+                _error_to_dialect(exc, speaks)
             raise
         except BaseException:
             # Deadline or cancellation in flight: the upstream may have charged it.
             self._charge_estimate(grant, reservation, estimate, estimated_cost)
             raise
         usage = reply_usage(response.body)
+        if translate:
+            response, usage = self._reply_to_dialect(response, usage, json, speaks)
         used_in, used_out = (
             usage
             if usage is not None
@@ -989,6 +1030,57 @@ class Gateway:
             output_tokens=used_out,
             passed_over=passed_over,
         )
+
+    def _reply_to_dialect(
+        self,
+        response: Response,
+        usage: tuple[int, int] | None,
+        asked: Mapping[str, Any],
+        speaks: Provider,
+    ) -> tuple[Response, tuple[int, int] | None]:
+        """The model's reply in the caller's dialect, and its usage (a stream's included).
+
+        Raises:
+            UpstreamError: the reply cannot be read or said in the caller's dialect (it was
+                served: its cost is settled at the estimate).
+        """
+        created = int(self._wall_clock())
+        try:
+            if asked.get("stream") is True:
+                translator: dialects.AnthropicStreamToOpenAI | dialects.OpenAIStreamToAnthropic
+                if speaks == dialects.OPENAI:
+                    options = asked.get("stream_options")
+                    include = isinstance(options, Mapping) and options.get("include_usage") is True
+                    translator = dialects.AnthropicStreamToOpenAI(
+                        created=created, include_usage=include
+                    )
+                else:
+                    translator = dialects.OpenAIStreamToAnthropic()
+                body = translator.feed(response.body) + translator.flush()
+                usage = translator.usage or usage
+            else:
+                reply = orjson.loads(response.body)
+                if not isinstance(reply, Mapping):
+                    raise DialectError("reply", "the reply is not a JSON object")
+                translated = (
+                    dialects.anthropic_reply_to_openai(reply, created=created)
+                    if speaks == dialects.OPENAI
+                    else dialects.openai_reply_to_anthropic(reply)
+                )
+                body = orjson.dumps(translated)
+        except (DialectError, orjson.JSONDecodeError) as exc:
+            raise UpstreamError(
+                f"The reply could not be said in the request's dialect ({exc}).",
+                status=response.status,
+                body=response.body,
+                reason="untranslatable_reply",
+            ) from exc
+        headers = {
+            name: value
+            for name, value in response.headers.items()
+            if name.lower() not in ("content-length", "content-encoding")
+        }
+        return Response(response.status, headers, body, attempts=response.attempts), usage
 
     def _release(self, grant: TenantGrant | None, reservation: BudgetReservation | None) -> None:
         if grant is not None:
@@ -1073,6 +1165,36 @@ async def _unless_store_fails(work: Coroutine[Any, Any, None]) -> None:
         await work
     except StoreUnavailableError as exc:
         logger.warning("%s A settlement or usage reading after the reply was dropped.", exc)
+
+
+def _check_dialect(dialect: object) -> Provider:
+    if dialect not in (dialects.OPENAI, dialects.ANTHROPIC):
+        raise ValueError(
+            f'dialect must be "{dialects.OPENAI}" or "{dialects.ANTHROPIC}", not {dialect!r}.'
+        )
+    return dialect
+
+
+def _to_dialect(body: Mapping[str, Any], hears: Provider) -> dict[str, Any]:
+    """A request body in the model's dialect (raises DialectError: nothing is sent)."""
+    if hears == dialects.ANTHROPIC:
+        return dialects.openai_request_to_anthropic(body)
+    return dialects.anthropic_request_to_openai(body)
+
+
+def _error_to_dialect(exc: UpstreamError, speaks: Provider) -> None:
+    """Say an error body in the caller's dialect, where it is whole JSON."""
+    try:
+        error = orjson.loads(exc.body) if exc.body else None
+    except orjson.JSONDecodeError:
+        return  # cut short, or not JSON: kept as the upstream said it
+    if isinstance(error, Mapping):
+        translated = (
+            dialects.anthropic_error_to_openai(error)
+            if speaks == dialects.OPENAI
+            else dialects.openai_error_to_anthropic(error)
+        )
+        exc.body = orjson.dumps(translated).decode()
 
 
 def _held_for(hold: _Hold) -> str:
