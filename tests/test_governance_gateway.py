@@ -57,8 +57,9 @@ class Upstream:
 
 
 MODELS = (
-    Model("big", upstream="a", context_window=32_000, price=Price(10.0, 30.0),
-          api_name="big-2026-01"),
+    Model(
+        "big", upstream="a", context_window=32_000, price=Price(10.0, 30.0), api_name="big-2026-01"
+    ),
     Model("small", upstream="b", context_window=16_000, price=Price(0.5, 1.5)),
     Model("long", upstream="b", context_window=200_000, price=Price(3.0, 15.0)),
 )
@@ -76,6 +77,7 @@ def make_gateway(
     monitor=None,
     when_spent="downgrade",
     deadline=30.0,
+    downgrade_at=None,
 ):
     ups = {"a": Upstream("a"), "b": Upstream("b")}
     shapers = {
@@ -103,6 +105,7 @@ def make_gateway(
         monitor=monitor,
         when_spent=when_spent,
         wall_clock=wall,
+        downgrade_at=downgrade_at,
     )
     return gateway, ups
 
@@ -163,8 +166,15 @@ async def test_while_a_model_cools_down_requests_go_to_its_fallback_and_say_why(
 
 async def test_insufficient_quota_moves_to_the_fallback_and_keeps_the_model_aside_for_a_while():
     gateway, ups = make_gateway()
-    body = orjson.dumps({"error": {"type": "insufficient_quota", "code": "insufficient_quota",
-                                   "message": "You exceeded your current quota."}})
+    body = orjson.dumps(
+        {
+            "error": {
+                "type": "insufficient_quota",
+                "code": "insufficient_quota",
+                "message": "You exceeded your current quota.",
+            }
+        }
+    )
     ups["a"].replies.append(Response(429, {}, body))
     async with gateway:
         first = await gateway.request(chat(), model="big")
@@ -228,8 +238,15 @@ async def test_a_tenant_over_its_tier_is_refused_at_once_without_a_call_or_a_fal
 async def test_quota_status_reports_the_tenant_per_model_and_the_upstreams_headers():
     gateway, ups = make_gateway(tenants=tiers())
     ups["b"].replies.append(
-        Response(200, {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
-                       "x-ratelimit-reset-requests": "1s"}, b"{}")
+        Response(
+            200,
+            {
+                "x-ratelimit-limit-requests": "60",
+                "x-ratelimit-remaining-requests": "59",
+                "x-ratelimit-reset-requests": "1s",
+            },
+            b"{}",
+        )
     )
     async with gateway:
         await gateway.request(chat(), tenant="corner-shop")
@@ -274,6 +291,42 @@ async def test_a_spent_budget_serves_on_the_cheapest_model_when_told_to_downgrad
         status = await gateway.quota_status()
     assert routed.model == "small" and "the budget is spent" in routed.reason
     assert status.budget[0].used > 0.001  # an overdraft, as configured
+
+
+async def test_from_80_percent_of_the_budget_spent_requests_go_to_the_cheapest_that_fits():
+    budget = BudgetGuard(monthly=1000.0, store=MemoryStore(wall_clock=wall), wall_clock=wall)
+    gateway, _ = make_gateway(budget=budget, downgrade_at=0.8)
+    async with gateway:
+        spent = await budget.reserve(None, 799.0)
+        await spent.reconcile(799.0)
+        before = await gateway.request(chat(), model="big")  # 79.9 %... + this one's cost
+        more = await budget.reserve(None, 1.0)
+        await more.reconcile(1.0)
+        after = await gateway.request(chat(), model="big")
+        longer = await gateway.request(chat("x" * 4 * 20_000), model="big")
+    assert before.model == "big"
+    assert after.model == "small" and after.reason.endswith("80% of the budget is spent")
+    # small's 16 000 tokens cannot hold it: the cheapest that fits is long
+    assert longer.model == "long"
+
+
+async def test_a_downgrade_past_the_budget_stops_at_its_overdraft_limit():
+    budget = BudgetGuard(
+        monthly=0.001,
+        store=MemoryStore(wall_clock=wall),
+        wall_clock=wall,
+        overdraft_limit=0.002,
+    )
+    gateway, _ = make_gateway(budget=budget)
+    async with gateway:
+        served = [await gateway.request(chat(), model="small") for _ in range(3)]
+        with pytest.raises(BudgetExceededError, match="past it"):
+            await gateway.request(chat(), model="small")
+        status = await gateway.quota_status()
+    # Each reserves its estimate ($0.00016) and costs $0.00125 (1000 in, 500 out): the
+    # third is admitted at $0.0025 spent, the fourth would pass $0.001 + $0.002.
+    assert all("the budget is spent" in r.reason for r in served[1:])
+    assert status.budget[0].used == pytest.approx(3 * 0.00125)
 
 
 async def test_a_thousand_concurrent_requests_cannot_overshoot_the_budget_together():
@@ -363,9 +416,7 @@ async def test_a_dead_store_refuses_the_request_before_anything_is_sent_and_trie
         store.broken = True
         for tenant in ("acme", "corner-shop", None):
             with pytest.raises(StoreUnavailableError, match=r"/var/quota\.db") as caught:
-                await gateway.request(
-                    chat(), tenant=tenant, task="code_review", complexity="high"
-                )
+                await gateway.request(chat(), tenant=tenant, task="code_review", complexity="high")
             assert caught.value.reason == "store_unavailable"
         assert sum(len(up.seen) for up in ups.values()) == 1
         store.broken = False

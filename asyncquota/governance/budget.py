@@ -96,6 +96,9 @@ class BudgetGuard:
         store: where the counters live (default: a new in-memory store on ``wall_clock``).
         timezone: the IANA zone whose calendar months are the budget periods.
         wall_clock: Unix time now; the only clock the guard reads.
+        overdraft_limit: dollars a reservation with ``overdraft=True`` may take past each
+            budget, at most (None: no ceiling): the hard stop of "keep serving on the
+            cheapest model once the budget is spent".
 
     Raises:
         ValueError: a budget that is not a finite number > 0, two keys naming one tenant
@@ -103,7 +106,16 @@ class BudgetGuard:
         TypeError: a key that is not a tenant id (see :func:`~.tiers.tenant_id`).
     """
 
-    __slots__ = ("_background", "_monthly", "_open", "_store", "_tenants", "_wall_clock", "_zone")
+    __slots__ = (
+        "_background",
+        "_monthly",
+        "_open",
+        "_overdraft",
+        "_store",
+        "_tenants",
+        "_wall_clock",
+        "_zone",
+    )
 
     def __init__(
         self,
@@ -113,7 +125,11 @@ class BudgetGuard:
         store: Store | None = None,
         timezone: str = "UTC",
         wall_clock: Callable[[], float] = time.time,
+        overdraft_limit: float | None = None,
     ) -> None:
+        if overdraft_limit is not None:
+            _check_dollars("overdraft_limit", overdraft_limit)
+        self._overdraft = overdraft_limit
         if monthly is not None:
             _check_budget("monthly", monthly)
         self._tenants: dict[str, float] = {}
@@ -173,7 +189,8 @@ class BudgetGuard:
             tenant: whose budget also applies (None: only the global one).
             amount: the estimated cost of the request.
             overdraft: charge it even past a budget (the policy "downgrade to the cheapest
-                model and keep serving" once a budget is spent).
+                model and keep serving" once a budget is spent), up to the guard's
+                ``overdraft_limit`` past it.
 
         Raises:
             BudgetExceededError: either budget cannot pay for it this month (and not
@@ -233,13 +250,15 @@ class BudgetGuard:
             # The tenant first: its budget is the smaller one, so a refusal seldom costs a
             # rollback of the global counter.
             for dimension, key, limit in reversed(counters):
-                ceiling = None if overdraft or limit is None else limit + SLACK
+                past = (self._overdraft if overdraft else 0.0) if limit is not None else None
+                ceiling = None if limit is None or past is None else limit + past + SLACK
                 held = await self._store.reserve(key, amount, limit=ceiling, expires_at=expires_at)
                 if held is None:
                     owner = "The global" if dimension == "budget" else f"Tenant {tenant}'s"
+                    beyond = f", even ${past:.2f} past it" if past else ""
                     raise BudgetExceededError(
                         f"{owner} monthly budget of ${limit:.2f} cannot pay ${amount:.6g} "
-                        f"more this month.",
+                        f"more this month{beyond}.",
                         tenant=tenant,
                         retry_after=retry_after,
                     )

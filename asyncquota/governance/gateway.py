@@ -248,6 +248,9 @@ class Gateway:
         when_spent: once a budget cannot pay for a request: ``"downgrade"`` serves it on
             the cheapest model of its chain anyway (past the budget), ``"reject"``
             refuses it with BudgetExceededError.
+        downgrade_at: the share of a budget spent (the global one or the tenant's, the
+            fuller) from which every request goes to the cheapest model of its chain that
+            fits it (None: only ``downgrade_share`` and ``when_spent`` act).
         default_output_tokens: the output allowance of a request naming no ``max_tokens``.
         store: a store the gateway owns and closes (the one ``from_config`` made).
         wall_clock: Unix time (for the ``retry_after`` of a spent budget, and to turn a
@@ -299,6 +302,7 @@ class Gateway:
         exhausted_hold: float = EXHAUSTED_HOLD,
         fallback_on: Collection[str] = FALLBACK_CAUSES,
         dialect: Provider = dialects.OPENAI,
+        downgrade_at: float | None = None,
     ) -> None:
         missing = sorted({m.upstream for m in router.models} - set(upstreams))
         if missing:
@@ -309,6 +313,15 @@ class Gateway:
             raise ValueError(
                 f"downgrade_share must lie in (0, 1], not {downgrade_share!r}: it is the "
                 "share of the budget left above which a request is downgraded."
+            )
+        if downgrade_at is not None and not (
+            isinstance(downgrade_at, int | float)
+            and not isinstance(downgrade_at, bool)
+            and 0 < downgrade_at <= 1
+        ):
+            raise ValueError(
+                f"downgrade_at must lie in (0, 1], not {downgrade_at!r}: it is the share of "
+                "a budget spent from which requests are downgraded."
             )
         if when_spent not in ("downgrade", "reject"):
             raise ValueError(f'when_spent must be "downgrade" or "reject", not {when_spent!r}.')
@@ -349,6 +362,7 @@ class Gateway:
         self._budget = budget
         self._monitor = monitor
         self._share = float(downgrade_share)
+        self._downgrade_at = downgrade_at
         self._when_spent = when_spent
         self._default_output = default_output_tokens
         self._store = store
@@ -443,7 +457,7 @@ class Gateway:
                 timezone=config.tenant_timezone or config.timezone,
                 wall_clock=wall_clock,
             )
-        budget, share = None, 0.1
+        budget, share, downgrade_at = None, 0.1, None
         when_spent: Literal["downgrade", "reject"] = "downgrade"
         if config.budget is not None:
             budget = BudgetGuard(
@@ -452,8 +466,10 @@ class Gateway:
                 store=store,
                 timezone=config.timezone,
                 wall_clock=wall_clock,
+                overdraft_limit=config.budget.overdraft_limit,
             )
             share, when_spent = config.budget.downgrade_share, config.budget.when_spent
+            downgrade_at = config.budget.downgrade_at
         monitor = None
         if config.alerts is not None:
             alerts = config.alerts
@@ -503,6 +519,7 @@ class Gateway:
             exhausted_hold=config.gateway.exhausted_hold,
             fallback_on=config.gateway.fallback_on,
             dialect=dialect,
+            downgrade_at=downgrade_at,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -751,14 +768,14 @@ class Gateway:
         """The route after the budget's say, and whether it may overdraw."""
         if self._budget is None:
             return route, False
-        left = await self._budget.remaining(tenant)
-        if left is None:
+        statuses = [s for s in await self._budget.status(tenant) if s.limit]
+        if not statuses:
             return route, False
+        left = min(s.remaining or 0.0 for s in statuses)
         cost = route.model.price.cost(estimate.input_tokens, estimate.output_tokens)
         cheaper = self._router.cheaper
         if cost > left:
             if self._when_spent == "reject":
-                statuses = await self._budget.status(tenant)
                 renews = min((s.resets_at for s in statuses if s.resets_at), default=None)
                 raise BudgetExceededError(
                     f"The budget has ${left:.4f} left this month, less than this request's "
@@ -779,6 +796,21 @@ class Gateway:
                 ),
                 True,
             )
+        spent = max(s.used / s.limit for s in statuses if s.limit)
+        if self._downgrade_at is not None and spent >= self._downgrade_at:
+            down = cheaper(
+                route, input_tokens=estimate.input_tokens, output_tokens=estimate.output_tokens
+            )
+            if down is not None:
+                return (
+                    Route(
+                        model=down.model,
+                        reason=f"{down.reason}; {spent:.0%} of the budget is spent",
+                        chain=down.chain,
+                    ),
+                    False,
+                )
+            return route, False
         if cost > self._share * left:
             down = cheaper(
                 route,
