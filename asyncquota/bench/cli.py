@@ -5,12 +5,18 @@
         --strategies naive,openai-sdk,tenacity,cookbook --json out.json --plot out.png
     asyncquota bench --virtual ...      # in process, on virtual time
     asyncquota bench --matrix [--virtual] [--json PATH] [--strategies a,b] [--rows 1,5]
+    asyncquota bench --scenario exhaustion [--virtual] [--json PATH]
     asyncquota tune --scenario crisis --param limit.initial=20,64 \\
         --param retry_budget=0.05,0.2 --objective goodput --csv tune.csv --heatmap tune.png
 
 ``--matrix`` replays a 30 s night once per upstream behaviour of the robustness matrix
 (:mod:`asyncquota.bench.matrix`: a covering set of behaviours, asyncquota alone unless
 ``--strategies`` says otherwise) and prints a row per behaviour and strategy.
+
+``--scenario exhaustion`` is the 2 a.m. night (:mod:`asyncquota.bench.exhaustion`): the
+primary's quota dies at 20 s and returns at 45 s, asyncquota runs as a Gateway with a
+fallback upstream (the peers know only the primary); for real it starts two upstream
+processes. It is not a tuner scenario (the tuner runs a Shaper alone).
 
 Runs are bounded (at most ``MAX_SESSIONS`` sessions and ``MAX_DURATION`` seconds, each
 stopping by itself) and real runs talk to an upstream on 127.0.0.1 only.
@@ -27,6 +33,8 @@ from typing import Any
 import orjson
 
 from ..testing import PRESETS, UpstreamConfig
+from .exhaustion import SCENARIO as EXHAUSTION
+from .exhaustion import exhaustion_document, exhaustion_table, run_exhaustion
 from .matrix import (
     DURATION,
     SESSIONS,
@@ -113,7 +121,13 @@ def _parser() -> argparse.ArgumentParser:
         "per strategy (each in its own process), and report goodput, 429s and latencies. "
         "With --matrix, once per upstream behaviour of the robustness matrix.",
     )
-    bench.add_argument("--scenario", choices=sorted(PRESETS))
+    bench.add_argument(
+        "--scenario", choices=sorted(PRESETS),
+        help=f"the upstream's preset (default crisis); {EXHAUSTION}: the primary's quota dies "
+        "at 20 s and returns at 45 s, asyncquota as a Gateway falling back to a second "
+        "upstream of half its capacity (two upstream processes for real), the peers on the "
+        "primary alone",
+    )
     bench.add_argument(
         "--sessions", type=int,
         help=f"default {BENCH_SESSIONS}; with --matrix {SESSIONS} (twice as many in the "
@@ -154,7 +168,9 @@ def _parser() -> argparse.ArgumentParser:
         + "\n\nmetrics of an objective:\n"
         + "\n".join(f"  {m.name:<18} {m.unit}" for m in METRICS.values()),
     )
-    tune.add_argument("--scenario", choices=sorted(PRESETS), default="crisis")
+    tune.add_argument(
+        "--scenario", choices=sorted(set(PRESETS) - {EXHAUSTION}), default="crisis"
+    )
     tune.add_argument(
         "--param", type=_param, action="append", required=True, metavar="NAME=V1,V2,...",
         help="a parameter and the values to try (repeat for more; all combinations run)",
@@ -215,14 +231,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
 
-    runs = run_strategies(
-        args.strategies or list(STRATEGIES), config=config, model=model,
-        virtual=args.virtual, progress=progress, on_done=done,
-    )
-    doc = document(
-        scenario=args.scenario, config=config, model=model, virtual=args.virtual, runs=runs
-    )
-    print(table(doc))
+    names = args.strategies or list(STRATEGIES)
+    if args.scenario == EXHAUSTION:
+        runs, gateway = run_exhaustion(
+            names, primary=config, model=model, virtual=args.virtual, progress=progress,
+            on_done=done,
+        )
+        doc = exhaustion_document(
+            primary=config, model=model, virtual=args.virtual, runs=runs, gateway=gateway
+        )
+        print(exhaustion_table(doc))
+    else:
+        runs = dict(run_strategies(
+            names, config=config, model=model, virtual=args.virtual, progress=progress,
+            on_done=done,
+        ))
+        doc = document(
+            scenario=args.scenario, config=config, model=model, virtual=args.virtual,
+            runs=runs,
+        )
+        print(table(doc))
     if args.json is not None:
         args.json.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     if args.plot is not None:
