@@ -60,8 +60,8 @@ def figures(**overrides: object) -> dict[str, object]:
 
 
 def test_the_figures_of_a_known_night_on_a_gateway():
-    # Busy 1.0 s to 60.0 s (the lost request holds it open to the stop): 59 s. The primary
-    # admits 10/s outside its 25 s window (340), the fallback 5/s throughout (295).
+    # Interactive from 1.0 s to 46.5 s: 45.5 s. The primary admits 10/s outside its 25 s
+    # window (205), the fallback 5/s throughout (227.5).
     assert figures() == {
         "dies_at": 21.0,
         "returns_at": 46.0,
@@ -79,7 +79,7 @@ def test_the_figures_of_a_known_night_on_a_gateway():
         # Started in 21.0–46.0: three interactive; two answered in it. The fallback alone
         # admits 125 then.
         "during": {"requests": 3, "served": 2, "allowed": 3.0, "served_ratio": 0.6667},
-        "capacity_requests": 635.0,
+        "capacity_requests": 432.5,
         "lost": 1,
         "alerts": {
             "count": 3,
@@ -109,9 +109,9 @@ def test_an_alert_before_the_first_exhaustion_does_not_count_as_its_alarm():
 def test_a_demand_above_the_capacity_is_measured_against_the_capacity():
     small = replace(UPSTREAM, rps=0.04)  # 0.04/s outside the window, 0.02/s on the fallback
     measured = figures(primary=small, fallback=fallback_config(small))
-    # 0.04 × 34 s + 0.02 × 59 s = 2.54 requests allowed; 4 served.
-    assert measured["interactive"]["allowed"] == 2.5  # type: ignore[index]
-    assert measured["interactive"]["served_ratio"] == pytest.approx(4 / 2.54, abs=1e-4)  # type: ignore[index]
+    # 0.04 × 20.5 s + 0.02 × 45.5 s = 1.73 requests allowed; 4 served.
+    assert measured["interactive"]["allowed"] == 1.7  # type: ignore[index]
+    assert measured["interactive"]["served_ratio"] == pytest.approx(4 / 1.73, abs=1e-4)  # type: ignore[index]
 
 
 def test_the_fallback_has_half_the_primarys_capacity_in_the_openai_dialect_and_is_never_spent():

@@ -25,9 +25,10 @@ seconds on the night's clock (from the start of the run):
   gave a caller after it (None: never);
 - ``interactive``: interactive requests, those served (answered, which the harness's
   deadline makes in time) and by which model; ``allowed``: what the two upstreams'
-  capacity allows, the smaller of the requests and the requests the upstreams admit over
-  the busy window (the primary's rate outside its window, the fallback's throughout: in
-  the crisis, demand is above it all night); ``served_ratio`` is served / allowed.
+  capacity allows, the smaller of the requests and the requests the upstreams admit from
+  the first interactive request's start to the last one's end (the primary's rate outside
+  its window, the fallback's throughout; the buckets' first burst not counted: in the
+  crisis, demand is above it all night); ``served_ratio`` is served / allowed.
   ``during`` counts the same within the window (requests started in it, served in it;
   the fallback's capacity over it). The same capacity is every strategy's
   denominator, peers included: it is what the night allows, not what a strategy knows;
@@ -142,11 +143,10 @@ class Served:
     models: array[int] = field(default_factory=lambda: array("b"))
 
 
-def _capacity(primary: UpstreamConfig, fallback: UpstreamConfig, start: float, end: float,
-              busy: float) -> float:
-    """Requests both upstreams admit from ``start`` to ``end`` (clipped to ``[0, busy]``),
-    the primary none inside its exhausted windows (times on the primary's clock)."""
-    start, end = max(0.0, start), min(busy, end)
+def _capacity(primary: UpstreamConfig, fallback: UpstreamConfig, start: float,
+              end: float) -> float:
+    """Requests both upstreams admit from ``start`` to ``end``, the primary none inside its
+    exhausted windows (times on the primary's clock)."""
     if end <= start:
         return 0.0
     total = request_quota(primary, end) - request_quota(primary, start)
@@ -204,18 +204,22 @@ def exhaustion_figures(
         window: the primary's exhausted window as its ``stats()["exhausted"]`` tells it
             (``start``, ``end``, ``refused``, ``first_refused_at``, on its clock).
         primary, fallback: the two upstreams (their rates make the capacity).
-        stopped_at: when the run stopped (the busy window's end if some request is open).
+        stopped_at: when the run stopped (the end of a request still open).
         alerts: the times (night's clock) and kinds of the alerts delivered (None: the
             strategy has no monitor).
         wrong_shape: replies the caller could not read, by model code.
     """
     starts, ends, outcomes, classes = log.starts, log.ends, log.outcomes, log.classes
     offset = min(starts) if len(log) else 0.0
-    busy = max(
-        (stopped_at if code == NO_OUTCOME else end for end, code in zip(ends, outcomes,
-                                                                        strict=True)),
-        default=offset,
-    ) - offset
+    # The interactive span, on the primary's clock: capacity outside it serves no caller
+    # who waits (the batch tail runs two minutes past the night).
+    span = [
+        (start - offset, (stopped_at if code == NO_OUTCOME else end) - offset)
+        for cls, start, end, code in zip(classes, starts, ends, outcomes, strict=True)
+        if cls == _INTERACTIVE
+    ]
+    span_start = min((s for s, _ in span), default=0.0)
+    span_end = max((e for _, e in span), default=0.0)
     dies_at, returns_at = offset + window["start"], offset + window["end"]
     first = window["first_refused_at"]
     first_exhaustion = None if first is None else offset + first
@@ -235,8 +239,9 @@ def exhaustion_figures(
     for cls, model in zip(served.classes, served.models, strict=True):
         if cls == _INTERACTIVE:
             by_model[model] += 1
-    capacity = _capacity(primary, fallback, 0.0, busy, busy)
-    during_capacity = _capacity(primary, fallback, window["start"], window["end"], busy)
+    capacity = _capacity(primary, fallback, span_start, span_end)
+    during_capacity = _capacity(primary, fallback, max(span_start, window["start"]),
+                                min(span_end, window["end"]))
     allowed = min(requests, capacity)
     during_allowed = min(during_requests, during_capacity)
     switch_over = _since(
