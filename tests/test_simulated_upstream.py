@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from asyncquota.signals import Outcome, classify_error_body
@@ -587,6 +587,7 @@ async def test_stats_count_totals_and_a_per_second_timeline():
     drained_at=st.floats(0.0, 10.0),
     amount=st.floats(0.5, 8.0),
 )
+@example(factors=[0.5], drained_at=0.0, amount=4.0)  # fits on the very instant it shrinks
 def test_a_bucket_fills_to_an_amount_exactly_when_it_says_even_across_schedule_steps(
     factors: list[float], drained_at: float, amount: float
 ):

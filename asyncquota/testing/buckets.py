@@ -106,7 +106,8 @@ class ScheduledBucket:
             end = self._starts[step + 1] if step + 1 < len(self._starts) else math.inf
             if amount <= capacity + EPSILON:
                 fits_at = t + (amount - level) / rate
-                if fits_at <= end:
+                # On a step's last instant the next step's capacity already holds.
+                if fits_at < end:
                     return fits_at - self.updated
             if end == math.inf:
                 return math.inf
