@@ -59,6 +59,13 @@ PROBE_SILENCE = 3.0
 PROBE_SILENCE_MIN = 0.01
 """The shortest such wait (seconds): refusals over loopback take well under it."""
 
+PUNISHED_MARGIN = 0.02
+"""On an upstream that punishes early sends, a window is honoured this share beyond its
+end (and at least ``PUNISHED_MARGIN_MIN`` seconds): our clock and its differ, and a send
+on its last millisecond costs a whole extension."""
+
+PUNISHED_MARGIN_MIN = 0.005
+
 REFUSAL_GAIN = 0.125
 """Weight of each new congestion reply's time in the smoothed refusal time."""
 
@@ -407,7 +414,9 @@ class Feedback:
             return
         end = now + retry_after
         if self.punishes:
-            cooldown.close_until(end)
+            # Honoured in full, and a little beyond: a send landing on the window's last
+            # millisecond (our clock against its) would buy another whole extension.
+            cooldown.close_until(end + max(PUNISHED_MARGIN_MIN, PUNISHED_MARGIN * retry_after))
         elif own_probe and not cooldown.is_open(now):
             # A whole-second (or HTTP-date) value is a ceiling: the true end lies within
             # one second below it. Later than the window probed, beyond that doubt, means
@@ -415,7 +424,9 @@ class Feedback:
             doubt = 1.0 if retry_after == int(retry_after) else 1e-3
             if end - doubt > self._stated_end + 1e-6:
                 self.punishes = True
-                cooldown.close_until(end)
+                cooldown.close_until(
+                    end + max(PUNISHED_MARGIN_MIN, PUNISHED_MARGIN * retry_after)
+                )
             else:
                 self._probe_refused(now, end)
         elif cooldown.is_open(now):

@@ -132,6 +132,11 @@ class ConcurrencyLimiter:
         """How many permits are held and not yet ended."""
         return self._inflight
 
+    @property
+    def returned(self) -> int:
+        """How many permits have ended, whatever their outcome."""
+        return self._succeeded + self._dropped + self._ignored
+
     def acquire_nowait(self) -> Permit:
         """Take a permit at once, or refuse; needs a running event loop (for the timestamp).
 

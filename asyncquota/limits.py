@@ -145,7 +145,7 @@ def _cut(limit: float, backoff_ratio: float, min_limit: int) -> float:
 LATENCY_MEMORY = 30.0
 """Seconds a window's mean round trip counts towards the fastest recent one."""
 
-LATENCY_WINDOW_MIN = 16
+LATENCY_WINDOW_MIN = 64
 """The fewest replies a window of round trips averages."""
 
 LATENCY_PROBE_EVERY = 10.0

@@ -131,9 +131,15 @@ STANDING_AFTER = 1.0
 """Seconds a class must have had waiters without a break to be a standing queue (CoDel's
 interval): a burst that drains within it is absorbed up to ``max_wait``."""
 
-STALL = 1.0
+STALL = 0.5
 """Seconds the dispatcher waits for a permit before telling the limit it has stalled (a
 full limit, nothing back: long replies; see ``AIMD.on_stall``)."""
+
+STALL_RETURNS = 4
+"""A limit held the dispatcher most of a ``STALL`` has stalled only if fewer than one in
+this many of its permits came back meanwhile: replies take more than ``STALL_RETURNS`` ×
+``STALL`` seconds, and their successes clock its growth too slowly. Shorter replies clock
+it themselves (and a limit they hold is one the upstream may be filling)."""
 
 RECHECK_INTERVAL = 0.1
 """Seconds between two checks of the queue against the current service rate."""
@@ -405,6 +411,7 @@ class Shaper:
         self._recheck_timer: asyncio.TimerHandle | None = None
         self._limit_bound = 0.0  # seconds the dispatcher waited on the limit lately
         self._stall_check_at = -math.inf
+        self._stall_returned = 0  # permits ended by the last stall check
         # A transport with a bounded pool says how many it sends at once: more in flight
         # would wait inside the pool, in its order rather than the queue's, unseen.
         pool = getattr(self._transport, "max_connections", None)
@@ -1322,14 +1329,25 @@ class Shaper:
                     permit = await limiter.acquire()
                 break
             except TimeoutError:
+                # Not one permit back in a whole STALL: stalled, whatever came before.
                 limiter.stalled(loop.time(), spread=STALL)
         now = loop.time()
         self._limit_bound += now - started
         if now >= self._stall_check_at:
-            if self._limit_bound >= STALL / 2:
-                limiter.stalled(now, spread=STALL)
-            self._limit_bound, self._stall_check_at = 0.0, now + STALL
+            self._check_stall(now)
         return permit
+
+    def _check_stall(self, now: float) -> None:
+        """Tell the limiter it stalled if it held us most of a ``STALL`` with little back."""
+        limiter = self._limiter
+        returned = limiter.returned
+        if (
+            self._limit_bound >= STALL / 2
+            and (returned - self._stall_returned) * STALL_RETURNS < limiter.capacity
+        ):
+            limiter.stalled(now, spread=STALL)
+        self._limit_bound, self._stall_check_at = 0.0, now + STALL
+        self._stall_returned = returned
 
     def _grant(self, ticket: _Ticket, probe: int, now: float) -> None:
         """Mark ``ticket`` granted: the gates' marks for its reply, the probe it carries."""

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncquota.limits import AIMD, DEFAULT_RTT, Fixed, Gradient, Limit
+from asyncquota.limits import AIMD, DEFAULT_RTT, LATENCY_WINDOW_MIN, Fixed, Gradient, Limit
 
 
 def window(limit: Limit, now: float, rtt: float = 1.0) -> float:
@@ -397,43 +397,45 @@ def run_windows(limit: AIMD, now: float, rtts: list[float], inflight: int) -> tu
 
 
 def test_aimd_stops_growing_when_windows_of_replies_slow_down_and_comes_down_past_that():
-    limit = AIMD(initial=40, max_limit=1000, latency_room=0.15)
-    limit._ssthresh = 40.0  # congestion avoidance: one more per window of 40
-    now, answer = run_windows(limit, 0.0, [0.30] * 40, 40)  # the fastest window: 0.30
-    assert answer == 41
+    limit = AIMD(initial=100, max_limit=1000, latency_room=0.15)
+    limit._ssthresh = 100.0  # congestion avoidance: one more per window of 100
+    now, answer = run_windows(limit, 0.0, [0.30] * 100, 100)  # the fastest window: 0.30
+    assert answer == 101
     # 10 % slower: still within the room, grows.
-    now, answer = run_windows(limit, now, [0.33] * 41, 41)
-    assert answer == 42
+    now, answer = run_windows(limit, now, [0.33] * 101, 101)
+    assert answer == 102
     # 20 % slower: more in flight brings nothing; the limit holds.
-    now, answer = run_windows(limit, now, [0.36] * 42 * 3, 42)
-    assert answer == 42 and limit.limit == 42
+    now, answer = run_windows(limit, now, [0.36] * 102 * 3, 102)
+    assert answer == 102 and limit.limit == 102
     # 30 % slower (beyond one and a half times the room): a tenth off per window.
-    now, answer = run_windows(limit, now, [0.39] * 42, 42)
-    assert limit.limit == 37
-    now, answer = run_windows(limit, now, [0.39] * 37, 37)
-    assert limit.limit == 34  # 42 * 0.9 * 0.9
+    now, answer = run_windows(limit, now, [0.39] * 102, 102)
+    assert limit.limit == 91  # 102 * 0.9
+    now, answer = run_windows(limit, now, [0.39] * 91, 91)
+    assert limit.limit == 82  # 102 * 0.9 * 0.9
     # Back to the fast replies: it grows again.
-    now, answer = run_windows(limit, now, [0.30] * 34, 34)
-    assert limit.limit == 35
+    now, answer = run_windows(limit, now, [0.30] * 82, 82)
+    assert limit.limit == 83
 
 
 def test_aimd_probes_a_lower_load_now_and_then_to_know_what_fast_is():
-    # Sitting at 48 all along, its windows have only each other to compare with: every
-    # 10 s one window runs at three quarters of the limit.
+    # Sitting at 48 all along, its windows (of LATENCY_WINDOW_MIN replies, more than the
+    # limit) have only each other to compare with: every 10 s one window runs at three
+    # quarters of the limit.
+    size = LATENCY_WINDOW_MIN
     limit = AIMD(initial=48, max_limit=48, latency_room=0.15)
     now, answer = 0.0, 48
     while answer == 48:
         now += 0.01
         answer = limit.on_sample(now, 0.6, 48, False)
-    assert 10.0 <= now <= 10.5  # the first window to end 10 s after the first reply
+    assert 10.0 <= now <= 10.0 + size * 0.01  # the first window to end 10 s on
     assert answer == 36 and limit.limit == 48  # probing: the capacity, not the limit
-    # The probe's window is fast (a lower load): the windows at 48 are now slow, and the
-    # limit comes down until they are not.
-    now, answer = run_windows(limit, now, [0.3] * 47, 36)
+    now, answer = run_windows(limit, now, [0.3] * (size - 1), 36)
     assert answer == 36
     now, answer = run_windows(limit, now, [0.3], 36)  # the probe's window ends
     assert answer == 48
-    _, answer = run_windows(limit, now, [0.6] * 48, 48)
+    # The probe's window was fast (a lower load): the windows at 48 are now slow, and the
+    # limit comes down until they are not.
+    _, answer = run_windows(limit, now, [0.6] * size, 48)
     assert answer == 43 and limit.limit == 43
 
 

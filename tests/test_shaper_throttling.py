@@ -233,9 +233,8 @@ async def test_queued_requests_whose_deadline_falls_inside_a_confirmed_cooldown_
         await gate.wait()
         return Response(429, {"retry-after": "30"}, RATE_LIMITED)
 
-    async with Shaper(
-        URL, transport=MockTransport(upstream), hooks=(), limit=AIMD(initial=1)
-    ) as shaper:
+    # One in flight, fixed: an AIMD would grow on the stall and send /b beside /a.
+    async with Shaper(URL, transport=MockTransport(upstream), hooks=(), limit=1) as shaper:
         first = asyncio.create_task(outcome(shaper.request("GET", "/a", deadline=60)))
         await asyncio.sleep(1)
         short = asyncio.create_task(outcome(shaper.request("GET", "/b", deadline=10)))
