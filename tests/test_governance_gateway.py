@@ -19,7 +19,8 @@ from asyncquota import (
 from asyncquota.errors import StoreUnavailableError
 from asyncquota.governance.alerts import CallbackSink, UsageMonitor
 from asyncquota.governance.budget import BudgetGuard, Price
-from asyncquota.governance.gateway import EXHAUSTED_HOLD, Gateway
+from asyncquota.governance.config import EXHAUSTED_HOLD
+from asyncquota.governance.gateway import Gateway
 from asyncquota.governance.routing import Model, Router, Rule
 from asyncquota.governance.store import MemoryStore, SQLiteStore
 from asyncquota.governance.tiers import TenantQuotas, Tier, TierLimits

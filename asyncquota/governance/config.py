@@ -163,11 +163,12 @@ from .alerts import (
     WebhookSink,
 )
 from .budget import Price
-from .gateway import EXHAUSTED_HOLD, FALLBACK_CAUSES
 from .routing import COMPLEXITIES, Model, Router, Rule
 from .tiers import TenantQuotas, Tier, TierLimits, zone
 
 __all__ = [
+    "EXHAUSTED_HOLD",
+    "FALLBACK_CAUSES",
     "AlertsSpec",
     "BudgetSpec",
     "ConfigError",
@@ -181,6 +182,14 @@ __all__ = [
 
 Auth = Literal["bearer", "x-api-key"]
 WhenSpent = Literal["downgrade", "reject"]
+
+EXHAUSTED_HOLD = 300.0
+"""Seconds an account that said its quota is gone, without saying until when, is held back
+(the default of ``[gateway] exhausted_hold`` and of the Gateway's ``exhausted_hold``)."""
+
+FALLBACK_CAUSES = ("exhausted", "overloaded", "transport")
+"""What may move a request to its model's fallback, beside rate limiting and shedding:
+an account out of quota, an overloaded service (503, 529), an upstream out of reach."""
 
 _T = TypeVar("_T")
 _D = TypeVar("_D")

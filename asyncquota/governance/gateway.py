@@ -73,13 +73,12 @@ from ..tokens import output_allowance, prompt_tokens, reply_usage
 from ..transport import Response, Transport
 from .alerts import LoggingSink, ShedBatchAction, Sink, UsageMonitor, WebhookSink
 from .budget import BudgetGuard, BudgetReservation
+from .config import EXHAUSTED_HOLD, FALLBACK_CAUSES, GovernanceConfig, load_config
 from .routing import Model, Route, Router
 from .store import MemoryStore, SQLiteStore, Store
 from .tiers import DimensionStatus, TenantGrant, TenantQuotas, tenant_id
 
 __all__ = [
-    "EXHAUSTED_HOLD",
-    "FALLBACK_CAUSES",
     "WATCH_INTERVAL",
     "Availability",
     "Gateway",
@@ -90,14 +89,6 @@ __all__ = [
 
 logger = logging.getLogger("asyncquota.governance")
 events_logger = logging.getLogger("asyncquota.gateway")
-
-EXHAUSTED_HOLD = 300.0
-"""Seconds an account that said its quota is gone, without saying until when, is held back
-(the default of the Gateway's ``exhausted_hold``)."""
-
-FALLBACK_CAUSES = ("exhausted", "overloaded", "transport")
-"""What may move a request to its model's fallback, beside rate limiting and shedding:
-an account out of quota, an overloaded service (503, 529), an upstream out of reach."""
 
 _EVERY_RANK = -(2**63)  # more important than any class: shed_below() it refuses them all
 
@@ -269,7 +260,7 @@ class Gateway:
             faithfully passes that model over (nothing is sent to it); when no model of
             the chain can take it, NoRouteError names the field.
         fallback_on: which failures move a request to the next model of its chain, of
-            ``FALLBACK_CAUSES`` (rate limiting and shedding always do). Without
+            ``config.FALLBACK_CAUSES`` (rate limiting and shedding always do). Without
             ``"exhausted"`` an account out of quota is still held back (nothing is sent
             to it), but its requests get QuotaExhaustedError instead of a fallback.
 
@@ -402,8 +393,6 @@ class Gateway:
             ConfigError: the file is invalid (the message names the field).
             ValueError: an environment variable the configuration names is not set.
         """
-        from .config import GovernanceConfig, load_config
-
         if not isinstance(config, GovernanceConfig):
             config = load_config(Path(config))
         env = os.environ if environ is None else environ
