@@ -91,6 +91,11 @@ AIMD_INITIAL, AIMD_MAX_LIMIT = 20, 10_000
 
 DROP_TOLERANCE = 0.03
 LATENCY_ROOM = 0.15
+BACKOFF_RATIO = 0.7
+"""The default AIMD's cut (CUBIC's): with the latency brake holding the limit below an
+upstream's slow zone, a refusal at its concurrency cap is a brush with it, and halving
+left the upstream half idle for seconds (0.90-0.93 of the quota in the matrix's rows
+with a cap; 0.94-1.0 at 0.7)."""
 """The default limit's share of congestion replies borne without a cut (see AIMD)."""
 
 ESTIMATE_TRUST = 0.9
@@ -298,11 +303,12 @@ class Shaper:
         base_url: the upstream's base URL; request paths are joined to it, and nothing is
             ever sent elsewhere.
         limit: the concurrency algorithm (default ``AIMD(drop_tolerance=0.03,
-            latency_room=0.15)``: slow start, cut once per congestion episode, sporadic
-            failures borne, no growth once replies slow down with the load; its
-            ``max_limit`` is the transport's pool size). Whatever the algorithm, no more
-            requests are in flight than the transport's ``max_connections``, when it has
-            one (give your own limit that ``max_limit`` too, so its cuts bite).
+            latency_room=0.15, backoff_ratio=0.7)``: slow start, cut to 70 % once per
+            congestion episode, sporadic failures borne, no growth once replies slow
+            down with the load; its ``max_limit`` is the transport's pool size).
+            Whatever the algorithm, no more requests are in flight than the transport's
+            ``max_connections``, when it has one (give your own limit that ``max_limit``
+            too, so its cuts bite).
         rpm, tpm: the upstream's known requests and tokens per minute, if known. Without
             them the gates pace only by the upstream's rate-limit headers.
         max_attempts: attempts per request, first included.
@@ -421,6 +427,7 @@ class Shaper:
             limit = AIMD(
                 drop_tolerance=DROP_TOLERANCE,
                 latency_room=LATENCY_ROOM,
+                backoff_ratio=BACKOFF_RATIO,
                 initial=min(AIMD_INITIAL, ceiling),
                 max_limit=ceiling,
             )

@@ -6,6 +6,7 @@ Pure parts with explicit ``now``; the Shaper on virtual time against the simulat
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -248,6 +249,49 @@ async def test_under_overload_the_served_wait_little_and_the_rest_are_told_busy_
     assert sum(ok[2:]) >= 0.95 * 100 * 18  # and it stays full
     totals = upstream.stats()["totals"]
     assert totals["429"] <= 0.02 * totals["requests"]
+
+
+async def test_an_upstream_that_slows_near_its_concurrency_cap_is_kept_full_not_sawtoothed():
+    # 48 in flight at most, replies twice as slow at the cap as below 80 % of it: the
+    # answers a second peak near 38 in flight. The limit sits below the slow zone (the
+    # latency brake) and a brush with the cap cuts to 70 %, not half.
+    upstream = upstream_of(max_concurrency=48)
+    _, _, ok = await overload(upstream, 20, 300.0)
+    assert sum(ok[2:]) >= 0.95 * 100 * 18, ok
+    totals = upstream.stats()["totals"]
+    assert totals["429"] <= 0.02 * totals["requests"]
+    assert totals["max_inflight"] <= 48
+
+
+async def test_long_replies_fill_the_upstream_within_seconds_without_a_burst_of_429s():
+    # Answers of 5-30 s (streamed, as chat answers take): nothing comes back for seconds,
+    # so the limit grows on stalls, spread over each half second; the first refusals (at
+    # the door, at once) stop it. 100 requests/s need ~1 750 in flight.
+    upstream = upstream_of(reply_seconds=(5.0, 30.0), max_concurrency=3000)
+    async with Shaper(
+        URL,
+        transport=MockTransport(upstream.handle),
+        hooks=(),
+        seed=1,
+        max_connections=3000,
+    ) as shaper:
+
+        async def one() -> None:
+            with contextlib.suppress(QuotaError):
+                await shaper.request("POST", CHAT, json=BODY, deadline=40)
+
+        calls = []
+        for _ in range(20 * 200):
+            calls.append(asyncio.create_task(one()))
+            await asyncio.sleep(1 / 200)
+        await asyncio.gather(*calls)
+    stats = upstream.stats()
+    totals = stats["totals"]
+    assert totals["429"] <= 0.02 * totals["requests"]
+    # Admitted (and answered) per second of sending: full from the third second on.
+    admitted = [second["admitted_ok"] for second in stats["timeline"][:20]]
+    assert sum(admitted[2:]) >= 0.95 * 100 * 18, admitted
+    assert sum(admitted[:10]) >= 0.75 * (100 + 100 * 10), admitted
 
 
 async def test_an_anthropic_limit_stated_per_minute_still_fills_the_upstream():

@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any, Self
 from ...hooks import Admitted, Event, LoggingHook
 from ...limits import AIMD, Fixed, Gradient, Limit
 from ...priority import describe_priority
-from ...shaper import DEFAULT_MAX_CONNECTIONS, DROP_TOLERANCE, LATENCY_ROOM, Shaper
+from ...shaper import (
+    BACKOFF_RATIO,
+    DEFAULT_MAX_CONNECTIONS,
+    DROP_TOLERANCE,
+    LATENCY_ROOM,
+    Shaper,
+)
 from ...testing.replies import CHAT_PATH
 from ..sessions import MODEL, Call, Tenant
 from .base import Strategy, Target
@@ -67,7 +73,15 @@ LIMITS: Mapping[str, type[AIMD] | type[Gradient] | type[Fixed]] = MappingProxyTy
 """The limit algorithms an option may choose, by name."""
 
 LIMIT_DEFAULTS: Mapping[str, Mapping[str, OptionValue]] = MappingProxyType(
-    {"aimd": MappingProxyType({"drop_tolerance": DROP_TOLERANCE, "latency_room": LATENCY_ROOM})}
+    {
+        "aimd": MappingProxyType(
+            {
+                "drop_tolerance": DROP_TOLERANCE,
+                "latency_room": LATENCY_ROOM,
+                "backoff_ratio": BACKOFF_RATIO,
+            }
+        )
+    }
 )
 """What the Shaper's own default limit sets beyond the algorithm's defaults: ``limit.NAME``
 options alone (or ``limit=aimd``) then tune the very limit an untuned Shaper runs."""
