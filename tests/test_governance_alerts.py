@@ -241,6 +241,38 @@ def test_thresholds_and_hysteresis_are_configurable():
     ]
 
 
+def test_a_reload_moves_the_thresholds_and_keeps_the_alert_under_way():
+    monitor = quiet()
+    assert levels(monitor, "upstream:openai:requests", [0.75]) == ["warning"]
+    assert monitor.thresholds("budget")[:2] == (0.8, 0.9)
+
+    monitor.reload(
+        warning=0.5, critical=0.8, hysteresis=0.1, thresholds={"budget": Thresholds(critical=0.95)}
+    )
+
+    assert monitor.thresholds("budget")[:2] == (0.8, 0.95)  # the default's warning kept
+    # Still the same warning (not repeated), critical at the new 80 %, re-armed below 40 %.
+    assert levels(monitor, "upstream:openai:requests", [0.7, 0.8, 0.45, 0.39, 0.5]) == [
+        None,
+        "critical",
+        None,
+        None,
+        "warning",
+    ]
+
+
+def test_a_reload_the_constructor_would_refuse_changes_nothing():
+    monitor = quiet(warning=0.6)
+    for bad in (
+        {"warning": 0.9, "critical": 0.8},
+        {"thresholds": {"tenant:*": Thresholds(warning=0.95)}},  # above the critical 0.9
+        {"hysteresis": 0.7},
+    ):
+        with pytest.raises(ValueError):
+            monitor.reload(**bad)  # type: ignore[arg-type]
+        assert monitor.thresholds("upstream:openai:requests")[:2] == (0.6, 0.9)
+
+
 @given(st.lists(st.floats(min_value=0, max_value=1.2, allow_nan=False), min_size=1, max_size=60))
 def test_every_alert_is_a_fresh_crossing_and_every_fresh_crossing_alerts(ratios: list[float]):
     monitor = quiet()

@@ -1010,6 +1010,36 @@ class UsageMonitor:
         self._fired = self._sent = self._failed = self._dropped = 0
         self._aggregated = self._skipped = 0
 
+    def reload(
+        self,
+        *,
+        warning: float = 0.7,
+        critical: float = 0.9,
+        hysteresis: float = 0.05,
+        thresholds: Mapping[str, Thresholds] | None = None,
+    ) -> None:
+        """Replace the levels and the rules while running; the sinks and episodes stay.
+
+        Everything is checked first, as the constructor checks it; on any error nothing
+        changes. A dimension already alerting keeps its level: it fires again only on
+        crossing a higher threshold (the new one), and is re-armed once it falls below
+        the new threshold less the new hysteresis, so a reload never repeats an alert
+        nor loses one. Sinks, their outboxes and pace, actions and statistics are kept.
+
+        Args:
+            warning, critical, hysteresis, thresholds: as for the constructor (the whole
+                new set, not changes to the old one).
+
+        Raises:
+            ValueError: as the constructor's; the old thresholds stay.
+        """
+        _check_levels(warning, critical)
+        rules = _rules(thresholds or {}, float(warning), float(critical), hysteresis)
+        self._warning, self._critical = float(warning), float(critical)
+        self._hysteresis = float(hysteresis)
+        self._rules = rules
+        self._resolved.clear()
+
     def thresholds(self, dimension: str) -> tuple[float, float, str, str]:
         """The warning and critical thresholds of a dimension, and the action at each.
 

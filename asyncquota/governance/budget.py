@@ -150,6 +150,11 @@ class BudgetGuard:
         # Store updates that must finish even when their caller is cancelled.
         self._background: set[asyncio.Task[Any]] = set()
 
+    @property
+    def store(self) -> Store:
+        """Where the spend lives (guards on the same store share one budget)."""
+        return self._store
+
     async def remaining(self, tenant: Hashable | None) -> float | None:
         """Dollars left this month: the smaller of the global and the tenant's (None: unlimited)."""
         if self._monthly is None and self._tenants.get(tenant_id(tenant) or "") is None:

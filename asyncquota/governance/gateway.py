@@ -42,7 +42,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Collection, Coroutine, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -73,7 +73,13 @@ from ..tokens import output_allowance, prompt_tokens, reply_usage
 from ..transport import Response, Transport
 from .alerts import LoggingSink, ShedBatchAction, Sink, UsageMonitor, WebhookSink
 from .budget import BudgetGuard, BudgetReservation
-from .config import EXHAUSTED_HOLD, FALLBACK_CAUSES, GovernanceConfig, load_config
+from .config import (
+    EXHAUSTED_HOLD,
+    FALLBACK_CAUSES,
+    ConfigError,
+    GovernanceConfig,
+    load_config,
+)
 from .routing import Model, Route, Router
 from .store import MemoryStore, SQLiteStore, Store
 from .tiers import DimensionStatus, TenantGrant, TenantQuotas, tenant_id
@@ -272,6 +278,9 @@ class Gateway:
     recovery is an alert (``monitor.event``), a WARNING on the ``asyncquota.gateway``
     logger, a count in :meth:`statistics` and a state in :meth:`quota_status`.
 
+    A running gateway takes a changed configuration with :meth:`reload` (tiers, budgets,
+    routes, alert thresholds, these settings), without dropping a request.
+
     Raises:
         ValueError: a model's upstream is not among ``upstreams``, or a setting out of range.
     """
@@ -295,54 +304,25 @@ class Gateway:
         dialect: Provider = dialects.OPENAI,
         downgrade_at: float | None = None,
     ) -> None:
-        missing = sorted({m.upstream for m in router.models} - set(upstreams))
-        if missing:
-            raise ValueError(
-                f"Models name upstreams that are not configured: {', '.join(missing)}."
-            )
-        if not (math.isfinite(downgrade_share) and 0 < downgrade_share <= 1):
-            raise ValueError(
-                f"downgrade_share must lie in (0, 1], not {downgrade_share!r}: it is the "
-                "share of the budget left above which a request is downgraded."
-            )
-        if downgrade_at is not None and not (
-            isinstance(downgrade_at, int | float)
-            and not isinstance(downgrade_at, bool)
-            and 0 < downgrade_at <= 1
-        ):
-            raise ValueError(
-                f"downgrade_at must lie in (0, 1], not {downgrade_at!r}: it is the share of "
-                "a budget spent from which requests are downgraded."
-            )
-        if when_spent not in ("downgrade", "reject"):
-            raise ValueError(f'when_spent must be "downgrade" or "reject", not {when_spent!r}.')
+        _check_upstreams(router, upstreams)
+        policy = _policy(
+            downgrade_share=downgrade_share,
+            when_spent=when_spent,
+            downgrade_at=downgrade_at,
+            exhausted_hold=exhausted_hold,
+            fallback_on=fallback_on,
+        )
         if isinstance(default_output_tokens, bool) or not (
             isinstance(default_output_tokens, int) and default_output_tokens >= 0
         ):
             raise ValueError(
                 f"default_output_tokens must be an integer >= 0, not {default_output_tokens!r}."
             )
-        if not (
-            isinstance(exhausted_hold, int | float)
-            and not isinstance(exhausted_hold, bool)
-            and math.isfinite(exhausted_hold)
-            and exhausted_hold > 0
-        ):
-            raise ValueError(
-                f"exhausted_hold must be a number of seconds > 0, not {exhausted_hold!r}."
-            )
-        unknown = sorted(set(fallback_on) - set(FALLBACK_CAUSES))
-        if isinstance(fallback_on, str) or unknown:
-            raise ValueError(
-                f"fallback_on must be a collection of {', '.join(FALLBACK_CAUSES)}, "
-                f"not {fallback_on!r}."
-            )
         _check_dialect(dialect)
         self._dialect = dialect
         self._upstreams = dict(upstreams)
         self._accounts = {name: (accounts or {}).get(name, name) for name in self._upstreams}
-        self._hold_seconds = float(exhausted_hold)
-        self._fallback_on = frozenset(fallback_on)
+        self._policy = policy
         self._holds: dict[str, _Hold] = {}  # account → its hold
         self._fallen: dict[str, str] = {}  # model → why its traffic moved (not exhaustion)
         self._counts = dict.fromkeys(
@@ -352,9 +332,7 @@ class Gateway:
         self._tenants = tenants
         self._budget = budget
         self._monitor = monitor
-        self._share = float(downgrade_share)
-        self._downgrade_at = downgrade_at
-        self._when_spent = when_spent
+        self._config: GovernanceConfig | None = None  # what from_config and reload applied
         self._default_output = default_output_tokens
         self._store = store
         self._wall_clock = wall_clock
@@ -367,7 +345,7 @@ class Gateway:
     @classmethod
     def from_config(
         cls,
-        config: Any,
+        config: GovernanceConfig | str | os.PathLike[str],
         *,
         transports: Mapping[str, Transport] | None = None,
         wall_clock: Callable[[], float] = time.time,
@@ -430,35 +408,7 @@ class Gateway:
                 wall_clock=wall_clock,
                 **options,
             )
-        router = Router(
-            models=config.models,
-            rules=config.rules,
-            fallbacks=config.fallbacks,
-            default_model=config.default_model,
-        )
-        tenants = None
-        if config.tiers:
-            tenants = TenantQuotas(
-                tiers=config.tiers,
-                tenants=config.tenants,
-                default_tier=config.default_tier,
-                store=store,
-                timezone=config.tenant_timezone or config.timezone,
-                wall_clock=wall_clock,
-            )
-        budget, share, downgrade_at = None, 0.1, None
-        when_spent: Literal["downgrade", "reject"] = "downgrade"
-        if config.budget is not None:
-            budget = BudgetGuard(
-                monthly=config.budget.monthly,
-                tenants=config.budget.tenants,
-                store=store,
-                timezone=config.timezone,
-                wall_clock=wall_clock,
-                overdraft_limit=config.budget.overdraft_limit,
-            )
-            share, when_spent = config.budget.downgrade_share, config.budget.when_spent
-            downgrade_at = config.budget.downgrade_at
+        parts = _parts(config, store, wall_clock)
         monitor = None
         if config.alerts is not None:
             alerts = config.alerts
@@ -494,22 +444,154 @@ class Gateway:
                 on_critical=actions,
                 wall_clock=wall_clock,
             )
-        return cls(
+        policy = parts.policy
+        gateway = cls(
             upstreams=shapers,
-            router=router,
-            tenants=tenants,
-            budget=budget,
+            router=parts.router,
+            tenants=parts.tenants,
+            budget=parts.budget,
             monitor=monitor,
-            downgrade_share=share,
-            when_spent=when_spent,
+            downgrade_share=policy.share,
+            when_spent=policy.when_spent,
             store=store,
             wall_clock=wall_clock,
             accounts=accounts,
-            exhausted_hold=config.gateway.exhausted_hold,
-            fallback_on=config.gateway.fallback_on,
+            exhausted_hold=policy.hold,
+            fallback_on=policy.fallback_on,
             dialect=dialect,
-            downgrade_at=downgrade_at,
+            downgrade_at=policy.downgrade_at,
         )
+        gateway._config = config
+        return gateway
+
+    def reload(self, config: GovernanceConfig | str | os.PathLike[str]) -> None:
+        """Apply a changed configuration while serving, all of it or nothing.
+
+        What a reload changes: the routing table and the models (prices, context windows,
+        API names, paths, fallbacks) on the upstreams there are; the tiers, their
+        membership and the default tier (``TenantQuotas.reload``: what a tenant used today
+        still counts); the budgets (a new ``BudgetGuard`` on the same store: spend so far
+        counts against the new limits); the alerts' levels, hysteresis and thresholds
+        (``UsageMonitor.reload``: a dimension alerting keeps its episode); the time zones;
+        and ``[gateway]`` and the ``[budget]`` policy (``downgrade_share``, ``when_spent``,
+        ``downgrade_at``). An account held keeps its hold; ``exhausted_hold`` applies to the
+        holds that start after.
+
+        Everything is checked first; on any error nothing changes. Then it all changes in
+        one step (no ``await`` in between): a request reads one configuration or the
+        other at each of its steps. Requests in flight are not dropped: each settles its
+        tier grant and budget reservation on the counters it took them from, and a request
+        already routed keeps its route.
+
+        What the gateway builds once, at its start, needs a restart: the upstreams (each
+        is a Shaper with its connections, key and quota), the store, and the sinks of
+        ``[alerts]`` (``log``, the webhooks, ``shed_batch_on_critical``, ``shed_seconds``),
+        and ``[alerts]`` itself appearing or going. A gateway built from Python objects
+        rather than ``from_config`` knows its upstreams by name only: it refuses a set of
+        upstream names that differs, and a ``store``.
+
+        Args:
+            config: a ``GovernanceConfig`` or the path of a TOML file.
+
+        Raises:
+            ConfigError: the file is invalid, or the configuration changes what needs a
+                restart (the message names each field); nothing changed.
+            ValueError, TypeError: a class refused its part (a tier named by no one, a
+                setting out of range); nothing changed.
+        """
+        if not isinstance(config, GovernanceConfig):
+            config = load_config(Path(config))
+        restart = self._needs_restart(config)
+        if restart:
+            raise ConfigError(
+                "The configuration changes what the gateway builds once, at its start: "
+                f"{', '.join(restart)}; restart to apply it. Nothing was changed."
+            )
+        store = self._counters_store()
+        owned = store is None
+        if store is None and (config.tiers or config.budget is not None):
+            store = MemoryStore(wall_clock=self._wall_clock)
+        parts = _parts(config, store, self._wall_clock)  # each class checks its part
+        _check_upstreams(parts.router, self._upstreams)
+        alerts = config.alerts
+        if alerts is not None:
+            UsageMonitor(  # checked as the monitor's reload will, on one that sends nothing
+                warning=alerts.warning,
+                critical=alerts.critical,
+                hysteresis=alerts.hysteresis,
+                thresholds=alerts.thresholds,
+                sinks=(),
+            )
+        # Nothing below raises: what it applies was checked above.
+        if self._tenants is not None and parts.tenants is not None:
+            members: dict[Hashable, str] = {tenant: tier for tenant, tier in config.tenants.items()}
+            self._tenants.reload(
+                tiers=config.tiers,
+                tenants=members,
+                default_tier=config.default_tier,
+                timezone=parts.tenants.timezone,
+            )
+        else:
+            self._tenants = parts.tenants
+        if self._monitor is not None and alerts is not None:
+            self._monitor.reload(
+                warning=alerts.warning,
+                critical=alerts.critical,
+                hysteresis=alerts.hysteresis,
+                thresholds=alerts.thresholds,
+            )
+        self._budget = parts.budget
+        self._router = parts.router
+        self._policy = parts.policy
+        if owned and store is not None:
+            self._store = store
+        names = {model.name for model in parts.router.models}
+        self._fallen = {name: why for name, why in self._fallen.items() if name in names}
+        self._config = config
+        logger.info(
+            "The configuration was reloaded: %d models, %d tiers, budget %s, alerts %s.",
+            len(names),
+            len(config.tiers),
+            "on" if parts.budget is not None else "off",
+            "on" if alerts is not None else "off",
+        )
+
+    def _needs_restart(self, config: GovernanceConfig) -> list[str]:
+        """The fields of ``config`` a reload cannot apply, by their path in the file."""
+        changed: list[str] = []
+        names = {spec.name for spec in config.upstreams}
+        changed += [f"upstreams.{name} (added)" for name in sorted(names - set(self._upstreams))]
+        changed += [f"upstreams.{name} (removed)" for name in sorted(set(self._upstreams) - names)]
+        old = self._config
+        if old is not None:
+            before = {spec.name: spec for spec in old.upstreams}
+            for spec in config.upstreams:
+                was = before.get(spec.name)
+                if was is not None:
+                    changed += [
+                        f"upstreams.{spec.name}.{each.name}"
+                        for each in fields(spec)
+                        if getattr(spec, each.name) != getattr(was, each.name)
+                    ]
+        if (old.store if old is not None else None) != config.store:
+            changed.append("store")
+        if (config.alerts is None) != (self._monitor is None):
+            changed.append("alerts (added)" if config.alerts is not None else "alerts (removed)")
+        elif old is not None and old.alerts is not None and config.alerts is not None:
+            changed += [
+                f"alerts.{name}"
+                for name in ("log", "shed_batch_on_critical", "shed_seconds", "webhooks")
+                if getattr(config.alerts, name) != getattr(old.alerts, name)
+            ]
+        return changed
+
+    def _counters_store(self) -> Store | None:
+        """The store of the tiers' and budgets' counters (None: there is none yet)."""
+        if self._store is not None:
+            return self._store
+        if self._tenants is not None:
+            return self._tenants.store
+        return None if self._budget is None else self._budget.store
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -622,7 +704,7 @@ class Gateway:
             if hold is not None and why is not None:
                 follow = route.chain[0].name if route.chain else None
                 self._report_exhausted(current, hold, follow)
-                if follow is None or "exhausted" not in self._fallback_on:
+                if follow is None or "exhausted" not in self._policy.fallback_on:
                     raise self._held_error(current, hold, rank, tenant, loop.time())
             if why is None or not route.chain:  # the last one is tried whatever its state
                 follow = route.chain[0].name if route.chain else None
@@ -649,15 +731,15 @@ class Gateway:
                     )
                 except QuotaExhaustedError as exc:
                     why, last = self._exhaust(current, exc, follow, probe), exc
-                    if "exhausted" not in self._fallback_on:
+                    if "exhausted" not in self._policy.fallback_on:
                         raise
                 except OverloadedError as exc:
-                    if "overloaded" not in self._fallback_on:
+                    if "overloaded" not in self._policy.fallback_on:
                         raise
                     why, last = f"overloaded (HTTP {exc.status})", exc
                     self._fall_back(current, why, follow)
                 except TransportError as exc:
-                    if "transport" not in self._fallback_on:
+                    if "transport" not in self._policy.fallback_on:
                         raise
                     why, last = "unreachable (no usable reply)", exc
                     self._fall_back(current, why, follow)
@@ -762,9 +844,9 @@ class Gateway:
             return route, False
         left = min(s.remaining or 0.0 for s in statuses)
         cost = route.model.price.cost(estimate.input_tokens, estimate.output_tokens)
-        cheaper = self._router.cheaper
+        cheaper, policy = self._router.cheaper, self._policy
         if cost > left:
-            if self._when_spent == "reject":
+            if policy.when_spent == "reject":
                 renews = min((s.resets_at for s in statuses if s.resets_at), default=None)
                 raise BudgetExceededError(
                     f"The budget has ${left:.4f} left this month, less than this request's "
@@ -786,7 +868,7 @@ class Gateway:
                 True,
             )
         spent = max(s.used / s.limit for s in statuses if s.limit)
-        if self._downgrade_at is not None and spent >= self._downgrade_at:
+        if policy.downgrade_at is not None and spent >= policy.downgrade_at:
             down = cheaper(
                 route, input_tokens=estimate.input_tokens, output_tokens=estimate.output_tokens
             )
@@ -800,12 +882,12 @@ class Gateway:
                     False,
                 )
             return route, False
-        if cost > self._share * left:
+        if cost > policy.share * left:
             down = cheaper(
                 route,
                 input_tokens=estimate.input_tokens,
                 output_tokens=estimate.output_tokens,
-                max_cost=self._share * left,
+                max_cost=policy.share * left,
             ) or cheaper(
                 route, input_tokens=estimate.input_tokens, output_tokens=estimate.output_tokens
             )
@@ -841,7 +923,7 @@ class Gateway:
         account = self._accounts[model.upstream]
         now, wall = asyncio.get_running_loop().time(), self._wall_clock()
         regain = exc.regain_at if exc.regain_at is not None and exc.regain_at > wall else None
-        seconds = self._hold_seconds if regain is None else regain - wall
+        seconds = self._policy.hold if regain is None else regain - wall
         why = exc.why or "out of quota"
         hold = self._holds.get(account)
         if hold is None or probe or now + seconds > hold.until:
@@ -1186,6 +1268,129 @@ async def _unless_store_fails(work: Coroutine[Any, Any, None]) -> None:
         await work
     except StoreUnavailableError as exc:
         logger.warning("%s A settlement or usage reading after the reply was dropped.", exc)
+
+
+@dataclass(frozen=True, slots=True)
+class _Policy:
+    """The gateway's own settings, checked: ``reload`` swaps them in one step."""
+
+    share: float  # downgrade_share
+    when_spent: Literal["downgrade", "reject"]
+    downgrade_at: float | None
+    hold: float  # exhausted_hold
+    fallback_on: frozenset[str]
+
+
+def _policy(
+    *,
+    downgrade_share: float,
+    when_spent: Literal["downgrade", "reject"],
+    downgrade_at: float | None,
+    exhausted_hold: float,
+    fallback_on: Collection[str],
+) -> _Policy:
+    """The settings of the same names, checked (see :class:`Gateway`).
+
+    Raises:
+        ValueError: a setting out of range.
+    """
+    if not (_is_number(downgrade_share) and 0 < downgrade_share <= 1):
+        raise ValueError(
+            f"downgrade_share must lie in (0, 1], not {downgrade_share!r}: it is the "
+            "share of the budget left above which a request is downgraded."
+        )
+    if downgrade_at is not None and not (_is_number(downgrade_at) and 0 < downgrade_at <= 1):
+        raise ValueError(
+            f"downgrade_at must lie in (0, 1], not {downgrade_at!r}: it is the share of "
+            "a budget spent from which requests are downgraded."
+        )
+    if when_spent not in ("downgrade", "reject"):
+        raise ValueError(f'when_spent must be "downgrade" or "reject", not {when_spent!r}.')
+    if not (_is_number(exhausted_hold) and exhausted_hold > 0):
+        raise ValueError(f"exhausted_hold must be a number of seconds > 0, not {exhausted_hold!r}.")
+    unknown = sorted(set(fallback_on) - set(FALLBACK_CAUSES))
+    if isinstance(fallback_on, str) or unknown:
+        raise ValueError(
+            f"fallback_on must be a collection of {', '.join(FALLBACK_CAUSES)}, "
+            f"not {fallback_on!r}."
+        )
+    return _Policy(
+        share=float(downgrade_share),
+        when_spent=when_spent,
+        downgrade_at=downgrade_at,
+        hold=float(exhausted_hold),
+        fallback_on=frozenset(fallback_on),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """What a configuration makes that a reload may swap."""
+
+    router: Router
+    tenants: TenantQuotas | None
+    budget: BudgetGuard | None
+    policy: _Policy
+
+
+def _parts(
+    config: GovernanceConfig, store: Store | None, wall_clock: Callable[[], float]
+) -> _Parts:
+    """The router, tiers, budget and settings of ``config``, each checked by its class.
+
+    Raises:
+        ValueError, TypeError: a class refused its part.
+    """
+    tenants = None
+    if config.tiers:
+        members: dict[Hashable, str] = {tenant: tier for tenant, tier in config.tenants.items()}
+        tenants = TenantQuotas(
+            tiers=config.tiers,
+            tenants=members,
+            default_tier=config.default_tier,
+            store=store,
+            timezone=config.tenant_timezone or config.timezone,
+            wall_clock=wall_clock,
+        )
+    spec = config.budget
+    budget = None
+    if spec is not None:
+        budgets: dict[Hashable, float] = {tenant: cap for tenant, cap in spec.tenants.items()}
+        budget = BudgetGuard(
+            monthly=spec.monthly,
+            tenants=budgets,
+            store=store,
+            timezone=config.timezone,
+            wall_clock=wall_clock,
+            overdraft_limit=spec.overdraft_limit,
+        )
+    return _Parts(
+        router=Router(
+            models=config.models,
+            rules=config.rules,
+            fallbacks=config.fallbacks,
+            default_model=config.default_model,
+        ),
+        tenants=tenants,
+        budget=budget,
+        policy=_policy(
+            downgrade_share=0.1 if spec is None else spec.downgrade_share,
+            when_spent="downgrade" if spec is None else spec.when_spent,
+            downgrade_at=None if spec is None else spec.downgrade_at,
+            exhausted_hold=config.gateway.exhausted_hold,
+            fallback_on=config.gateway.fallback_on,
+        ),
+    )
+
+
+def _is_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def _check_upstreams(router: Router, upstreams: Collection[str]) -> None:
+    missing = sorted({m.upstream for m in router.models} - set(upstreams))
+    if missing:
+        raise ValueError(f"Models name upstreams that are not configured: {', '.join(missing)}.")
 
 
 def _check_dialect(dialect: object) -> Provider:

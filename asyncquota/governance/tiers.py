@@ -538,6 +538,11 @@ class TenantQuotas:
         """The IANA zone whose midnight ends a tenant's day."""
         return self._plan.zone.key
 
+    @property
+    def store(self) -> Store:
+        """Where the counters live (a guard or quotas on the same store share them)."""
+        return self._store
+
     def reload(
         self,
         *,
