@@ -8,6 +8,7 @@ import pytest
 
 from asyncquota import (
     BudgetExceededError,
+    Fixed,
     MockTransport,
     NoRouteError,
     QuotaError,
@@ -163,6 +164,34 @@ async def test_while_a_model_cools_down_requests_go_to_its_fallback_and_say_why(
         await asyncio.sleep(31)
         third = await gateway.request(chat(), model="big")
     assert third.model == "big"
+
+
+async def test_a_model_with_more_waiting_than_it_serves_in_time_passes_the_excess_to_its_fallback():
+    ups = {"a": Upstream("a"), "b": Upstream("b")}
+    ups["a"].latency = 5.0
+    shapers = {
+        name: Shaper(
+            f"http://{name}.test",
+            transport=MockTransport(up.handle),
+            hooks=(),
+            limit=Fixed(1),
+            max_wait={**PATIENT, "interactive": 1.0} if name == "a" else PATIENT,
+            wall_clock=wall,
+        )
+        for name, up in ups.items()
+    }
+    router = Router(models=MODELS, fallbacks={"big": ["small"]}, default_model="small")
+    async with Gateway(upstreams=shapers, router=router, wall_clock=wall) as gateway:
+        first = asyncio.create_task(gateway.request(chat(), model="big"))
+        await asyncio.sleep(0)
+        # One in flight, for 5 s: the second waits out interactive's 1 s in line, then moves.
+        second = await gateway.request(chat(), model="big")
+        assert asyncio.get_running_loop().time() == pytest.approx(1.1)
+        assert (second.model, second.passed_over) == (
+            "small",
+            ("big: busy (more waits than it serves in time)",),
+        )
+        assert (await first).model == "big"
 
 
 async def test_insufficient_quota_moves_to_the_fallback_and_keeps_the_model_aside_for_a_while():

@@ -8,17 +8,18 @@ for each request, before anything is queued::
           unavailable? (cooling down, account held: out of quota) → next fallback
           tenant tier (RPM/RPD/TPM for that model)           → TenantLimitError at once
           budget reservation (estimate)                      → BudgetExceededError
-          the model's Shaper (queue, gates, retries)         → shed, out of quota, overloaded,
-                                                               unreachable → next fallback
+          the model's Shaper (queue, gates, retries)         → shed, busy, out of quota,
+                                                               overloaded, unreachable → next
+                                                               fallback
       → reconcile tier tokens and budget with the reply's usage; watch usage for alerts
 
 A tenant over its own tier gets its error at once: it is their quota, not congestion, so
 it never waits behind anyone nor falls back to another model. What the upstreams refuse
-(cooling down, an account out of quota, shedding, overload, no reply: see
-``fallback_on``) moves the request down the model's fallback chain; the answer says which
-model answered and why it was chosen. An account out of quota is held back as a whole
-until the time its provider named (else ``exhausted_hold``), then probed by one request;
-see :class:`Gateway`.
+(cooling down, an account out of quota, shedding, more waiting than a model serves in
+time: ``BusyError``, overload, no reply: see ``fallback_on``) moves the request down the
+model's fallback chain; the answer says which model answered and why it was chosen. An
+account out of quota is held back as a whole until the time its provider named (else
+``exhausted_hold``), then probed by one request; see :class:`Gateway`.
 
 Cost is estimated before the call (prompt estimate + ``max_tokens``, at the model's
 prices) and reserved against the budgets, so concurrent requests cannot overshoot
@@ -53,6 +54,7 @@ from .. import dialects
 from ..dialects import DialectError, dialect_of_path
 from ..errors import (
     BudgetExceededError,
+    BusyError,
     DeadlineExceededError,
     DeadlineUnreachableError,
     NoRouteError,
@@ -266,7 +268,7 @@ class Gateway:
             faithfully passes that model over (nothing is sent to it); when no model of
             the chain can take it, NoRouteError names the field.
         fallback_on: which failures move a request to the next model of its chain, of
-            ``config.FALLBACK_CAUSES`` (rate limiting and shedding always do). Without
+            ``config.FALLBACK_CAUSES`` (rate limiting, shedding and busy always do). Without
             ``"exhausted"`` an account out of quota is still held back (nothing is sent
             to it), but its requests get QuotaExhaustedError instead of a fallback.
 
@@ -745,6 +747,10 @@ class Gateway:
                     self._fall_back(current, why, follow)
                 except (QueueFullError, DeadlineUnreachableError) as exc:
                     why, last = "shedding", exc
+                except BusyError as exc:
+                    # More waits on it than it serves within the class's max_wait: the
+                    # capacity of the next model is as good as its own.
+                    why, last = "busy (more waits than it serves in time)", exc
                 except RejectedError as exc:
                     # Queued when its account's quota went: refused at once to move on.
                     hold = self._holds.get(self._accounts[current.upstream])
