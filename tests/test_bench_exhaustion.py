@@ -76,8 +76,8 @@ def test_the_figures_of_a_known_night_on_a_gateway():
             "allowed": 5.0,
             "served_ratio": 0.8,
         },
-        # Started in 21.0–46.0: three interactive; two answered in it. The fallback alone
-        # admits 125 then.
+        # Started in 21.0–46.0: three interactive; the fallback replied twice in it, and
+        # alone admits 125 then.
         "during": {"requests": 3, "served": 2, "allowed": 3.0, "served_ratio": 0.6667},
         "capacity_requests": 432.5,
         "lost": 1,
@@ -90,6 +90,26 @@ def test_the_figures_of_a_known_night_on_a_gateway():
         "targets": {"served_ratio": False, "switch_over_s": True, "lost": False,
                     "alert_s": True},
     }
+
+
+def test_the_window_counts_the_fallbacks_replies_in_it_whoever_asked_before_it():
+    # Asked at 20.9 s, just before the window, on a fallback already serving: its reply at
+    # 21.2 s is the fallback's capacity in the window at work, not capacity left unused.
+    rows = [*ROWS, (INTERACTIVE, 20.9, 21.2, Outcome.OK)]
+    served = Served(
+        array("d", [*SERVED.at[:2], 21.2, *SERVED.at[2:]]),
+        array("b", [*SERVED.classes[:2], INTERACTIVE, *SERVED.classes[2:]]),
+        array("b", [*SERVED.models[:2], FALLBACK, *SERVED.models[2:]]),
+    )
+    night = exhaustion_figures(
+        RequestLog.from_rows(rows),
+        served=served,
+        window=WINDOW,
+        primary=UPSTREAM,
+        fallback=fallback_config(UPSTREAM),
+        stopped_at=60.0,
+    )
+    assert night["during"] == {"requests": 3, "served": 3, "allowed": 3.0, "served_ratio": 1.0}
 
 
 def test_a_peer_knows_only_the_primary_so_it_never_switches_and_has_no_alerts():

@@ -29,9 +29,14 @@ seconds on the night's clock (from the start of the run):
   the first interactive request's start to the last one's end (the primary's rate outside
   its window, the fallback's throughout; the buckets' first burst not counted: in the
   crisis, demand is above it all night); ``served_ratio`` is served / allowed.
-  ``during`` counts the same within the window (requests started in it, served in it;
-  the fallback's capacity over it). The same capacity is every strategy's
-  denominator, peers included: it is what the night allows, not what a strategy knows;
+  ``during`` measures the window itself: the interactive replies another model than the
+  primary gave in it, against the smaller of the interactive requests started in it and
+  what the fallback admits over it (the only upstream alive then). Replies count by when
+  they came, whoever asked: a fallback kept full since before the window spends its first
+  instants on requests that arrived just before it, and counting only requests started in
+  the window would call that capacity unused (0.97 where the fallback never idled). The
+  same capacity is every strategy's denominator, peers included: it is what the night
+  allows, not what a strategy knows;
 - ``lost``: requests the run had to cancel at its hard stop;
 - ``alerts`` (asyncquota only, None for the peers, which have none): how many the
   Gateway's monitor delivered, by kind, and ``first_after_exhaustion_s``: from the first
@@ -225,20 +230,19 @@ def exhaustion_figures(
     first_exhaustion = None if first is None else offset + first
     if served is None:
         served = _primary_only(log)
-    requests = during_requests = ok = during_ok = 0
-    for cls, start, end, code in zip(classes, starts, ends, outcomes, strict=True):
+    requests = during_requests = ok = 0
+    for cls, start, code in zip(classes, starts, outcomes, strict=True):
         if cls != _INTERACTIVE:
             continue
-        inside = dies_at <= start < returns_at
         requests += 1
-        during_requests += inside
-        if code == Outcome.OK:
-            ok += 1
-            during_ok += inside and end < returns_at
+        during_requests += dies_at <= start < returns_at
+        ok += code == Outcome.OK
     by_model = [0, 0]
-    for cls, model in zip(served.classes, served.models, strict=True):
+    during_ok = 0
+    for at, cls, model in zip(served.at, served.classes, served.models, strict=True):
         if cls == _INTERACTIVE:
             by_model[model] += 1
+            during_ok += model != _PRIMARY and dies_at <= at < returns_at
     capacity = _capacity(primary, fallback, span_start, span_end)
     during_capacity = _capacity(primary, fallback, max(span_start, window["start"]),
                                 min(span_end, window["end"]))
