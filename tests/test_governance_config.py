@@ -963,3 +963,15 @@ def test_a_webhook_secret_that_is_not_one_is_refused_without_being_repeated(
         parse_config(data)
     assert str(caught.value).startswith("alerts.webhooks[1].secret_env must name an environment")
     assert ALERT_SECRET not in str(caught.value)
+
+
+def test_the_readmes_night_configuration_loads_as_written():
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    block = re.search(r"<!-- config: night -->\n```toml\n(.*?)```", readme.read_text(), re.S)
+    assert block, "README has no configuration named 'night'"
+    night = parse_config(tomllib.loads(block.group(1)))
+    assert (night.gateway.exhausted_hold, night.default_model) == (600.0, "claude-sonnet")
+    assert night.budget is not None and night.budget.downgrade_at == 0.8
+    assert night.alerts is not None
+    (robot,) = night.alerts.webhooks
+    assert (robot.format, robot.secret_env, robot.markdown) == ("dingtalk", "DINGTALK_SECRET", True)
