@@ -66,6 +66,11 @@ on its last millisecond costs a whole extension."""
 
 PUNISHED_MARGIN_MIN = 0.005
 
+PUNISHED_DRIFT = 0.1
+"""How much later than the closure's first stated end a refused probe's window may end
+(beyond the value's rounding) without proving that our probes extend it: refusals that
+count against the quota move a window by a refill's worth each, milliseconds."""
+
 REFUSAL_GAIN = 0.125
 """Weight of each new congestion reply's time in the smoothed refusal time."""
 
@@ -106,7 +111,13 @@ upstream called starved: a few are chance, not a rate."""
 
 STARVED_HOLD = 1.0
 """Seconds a starved upstream is held for when it stated no Retry-After (probes may end
-it early)."""
+it early; refused ones extend it)."""
+
+STARVED_PROBE = 0.1
+"""The first probe of a starved upstream, seconds after the hold began (then twice as
+far apart per refusal). Later than a Retry-After's first probe: nothing says the window
+is short, and an upstream that extends its window for every send inside it charges each
+refused probe (a second each, in the matrix's penalty rows)."""
 
 PACE_BURST = 0.05
 """Seconds of the pace that may go at once (the rest is spread at the pace)."""
@@ -270,6 +281,7 @@ class Feedback:
     __slots__ = (
         "_cooldown",
         "_failed_probes",
+        "_first_end",
         "_full_read_due",
         "_glances",
         "_interval",
@@ -314,6 +326,7 @@ class Feedback:
         self._last_reading: QuotaSnapshot | None = None  # the last observed reply's
         self._interval = PROBE_FIRST
         self._stated_end = -math.inf  # the latest window end the upstream stated
+        self._first_end = -math.inf  # the end the closure's first refusal stated
         self._failed_probes = 0  # in the current closure
         self._reopened_at = -math.inf
         self._refusal_time = 0.0  # smoothed seconds from a send to its congestion reply
@@ -362,6 +375,7 @@ class Feedback:
         if probe and probe == self._cooldown.generation and not self._cooldown.is_open(now):
             self._cooldown.reopen()
             self._reopened_at = now
+            self._first_end = -math.inf
             self._interval = PROBE_FIRST
             self._failed_probes = 0
         self._step(now)
@@ -408,9 +422,9 @@ class Feedback:
                 and sent_at >= self._reopened_at
                 and self._pace.starved(now)
             ):
-                self._interval = PROBE_FIRST
+                self._interval = STARVED_PROBE
                 self._failed_probes = 0
-                cooldown.hold(now + STARVED_HOLD, probe_at=now + PROBE_FIRST)
+                cooldown.hold(now + STARVED_HOLD, probe_at=now + STARVED_PROBE)
             return
         end = now + retry_after
         if self.punishes:
@@ -419,10 +433,16 @@ class Feedback:
             cooldown.close_until(end + max(PUNISHED_MARGIN_MIN, PUNISHED_MARGIN * retry_after))
         elif own_probe and not cooldown.is_open(now):
             # A whole-second (or HTTP-date) value is a ceiling: the true end lies within
-            # one second below it. Later than the window probed, beyond that doubt, means
-            # the window grew because we knocked.
+            # one second below it. Later than the window first stated, beyond that doubt,
+            # means the window grew because we knocked: at the first refused probe for a
+            # value in ms, by the third at most for whole seconds (each knock adding a
+            # second, however the values round). A window that only drifts (refusals
+            # counted against a fast bucket) stays within PUNISHED_DRIFT of it.
             doubt = 1.0 if retry_after == int(retry_after) else 1e-3
-            if end - doubt > self._stated_end + 1e-6:
+            if self._first_end == -math.inf:  # held without a stated end (starved)
+                self._first_end = end
+                self._probe_refused(now, end)
+            elif end - doubt > self._first_end + PUNISHED_DRIFT:
                 self.punishes = True
                 cooldown.close_until(
                     end + max(PUNISHED_MARGIN_MIN, PUNISHED_MARGIN * retry_after)
@@ -434,7 +454,7 @@ class Feedback:
                 return  # an echo of the closure a probe has already ended
             self._interval = PROBE_FIRST
             self._failed_probes = 0
-            self._stated_end = end
+            self._stated_end = self._first_end = end
             cooldown.hold(end, probe_at=now + min(PROBE_FIRST, retry_after))
         else:
             self._stated_end = max(self._stated_end, end)
@@ -443,12 +463,17 @@ class Feedback:
     def _probe_refused(self, now: float, end: float | None) -> None:
         self._failed_probes += 1
         self._interval *= 2
-        if end is not None:
-            self._stated_end = max(self._stated_end, end)
         cooldown = self._cooldown
-        # The window stated last still ends it; the next probe may not come before it.
-        until = end if end is not None else (cooldown.closed_until or now + self._interval)
-        cooldown.hold(until, probe_at=now + self._interval)
+        if end is not None:
+            # The window stated last still ends it; the next probe may not come before it.
+            self._stated_end = max(self._stated_end, end)
+            cooldown.hold(end, probe_at=now + self._interval)
+            return
+        # Nothing stated: a refused probe is the only word, and it says "not yet". The
+        # hold outlasts the next probe by as much again, so the gate does not open on
+        # its own before that probe could answer (an upstream that extends its window
+        # for every send inside it would take a whole queue's worth of extensions).
+        cooldown.hold(now + 2 * self._interval, probe_at=now + self._interval)
 
     def refusal(self, retry_after: float | None) -> Refusal:
         """What a congestion reply just observed names: a rate, a crowd, or it cannot tell.

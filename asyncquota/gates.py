@@ -58,6 +58,16 @@ _EPSILON = 1e-9
 _LEDGER_SIZE = 1024
 """Takes remembered while there is no mirror, to start one where our sends left the upstream."""
 
+_MEASURE_SPAN = 0.5
+"""The shortest span (seconds) between two readings whose difference measures a refill."""
+
+_MEASURE_AGE = 1.0
+"""Only readings from replies this fast (seconds from the send) measure a refill: the
+marks of slower ones say too little about which of our sends the upstream had counted."""
+
+_MEASURE_ROOM = 2.0
+"""A rate more than this many times the refill measured (or what we sent) is refuted."""
+
 _RATE_MEMORY = 10.0
 """How many full refills of the upstream's bucket a learnt rate is trusted for."""
 
@@ -143,6 +153,8 @@ class TokenBucket:
         "_pending",
         "_pending_fresh",
         "_rate",
+        "_rate_cap",
+        "_reading",
         "_recent_best",
         "_stamp",
         "_synced_at",
@@ -166,6 +178,9 @@ class TokenBucket:
         self._learnt_at = now  # when, and under which limit, it was learnt
         self._learnt_limit = math.nan
         self._recent_best = 0.0  # the best half-empty reading since _learnt_at
+        # The refill measured between readings bounds the rate (see ``_measure``).
+        self._rate_cap = math.inf
+        self._reading: tuple[float, float, float, float] | None = None
         # The last reported remaining, not yet folded into the mirror's level.
         self._pending: float | None = None
         self._pending_fresh = False
@@ -387,6 +402,8 @@ class TokenBucket:
         remaining = float(remaining)
         self._settle(now)
         self._synced_at = now
+        if limit is not None and sent_mark is not None and sent_age <= _MEASURE_AGE:
+            self._measure(remaining, limit, sent_mark, now)
         if limit is not None and remaining < limit and reset_after:
             self._learn(limit - remaining, reset_after, limit, now)
         fresh = self._mirror_burst is None
@@ -419,6 +436,39 @@ class TokenBucket:
         self._pending = remaining
         self._pending_fresh = True  # the refund that comes next is counted in it already
 
+    def _measure(self, remaining: float, limit: float, mark: float, now: float) -> None:
+        """Bound the rate by the refill seen between two readings at least ``_MEASURE_SPAN`` apart.
+
+        Between two readings the upstream refilled what ``remaining`` gained plus what we
+        took meanwhile. While both readings are under half the stated limit that is the
+        refill itself, unless the bucket was full in between, which only a bucket smaller
+        than the stated limit can be: Anthropic documents ``limit`` as the rate per minute
+        (6 000 for 100 a second), so ``(limit - remaining) / reset`` reads 6 000 a second
+        off a bucket of 100, and a mirror refilling that fast paces nothing. A rate more
+        than ``_MEASURE_ROOM`` times the refill measured is refuted until the next
+        measurement; the bound never falls under twice what we sent, so sending more is
+        never held back by it for long (each measurement may double it).
+        """
+        previous = self._reading
+        if previous is None or limit != previous[3]:
+            if previous is not None and math.isfinite(self._rate_cap):
+                self._rate_cap *= limit / previous[3]  # the quota changed by that much
+            self._reading = (now, remaining, mark, limit)
+            return
+        at, before, sent_before, _ = previous
+        span = now - at
+        if span < _MEASURE_SPAN:
+            return
+        self._reading = (now, remaining, mark, limit)
+        if 2 * max(before, remaining) > limit:
+            return  # a bucket that may have been full all along shows no refill
+        refill = (remaining - before + (mark - sent_before)) / span
+        self._rate_cap = max(_MEASURE_ROOM * refill, _MEASURE_ROOM * (mark - sent_before) / span)
+        if self._learnt_rate > self._rate_cap:
+            self._learnt_rate = self._rate_cap
+            self._learnt_at = now
+            self._recent_best = 0.0
+
     def _learn(self, deficit: float, reset_after: float, limit: float, now: float) -> None:
         """Learn the refill rate from one reading, keeping the best of the recent ones.
 
@@ -434,7 +484,7 @@ class TokenBucket:
         replaces it (a nearly full bucket's reading is mostly rounding), so a rate that
         fell is followed within one memory and a lucky low reading does not stick.
         """
-        bound = max(deficit - 1.0, 0.0) / reset_after
+        bound = min(max(deficit - 1.0, 0.0) / reset_after, self._rate_cap)
         held = self._learnt_rate
         if bound <= 0:
             if limit != self._learnt_limit:
