@@ -214,11 +214,8 @@ class Pace:
         if refused < PACE_MIN_REFUSED or refused <= PACE_TOLERANCE * sent_count:
             return False  # sporadic refusals, not a rate: borne
         if self.rate is None:
-            # What got through while the refusals came (what we sent, less what was
-            # refused): the first level found too high is the upstream's, not ours. A
-            # ramp sending twice the rate would otherwise be cut to 1.8 times it.
-            span = max(min(PACE_WINDOW, now - self._first), 0.1)
-            base = max(sent_count - refused, refused) / span
+            # What we were sending when the refusals came: the first level found too high.
+            base = sent_count / max(min(PACE_WINDOW, now - self._first), 0.1)
         else:
             base = self.rate
         self._held = base
