@@ -159,9 +159,16 @@ def test_a_slow_replys_reading_puts_right_a_mirror_left_low():
     mark = bucket.taken
     bucket.take(50, 20.5)
     bucket.sync(
-        remaining=90, reset_after=2.0, limit=100, now=21.0, sent_mark=mark, sent_age=1.0
+        remaining=90, reset_after=2.0, limit=100, now=21.5, sent_mark=mark, sent_age=1.5
     )
-    assert bucket.mirror(21.0).level == pytest.approx(90 - 50 + 9.9)
+    assert bucket.mirror(21.5).level == pytest.approx(90 - 50 + 9.9 * 1.5)
+    # A fast reply is credited no refill: less what went out since, as it stands.
+    mark = bucket.taken
+    bucket.take(30, 21.6)
+    bucket.sync(
+        remaining=80, reset_after=2.0, limit=100, now=21.8, sent_mark=mark, sent_age=0.3
+    )
+    assert bucket.mirror(21.8).level == pytest.approx(80 - 30)
 
 
 def test_a_one_unit_deficit_teaches_no_rate():
@@ -316,8 +323,13 @@ async def test_capacity_that_halves_and_returns_is_followed_within_three_seconds
         headers_style=headers, schedule=((10.0, 0.5), (20.0, 1.0)), count_rejected=False
     )
     _, _, ok = await overload(upstream, 30, 200.0)
-    assert all(n >= 0.85 * 50 for n in ok[13:20]), str(ok)  # 50 a second from 3 s after the drop
-    assert all(n >= 0.85 * 100 for n in ok[23:30]), ok  # and 100 from 3 s after the return
+    # 50 a second from 3 s after the drop, and 100 from 3 s after the return (answers
+    # counted by the second they came in: replies of 0.15-0.5 s make each second's count
+    # jitter by a tenth or so around the rate).
+    assert all(n >= 0.8 * 50 for n in ok[13:20]), ok
+    assert sum(ok[13:20]) >= 0.95 * 50 * 7, ok
+    assert all(n >= 0.8 * 100 for n in ok[23:30]), ok
+    assert sum(ok[23:30]) >= 0.95 * 100 * 7, ok
     totals = upstream.stats()["totals"]
     assert totals["429"] <= 0.05 * totals["requests"]
 
