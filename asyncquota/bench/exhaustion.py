@@ -66,7 +66,8 @@ from typing import Any
 from ..testing import SimulatedUpstream, UpstreamConfig, run_in_process
 from .metrics import RequestLog, request_quota
 from .outcomes import NO_OUTCOME, Outcome
-from .report import Progress, document
+from .progress import Progress
+from .report import document
 from .runner import (
     CLOSE_TIMEOUT,
     STOP_GRACE,

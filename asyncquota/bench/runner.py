@@ -31,7 +31,7 @@ import aiohttp
 from ..testing import SimulatedUpstream, UpstreamConfig, run_in_process
 from .metrics import NO_TENANT, RequestLog
 from .outcomes import Outcome, classify
-from .report import Progress
+from .progress import Progress
 from .sessions import CLASSES, SessionModel
 from .strategies import Strategy, Target, load_strategy
 from .virtual import new_virtual_loop
