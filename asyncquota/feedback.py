@@ -66,12 +66,13 @@ on its last millisecond costs a whole extension."""
 
 PUNISHED_MARGIN_MIN = 0.005
 
-PUNISHED_DRIFT = 0.1
-"""How much later than the closure's first stated end a whole-second window may end
-(beyond its rounding) without proving that our probes extend it: refusals that count
-against the quota move a window by a refill's worth each, and a whole-second upstream
-wrongly taken for a punishing one would be honoured in full for good (a second for a
-few milliseconds' wait). A value in milliseconds is taken at its word."""
+PUNISHED_DRIFT = 0.01
+"""How much later, per refused probe, than the closure's first stated end a whole-second
+window may end (beyond its rounding) without proving that our probes extend it: a refusal
+that counts against the quota moves a window by a unit's refill (10 ms at 100 a second),
+and a whole-second upstream wrongly taken for a punishing one would be honoured in full
+for good (a second for a few milliseconds' wait). A value in milliseconds is taken at its
+word."""
 
 REFUSAL_GAIN = 0.125
 """Weight of each new congestion reply's time in the smoothed refusal time."""
@@ -439,9 +440,10 @@ class Feedback:
             # means the window grew because we knocked: at the first refused probe for a
             # value in ms, by the third at most for whole seconds (each knock adding a
             # second, however the values round). A whole-second window that only drifts
-            # (refusals counted against a fast bucket) stays within PUNISHED_DRIFT of it.
+            # (refusals counted against a fast bucket) stays within PUNISHED_DRIFT a
+            # refused probe of it.
             whole = retry_after == int(retry_after)
-            doubt = 1.0 + PUNISHED_DRIFT if whole else 1e-3
+            doubt = 1.0 + PUNISHED_DRIFT * (self._failed_probes + 1) if whole else 1e-3
             if self._first_end == -math.inf:  # held without a stated end (starved)
                 self._first_end = end
                 self._probe_refused(now, end)

@@ -163,6 +163,41 @@ async def test_an_upstream_that_punishes_early_sends_is_learnt_and_then_honoured
     assert len(sends) == 2 and sends[1] >= window_start + 5.0
 
 
+async def test_a_punishing_upstream_in_whole_seconds_is_learnt_by_the_third_refused_probe():
+    # The window grows a second with every send inside it, but its whole-second values
+    # round: the first refused probe's window looks no later than the first (3 s, then
+    # 3.01 s). Against the closure's first stated end, a second's growth beyond the
+    # rounding shows by the second refused probe here, and by the third whatever the
+    # rounding.
+    window_end = 2.005
+    sends: list[float] = []
+
+    async def upstream(request: Request) -> Response:
+        nonlocal window_end
+        t = now()
+        sends.append(t)
+        if t < window_end:
+            if len(sends) > 1:
+                window_end += 1.0
+            return Response(
+                429, {"retry-after": str(math.ceil(window_end - t - 1e-9))}, RATE_LIMITED
+            )
+        return Response(200, {}, b"{}")
+
+    async with Shaper(
+        URL, transport=MockTransport(upstream), hooks=(), cooldown_ramp=0.0, limit=1
+    ) as shaper:
+        result = await outcome(shaper.request("GET", "/v1/models", deadline=60))
+        learnt = shaper._feedback.punishes
+
+    assert result[0] == "ok"
+    assert learnt
+    refused_probes = len(sends) - 2  # the first send and the last, answered
+    assert refused_probes == 2, sends
+    # Once learnt, the window is waited out in full: the answered send comes after it.
+    assert sends[-1] >= window_end
+
+
 async def test_a_retry_after_of_200_s_is_probed_and_honoured_while_the_probes_are_refused():
     calls: list[float] = []
 
