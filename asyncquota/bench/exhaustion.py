@@ -55,8 +55,6 @@ import asyncio
 import contextlib
 import dataclasses
 import multiprocessing
-import resource
-import time
 from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -74,12 +72,13 @@ from .runner import (
     VIRTUAL_EPOCH,
     StrategyRun,
     drive,
+    fetch_stats,
+    run_measured,
     run_strategies,
 )
 from .sessions import CLASSES, SessionModel
 from .strategies import Target
 from .strategies.fallback import MODELS, PRIMARY, FallbackStrategy
-from .virtual import new_virtual_loop
 
 __all__ = [
     "FALLBACK_SHARE",
@@ -392,9 +391,8 @@ async def run_gateway(spec: GatewaySpec) -> GatewayRun:
     if upstreams:
         run.upstream, fallback_stats = upstreams[0].stats(), upstreams[1].stats()
     else:
-        run.upstream, fallback_stats = await _stats(primary.base_url), await _stats(
-            fallback.base_url
-        )
+        run.upstream = await fetch_stats(primary.base_url)
+        fallback_stats = await fetch_stats(fallback.base_url)
     return GatewayRun(
         run=run,
         served=Served(
@@ -409,35 +407,13 @@ async def run_gateway(spec: GatewaySpec) -> GatewayRun:
     )
 
 
-async def _stats(base_url: str) -> dict[str, Any]:
-    import aiohttp
-
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(base_url + "/stats", timeout=aiohttp.ClientTimeout(total=30)) as reply,
-    ):
-        reply.raise_for_status()
-        stats: dict[str, Any] = await reply.json()
-        return stats
-
-
-def _real_loop() -> asyncio.AbstractEventLoop:
-    import uvloop
-
-    return uvloop.new_event_loop()
-
-
 def _gateway_process(spec: GatewaySpec) -> GatewayRun:
     """The whole life of asyncquota's process: the run, its CPU, peak memory and wall time."""
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    started = time.perf_counter()
-    with asyncio.Runner(loop_factory=new_virtual_loop if spec.virtual else _real_loop) as runner:
-        result = runner.run(run_gateway(spec))
-    result.run.wall_s = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    result.run.cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    result.run.peak_rss_mb = after.ru_maxrss / 1024.0  # Linux reports kilobytes
-    return result
+    return run_measured(_run_of, run_gateway(spec), virtual=spec.virtual)
+
+
+def _run_of(result: GatewayRun) -> StrategyRun:
+    return result.run
 
 
 @contextlib.contextmanager

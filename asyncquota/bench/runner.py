@@ -21,10 +21,10 @@ import multiprocessing
 import resource
 import time
 from array import array
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -44,9 +44,13 @@ __all__ = [
     "RunSpec",
     "StrategyRun",
     "drive",
+    "fetch_stats",
+    "run_measured",
     "run_strategies",
     "run_strategy",
 ]
+
+T = TypeVar("T")
 
 STOP_GRACE = 5.0
 """Seconds past the last possible deadline before the run cancels what is still open."""
@@ -246,11 +250,12 @@ async def _run(spec: RunSpec) -> StrategyRun:
     if upstream is not None:
         run.upstream = upstream.stats()
     else:
-        run.upstream = await _fetch_stats(target.base_url)
+        run.upstream = await fetch_stats(target.base_url)
     return run
 
 
-async def _fetch_stats(base_url: str) -> dict[str, Any]:
+async def fetch_stats(base_url: str) -> dict[str, Any]:
+    """A simulated upstream process's ``stats()``, over its ``/stats`` route."""
     async with (
         aiohttp.ClientSession() as session,
         session.get(base_url + "/stats", timeout=aiohttp.ClientTimeout(total=30)) as reply,
@@ -266,21 +271,32 @@ def _real_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run_strategy(spec: RunSpec) -> StrategyRun:
-    """Run one strategy in this process, measuring its CPU, peak memory and wall time.
+def run_measured(
+    run_of: Callable[[T], StrategyRun], main: Coroutine[Any, Any, T], *, virtual: bool
+) -> T:
+    """Run ``main`` on a virtual or uvloop loop; set ``run_of(result)``'s wall, CPU, memory.
 
-    Meant to be the whole life of a fresh process (see :func:`run_strategies`): the peak
-    memory is the process's.
+    Meant to be the whole life of a fresh process: the peak memory is the process's.
     """
     before = resource.getrusage(resource.RUSAGE_SELF)
     # The benchmark's own stopwatch: how long the run took on the machine, virtual or not.
     started = time.perf_counter()
-    with asyncio.Runner(loop_factory=new_virtual_loop if spec.virtual else _real_loop) as runner:
-        run = runner.run(_run(spec))
+    with asyncio.Runner(loop_factory=new_virtual_loop if virtual else _real_loop) as runner:
+        result = runner.run(main)
+    run = run_of(result)
     run.wall_s = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_SELF)
     run.cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     run.peak_rss_mb = after.ru_maxrss / 1024.0  # Linux reports kilobytes
+    return result
+
+
+def run_strategy(spec: RunSpec) -> StrategyRun:
+    """Run one strategy in this process (see :func:`run_measured`, :func:`run_strategies`)."""
+    return run_measured(_itself, _run(spec), virtual=spec.virtual)
+
+
+def _itself(run: StrategyRun) -> StrategyRun:
     return run
 
 
