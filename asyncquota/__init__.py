@@ -1,15 +1,16 @@
 """asyncquota: load shaping for asyncio clients of rate-limited LLM APIs.
 
 Use :class:`Shaper` (``shaper.request``, ``shaper.stream``, ``shaper.middleware``). The
-request path, one stage a module::
+request path, one stage a module, the Shaper wiring them::
 
-    queue (priority.py, queue.py) → gates (gates.py) → concurrency (limiter.py, limits.py)
-    → transport (transport.py) → classify (signals.py) → retry or result (backoff.py)
+    options (options.py) → admission and the line (admission.py, queue.py, priority.py)
+    → dispatch (dispatch.py: gates.py, limiter.py, limits.py) → attempt (attempt.py:
+    transport.py, signals.py, feedback.py) → retry or result (backoff.py)
 
 Every error a caller can see is in errors.py, under QuotaError.
 """
 
-from .backoff import RetryBudget, backoff_delay, retry_delay
+from .backoff import RetryBudget, RetryPolicy, backoff_delay, retry_delay
 from .errors import (
     BudgetExceededError,
     BusyError,
@@ -32,6 +33,7 @@ from .gates import CooldownGate, RateGate, Reservation, TokenBucket, TokenGate
 from .hooks import Admitted, Completed, Event, Hook, LoggingHook, Queued, Retried, Shed, Throttled
 from .limiter import ConcurrencyLimiter, LimiterStatistics, Permit
 from .limits import AIMD, Fixed, Gradient, Limit
+from .options import RequestOptions
 from .priority import Priority, PriorityLike, coerce_priority
 from .queue import PriorityQueue, QueueStatistics, Waiter
 from .shaper import Shaper, ShaperStatistics
@@ -47,6 +49,7 @@ from .signals import (
     parse_retry_after,
 )
 from .streaming import ShapedStream
+from .ticket import Lease
 from .transport import (
     AiohttpTransport,
     MockTransport,
@@ -74,6 +77,7 @@ __all__ = [
     "Fixed",
     "Gradient",
     "Hook",
+    "Lease",
     "Limit",
     "LimiterStatistics",
     "LoggingHook",
@@ -95,10 +99,12 @@ __all__ = [
     "RateGate",
     "RejectedError",
     "Request",
+    "RequestOptions",
     "Reservation",
     "Response",
     "Retried",
     "RetryBudget",
+    "RetryPolicy",
     "SSEEvent",
     "ShapedStream",
     "Shaper",

@@ -1,6 +1,6 @@
 """How long to wait before a retry, and whether the fleet may retry at all.
 
-Two pure functions and one pure object, all taking ``now`` where time matters:
+Two pure functions and two pure objects, all taking ``now`` where time matters:
 
 - ``backoff_delay``: exponential backoff with full jitter (AWS Architecture Blog,
   "Exponential Backoff And Jitter"): a uniform draw in ``[0, min(cap, base * 2**attempt))``.
@@ -11,6 +11,8 @@ Two pure functions and one pure object, all taking ``now`` where time matters:
 - ``RetryBudget``: retries may be at most a fraction of recent requests plus a small floor
   (Envoy's retry budget, gRPC's retry throttling, botocore's adaptive mode): when the
   upstream is failing, retries stop multiplying the load.
+- ``RetryPolicy``: the Shaper's whole decision for a failed attempt: retryable at all,
+  attempts left, ``retry_delay``, the deadline, the budget.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 from .window import SlidingCount
 
-__all__ = ["RetryBudget", "RetryBudgetStatistics", "backoff_delay", "retry_delay"]
+__all__ = ["RetryBudget", "RetryBudgetStatistics", "RetryPolicy", "backoff_delay", "retry_delay"]
 
 
 def _check_number(name: str, value: float, *, positive: bool) -> float:
@@ -211,3 +213,82 @@ class RetryBudget:
             f"requests={self._requests.counted} retries={self._retries.counted} "
             f"denied={self._denied}>"
         )
+
+
+class RetryPolicy:
+    """Whether a failed attempt is tried again, and after how long.
+
+    A request is retried while it has attempts left, the wait is not longer than
+    ``max_retry_after``, it would be ready before its deadline, and the fleet's retry
+    budget has a retry to spend (asked last, so that only retries that happen spend).
+
+    Args:
+        max_attempts: attempts per request, the first included.
+        max_retry_after: the longest Retry-After worth waiting for (seconds).
+        budget: the fleet-wide retry budget.
+        rng: the jitter's source (seeded for reproducible runs).
+    """
+
+    __slots__ = ("_budget", "_max_attempts", "_max_retry_after", "_rng")
+
+    def __init__(
+        self,
+        *,
+        max_attempts: int,
+        max_retry_after: float,
+        budget: RetryBudget,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._max_attempts = max_attempts
+        self._max_retry_after = _check_number("max_retry_after", max_retry_after, positive=False)
+        self._budget = budget
+        self._rng = rng
+
+    def record_request(self, now: float) -> None:
+        """Count a new request (its first attempt) in the budget."""
+        self._budget.record_request(now)
+
+    def delay(
+        self,
+        attempt: int,
+        *,
+        retryable: bool,
+        retry_after: float | None,
+        held: bool,
+        deadline: float | None,
+        now: float,
+    ) -> float | None:
+        """Seconds to wait before attempt ``attempt + 1``, or None: the request ends.
+
+        Args:
+            attempt: the attempt that failed (1 for the first).
+            retryable: whether its failure may be retried at all.
+            retry_after: the wait the upstream asked for, if it did.
+            held: the fleet-wide cooldown holds every request for ``retry_after`` (a
+                congestion reply): the request goes back in line at once and waits
+                there, ready when the cooldown opens. Any other reply's Retry-After (a
+                500's, a 503 from a proxy) is this request's own wait, jittered.
+            deadline: the loop time the request must end by, if any.
+            now: the loop time.
+        """
+        if not retryable or attempt >= self._max_attempts:
+            return None
+        if held and retry_after is not None:
+            if retry_after > self._max_retry_after:
+                return None
+            delay, ready = 0.0, now + retry_after
+        else:
+            wait = retry_delay(
+                attempt - 1,
+                retry_after=retry_after,
+                max_retry_after=self._max_retry_after,
+                rng=self._rng,
+            )
+            if wait is None:
+                return None
+            delay, ready = wait, now + wait
+        if deadline is not None and ready >= deadline:
+            return None
+        if not self._budget.try_spend(now):
+            return None
+        return delay

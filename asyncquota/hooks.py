@@ -24,12 +24,16 @@ query string, and events end in logs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .priority import Priority
+from .errors import DeadlineExceededError, QuotaError
+from .priority import Priority, describe_priority
 from .urls import redact_url
+
+if TYPE_CHECKING:
+    from .ticket import Ticket
 
 __all__ = [
     "Admitted",
@@ -38,6 +42,7 @@ __all__ = [
     "Hook",
     "LoggingHook",
     "Queued",
+    "Reporter",
     "Retried",
     "Shed",
     "Throttled",
@@ -148,3 +153,70 @@ class LoggingHook:
         level = logging.INFO if isinstance(event, Throttled | Shed) else logging.DEBUG
         if self._logger.isEnabledFor(level):
             self._logger.log(level, "%s", event)
+
+
+class Reporter:
+    """Counts how a Shaper's requests go and end, and tells its hooks.
+
+    The counters are what ``ShaperStatistics`` reports (see there). The frequent events
+    (queued, admitted, ok) are made only when a hook would hear them (``tracing``).
+    """
+
+    __slots__ = (
+        "cancelled",
+        "deadline",
+        "failed",
+        "hooks",
+        "ok",
+        "retried",
+        "sent",
+        "shed",
+        "throttled",
+    )
+
+    def __init__(self, hooks: Sequence[Hook]) -> None:
+        self.hooks: tuple[Hook, ...] = tuple(hooks)
+        self.sent = self.ok = self.throttled = self.retried = 0
+        self.shed = self.deadline = self.failed = self.cancelled = 0
+
+    def tracing(self) -> bool:
+        """Whether the frequent events (queued, admitted, ok) have anyone to hear them."""
+        return any(
+            not isinstance(hook, LoggingHook) or hook.debug_enabled for hook in self.hooks
+        )
+
+    def failed_with(self, ticket: Ticket, exc: QuotaError, now: float) -> None:
+        """The request ended in ``exc``: count it (deadline, shed unsent, or failed) and tell."""
+        if isinstance(exc, DeadlineExceededError):
+            self.deadline += 1
+        elif ticket.sent == 0:  # refused unsent: shed, whatever the reason
+            self.shed += 1
+            if self.hooks:
+                self.emit(Shed, ticket, now, reason=exc.reason, retry_after=exc.retry_after)
+        else:
+            self.failed += 1
+        self.completed(ticket, exc.reason, getattr(exc, "status", None), now)
+
+    def completed(self, ticket: Ticket, outcome: str, status: int | None, now: float) -> None:
+        """The request ended in ``outcome`` ("ok", "cancelled" or an error's reason)."""
+        if outcome != "ok" or self.tracing():
+            self.emit(
+                Completed, ticket, now, outcome=outcome, status=status, latency=now - ticket.started
+            )
+
+    def emit(self, kind: type[Event], ticket: Ticket, now: float, **fields: Any) -> None:
+        """Make one event of ``kind`` about ``ticket`` and hand it to every hook."""
+        event = kind(
+            at=now,
+            method=ticket.method,
+            path=ticket.path,
+            priority=describe_priority(ticket.priority),
+            tenant=ticket.tenant,
+            attempt=ticket.attempt,
+            **fields,
+        )
+        for hook in self.hooks:
+            try:
+                hook.on_event(event)
+            except Exception:  # instrumentation never fails a request
+                logger.exception("The asyncquota hook %r failed on %s.", hook, event)

@@ -11,7 +11,8 @@
 
 Requests to the Shaper's ``base_url`` go through its queue, gates and retries; requests
 to any other origin pass through untouched (they do not draw on this upstream's quota).
-Per-request options travel in headers that the middleware removes before sending:
+Per-request options travel in headers that the middleware removes before sending (see
+:mod:`asyncquota.options`):
 
     X-AsyncQuota-Priority     critical | interactive | batch | an integer rank
     X-AsyncQuota-Tenant       the tenant (a string)
@@ -36,37 +37,46 @@ userinfo as ``***``, see :mod:`asyncquota.urls`).
 from __future__ import annotations
 
 import asyncio
-import math
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 from yarl import URL
 
+from .options import OPTION_HEADERS, RequestOptions
 from .tokens import estimate_tokens
 from .transport import Request, Response, transport_error
-from .urls import redact_url
 
 if TYPE_CHECKING:
     from aiohttp.client_middlewares import ClientHandlerType
 
-    from .shaper import Shaper, _Ticket
+    from .ticket import Send
 
 __all__ = ["OPTION_HEADERS", "ShaperMiddleware"]
 
-PRIORITY_HEADER = "X-AsyncQuota-Priority"
-TENANT_HEADER = "X-AsyncQuota-Tenant"
-DEADLINE_HEADER = "X-AsyncQuota-Deadline"
-COST_HEADER = "X-AsyncQuota-Cost-Tokens"
-OPTION_HEADERS = (PRIORITY_HEADER, TENANT_HEADER, DEADLINE_HEADER, COST_HEADER)
-"""The headers that carry per-request options; never sent upstream."""
+
+class Shapes(Protocol):
+    """What the middleware needs of its Shaper: where it sends, and a shaped turn."""
+
+    base_url: str
+    default_output_tokens: int
+
+    async def shape(
+        self, send: Send, *, method: str, path: str, options: RequestOptions
+    ) -> Response:
+        """Send through the queue, the gates and the retries (``Shaper.shape``)."""
 
 
 class ShaperMiddleware:
-    """The aiohttp client middleware of one Shaper (get it as ``shaper.middleware``)."""
+    """The aiohttp client middleware of one Shaper (get it as ``shaper.middleware``).
+
+    Built on the Shaper's public :meth:`~asyncquota.Shaper.shape`: aiohttp sends each
+    attempt, the Shaper decides when, and whether to try again.
+    """
 
     __slots__ = ("_origin", "_shaper")
 
-    def __init__(self, shaper: Shaper) -> None:
+    def __init__(self, shaper: Shapes) -> None:
         self._shaper = shaper
         self._origin = URL(shaper.base_url)
 
@@ -81,27 +91,23 @@ class ShaperMiddleware:
         """
         if not self._is_upstream(request.url):
             return await handler(request)
-        options = {name: request.headers.popall(name, None) for name in OPTION_HEADERS}
-        # aiohttp sends ``request`` itself; the ticket's path and URL are only ever shown
-        # (messages, events, logs), so they are scrubbed here, once, at the source.
-        ticket = self._shaper._new_ticket(
-            method=request.method,
-            path=redact_url(request.url.raw_path_qs),
-            url=redact_url(str(request.url)),
-            headers={},
-            body=None,
-            priority=_single(options[PRIORITY_HEADER], PRIORITY_HEADER) or "interactive",
-            tenant=_single(options[TENANT_HEADER], TENANT_HEADER),
-            deadline=_number(options[DEADLINE_HEADER], DEADLINE_HEADER),
-            cost_tokens=_cost(options[COST_HEADER], request, self._shaper),
+        options = RequestOptions.from_headers(
+            {name: request.headers.popall(name, []) for name in OPTION_HEADERS}
         )
+        if options.cost_tokens is None:
+            body = request.body
+            size = body.size if isinstance(body, aiohttp.payload.Payload) else len(body)
+            cost = estimate_tokens(
+                size or 0, None, default_output_tokens=self._shaper.default_output_tokens
+            )
+            options = replace(options, cost_tokens=cost)
         replies: list[aiohttp.ClientResponse] = []
 
-        async def send(ticket: _Ticket, budget: float | None) -> Response:
+        async def send(budget: float | None) -> Response:
             for earlier in replies:  # a retry: the previous reply is done with
                 earlier.release()
             replies.clear()
-            attempt = Request(ticket.method, str(request.url), timeout=budget)
+            attempt = Request(request.method, str(request.url), timeout=budget)
             try:
                 async with asyncio.timeout(budget):
                     reply = await handler(request)
@@ -113,7 +119,11 @@ class ShaperMiddleware:
             return Response(reply.status, reply.headers, body)
 
         try:
-            await self._shaper._run(ticket, send)
+            # aiohttp sends ``request`` itself; the path is only ever shown (messages,
+            # events, logs), scrubbed by the Shaper.
+            await self._shaper.shape(
+                send, method=request.method, path=request.url.raw_path_qs, options=options
+            )
         except BaseException:
             for reply in replies:
                 reply.release()
@@ -128,39 +138,3 @@ class ShaperMiddleware:
             and url.port == origin.port
             and url.raw_path.startswith(origin.raw_path.rstrip("/") + "/")
         )
-
-
-def _single(values: list[str] | None, name: str) -> str | None:
-    if not values:
-        return None
-    if len(values) > 1:
-        raise ValueError(f"The {name} header was given {len(values)} times; give it once.")
-    return values[0].strip()
-
-
-def _number(values: list[str] | None, name: str) -> float | None:
-    text = _single(values, name)
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"The {name} header must be a number of seconds, not {text!r}.") from None
-    if not math.isfinite(value):
-        raise ValueError(f"The {name} header must be a finite number of seconds, not {text!r}.")
-    return value
-
-
-def _cost(values: list[str] | None, request: aiohttp.ClientRequest, shaper: Shaper) -> int:
-    text = _single(values, COST_HEADER)
-    if text is None:
-        body = request.body
-        size = body.size if isinstance(body, aiohttp.payload.Payload) else len(body)
-        return estimate_tokens(
-            size or 0, None, default_output_tokens=shaper.default_output_tokens
-        )
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"The {COST_HEADER} header must be an integer, not {text!r}.") from None
-

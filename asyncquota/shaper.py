@@ -1,25 +1,28 @@
 """The Shaper: the whole request path, one object that async callers use instead of the upstream.
 
-    caller ─► Shaper.request()   estimate tokens; refuse at once what cannot be served in time
+    caller ─► Shaper.request()   options checked once (options.py); a ticket (ticket.py)
+              │
+              ▼
+            admission            refuse at once what cannot be served in time (admission.py)
               │
               ▼
             queue                priority class → tenant round robin → age; deadlines; bounded
               │  (only the head waits on the gates, so nothing after the queue reorders)
               ▼
-            gates                cooldown (Retry-After) → requests/min → tokens/min → permit
-              │
+            dispatch             cooldown (Retry-After) → requests/min → tokens/min → permit
+              │                  (dispatch.py, on gates.py and limiter.py)
               ▼
-            transport.send()     one attempt, bounded by the attempt timeout and the deadline
-              │
+            attempt              send once, bounded by the attempt timeout and the deadline;
+              │                  classify the reply and feed it to the limit, the cooldown
+              │                  and the gates (attempt.py, feedback.py)
               ▼
-            classify             success | throttled | overloaded | retryable | quota | fatal
-              │  feeds: the adaptive limit, the cooldown, the gates (rate-limit headers), tokens
-              ▼
-            done, or back into the queue (same priority, original age) within budget and deadline
+            done, or back into the queue (same priority, original age) within the retry
+            policy (backoff.py): attempts, Retry-After, deadline, budget
 
-The caller's own task sends its request once the dispatcher has admitted it, so cancelling
-the caller cancels the upstream request, and every request ends exactly once: in a
-:class:`~asyncquota.transport.Response` or in a :class:`~asyncquota.errors.QuotaError`.
+The Shaper owns these stages and wires them; each is a module whose name says what it
+does. The caller's own task sends its request once the dispatcher has admitted it, so
+cancelling the caller cancels the upstream request, and every request ends exactly once:
+in a :class:`~asyncquota.transport.Response` or in a :class:`~asyncquota.errors.QuotaError`.
 """
 
 from __future__ import annotations
@@ -30,52 +33,30 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
-from types import MappingProxyType
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
-from .backoff import RetryBudget, backoff_delay
-from .errors import (
-    BusyError,
-    ClosedError,
-    DeadlineExceededError,
-    DeadlineUnreachableError,
-    OverloadedError,
-    QueueFullError,
-    QuotaError,
-    QuotaExhaustedError,
-    RejectedError,
-    ThrottledError,
-    TransportError,
-    UpstreamError,
-)
+from .admission import DEFAULT_MAX_WAIT, Admission
+from .attempt import Attempts
+from .backoff import RetryBudget, RetryPolicy
+from .dispatch import Dispatcher
+from .errors import ClosedError, QuotaError
 from .feedback import Feedback
-from .gates import CooldownGate, RateGate, Reservation, TokenGate
-from .hooks import (
-    Admitted,
-    Completed,
-    Event,
-    Hook,
-    LoggingHook,
-    Queued,
-    Retried,
-    Shed,
-    Throttled,
-    logger,
-)
-from .limiter import ConcurrencyLimiter, Permit
+from .gates import CooldownGate, RateGate, TokenGate
+from .hooks import Hook, LoggingHook, Reporter, Retried
+from .limiter import ConcurrencyLimiter
 from .limits import AIMD, Limit
 from .middleware import ShaperMiddleware
-from .priority import Priority, PriorityLike, coerce_priority, describe_priority
-from .queue import PriorityQueue, QueueStatistics, Waiter
-from .signals import Classification, Outcome, QuotaSnapshot, classify_error_body
+from .options import RequestOptions
+from .priority import Priority, PriorityLike, coerce_priority
+from .signals import QuotaSnapshot
 from .streaming import ShapedStream
-from .tokens import estimate_tokens, usage_tokens
-from .transport import AiohttpTransport, Request, Response, StreamResponse, Transport
+from .ticket import Lease, Send, Ticket
+from .tokens import estimate_tokens
+from .transport import AiohttpTransport, Request, Response, Transport
 from .urls import check_headers, check_method, join_path, redact_url
-from .window import SlidingCount
 
 __all__ = ["Shaper", "ShaperStatistics"]
 
@@ -90,65 +71,20 @@ AIMD_INITIAL, AIMD_MAX_LIMIT = 20, 10_000
 """The default limit's start and ceiling (the ceiling lowered to the transport's pool)."""
 
 DROP_TOLERANCE = 0.03
+"""The default limit's share of congestion replies borne without a cut (see AIMD)."""
+
 LATENCY_ROOM = 0.15
+"""The default limit's latency brake: no growth while replies are this much slower than
+the fastest lately (see AIMD)."""
+
 BACKOFF_RATIO = 0.7
 """The default AIMD's cut (CUBIC's): with the latency brake holding the limit below an
 upstream's slow zone, a refusal at its concurrency cap is a brush with it, and halving
 left the upstream half idle for seconds (0.90-0.93 of the quota in the matrix's rows
 with a cap; 0.94-1.0 at 0.7)."""
-"""The default limit's share of congestion replies borne without a cut (see AIMD)."""
-
-ESTIMATE_TRUST = 0.9
-"""Share of its deadline a newcomer's estimated wait may fill: the estimate is a rate, and
-a request admitted at the very edge is refused later, near its deadline, when it could
-have been told at once."""
-
-USAGE_CEILING = 4
-"""A reply's usage is charged up to this many times its request's estimate (plus 1 024
-tokens): more than any real request uses (the estimate counts 4 bytes a token and the
-whole ``max_tokens``), little enough that garbage cannot freeze the token gate."""
 
 STREAM_SHUTDOWN = 1.0
 """Seconds ``aclose`` waits, past its grace, for cancelled stream readers to end them."""
-
-MIN_DEADLINE = 0.001
-"""The shortest deadline a request may have (seconds): nothing is answered sooner."""
-
-RTT_GAIN = 0.125
-"""Weight of each new sample in the smoothed reply time (as TCP's SRTT)."""
-
-SERVICE_RATE_WINDOW = 2.0
-"""Seconds of admissions behind the service-rate estimate used to shed early (short, so
-that capacity that drops is seen within a couple of seconds)."""
-
-DEFAULT_MAX_WAIT: Mapping[int, float] = MappingProxyType(
-    {int(Priority.CRITICAL): 5.0, int(Priority.INTERACTIVE): 2.0, int(Priority.BATCH): 120.0}
-)
-"""The longest a request of each class waits in line (seconds; see ``Shaper``'s
-``max_wait``): a person waiting gets an answer or a "busy, retry in N s" within a couple
-of seconds; background work may wait for minutes."""
-
-STANDING_SHARE = 0.25
-"""The share of its ``max_wait`` a standing queue of a class above batch is held to (CoDel's
-target: interactive 2 s → 0.5 s)."""
-
-STANDING_AFTER = 1.0
-"""Seconds a class must have had waiters without a break to be a standing queue (CoDel's
-interval): a burst that drains within it is absorbed up to ``max_wait``."""
-
-STALL = 0.5
-"""Seconds the dispatcher waits for a permit before telling the limit it has stalled (a
-full limit, nothing back: long replies; see ``AIMD.on_stall``)."""
-
-STALL_RETURNS = 4
-"""A limit held the dispatcher most of a ``STALL`` has stalled only if fewer than one in
-this many of its permits came back meanwhile: replies take more than ``STALL_RETURNS`` ×
-``STALL`` seconds, and their successes clock its growth too slowly. Shorter replies clock
-it themselves (and a limit they hold is one the upstream may be filling)."""
-
-RECHECK_INTERVAL = 0.1
-"""Seconds between two checks of the queue against the current service rate."""
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,95 +135,6 @@ class ShaperStatistics:
     pace: float | None = None
     cooldown_probing: bool = False
     punishing_upstream: bool = False
-
-
-class _Ticket:
-    """One request's journey: what to send, its place in line, and the grant to send it."""
-
-    __slots__ = (
-        "attempt",
-        "body",
-        "cost",
-        "deadline",
-        "enqueued_at",
-        "headers",
-        "hold",
-        "method",
-        "path",
-        "permit",
-        "priority",
-        "probe",
-        "rate_mark",
-        "reservation",
-        "sent",
-        "started",
-        "stream",
-        "tenant",
-        "token_mark",
-        "url",
-    )
-
-    def __init__(
-        self,
-        *,
-        method: str,
-        path: str,
-        url: str,
-        headers: dict[str, str],
-        body: bytes | None,
-        priority: int,
-        tenant: Hashable | None,
-        deadline: float | None,
-        cost: int,
-        now: float,
-    ) -> None:
-        self.method = method
-        self.path = path
-        self.url = url
-        self.headers = headers
-        self.body = body
-        self.priority = priority
-        self.tenant = tenant
-        self.deadline = deadline
-        self.cost = cost
-        self.started = now
-        self.enqueued_at = now
-        self.attempt = 1
-        self.sent = 0
-        self.permit: Permit | None = None
-        self.reservation: Reservation | None = None
-        self.hold = False  # a stream: keep the grant past a 2xx until the stream ends
-        self.stream: StreamResponse | None = None
-        self.probe = 0  # the cooldown generation this attempt probes (0: not a probe)
-        self.rate_mark = self.token_mark = 0.0  # the gates' ``taken`` when it was granted
-
-
-class _Failure:
-    """A failed attempt: the error to raise, unless the request may be retried.
-
-    ``probe``: a refused probe of the cooldown. The Shaper chose to send it early; its
-    refusal costs the request neither an attempt nor the retry budget.
-    """
-
-    __slots__ = ("congestion", "error", "probe", "retry_after", "retryable")
-
-    def __init__(
-        self,
-        error: QuotaError,
-        *,
-        retryable: bool,
-        retry_after: float | None,
-        congestion: bool = False,
-        probe: bool = False,
-    ) -> None:
-        self.error = error
-        self.retryable = retryable
-        self.retry_after = retry_after
-        self.congestion = congestion
-        self.probe = probe
-
-
-Send = Callable[[_Ticket, float | None], Awaitable[Response]]
 
 
 class Shaper:
@@ -390,34 +237,20 @@ class Shaper:
         for priority, seconds in (max_wait or {}).items():
             _check(f"max_wait[{priority!r}]", seconds, minimum=0, strict=True)
             waits[coerce_priority(priority)] = float(seconds)
-        self._max_waits = tuple(sorted(waits.items()))
-        self._max_wait_of: dict[int, float] = {}  # by rank, as first asked for
         if default_deadline is not None:
             _check("default_deadline", default_deadline, minimum=0, strict=True)
         _check("timeout", timeout, minimum=0, strict=True)
         _check("shutdown_grace", shutdown_grace, minimum=0)
         _check("default_output_tokens", default_output_tokens, minimum=0, integer=True)
         self.base_url = base_url.rstrip("/")
-        self._max_attempts = max_attempts
-        self._max_retry_after = float(max_retry_after)
         self._default_deadline = default_deadline
-        self._timeout = float(timeout)
         self.default_output_tokens = default_output_tokens
         self._shutdown_grace = float(shutdown_grace)
-        self._wall_clock = wall_clock
         self._headers = dict(headers or {})
-        self._hooks: tuple[Hook, ...] = tuple(hooks) if hooks is not None else (LoggingHook(),)
         self._rng = random.Random(seed)
         self._transport: Transport = transport or AiohttpTransport(max_connections=max_connections)
         self._rpm = rpm
         self._tpm = tpm
-        self._queue: PriorityQueue[_Ticket] = PriorityQueue(
-            maxsize=max_queue, on_expire=self._waited_too_long
-        )
-        self._recheck_timer: asyncio.TimerHandle | None = None
-        self._limit_bound = 0.0  # seconds the dispatcher waited on the limit lately
-        self._stall_check_at = -math.inf
-        self._stall_returned = 0  # permits ended by the last stall check
         # A transport with a bounded pool says how many it sends at once: more in flight
         # would wait inside the pool, in its order rather than the queue's, unseen.
         pool = getattr(self._transport, "max_connections", None)
@@ -431,6 +264,7 @@ class Shaper:
                 initial=min(AIMD_INITIAL, ceiling),
                 max_limit=ceiling,
             )
+        # The stages, each in its own module; the Shaper wires them and owns their life.
         self._limiter = ConcurrencyLimiter(limit, ceiling=pool)
         self._rate = RateGate(per_minute=rpm if rpm is not None else UNBOUNDED_PER_MINUTE)
         self._tokens = TokenGate(per_minute=tpm if tpm is not None else UNBOUNDED_PER_MINUTE)
@@ -443,22 +277,40 @@ class Shaper:
             wall_clock=wall_clock,
             max_cooldown=float(max_cooldown),
         )
-        self._budget = RetryBudget(ratio=retry_budget)
-        self._served = SlidingCount(window=SERVICE_RATE_WINDOW)
-        self._first_served: float | None = None
-        self._rtt = 0.0  # smoothed seconds from send to a successful reply
+        self._reporter = Reporter(hooks if hooks is not None else (LoggingHook(),))
+        self._admission = Admission(
+            max_queue=max_queue, max_wait=waits, feedback=self._feedback, cooldown=self._cooldown
+        )
+        self._dispatcher = Dispatcher(
+            admission=self._admission,
+            limiter=self._limiter,
+            rate=self._rate,
+            tokens=self._tokens,
+            cooldown=self._cooldown,
+            feedback=self._feedback,
+            reporter=self._reporter,
+        )
+        self._attempts = Attempts(
+            limiter=self._limiter,
+            feedback=self._feedback,
+            admission=self._admission,
+            reporter=self._reporter,
+            timeout=float(timeout),
+        )
+        self._retries = RetryPolicy(
+            max_attempts=max_attempts,
+            max_retry_after=float(max_retry_after),
+            budget=RetryBudget(ratio=retry_budget),
+            rng=self._rng,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop start() ran on
-        self._work = asyncio.Event()
-        self._dispatcher: asyncio.Task[None] | None = None
+        self._dispatching: asyncio.Task[None] | None = None
         self._active: set[asyncio.Task[Any]] = set()  # tasks with a request under way
         self._idle = asyncio.Event()
         self._closing: set[asyncio.Task[Any]] = set()  # those aclose had to cancel
         self._state = "new"
-        self._shed_rank, self._shed_until = int(Priority.BATCH), -math.inf  # see shed_below
-        self._sent = self._ok = self._throttled = self._retried = 0
-        self._shed = self._deadline_count = self._failed = self._cancelled = 0
-        self._streams: set[ShapedStream] = set()  # open streams, each holding its permit
-        self._no_streams = asyncio.Event()  # set when the last open stream ends
+        self._leases: set[Lease] = set()  # grants held by open streams
+        self._no_leases = asyncio.Event()  # set when the last open lease ends
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -477,10 +329,10 @@ class Shaper:
         """
         if self._state == "closed":
             raise ClosedError("This Shaper is closed; make a new one.")
-        if self._dispatcher is None:
+        if self._dispatching is None:
             self._loop = asyncio.get_running_loop()
-            self._dispatcher = self._loop.create_task(
-                self._dispatch(), name="asyncquota-dispatcher"
+            self._dispatching = self._loop.create_task(
+                self._dispatcher.run(), name="asyncquota-dispatcher"
             )
             self._state = "open"
 
@@ -489,25 +341,24 @@ class Shaper:
 
         Waiting callers get a ClosedError at once; requests in flight get
         ``shutdown_grace`` seconds to finish and are then cancelled (their callers get a
-        ClosedError). Idempotent.
+        ClosedError); open streams get what is left of the grace, then are closed (their
+        readers get a ClosedError). Idempotent.
         """
         if self._state == "closed":
             return
         self._state = "closed"
-        if self._recheck_timer is not None:
-            self._recheck_timer.cancel()
-            self._recheck_timer = None
-        self._queue.close(
+        self._admission.close()
+        self._admission.queue.close(
             lambda waiter: ClosedError(
                 "The Shaper is shutting down; this request was not sent.",
                 priority=waiter.priority,
                 tenant=waiter.tenant,
             )
         )
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
+        if self._dispatching is not None:
+            self._dispatching.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
+                await self._dispatching
         loop = asyncio.get_running_loop()
         grace_ends = loop.time() + self._shutdown_grace
         if self._active:
@@ -520,23 +371,22 @@ class Shaper:
             while self._active:
                 self._idle.clear()
                 await self._idle.wait()
-        # Open streams get what is left of the grace to end, then are closed: their
-        # readers get a ClosedError, their permits and reservations end.
-        if self._streams:
-            self._no_streams.clear()
+        if self._leases:
+            self._no_leases.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._no_streams.wait(), max(0.0, grace_ends - loop.time())
-                )
-        if self._streams:
-            self._no_streams.clear()
-            for stream in list(self._streams):
-                await stream._shut()
+                await asyncio.wait_for(self._no_leases.wait(), max(0.0, grace_ends - loop.time()))
+        if self._leases:
+            self._no_leases.clear()
+            for lease in list(self._leases):
+                if lease.on_shutdown is not None:
+                    await lease.on_shutdown()
+                else:
+                    lease.end("ignore")
             with contextlib.suppress(TimeoutError):  # the readers end their streams
-                await asyncio.wait_for(self._no_streams.wait(), STREAM_SHUTDOWN)
+                await asyncio.wait_for(self._no_leases.wait(), STREAM_SHUTDOWN)
         await self._transport.aclose()
 
-    # ------------------------------------------------------------------ the public call
+    # ------------------------------------------------------------------ the public calls
 
     async def request(
         self,
@@ -549,6 +399,7 @@ class Shaper:
         tenant: Hashable | None = None,
         deadline: float | None = None,
         cost_tokens: int | None = None,
+        options: RequestOptions | None = None,
     ) -> Response:
         """Send one request through the queue and the gates; return the upstream's reply.
 
@@ -565,6 +416,8 @@ class Shaper:
                 retries included (None: the Shaper's ``default_deadline``).
             cost_tokens: the tokens to reserve, when the caller knows better than the
                 estimate (see :mod:`asyncquota.tokens`).
+            options: the four above made once (see :class:`RequestOptions`), instead of
+                them.
 
         Returns:
             The successful (2xx) response, with ``attempts`` set.
@@ -579,8 +432,14 @@ class Shaper:
                 upstream's final answer, when retrying is pointless or out of budget.
             ValueError, TypeError: the arguments are malformed.
         """
-        ticket = self._ticket(method, path, json, headers, priority, tenant, deadline, cost_tokens)
-        return await self._run(ticket, self._send)
+        options = _options(options, priority, tenant, deadline, cost_tokens)
+        prepared, cost = self._prepare(method, path, json, headers, options)
+        transport = self._transport
+
+        def send(timeout: float | None) -> Awaitable[Response]:
+            return transport.send(replace(prepared, timeout=timeout))
+
+        return await self._run(self._ticket(prepared.method, path, send, options, cost))
 
     def stream(
         self,
@@ -593,6 +452,7 @@ class Shaper:
         tenant: Hashable | None = None,
         deadline: float | None = None,
         cost_tokens: int | None = None,
+        options: RequestOptions | None = None,
     ) -> ShapedStream:
         """A request whose reply is a stream of Server-Sent Events; use with ``async with``.
 
@@ -602,8 +462,71 @@ class Shaper:
         ends; an error event inside it raises the matching typed error. See
         :mod:`asyncquota.streaming`.
         """
-        ticket = self._ticket(method, path, json, headers, priority, tenant, deadline, cost_tokens)
-        return ShapedStream(self, ticket)
+        options = _options(options, priority, tenant, deadline, cost_tokens)
+        prepared, cost = self._prepare(method, path, json, headers, options)
+        return ShapedStream(self, prepared, path=path, options=replace(options, cost_tokens=cost))
+
+    async def shape(
+        self, send: Send, *, method: str, path: str, options: RequestOptions
+    ) -> Response:
+        """Send a request of your own making through the queue, the gates and the retries.
+
+        For code that sends by other means than the Shaper's transport (the aiohttp
+        middleware, an SDK's transport): each attempt calls ``send(timeout)``, which
+        returns the upstream's :class:`~asyncquota.transport.Response` or raises a
+        :class:`~asyncquota.errors.TransportError`. The reply is read and fed back as
+        for :meth:`request`, which this otherwise is.
+
+        Args:
+            send: sends one attempt, within ``timeout`` seconds (None: no bound).
+            method: the request's HTTP method.
+            path: what identifies the request in errors, events and logs (scrubbed).
+            options: its options; without ``cost_tokens``, the reservation is the
+                Shaper's ``default_output_tokens`` (nothing here reads the body).
+
+        Raises:
+            What :meth:`request` raises.
+        """
+        cost = options.cost_tokens
+        if cost is None:
+            cost = estimate_tokens(0, None, default_output_tokens=self.default_output_tokens)
+        ticket = self._ticket(check_method(method).upper(), redact_url(path), send, options, cost)
+        return await self._run(ticket)
+
+    async def lease(
+        self, send: Send, *, method: str, path: str, options: RequestOptions
+    ) -> tuple[Response, Lease]:
+        """Like :meth:`shape`, but the grant outlives the reply: end the lease yourself.
+
+        For replies that keep the upstream busy after their headers (streams): the
+        concurrency permit and the token reservation are held by the returned
+        :class:`~asyncquota.ticket.Lease` until it is ended, exactly once, with what the
+        end teaches (see ``Lease.end``). :class:`~asyncquota.streaming.ShapedStream` is
+        built on it. The Shaper ends the leases still open when it closes.
+
+        Raises:
+            What :meth:`request` raises.
+        """
+        cost = options.cost_tokens
+        if cost is None:
+            cost = estimate_tokens(0, None, default_output_tokens=self.default_output_tokens)
+        ticket = self._ticket(
+            check_method(method).upper(), redact_url(path), send, options, cost, hold=True
+        )
+        reply = await self._run(ticket)
+        permit, reservation = ticket.permit, ticket.reservation
+        assert permit is not None and reservation is not None
+        ticket.permit = ticket.reservation = None
+        lease = Lease(
+            permit, reservation, on_end=self._lease_ended, congested=self._stream_congested
+        )
+        self._leases.add(lease)
+        return reply, lease
+
+    @property
+    def transport(self) -> Transport:
+        """The transport attempts go through (the pooled aiohttp one by default)."""
+        return self._transport
 
     @property
     def quota(self) -> QuotaSnapshot | None:
@@ -624,7 +547,7 @@ class Shaper:
 
     def cooldown_remaining(self) -> float:
         """Seconds the fleet-wide cooldown (the upstream's Retry-After) still holds; 0 if open."""
-        return self._cooldown.remaining(self._now())
+        return self._cooldown.remaining(asyncio.get_running_loop().time())
 
     def shed_below(self, priority: PriorityLike, *, for_seconds: float) -> None:
         """Refuse the class ``priority`` and every less important one for a while.
@@ -641,21 +564,8 @@ class Shaper:
         """
         _check("for_seconds", for_seconds, minimum=0)
         rank = coerce_priority(priority)
-        now = self._now()
-        self._shed_rank, self._shed_until = rank, now + for_seconds
-        if for_seconds > 0:
-            self._queue.fail_from(rank, lambda waiter: self._shedding_error(waiter.item, now))
-
-    def _shedding_error(self, ticket: _Ticket, now: float) -> RejectedError:
-        return RejectedError(
-            f"Requests of class {_class_name(self._shed_rank)} and below are being "
-            f"shed for another {self._shed_until - now:.1f} s to keep the upstream for more "
-            "urgent work; it was not sent.",
-            reason="shedding",
-            priority=ticket.priority,
-            tenant=ticket.tenant,
-            retry_after=self._shed_until - now,
-        )
+        now = asyncio.get_running_loop().time()
+        self._admission.shed_below(rank, now + for_seconds, now)
 
     def statistics(self) -> ShaperStatistics:
         """A frozen snapshot of the live state and the counters.
@@ -664,9 +574,10 @@ class Shaper:
         its clock is the Shaper's loop's.
         """
         now = self._loop.time() if self._loop is not None else 0.0
-        queue: QueueStatistics = self._queue.statistics()
+        queue = self._admission.queue.statistics()
         rates = self._rate.statistics()
         tokens = self._tokens.statistics()
+        counts = self._reporter
         return ShaperStatistics(
             queued=queue.depth_by_priority,
             inflight=self._limiter.inflight,
@@ -674,32 +585,32 @@ class Shaper:
             cooldown_until=self._cooldown.closed_until,
             rpm_level=rates.level if self._rpm is not None else None,
             tpm_level=tokens.level if self._tpm is not None else None,
-            service_rate=self._service_rate(now),
+            service_rate=self._admission.service_rate(now),
             quota=self._feedback.quota,
             open_reservations=tokens.open_reservations,
             reserved_tokens=tokens.reserved,
             permit_waiters=self._limiter.statistics().waiting,
-            sent=self._sent,
-            ok=self._ok,
-            throttled=self._throttled,
-            retried=self._retried,
-            shed=self._shed,
-            deadline=self._deadline_count,
-            failed=self._failed,
-            cancelled=self._cancelled,
+            sent=counts.sent,
+            ok=counts.ok,
+            throttled=counts.throttled,
+            retried=counts.retried,
+            shed=counts.shed,
+            deadline=counts.deadline,
+            failed=counts.failed,
+            cancelled=counts.cancelled,
             pace=self._feedback.pace,
             cooldown_probing=self._cooldown.probing,
             punishing_upstream=self._feedback.punishes,
         )
 
     def __repr__(self) -> str:
+        counts = self._reporter
         return (
-            f"<Shaper {redact_url(self.base_url)} {self._state} queued={len(self._queue)} "
-            f"inflight={self._limiter.inflight}/{self._limiter.capacity} sent={self._sent} "
-            f"ok={self._ok} throttled={self._throttled} shed={self._shed}>"
+            f"<Shaper {redact_url(self.base_url)} {self._state} "
+            f"queued={len(self._admission.queue)} "
+            f"inflight={self._limiter.inflight}/{self._limiter.capacity} sent={counts.sent} "
+            f"ok={counts.ok} throttled={counts.throttled} shed={counts.shed}>"
         )
-
-    # ------------------------------------------------------------------ building a request
 
     @property
     def middleware(self) -> ShaperMiddleware:
@@ -710,17 +621,18 @@ class Shaper:
         """
         return ShaperMiddleware(self)
 
-    def _ticket(
+    # ------------------------------------------------------------------ a request's life
+
+    def _prepare(
         self,
         method: str,
         path: str,
         payload: Any,
         headers: Mapping[str, str] | None,
-        priority: PriorityLike,
-        tenant: Hashable | None,
-        deadline: float | None,
-        cost_tokens: int | None,
-    ) -> _Ticket:
+        options: RequestOptions,
+    ) -> tuple[Request, int]:
+        """The request to send (under ``base_url``, with the Shaper's headers) and its cost."""
+        method = check_method(method).upper()
         url = join_path(self.base_url, path)  # refuses what would leave the base path
         merged = dict(self._headers)
         if headers:
@@ -729,36 +641,24 @@ class Shaper:
         body = None if payload is None else orjson.dumps(payload)
         if body is not None and not any(k.lower() == "content-type" for k in merged):
             merged["Content-Type"] = "application/json"
-        if cost_tokens is None:
-            cost_tokens = estimate_tokens(
+        cost = options.cost_tokens
+        if cost is None:
+            cost = estimate_tokens(
                 len(body or b""), payload, default_output_tokens=self.default_output_tokens
             )
-        return self._new_ticket(
-            method=method,
-            path=path,
-            url=url,
-            headers=merged,
-            body=body,
-            priority=priority,
-            tenant=tenant,
-            deadline=deadline,
-            cost_tokens=cost_tokens,
-        )
+        return Request(method, url, merged, body), cost
 
-    def _new_ticket(
+    def _ticket(
         self,
-        *,
         method: str,
         path: str,
-        url: str,
-        headers: dict[str, str],
-        body: bytes | None,
-        priority: PriorityLike,
-        tenant: Hashable | None,
-        deadline: float | None,
-        cost_tokens: int,
-    ) -> _Ticket:
-        """Validate the caller's options and make the ticket (also for the middleware)."""
+        send: Send,
+        options: RequestOptions,
+        cost: int,
+        *,
+        hold: bool = False,
+    ) -> Ticket:
+        """The ticket of a checked request, if the Shaper is open on this loop."""
         if self._state != "open":
             raise ClosedError(
                 "The Shaper is not running: use `async with Shaper(...)` or call start()."
@@ -771,731 +671,113 @@ class Shaper:
                 "This Shaper runs on another event loop; a Shaper (its queue, its timers, its "
                 "connection pool) belongs to the loop that started it. Make one per loop."
             )
-        # Every option is checked before anything is touched.
-        method = check_method(method).upper()
-        rank = coerce_priority(priority)
-        try:
-            hash(tenant)
-        except TypeError:
-            raise TypeError(
-                f"tenant must be hashable (a name, a number, a tuple), not "
-                f"{type(tenant).__name__}."
-            ) from None
+        deadline = options.deadline
         if deadline is None:
             deadline = self._default_deadline
-        elif isinstance(deadline, bool) or not (
-            isinstance(deadline, int | float) and math.isfinite(deadline)
-        ):
-            raise ValueError(f"deadline must be a number of seconds, not {deadline!r}.")
-        elif deadline < MIN_DEADLINE:
-            raise ValueError(
-                f"deadline must be at least {MIN_DEADLINE:g} s (no request can be answered "
-                f"sooner), not {deadline!r}."
-            )
-        if isinstance(cost_tokens, bool) or not isinstance(cost_tokens, int) or cost_tokens < 0:
-            raise ValueError(f"cost_tokens must be an integer ≥ 0, not {cost_tokens!r}.")
         now = loop.time()
-        return _Ticket(
+        return Ticket(
             method=method,
             path=path,
-            url=url,
-            headers=headers,
-            body=body,
-            priority=rank,
-            tenant=tenant,
+            send=send,
+            priority=options.priority,
+            tenant=options.tenant,
             deadline=None if deadline is None else now + deadline,
-            cost=cost_tokens,
+            cost=cost,
             now=now,
+            hold=hold,
         )
 
-    # ------------------------------------------------------------------ the request's life
-
-    async def _run(self, ticket: _Ticket, send: Send) -> Response:
-        """Queue, send, classify, retry: until the request ends, exactly once."""
+    async def _run(self, ticket: Ticket) -> Response:
+        """Wait a turn, send, retry by the policy: until the request ends, exactly once."""
         task = asyncio.current_task()
         assert task is not None
         self._active.add(task)
-        self._budget.record_request(ticket.started)
+        reporter = self._reporter
+        self._retries.record_request(ticket.started)
         loop = asyncio.get_running_loop()
         try:
             while True:
-                await self._wait_turn(ticket)
-                result = await self._attempt(ticket, send)
+                await self._dispatcher.wait_turn(ticket)
+                result = await self._attempts.send(ticket)
                 if isinstance(result, Response):
                     result.attempts = ticket.attempt
-                    self._ok += 1
-                    self._complete(ticket, "ok", result.status)
+                    reporter.ok += 1
+                    reporter.completed(ticket, "ok", result.status, loop.time())
                     return result
                 if result.probe and result.retryable:
                     continue  # back in line: the cooldown holds it until it opens
-                delay = self._retry_delay(ticket, result, loop.time())
+                delay = self._retries.delay(
+                    ticket.attempt,
+                    retryable=result.retryable,
+                    retry_after=result.retry_after,
+                    held=result.congestion,
+                    deadline=ticket.deadline,
+                    now=loop.time(),
+                )
                 if delay is None:
                     raise result.error
-                self._retried += 1
-                self._emit(Retried, ticket, reason=result.error.reason, delay=delay)
+                reporter.retried += 1
+                if reporter.hooks:
+                    reporter.emit(
+                        Retried, ticket, loop.time(), reason=result.error.reason, delay=delay
+                    )
                 if delay > 0:
                     await asyncio.sleep(delay)
                 ticket.attempt += 1
         except QuotaError as exc:
-            self._count_error(ticket, exc)
+            reporter.failed_with(ticket, exc, loop.time())
             raise
         except asyncio.CancelledError:
             if task not in self._closing:
-                self._cancelled += 1
-                self._complete(ticket, "cancelled", None)
+                reporter.cancelled += 1
+                reporter.completed(ticket, "cancelled", None, loop.time())
                 raise
             closed = ClosedError(
                 "The Shaper shut down before this request finished.",
                 priority=ticket.priority,
                 tenant=ticket.tenant,
             )
-            self._count_error(ticket, closed)
+            reporter.failed_with(ticket, closed, loop.time())
             raise closed from None
         finally:
             self._active.discard(task)
             if not self._active:
                 self._idle.set()
 
-    def _count_error(self, ticket: _Ticket, exc: QuotaError) -> None:
-        if isinstance(exc, DeadlineExceededError):
-            self._deadline_count += 1
-        elif ticket.sent == 0:  # refused unsent: shed, whatever the reason
-            self._shed += 1
-            if self._hooks:
-                self._emit(Shed, ticket, reason=exc.reason, retry_after=exc.retry_after)
-        else:
-            self._failed += 1
-        self._complete(ticket, exc.reason, getattr(exc, "status", None))
+    def _lease_ended(self, lease: Lease) -> None:
+        self._leases.discard(lease)
+        if not self._leases:
+            self._no_leases.set()
 
-    async def _wait_turn(self, ticket: _Ticket) -> None:
-        """Wait in the queue until the dispatcher hands this ticket a permit to send."""
-        self._refuse_early(ticket)
-        if self._take_turn_now(ticket):
-            if self._tracing():
-                self._emit(Admitted, ticket, waited=self._now() - ticket.enqueued_at)
-            return
-        leave_by = ticket.deadline
-        if not ticket.sent:  # a retry, or a refused probe, is bound by its deadline only
-            patience = ticket.enqueued_at + self._max_wait(ticket.priority)
-            leave_by = patience if leave_by is None else min(leave_by, patience)
-        try:
-            waiter = self._queue.push(
-                ticket,
-                priority=ticket.priority,
-                tenant=ticket.tenant,
-                deadline=leave_by,
-                enqueued_at=ticket.enqueued_at,
-            )
-        except QueueFullError as exc:
-            exc.retry_after = self._estimate_wait(ticket)
-            raise
-        self._work.set()
-        if self._recheck_timer is None:
-            loop = asyncio.get_running_loop()
-            self._recheck_timer = loop.call_at(loop.time() + RECHECK_INTERVAL, self._recheck)
-        if self._tracing():
-            self._emit(Queued, ticket, depth=len(self._queue))
-        try:
-            await waiter.future
-        except asyncio.CancelledError:
-            if ticket.permit is not None:  # admitted, then cancelled before it could run
-                self._give_back(ticket)
-            raise
-        except QueueFullError as exc:
-            exc.retry_after = self._estimate_wait(ticket)
-            raise
-        if self._tracing():
-            self._emit(Admitted, ticket, waited=self._now() - ticket.enqueued_at)
+    def _stream_congested(self, retry_after: float | None, rate_limited: bool) -> None:
+        self._reporter.throttled += 1
+        now = asyncio.get_running_loop().time()
+        self._feedback.congested(now, now, retry_after, 0, rate_limited=rate_limited)
 
-    def _take_turn_now(self, ticket: _Ticket) -> bool:
-        """The fast path: nobody is waiting and every gate is open, so go without queueing.
 
-        Order is not at stake (the queue is empty and the gates serve their own waiters
-        first), and skipping the hop through the dispatcher is most of what asyncquota
-        costs when the upstream has room to spare.
-        """
-        limiter = self._limiter
-        if len(self._queue) or limiter.inflight >= limiter.capacity:
-            return False
-        now = self._now()
-        if not self._cooldown.settled(now):
-            return False
-        reservation = self._tokens._try_reserve_at(ticket.cost, now)
-        if reservation is None:
-            return False
-        if not self._rate._try_acquire_at(now):
-            reservation.cancel()
-            return False
-        ticket.permit, ticket.reservation = limiter.acquire_nowait(), reservation
-        self._grant(ticket, 0, now)
-        return True
-
-    def _refuse_early(self, ticket: _Ticket) -> None:
-        """Reject now what cannot be served in time (deadline, ``max_wait``), with a hint.
-
-        A retry is held to the cooldown only: it keeps its original age, so the newcomer's
-        estimate of the wait does not apply to it.
-        """
-        now = self._now()
-        if self._shed_until > now and ticket.priority >= self._shed_rank:
-            raise self._shedding_error(ticket, now)
-        left = math.inf if ticket.deadline is None else ticket.deadline - now
-        cooling = self._feedback.confirmed_cooldown(now)
-        if cooling > left:
-            raise ThrottledError(
-                f"The upstream asked every caller to wait {cooling:.1f} s, longer than this "
-                f"request's deadline of {left:.1f} s; it was not sent.",
-                priority=ticket.priority,
-                tenant=ticket.tenant,
-                retry_after=cooling,
-            )
-        if ticket.sent:  # a retry (or a refused probe) keeps its age: the cooldown only
-            return
-        wait = self._estimate_wait(ticket)
-        if wait is None:
-            return
-        if wait + self._rtt > left * ESTIMATE_TRUST:
-            raise DeadlineUnreachableError(
-                f"About {wait:.1f} s of work is queued ahead of this request and a reply takes "
-                f"about {self._rtt:.1f} s, longer than its deadline of {left:.1f} s; it was not "
-                "sent.",
-                priority=ticket.priority,
-                tenant=ticket.tenant,
-                retry_after=wait,
-            )
-        if wait <= 0:  # nobody ahead, no cooldown: the common case, nothing to weigh
-            return
-        patience = self._patience(ticket.priority, now)
-        if wait > patience:
-            raise self._busy(
-                ticket,
-                f"About {wait:.1f} s of work is queued ahead of this "
-                f"{_class_name(ticket.priority)} request, more than its class waits "
-                f"({patience:g} s)",
-                wait,
-            )
-
-    def _max_wait(self, rank: int) -> float:
-        """The configured ``max_wait`` of class ``rank`` (the next named class's if unnamed)."""
-        seconds = self._max_wait_of.get(rank)
-        if seconds is None:
-            seconds = next((w for named, w in self._max_waits if named >= rank), None)
-            if seconds is None:
-                seconds = self._max_waits[-1][1]
-            self._max_wait_of[rank] = seconds
-        return seconds
-
-    def _patience(self, rank: int, now: float) -> float:
-        """How long a newcomer of class ``rank`` may expect to wait, now (see ``max_wait``)."""
-        patience = self._max_wait(rank)
-        if rank < Priority.BATCH:
-            since = self._queue.nonempty_since(rank)
-            if since is not None and now - since >= STANDING_AFTER:
-                patience *= STANDING_SHARE
-        return patience
-
-    def _waited_too_long(self, waiter: Waiter[_Ticket], now: float) -> BusyError | None:
-        """The queue's word for a waiter whose leave-by time came: None at its deadline."""
-        ticket = waiter.item
-        if ticket.deadline is not None and now >= ticket.deadline - 1e-6:
-            return None
-        return self._busy(
-            ticket,
-            f"The request waited {now - ticket.enqueued_at:.2f} s in line, as long as "
-            f"{_class_name(ticket.priority)} requests wait",
-            self._estimate_wait(ticket),
+def _options(
+    options: RequestOptions | None,
+    priority: PriorityLike,
+    tenant: Hashable | None,
+    deadline: float | None,
+    cost_tokens: int | None,
+) -> RequestOptions:
+    """The options given as one object, or made from the keywords; not both."""
+    if options is None:
+        return RequestOptions(priority, tenant, deadline, cost_tokens)
+    if not isinstance(options, RequestOptions):
+        raise TypeError(f"options must be a RequestOptions, not {type(options).__name__}.")
+    if (
+        tenant is not None
+        or deadline is not None
+        or cost_tokens is not None
+        or coerce_priority(priority) != Priority.INTERACTIVE
+    ):
+        raise ValueError(
+            "Give priority, tenant, deadline and cost_tokens either as keywords or in "
+            "options, not both."
         )
-
-    def _recheck(self) -> None:
-        """Refuse now, newest first, what the current service rate cannot serve in time.
-
-        A request admitted while the upstream served faster would otherwise wait out its
-        ``max_wait`` (or deadline) and be refused late. Runs every ``RECHECK_INTERVAL``
-        while anyone waits.
-        """
-        self._recheck_timer = None
-        queue = self._queue
-        if not len(queue) or self._state != "open":
-            return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        rate = self._service_rate(now)
-        if rate > 0 and not self._cooldown.closed_until:
-            ahead = 0
-            for rank, depth in queue.depths():
-                keep = max(0, math.ceil(rate * self._patience(rank, now)) - ahead)
-                if depth > keep:
-                    queue.shed_newest(rank, depth - keep, lambda w: self._too_busy(w, now))
-                ahead += min(depth, keep)
-        self._recheck_timer = loop.call_at(now + RECHECK_INTERVAL, self._recheck)
-
-    def _too_busy(self, waiter: Waiter[_Ticket], now: float) -> BusyError:
-        ticket = waiter.item
-        return self._busy(
-            ticket,
-            f"The upstream now serves fewer requests than wait in line: this "
-            f"{_class_name(ticket.priority)} request would wait past "
-            f"{self._patience(ticket.priority, now):g} s",
-            self._estimate_wait(ticket),
-        )
-
-    def _busy(self, ticket: _Ticket, why: str, retry_after: float | None) -> BusyError:
-        return BusyError(
-            f"{why}; it was not sent.",
-            priority=ticket.priority,
-            tenant=ticket.tenant,
-            retry_after=retry_after,
-        )
-
-    def _end_outlasted(self, now: float) -> None:
-        """End at once the queued requests whose deadline falls inside the cooldown.
-
-        Like a newcomer refused by ``_refuse_early``, they get a ThrottledError carrying
-        the cooldown, rather than a DeadlineExceededError at their deadline.
-        """
-        cooling = self._feedback.confirmed_cooldown(now)
-        if cooling <= 0:
-            return
-
-        def outlasted(waiter: Waiter[_Ticket]) -> ThrottledError:
-            left = (waiter.deadline or now) - now
-            return ThrottledError(
-                f"The upstream asked every caller to wait {cooling:.1f} s, past this "
-                f"request's deadline in {left:.1f} s; it was not sent.",
-                priority=waiter.priority,
-                tenant=waiter.tenant,
-                retry_after=cooling,
-            )
-
-        self._queue.fail_due_before(now + cooling, outlasted)
-
-    def _estimate_wait(self, ticket: _Ticket) -> float | None:
-        """Seconds until a newcomer like ``ticket`` would be admitted, or None if unknown."""
-        now = self._now()
-        cooling = self._feedback.confirmed_cooldown(now)
-        ahead = self._queue.ahead_of(ticket.priority, ticket.tenant)
-        if ahead == 0:
-            return cooling
-        rate = self._service_rate(now)
-        return cooling + ahead / rate if rate > 0 else None
-
-    def _service_rate(self, now: float) -> float:
-        """Admissions per second lately (over the time since the first, while that is short)."""
-        if self._first_served is None:
-            return 0.0
-        span = min(SERVICE_RATE_WINDOW, now - self._first_served)
-        return self._served.total(now) / span if span > 0 else 0.0
-
-    async def _attempt(self, ticket: _Ticket, send: Send) -> Response | _Failure:
-        """Send once with the grant the dispatcher gave; feed what came back to the gates."""
-        permit, reservation = ticket.permit, ticket.reservation
-        assert permit is not None and reservation is not None
-        ticket.permit = ticket.reservation = None
-        probe, ticket.probe = ticket.probe, 0
-        feedback = self._feedback
-        now = self._now()
-        timeout = self._timeout
-        if ticket.deadline is not None:
-            timeout = min(timeout, ticket.deadline - now)
-            if timeout <= 0 or timeout < self._rtt:
-                permit.ignore()
-                reservation.cancel()
-                feedback.lost(probe)
-                if timeout <= 0:
-                    raise self._deadline_error(ticket, "before it could be sent")
-                # It would use up the upstream's quota only to be cut off at its deadline.
-                raise self._too_late(ticket, timeout)
-        self._sent += 1
-        ticket.sent += 1
-        feedback.sent(now, probe)
-        sent_at = now
-        try:
-            reply = await send(ticket, timeout)
-        except asyncio.CancelledError:
-            # The upstream may have started on it: keep the tokens charged, learn nothing.
-            permit.ignore()
-            reservation.reconcile(reservation.estimate)
-            feedback.lost(probe)
-            raise
-        except TransportError as exc:
-            feedback.lost(probe)
-            return self._transport_failed(ticket, exc, permit, reservation)
-        now = self._now()
-        ok = reply.ok
-        verdict = classify_error_body(
-            reply.status,
-            reply.body,
-            None if ok else reply.headers,
-            now=None if ok else feedback.reply_time(reply.headers),
-        )
-        # The reservation is settled before the headers are read: they re-anchor the
-        # mirrors at what the upstream counted, this request's own usage included.
-        if verdict.kind is Outcome.SUCCESS:
-            sample = now - sent_at
-            self._rtt = sample if not self._rtt else self._rtt + RTT_GAIN * (sample - self._rtt)
-            if ticket.hold:
-                ticket.permit, ticket.reservation = permit, reservation
-            else:
-                permit.success()
-                used = usage_tokens(reply.body)
-                if used is None:
-                    used = reservation.estimate
-                # One reply may not charge more than a request could plausibly use: a
-                # usage of 5e7 tokens would hold the token gate for minutes.
-                reservation.reconcile(min(used, USAGE_CEILING * reservation.estimate + 1024))
-            if not feedback.ample(reply.headers, now):
-                feedback.observe(reply.headers, now, sent_at, ticket.rate_mark, ticket.token_mark)
-            feedback.succeeded(now, probe)
-            return reply
-        reservation.cancel()
-        feedback.observe(reply.headers, now, sent_at, ticket.rate_mark, ticket.token_mark)
-        if verdict.congestion:
-            limiter = self._limiter
-            kind = feedback.refusal(verdict.retry_after)
-            if kind == "rate" or (kind == "unknown" and 2 * limiter.inflight < limiter.capacity):
-                # A refusal that names a rate (a Retry-After, nothing left in a window),
-                # or one that may while few were in flight, is not a sign of too many in
-                # flight: the pace, the mirrors and the cooldown answer it; the
-                # concurrency limit keeps still.
-                permit.ignore()
-            else:
-                permit.dropped()
-            self._throttled += 1
-            feedback.congested(
-                now,
-                sent_at,
-                verdict.retry_after,
-                probe,
-                rate_limited=verdict.kind is Outcome.THROTTLED,
-                rtt=self._rtt,
-            )
-            self._end_outlasted(now)
-            if self._hooks:
-                self._emit(Throttled, ticket, status=reply.status, retry_after=verdict.retry_after)
-        else:
-            permit.ignore()
-            feedback.lost(probe)
-        return _Failure(
-            self._upstream_error(ticket, reply, verdict),
-            retryable=verdict.retryable,
-            retry_after=verdict.retry_after,
-            congestion=verdict.congestion,
-            probe=bool(probe) and verdict.congestion,
-        )
-
-    def _transport_failed(
-        self, ticket: _Ticket, exc: TransportError, permit: Permit, reservation: Reservation
-    ) -> _Failure:
-        """Account for an attempt that got no usable reply; say whether to retry it."""
-        deadline = ticket.deadline
-        if exc.reason == "timeout" and deadline is not None and self._now() >= deadline - 1e-6:
-            permit.ignore()
-            reservation.reconcile(reservation.estimate)
-            raise self._deadline_error(ticket, "while it was in flight") from exc
-        if exc.reason == "timeout":
-            permit.dropped()  # an upstream too slow to answer is a congestion signal
-        else:
-            permit.ignore()
-        if exc.reason == "connect_failed":
-            reservation.cancel()  # nothing reached the upstream
-        else:
-            reservation.reconcile(reservation.estimate)
-        exc.priority = describe_priority(ticket.priority)
-        exc.tenant = ticket.tenant
-        # A body over the cap would be over it again: not retried, like a closed pool.
-        retryable = exc.reason not in ("closed", "body_too_large")
-        return _Failure(exc, retryable=retryable, retry_after=None)
-
-    def _retry_delay(self, ticket: _Ticket, failure: _Failure, now: float) -> float | None:
-        """Seconds to wait before re-queueing ``ticket``, or None: it ends with its error."""
-        if not failure.retryable or ticket.attempt >= self._max_attempts:
-            return None
-        retry_after = failure.retry_after
-        if retry_after is not None:
-            if retry_after > self._max_retry_after:
-                return None
-            # After a congestion reply the cooldown holds the whole fleet for it: re-queue
-            # at once. Any other reply's Retry-After (a 500's, a 503 from a proxy) is this
-            # request's own wait.
-            delay = 0.0 if failure.congestion else retry_after
-            ready = now + retry_after
-        else:
-            delay = backoff_delay(ticket.attempt - 1, rng=self._rng)
-            ready = now + delay
-        if ticket.deadline is not None and ready >= ticket.deadline:
-            return None
-        if not self._budget.try_spend(now):
-            return None
-        return delay
-
-    def _give_back(self, ticket: _Ticket) -> None:
-        """Return an unused grant: nothing was sent, so no sample and no tokens."""
-        assert ticket.permit is not None and ticket.reservation is not None
-        ticket.permit.ignore()
-        ticket.reservation.cancel()
-        ticket.permit = ticket.reservation = None
-        self._feedback.lost(ticket.probe)
-        ticket.probe = 0
-
-    # ------------------------------------------------------------------ the dispatcher
-
-    async def _dispatch(self) -> None:
-        """Hand the head of the queue its grant whenever the gates let one more request go.
-
-        The only task that waits on the gates. It takes what one request needs (a rate
-        unit, the head's tokens, a concurrency permit) and only then pops the head, so the
-        queue alone decides who goes, and a head that leaves meanwhile (deadline, cancel)
-        leaves its grant to the next.
-        """
-        queue, loop = self._queue, asyncio.get_running_loop()
-        cooldown = self._cooldown
-        permit: Permit | None = None
-        reservation: Reservation | None = None
-        rate_taken = False
-        probe = 0  # the cooldown generation the dispatcher holds a probe of (0: none)
-        try:
-            while True:
-                head = queue.peek()
-                if head is None:
-                    self._work.clear()
-                    await self._work.wait()
-                    continue
-                if probe and (probe != cooldown.generation or cooldown.is_open()):
-                    self._feedback.lost(probe)  # that closure ended: no probe needed
-                    probe = 0
-                if not probe:
-                    # After a cooldown the fleet comes back spread over the ramp, not in
-                    # one burst, and at least at the pace it was served before.
-                    pace = self._service_rate(loop.time()) * cooldown.ramp
-                    probe = await cooldown.wait(spread=max(self._limiter.capacity, int(pace)))
-                if not rate_taken:
-                    await self._rate.acquire()
-                    rate_taken = True
-                head = queue.peek()
-                if head is None:
-                    continue
-                if reservation is None or reservation.estimate < head.item.cost:
-                    if reservation is not None:
-                        reservation.cancel()
-                        reservation = None
-                    reservation = await self._tokens.reserve(head.item.cost)
-                if permit is None:
-                    permit = await self._permit(loop)
-                head = queue.peek()
-                if head is None or head.item.cost > reservation.estimate:
-                    continue
-                if not (cooldown.is_open() or (probe and probe == cooldown.generation)):
-                    continue
-                waiter = queue.pop_nowait()
-                ticket = waiter.item
-                try:
-                    left = math.inf if ticket.deadline is None else ticket.deadline - loop.time()
-                    if left < self._rtt:
-                        # Too late to be answered in time: say so now and keep the grant
-                        # (the rate unit and a probe included) for the next head, rather
-                        # than spend it on nothing.
-                        waiter.set_exception(self._too_late(ticket, left))
-                        continue
-                    ticket.permit, ticket.reservation = permit, reservation
-                    if waiter.admit():
-                        self._grant(ticket, probe if not cooldown.is_open() else 0, loop.time())
-                        permit, reservation, rate_taken, probe = None, None, False, 0
-                    else:  # the caller left between pop and admit: the grant goes on
-                        ticket.permit = ticket.reservation = None
-                except Exception as exc:
-                    # One request's failure must not stop every other: the dispatcher goes
-                    # on. Admitted already, the grant is the request's; else the request
-                    # ends with an error and the grant stays for the next head.
-                    logger.exception("asyncquota could not hand a request its turn.")
-                    if permit is not None and ticket.permit is permit and waiter.admitted:
-                        permit, reservation, rate_taken, probe = None, None, False, 0
-                    else:
-                        ticket.permit = ticket.reservation = None
-                        if not waiter.done():
-                            waiter.set_exception(self._internal_error(ticket, exc))
-        finally:
-            if permit is not None:
-                permit.ignore()
-            if reservation is not None:
-                reservation.cancel()
-            self._feedback.lost(probe)
-
-    async def _permit(self, loop: asyncio.AbstractEventLoop) -> Permit:
-        """A concurrency permit for the head; tells the limit when it is what holds us.
-
-        Time spent waiting here is time the limit, not the rate, held the upstream back.
-        When that is most of the last ``STALL`` seconds and nobody refused anything, the
-        limit is told it stalled (``ConcurrencyLimiter.stalled``): long replies clock its
-        growth far too slowly otherwise.
-        """
-        limiter = self._limiter
-        started = loop.time()
-        while True:
-            try:
-                async with asyncio.timeout(STALL):
-                    permit = await limiter.acquire()
-                break
-            except TimeoutError:
-                # Not one permit back in a whole STALL: stalled, whatever came before.
-                limiter.stalled(loop.time(), spread=STALL)
-        now = loop.time()
-        self._limit_bound += now - started
-        if now >= self._stall_check_at:
-            self._check_stall(now)
-        return permit
-
-    def _check_stall(self, now: float) -> None:
-        """Tell the limiter it stalled if it held us most of a ``STALL`` with little back."""
-        limiter = self._limiter
-        returned = limiter.returned
-        if (
-            self._limit_bound >= STALL / 2
-            and (returned - self._stall_returned) * STALL_RETURNS < limiter.capacity
-        ):
-            limiter.stalled(now, spread=STALL)
-        self._limit_bound, self._stall_check_at = 0.0, now + STALL
-        self._stall_returned = returned
-
-    def _grant(self, ticket: _Ticket, probe: int, now: float) -> None:
-        """Mark ``ticket`` granted: the gates' marks for its reply, the probe it carries."""
-        ticket.probe = probe
-        # The marks leave out the request's own units: an upstream that counts a request
-        # in the ``remaining`` of its own reply and one that does not are both read right
-        # (the first one unit low, which is safe).
-        ticket.rate_mark = self._rate.taken - 1.0
-        ticket.token_mark = self._tokens.taken - ticket.cost
-        self._count_served(now)
-
-    # ------------------------------------------------------------------ reading replies
-
-    def _upstream_error(
-        self, ticket: _Ticket, reply: Response, verdict: Classification
-    ) -> UpstreamError:
-        kind = verdict.kind
-        detail = f": {verdict.message}" if verdict.message else "."
-        where = f"{ticket.method} {ticket.path} got HTTP {reply.status}"
-        error_class: type[UpstreamError]
-        if kind is Outcome.THROTTLED:
-            error_class = ThrottledError
-            wait = (
-                f" and asked to wait {verdict.retry_after:g} s"
-                if verdict.retry_after is not None
-                else ""
-            )
-            message = f"{where}: the upstream is rate limiting{wait}{detail}"
-        elif kind is Outcome.OVERLOADED:
-            error_class = OverloadedError
-            message = f"{where}: the upstream service is overloaded{detail}"
-        elif kind is Outcome.QUOTA_EXHAUSTED:
-            return QuotaExhaustedError(
-                f"{where}: the account's quota or credit is exhausted{detail}",
-                regain_at=verdict.regain_at,
-                why=verdict.reason,
-                status=reply.status,
-                body=reply.body,
-                priority=ticket.priority,
-                tenant=ticket.tenant,
-                retry_after=verdict.retry_after,
-            )
-        else:
-            error_class = UpstreamError
-            message = f"{where}{detail}"
-        return error_class(
-            message,
-            status=reply.status,
-            body=reply.body,
-            reason=verdict.code if kind is Outcome.FATAL and verdict.code else None,
-            priority=ticket.priority,
-            tenant=ticket.tenant,
-            retry_after=verdict.retry_after,
-        )
-
-    def _internal_error(self, ticket: _Ticket, exc: Exception) -> RejectedError:
-        return RejectedError(
-            f"{ticket.method} {ticket.path} was not sent: asyncquota failed to hand it its "
-            f"turn ({type(exc).__name__}); the Shaper goes on serving.",
-            reason="internal_error",
-            priority=ticket.priority,
-            tenant=ticket.tenant,
-        )
-
-    def _too_late(self, ticket: _Ticket, left: float) -> DeadlineUnreachableError:
-        return DeadlineUnreachableError(
-            f"{ticket.method} {ticket.path} has {left:.2f} s left, less than a typical reply "
-            f"takes ({self._rtt:.2f} s); it was not sent.",
-            priority=ticket.priority,
-            tenant=ticket.tenant,
-        )
-
-    def _deadline_error(self, ticket: _Ticket, when: str) -> DeadlineExceededError:
-        waited = self._now() - ticket.started
-        return DeadlineExceededError(
-            f"{ticket.method} {ticket.path} reached its deadline {when}, after {waited:.2f} s.",
-            priority=ticket.priority,
-            tenant=ticket.tenant,
-        )
-
-    # ------------------------------------------------------------------ plumbing
-
-    async def _send(self, ticket: _Ticket, budget: float | None) -> Response:
-        return await self._transport.send(
-            Request(ticket.method, ticket.url, ticket.headers, ticket.body, budget)
-        )
-
-    async def _open_stream(self, ticket: _Ticket, budget: float | None) -> Response:
-        """Open a stream; a 2xx one waits on the ticket, an error one is read whole."""
-        stream = await self._transport.open_stream(
-            Request(ticket.method, ticket.url, ticket.headers, ticket.body, budget)
-        )
-        if not stream.ok:
-            return Response(stream.status, stream.headers, await stream.read())
-        ticket.stream = stream
-        return Response(stream.status, stream.headers)
-
-    def _now(self) -> float:
-        return asyncio.get_running_loop().time()
-
-    def _count_served(self, now: float) -> None:
-        if self._first_served is None:
-            self._first_served = now
-        self._served.add(now)
-
-    def _tracing(self) -> bool:
-        """Whether the frequent events (queued, admitted, ok) have anyone to hear them."""
-        return any(
-            not isinstance(hook, LoggingHook) or hook.debug_enabled for hook in self._hooks
-        )
-
-    def _complete(self, ticket: _Ticket, outcome: str, status: int | None) -> None:
-        if outcome != "ok" or self._tracing():
-            self._emit(
-                Completed,
-                ticket,
-                outcome=outcome,
-                status=status,
-                latency=self._now() - ticket.started,
-            )
-
-    def _emit(self, kind: type[Event], ticket: _Ticket, **fields: Any) -> None:
-        event = kind(
-            at=self._now(),
-            method=ticket.method,
-            path=ticket.path,
-            priority=describe_priority(ticket.priority),
-            tenant=ticket.tenant,
-            attempt=ticket.attempt,
-            **fields,
-        )
-        for hook in self._hooks:
-            try:
-                hook.on_event(event)
-            except Exception:  # instrumentation never fails a request
-                logger.exception("The asyncquota hook %r failed on %s.", hook, event)
-
-
-def _class_name(rank: int) -> str:
-    described = describe_priority(rank)
-    return described.name.lower() if isinstance(described, Priority) else str(rank)
+    return options
 
 
 def _check(

@@ -27,50 +27,70 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Self
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import orjson
 
-from .errors import ClosedError, OverloadedError, QuotaError, ThrottledError, UpstreamError
+from .attempt import upstream_error
+from .errors import ClosedError, QuotaError, UpstreamError
 from .signals import Classification, Outcome, classify_stream_event
 from .tokens import usage_from_mapping
+from .transport import Response
 
 if TYPE_CHECKING:
-    from .gates import Reservation
-    from .limiter import Permit
-    from .shaper import Shaper, _Ticket
-    from .transport import SSEEvent, StreamResponse
+    from .options import RequestOptions
+    from .ticket import Ending, Lease, Send
+    from .transport import Request, SSEEvent, StreamResponse, Transport
 
 __all__ = ["ShapedStream"]
+
+
+class Leases(Protocol):
+    """What a stream needs of its Shaper: its transport, and a turn with a held grant."""
+
+    @property
+    def transport(self) -> Transport:
+        """The transport that opens the stream."""
+
+    async def lease(
+        self, send: Send, *, method: str, path: str, options: RequestOptions
+    ) -> tuple[Response, Lease]:
+        """A turn for ``send``, whose grant the returned lease holds (``Shaper.lease``)."""
 
 
 class ShapedStream:
     """An open event stream from the upstream, holding its permit until it ends.
 
     Made by :meth:`Shaper.stream`; use it as an async context manager and iterate it.
+    Built on the Shaper's public :meth:`~asyncquota.Shaper.lease`.
     """
 
     __slots__ = (
         "_events",
         "_input_tokens",
+        "_lease",
+        "_options",
         "_output_tokens",
-        "_permit",
+        "_path",
         "_reader",
-        "_reservation",
+        "_request",
         "_shaper",
         "_shut_down",
         "_stream",
-        "_ticket",
         "attempts",
     )
 
-    def __init__(self, shaper: Shaper, ticket: _Ticket) -> None:
+    def __init__(
+        self, shaper: Leases, request: Request, *, path: str, options: RequestOptions
+    ) -> None:
         self._shaper = shaper
-        self._ticket = ticket
+        self._request = request
+        self._path = path
+        self._options = options
         self._stream: StreamResponse | None = None
         self._events: AsyncIterator[SSEEvent] | None = None
-        self._permit: Permit | None = None
-        self._reservation: Reservation | None = None
+        self._lease: Lease | None = None
         self._input_tokens = 0
         self._output_tokens = 0
         self.attempts = 0
@@ -83,16 +103,25 @@ class ShapedStream:
         Raises:
             QuotaError: as ``Shaper.request`` does, when no stream could be opened.
         """
-        shaper, ticket = self._shaper, self._ticket
-        ticket.hold = True
-        reply = await shaper._run(ticket, shaper._open_stream)
+        transport = self._shaper.transport
+
+        async def open_stream(budget: float | None) -> Response:
+            # A 2xx stream is kept open for the reader; an error one is read whole, for
+            # the Shaper to classify (and perhaps retry).
+            stream = await transport.open_stream(replace(self._request, timeout=budget))
+            if not stream.ok:
+                return Response(stream.status, stream.headers, await stream.read())
+            self._stream = stream
+            return Response(stream.status, stream.headers)
+
+        reply, lease = await self._shaper.lease(
+            open_stream, method=self._request.method, path=self._path, options=self._options
+        )
         self.attempts = reply.attempts
-        self._stream = ticket.stream
-        self._permit, self._reservation = ticket.permit, ticket.reservation
-        ticket.stream = ticket.permit = ticket.reservation = None
+        self._lease = lease
+        lease.on_shutdown = self._shut
         assert self._stream is not None
         self._events = self._stream.events()
-        shaper._streams.add(self)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -136,8 +165,9 @@ class ShapedStream:
         self._count_usage(event.data)
         verdict = classify_stream_event(event.data)
         if verdict is not None:
+            lease = self._lease
             await self._end("dropped" if verdict.congestion else "ignore")
-            raise self._stream_error(verdict)
+            raise self._stream_error(verdict, lease)
         return event
 
     async def _shut(self) -> None:
@@ -155,31 +185,19 @@ class ShapedStream:
 
     def _closed_error(self) -> ClosedError:
         return ClosedError(
-            f"The Shaper shut down while the stream of {self._ticket.method} "
-            f"{self._ticket.path} was open; it was closed.",
-            priority=self._ticket.priority,
-            tenant=self._ticket.tenant,
+            f"The Shaper shut down while the stream of {self._request.method} "
+            f"{self._path} was open; it was closed.",
+            priority=self._options.priority,
+            tenant=self._options.tenant,
         )
 
-    async def _end(self, outcome: str) -> None:
-        """End the permit and the reservation exactly once, and close the stream."""
-        permit, reservation, stream = self._permit, self._reservation, self._stream
-        self._permit = self._reservation = None
+    async def _end(self, ending: Ending) -> None:
+        """End the lease exactly once (see ``Lease.end``), and close the stream."""
+        lease, stream = self._lease, self._stream
+        self._lease = None
         self._events = None
-        streams = self._shaper._streams
-        streams.discard(self)
-        if not streams:
-            self._shaper._no_streams.set()
-        if permit is not None:
-            if outcome == "success":
-                permit.success()
-            elif outcome == "dropped":
-                permit.dropped()
-            else:
-                permit.ignore()
-        if reservation is not None:
-            used = self._input_tokens + self._output_tokens
-            reservation.reconcile(used if used and outcome == "success" else reservation.estimate)
+        if lease is not None:
+            lease.end(ending, self._input_tokens + self._output_tokens)
         if stream is not None:
             await stream.aclose()
 
@@ -205,27 +223,16 @@ class ShapedStream:
         self._input_tokens = max(self._input_tokens, inputs)
         self._output_tokens = max(self._output_tokens, total - inputs)
 
-    def _stream_error(self, verdict: Classification) -> UpstreamError:
-        shaper, ticket = self._shaper, self._ticket
-        kind, retry_after = verdict.kind, verdict.retry_after
-        error_class: type[UpstreamError] = UpstreamError
-        if kind is Outcome.OVERLOADED:
-            error_class = OverloadedError
-        elif kind is Outcome.THROTTLED:
-            error_class = ThrottledError
-        if kind in (Outcome.OVERLOADED, Outcome.THROTTLED):
-            shaper._throttled += 1
-            now = shaper._now()
-            shaper._feedback.congested(
-                now, now, retry_after, 0, rate_limited=kind is Outcome.THROTTLED
-            )
-        detail = f": {verdict.message}" if verdict.message else "."
-        return error_class(
-            f"The stream of {ticket.method} {ticket.path} broke off with an error event "
-            f"({verdict.code or kind.value}){detail}",
-            status=self.status,
-            reason=None,
-            priority=ticket.priority,
-            tenant=ticket.tenant,
-            retry_after=retry_after,
+    def _stream_error(self, verdict: Classification, lease: Lease | None) -> UpstreamError:
+        kind = verdict.kind
+        if kind in (Outcome.OVERLOADED, Outcome.THROTTLED) and lease is not None:
+            lease.congested(verdict.retry_after, rate_limited=kind is Outcome.THROTTLED)
+        return upstream_error(
+            f"The stream of {self._request.method} {self._path} broke off with an error "
+            f"event ({verdict.code or kind.value})",
+            self.status,
+            b"",
+            verdict,
+            priority=self._options.priority,
+            tenant=self._options.tenant,
         )

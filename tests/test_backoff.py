@@ -195,3 +195,47 @@ def test_no_allowed_retry_ever_exceeds_ratio_times_requests_plus_the_floor(
             recent_retries = sum(1 for t in retries if t > now - window + width + 1e-9)
             recent_requests = sum(1 for t in requests if t > now - window - 1e-9)
             assert recent_retries <= ratio * recent_requests + min_per_second * window + 1e-9
+
+
+def _policy(**kwargs):
+    from asyncquota import RetryBudget, RetryPolicy
+
+    settings = {"max_attempts": 3, "max_retry_after": 60.0, "rng": random.Random(1)}
+    settings.update(kwargs)
+    budget = settings.pop("budget", RetryBudget(ratio=1.0, min_per_second=10))
+    return RetryPolicy(budget=budget, **settings)
+
+
+def test_a_retry_policy_ends_what_may_not_be_retried_or_has_no_attempt_left():
+    policy = _policy()
+    common = {"retry_after": None, "held": False, "deadline": None, "now": 0.0}
+    assert policy.delay(1, retryable=False, **common) is None
+    assert policy.delay(3, retryable=True, **common) is None  # the third of three failed
+    assert 0 <= policy.delay(1, retryable=True, **common) < 0.5  # the first backoff
+
+
+def test_a_held_retry_goes_back_in_line_at_once_and_its_own_wait_is_jittered():
+    policy = _policy()
+    # Congestion: the cooldown holds it for the Retry-After, so it re-queues now...
+    assert policy.delay(1, retryable=True, retry_after=7, held=True, deadline=None, now=0) == 0
+    # ...unless the cooldown outlasts its deadline or max_retry_after.
+    assert policy.delay(1, retryable=True, retry_after=7, held=True, deadline=6, now=0) is None
+    assert policy.delay(1, retryable=True, retry_after=61, held=True, deadline=None, now=0) is None
+    # A 500's Retry-After is this request's own wait, plus a jitter below half a second.
+    wait = policy.delay(1, retryable=True, retry_after=7, held=False, deadline=None, now=0)
+    assert wait is not None and 7 <= wait < 7.5
+
+
+def test_a_retry_policy_spends_the_budget_last_and_stops_when_it_is_spent():
+    from asyncquota import RetryBudget
+
+    budget = RetryBudget(ratio=0.0, min_per_second=0.1, window=10)  # one retry per 10 s
+    policy = _policy(budget=budget)
+    args = {"retryable": True, "retry_after": None, "held": False, "now": 0.0}
+    # A retry its deadline refuses does not spend the budget...
+    assert policy.delay(1, deadline=0.0, **args) is None
+    assert budget.statistics(0.0).retries == 0
+    # ...the first that may go spends its one retry, the next finds none.
+    assert policy.delay(1, deadline=None, **args) is not None
+    assert policy.delay(1, deadline=None, **args) is None
+    assert budget.statistics(0.0).denied == 1

@@ -12,6 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asyncquota import MockTransport, QuotaError, Request, Response, Shaper
+from asyncquota.admission import Admission
+from asyncquota.dispatch import Dispatcher
 
 URL = "http://upstream.test/v1"
 
@@ -175,22 +177,22 @@ async def test_a_usage_no_request_could_have_used_does_not_freeze_the_token_gate
     assert waited < 10
 
 
-async def test_the_dispatcher_survives_one_request_it_cannot_hand_a_turn(caplog):
+async def test_the_dispatcher_survives_one_request_it_cannot_hand_a_turn(caplog, monkeypatch):
     release = asyncio.Event()
 
     async def slow(request: Request) -> Response:
         await release.wait()
         return Response(200, {}, b"{}")
 
+    grant = Dispatcher._grant
+
+    def broken_for_b(self, ticket, probe, now):  # a bug that strikes one request only
+        grant(self, ticket, probe, now)
+        if ticket.path == "/b":
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(Dispatcher, "_grant", broken_for_b)
     async with Shaper(URL, transport=MockTransport(slow), hooks=(), limit=1) as shaper:
-        grant = shaper._grant
-
-        def broken_for_b(ticket, probe, now):  # a bug that strikes one request only
-            grant(ticket, probe, now)
-            if ticket.path == "/b":
-                raise RuntimeError("boom")
-
-        shaper._grant = broken_for_b  # type: ignore[method-assign]
         first = asyncio.create_task(shaper.request("GET", "/a"))
         doomed = asyncio.create_task(shaper.request("GET", "/b"))
         after = asyncio.create_task(shaper.request("GET", "/c"))
@@ -204,19 +206,20 @@ async def test_the_dispatcher_survives_one_request_it_cannot_hand_a_turn(caplog)
     assert "could not hand a request its turn" in caplog.text
 
 
-async def test_a_request_the_dispatcher_fails_on_ends_with_an_error_and_the_rest_go_on(caplog):
+async def test_a_request_the_dispatcher_fails_on_ends_with_an_error_and_the_rest_go_on(
+    caplog, monkeypatch
+):
     async def one_second(request: Request) -> Response:
         await asyncio.sleep(1)
         return Response(200, {}, b"{}")
 
+    def broken(self, ticket, left):  # a bug on the way to refusing one request
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Admission, "too_late", broken)
     async with Shaper(
         URL, transport=MockTransport(one_second), hooks=(), limit=1, max_wait={"interactive": 60}
     ) as shaper:
-
-        def broken(ticket, left):  # a bug on the way to refusing one request
-            raise RuntimeError("boom")
-
-        shaper._too_late = broken  # type: ignore[method-assign]
         first = asyncio.create_task(shaper.request("GET", "/a"))
         # Due in 1.5 s, reached at 1 s with a reply taking 1 s: refused, by the broken path.
         doomed = asyncio.create_task(shaper.request("GET", "/b", deadline=1.5))

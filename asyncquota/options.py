@@ -1,0 +1,161 @@
+"""A request's options: made and checked once, then carried through the request path.
+
+    options = RequestOptions(priority="batch", tenant="shop-42", deadline=30)
+    await shaper.request("POST", "/v1/chat/completions", json=body, options=options)
+
+What a caller says about one request, apart from the request itself: its priority class,
+its tenant, its deadline and the tokens to reserve for it. The Shaper's ``request`` and
+``stream`` take them as keywords or as one ``RequestOptions``; the aiohttp middleware,
+the SDK transports and the Gateway make one (from headers, or from their own arguments)
+and hand it on, so a value is checked in one place, before anything is queued or counted.
+
+Callers that cannot pass keywords (an aiohttp session, an SDK, another language through
+the proxy) give the options in headers, which are removed before the request is sent:
+
+    X-AsyncQuota-Priority     critical | interactive | batch | an integer rank
+    X-AsyncQuota-Tenant       the tenant (a string)
+    X-AsyncQuota-Deadline     seconds from now (a number)
+    X-AsyncQuota-Cost-Tokens  tokens to reserve (an integer)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+from .priority import Priority, PriorityLike, coerce_priority
+
+__all__ = [
+    "COST_HEADER",
+    "DEADLINE_HEADER",
+    "MIN_DEADLINE",
+    "OPTION_HEADERS",
+    "PRIORITY_HEADER",
+    "TENANT_HEADER",
+    "RequestOptions",
+]
+
+PRIORITY_HEADER = "X-AsyncQuota-Priority"
+TENANT_HEADER = "X-AsyncQuota-Tenant"
+DEADLINE_HEADER = "X-AsyncQuota-Deadline"
+COST_HEADER = "X-AsyncQuota-Cost-Tokens"
+OPTION_HEADERS = (PRIORITY_HEADER, TENANT_HEADER, DEADLINE_HEADER, COST_HEADER)
+"""The headers that carry per-request options; never sent upstream."""
+
+MIN_DEADLINE = 0.001
+"""The shortest deadline a request may have (seconds): nothing is answered sooner."""
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class RequestOptions:
+    """What a caller asked of one request, checked.
+
+    Attributes:
+        priority: the class's integer rank (smaller goes first); given as ``"critical"``,
+            ``"interactive"``, ``"batch"``, a Priority or an integer.
+        tenant: who the request is for; tenants of one class share it fairly. Any
+            hashable value.
+        deadline: seconds from the call the request may take in all, queueing and
+            retries included (None: the Shaper's ``default_deadline``).
+        cost_tokens: the tokens to reserve, when the caller knows better than the
+            estimate (None: estimated from the body, see :mod:`asyncquota.tokens`).
+
+    Raises:
+        ValueError: a deadline not a finite number of at least ``MIN_DEADLINE`` seconds,
+            a negative or non-integer ``cost_tokens``, an unknown class name.
+        TypeError: a priority that is neither a name nor an integer; an unhashable tenant.
+    """
+
+    priority: int = Priority.INTERACTIVE
+    tenant: Hashable | None = None
+    deadline: float | None = None
+    cost_tokens: int | None = None
+
+    def __init__(
+        self,
+        priority: PriorityLike = Priority.INTERACTIVE,
+        tenant: Hashable | None = None,
+        deadline: float | None = None,
+        cost_tokens: int | None = None,
+    ) -> None:
+        # A hand-written __init__ (frozen: object.__setattr__) so that the stored
+        # priority is always the rank, whatever the caller wrote.
+        object.__setattr__(self, "priority", coerce_priority(priority))
+        try:
+            hash(tenant)
+        except TypeError:
+            raise TypeError(
+                f"tenant must be hashable (a name, a number, a tuple), not "
+                f"{type(tenant).__name__}."
+            ) from None
+        object.__setattr__(self, "tenant", tenant)
+        if deadline is not None:
+            if isinstance(deadline, bool) or not (
+                isinstance(deadline, int | float) and math.isfinite(deadline)
+            ):
+                raise ValueError(f"deadline must be a number of seconds, not {deadline!r}.")
+            if deadline < MIN_DEADLINE:
+                raise ValueError(
+                    f"deadline must be at least {MIN_DEADLINE:g} s (no request can be "
+                    f"answered sooner), not {deadline!r}."
+                )
+            deadline = float(deadline)
+        object.__setattr__(self, "deadline", deadline)
+        if cost_tokens is not None and (
+            isinstance(cost_tokens, bool) or not isinstance(cost_tokens, int) or cost_tokens < 0
+        ):
+            raise ValueError(f"cost_tokens must be an integer ≥ 0, not {cost_tokens!r}.")
+        object.__setattr__(self, "cost_tokens", cost_tokens)
+
+    @classmethod
+    def from_headers(cls, values: Mapping[str, Sequence[str]]) -> RequestOptions:
+        """The options given in ``X-AsyncQuota-*`` headers (``OPTION_HEADERS``).
+
+        Args:
+            values: each option header's values by its name as in ``OPTION_HEADERS``
+                (an empty sequence, or no entry: not given). A header given twice is
+                refused rather than guessed between.
+
+        Raises:
+            ValueError: a header given more than once, or holding a malformed value.
+        """
+        priority = _single(values, PRIORITY_HEADER)
+        deadline = _single(values, DEADLINE_HEADER)
+        cost = _single(values, COST_HEADER)
+        return cls(
+            priority=priority if priority is not None else Priority.INTERACTIVE,
+            tenant=_single(values, TENANT_HEADER),
+            deadline=None if deadline is None else _seconds(deadline),
+            cost_tokens=None if cost is None else _tokens(cost),
+        )
+
+
+def _single(values: Mapping[str, Sequence[str]], name: str) -> str | None:
+    given = values.get(name)
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValueError(f"The {name} header was given {len(given)} times; give it once.")
+    return given[0].strip()
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(
+            f"The {DEADLINE_HEADER} header must be a number of seconds, not {text!r}."
+        ) from None
+    if not math.isfinite(value):
+        raise ValueError(
+            f"The {DEADLINE_HEADER} header must be a finite number of seconds, not {text!r}."
+        )
+    return value
+
+
+def _tokens(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"The {COST_HEADER} header must be an integer, not {text!r}.") from None
