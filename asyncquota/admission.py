@@ -185,7 +185,8 @@ class Admission:
             )
         if ticket.sent:  # a retry (or a refused probe) keeps its age: the cooldown only
             return
-        wait = self.estimate_wait(ticket, now)
+        # Nobody in line (the common case): the wait is the cooldown's, nothing to estimate.
+        wait = self.estimate_wait(ticket, now) if len(self.queue) else cooling
         if wait is None:
             return
         if wait + self.rtt > left * ESTIMATE_TRUST:

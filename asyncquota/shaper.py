@@ -435,9 +435,10 @@ class Shaper:
         options = _options(options, priority, tenant, deadline, cost_tokens)
         prepared, cost = self._prepare(method, path, json, headers, options)
         transport = self._transport
+        method, url, merged, body = prepared.method, prepared.url, prepared.headers, prepared.body
 
         def send(timeout: float | None) -> Awaitable[Response]:
-            return transport.send(replace(prepared, timeout=timeout))
+            return transport.send(Request(method, url, merged, body, timeout))
 
         return await self._run(self._ticket(prepared.method, path, send, options, cost))
 

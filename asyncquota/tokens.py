@@ -109,8 +109,8 @@ def reply_usage(body: bytes) -> tuple[int, int] | None:
         document = orjson.loads(body)
     except (orjson.JSONDecodeError, TypeError):
         return None
-    usage = document.get("usage") if isinstance(document, dict) else None
-    return usage_split(usage) if isinstance(usage, Mapping) else None
+    usage = document.get("usage") if type(document) is dict else None
+    return usage_split(usage) if type(usage) is dict else None
 
 
 def usage_from_mapping(usage: Mapping[str, Any]) -> int | None:
@@ -127,7 +127,7 @@ def usage_split(usage: Mapping[str, Any]) -> tuple[int, int] | None:
     one), or a total above :data:`MAX_USAGE_TOKENS`, makes the whole usage None: a
     partial reading would undercount. Never raises.
     """
-    if not isinstance(usage, Mapping):
+    if type(usage) is not dict and not isinstance(usage, Mapping):  # a dict: the fast test
         return None
     for input_key, output_key in _USAGE_PAIRS:
         if input_key in usage or output_key in usage:
