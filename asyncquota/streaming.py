@@ -39,8 +39,9 @@ from .tokens import usage_from_mapping
 from .transport import Response
 
 if TYPE_CHECKING:
+    from .limiter import Ending
     from .options import RequestOptions
-    from .ticket import Ending, Lease, Send
+    from .ticket import Lease, Send
     from .transport import Request, SSEEvent, StreamResponse, Transport
 
 __all__ = ["ShapedStream"]

@@ -11,21 +11,18 @@ grant kept past the reply, as a stream keeps it while it is read, becomes a
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Hashable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .errors import QuotaError
     from .gates import Reservation
-    from .limiter import Permit
+    from .limiter import Ending, Permit
     from .transport import Response
 
-__all__ = ["Ending", "Failure", "Lease", "Send", "Ticket"]
+__all__ = ["Failure", "Lease", "Send", "Ticket"]
 
 Send = Callable[[float | None], Awaitable["Response"]]
 """How one attempt is sent: given the seconds it may take (None: no bound), the reply."""
-
-Ending = Literal["success", "dropped", "ignore"]
-"""What a held grant's end teaches the concurrency limit (see ``Permit``)."""
 
 
 class Ticket:
@@ -145,7 +142,8 @@ class Lease:
         """Give the grant back: once; later calls do nothing.
 
         Args:
-            ending: ``"success"`` (the stream ran to its end: the limit gets a sample),
+            ending: what the end teaches the concurrency limit, as a ``Permit``'s:
+                ``"success"`` (the stream ran to its end: the limit gets a sample),
                 ``"dropped"`` (it broke off with a congestion signal: the limit is cut),
                 ``"ignore"`` (left early or broken: nothing is learnt).
             used_tokens: the usage the stream reported; charged after a success, else
