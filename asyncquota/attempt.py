@@ -28,7 +28,7 @@ from .errors import (
     TransportError,
     UpstreamError,
 )
-from .hooks import Throttled
+from .hooks import Replied, Throttled
 from .priority import describe_priority
 from .signals import Classification, Outcome, classify_error_body
 from .ticket import Failure
@@ -131,22 +131,30 @@ class Attempts:
         )
         # The reservation is settled before the headers are read: they re-anchor the
         # mirrors at what the upstream counted, this request's own usage included.
+        reporter = self._reporter
         if verdict.kind is Outcome.SUCCESS:
             admission.replied(now - sent_at)
+            used: int | None = None
             if ticket.hold:
                 ticket.permit, ticket.reservation = permit, reservation
             else:
                 permit.success()
                 used = usage_tokens(reply.body)
-                if used is None:
-                    used = reservation.estimate
                 # One reply may not charge more than a request could plausibly use: a
                 # usage of 5e7 tokens would hold the token gate for minutes.
-                reservation.reconcile(min(used, USAGE_CEILING * reservation.estimate + 1024))
+                reservation.reconcile(
+                    reservation.estimate
+                    if used is None
+                    else min(used, USAGE_CEILING * reservation.estimate + 1024)
+                )
             if not feedback.ample(reply.headers, now):
                 feedback.observe(reply.headers, now, sent_at, ticket.rate_mark, ticket.token_mark)
             feedback.succeeded(now, probe)
+            if reporter.tracing():
+                self._replied(ticket, reply.status, now, sent_at, reservation.estimate, used)
             return reply
+        if reporter.tracing():
+            self._replied(ticket, reply.status, now, sent_at, reservation.estimate, None)
         reservation.cancel()
         feedback.observe(reply.headers, now, sent_at, ticket.rate_mark, ticket.token_mark)
         if verdict.congestion:
@@ -160,7 +168,7 @@ class Attempts:
                 permit.ignore()
             else:
                 permit.dropped()
-            self._reporter.throttled += 1
+            reporter.throttled += 1
             feedback.congested(
                 now,
                 sent_at,
@@ -170,8 +178,8 @@ class Attempts:
                 rtt=admission.rtt,
             )
             admission.end_outlasted(now)
-            if self._reporter.hooks:
-                self._reporter.emit(
+            if reporter.hooks:
+                reporter.emit(
                     Throttled, ticket, now, status=reply.status, retry_after=verdict.retry_after
                 )
         else:
@@ -190,6 +198,25 @@ class Attempts:
             retry_after=verdict.retry_after,
             congestion=verdict.congestion,
             probe=bool(probe) and verdict.congestion,
+        )
+
+    def _replied(
+        self,
+        ticket: Ticket,
+        status: int,
+        now: float,
+        sent_at: float,
+        reserved: int,
+        used: int | None,
+    ) -> None:
+        self._reporter.emit(
+            Replied,
+            ticket,
+            now,
+            status=status,
+            seconds=now - sent_at,
+            reserved_tokens=reserved,
+            used_tokens=used,
         )
 
     def _transport_failed(

@@ -7,11 +7,15 @@ dataclasses that share the fields of :class:`Event`; their class says what happe
 
     Queued      the request entered the queue (or re-entered it, for a retry)
     Admitted    it left the queue through the gates and is being sent
+    Replied     the upstream answered an attempt (any status), after ``seconds``
     Throttled   the upstream answered with a congestion signal (429, 503, 529)
     Retried     it goes back into the queue after a failed attempt
     Shed        it was rejected without being sent (queue full, deadline unreachable,
                 a cooldown longer than its deadline, shutdown)
-    Completed   it ended: ``outcome`` is "ok" or the error's reason
+    Completed   it ended: ``outcome`` says how (a RequestOutcome), ``reason`` in detail
+
+The frequent events (Queued, Admitted, Replied, a Completed that is OK) are made only when
+some hook would hear them: any hook but a LoggingHook whose logger is above DEBUG.
 
 The default, :class:`LoggingHook`, logs sheds and throttling at INFO and the rest at
 DEBUG on the ``asyncquota`` logger (INFO, not WARNING: on a bad night there are thousands,
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import DeadlineExceededError, QuotaError
+from .outcomes import RequestOutcome, classify
 from .priority import Priority, describe_priority
 from .urls import redact_url
 
@@ -42,6 +47,7 @@ __all__ = [
     "Hook",
     "LoggingHook",
     "Queued",
+    "Replied",
     "Reporter",
     "Retried",
     "Shed",
@@ -92,6 +98,22 @@ class Admitted(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Replied(Event):
+    """The upstream answered an attempt with ``status`` after ``seconds``.
+
+    ``seconds`` runs from the send to the whole reply, or for a stream to its headers (the
+    time to its first byte). ``reserved_tokens`` is what the attempt reserved;
+    ``used_tokens`` what a successful reply said it used (None: it did not say, or a
+    stream, whose usage comes at its end).
+    """
+
+    status: int
+    seconds: float
+    reserved_tokens: int
+    used_tokens: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Throttled(Event):
     """The upstream answered ``status`` (a congestion signal), asking to wait ``retry_after``."""
 
@@ -117,9 +139,14 @@ class Shed(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Completed(Event):
-    """The request ended: ``outcome`` is "ok" or an error reason; ``latency`` since it began."""
+    """The request ended in ``outcome``, ``latency`` seconds after it began.
 
-    outcome: str
+    ``reason`` says more: "ok", "cancelled" or the error's reason (``"busy"``,
+    ``"rate_limited"``, an upstream's error code, ...); ``status`` the last HTTP status.
+    """
+
+    outcome: RequestOutcome
+    reason: str
     status: int | None
     latency: float
 
@@ -195,13 +222,26 @@ class Reporter:
                 self.emit(Shed, ticket, now, reason=exc.reason, retry_after=exc.retry_after)
         else:
             self.failed += 1
-        self.completed(ticket, exc.reason, getattr(exc, "status", None), now)
+        self.completed(ticket, classify(exc), exc.reason, getattr(exc, "status", None), now)
 
-    def completed(self, ticket: Ticket, outcome: str, status: int | None, now: float) -> None:
-        """The request ended in ``outcome`` ("ok", "cancelled" or an error's reason)."""
-        if outcome != "ok" or self.tracing():
+    def completed(
+        self,
+        ticket: Ticket,
+        outcome: RequestOutcome,
+        reason: str,
+        status: int | None,
+        now: float,
+    ) -> None:
+        """The request ended in ``outcome`` (``reason``: "ok", "cancelled" or the error's)."""
+        if outcome is not RequestOutcome.OK or self.tracing():
             self.emit(
-                Completed, ticket, now, outcome=outcome, status=status, latency=now - ticket.started
+                Completed,
+                ticket,
+                now,
+                outcome=outcome,
+                reason=reason,
+                status=status,
+                latency=now - ticket.started,
             )
 
     def emit(self, kind: type[Event], ticket: Ticket, now: float, **fields: Any) -> None:

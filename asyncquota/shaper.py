@@ -50,6 +50,7 @@ from .limiter import ConcurrencyLimiter
 from .limits import AIMD, Limit
 from .middleware import ShaperMiddleware
 from .options import RequestOptions
+from .outcomes import RequestOutcome
 from .priority import Priority, PriorityLike, coerce_priority
 from .signals import QuotaSnapshot
 from .streaming import ShapedStream
@@ -703,7 +704,9 @@ class Shaper:
                 if isinstance(result, Response):
                     result.attempts = ticket.attempt
                     reporter.ok += 1
-                    reporter.completed(ticket, "ok", result.status, loop.time())
+                    reporter.completed(
+                        ticket, RequestOutcome.OK, "ok", result.status, loop.time()
+                    )
                     return result
                 if result.probe and result.retryable:
                     continue  # back in line: the cooldown holds it until it opens
@@ -731,7 +734,9 @@ class Shaper:
         except asyncio.CancelledError:
             if task not in self._closing:
                 reporter.cancelled += 1
-                reporter.completed(ticket, "cancelled", None, loop.time())
+                reporter.completed(
+                    ticket, RequestOutcome.CANCELLED, "cancelled", None, loop.time()
+                )
                 raise
             closed = ClosedError(
                 "The Shaper shut down before this request finished.",

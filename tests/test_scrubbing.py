@@ -15,7 +15,8 @@ from asyncquota import (
     UpstreamError,
 )
 from asyncquota.errors import StoreUnavailableError
-from asyncquota.hooks import Admitted, Completed, Queued, Retried, Shed, Throttled
+from asyncquota.hooks import Admitted, Completed, Queued, Replied, Retried, Shed, Throttled
+from asyncquota.outcomes import RequestOutcome
 
 KEY = "AIzaSyD-KEY-0123456789"
 PASSWORD = "hunter2-PASSWORD"
@@ -77,7 +78,8 @@ EVENTS = [
     Throttled(**FIELDS, status=429, retry_after=2.0),
     Retried(**FIELDS, reason="rate_limited", delay=1.0),
     Shed(**FIELDS, reason="queue_full", retry_after=1.0),
-    Completed(**FIELDS, outcome="ok", status=200, latency=0.7),
+    Replied(**FIELDS, status=429, seconds=0.2, reserved_tokens=100, used_tokens=None),
+    Completed(**FIELDS, outcome=RequestOutcome.OK, reason="ok", status=200, latency=0.7),
 ]
 
 

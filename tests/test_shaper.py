@@ -307,13 +307,17 @@ async def test_statistics_add_up_and_hooks_see_one_completed_per_request(caplog)
     del kinds["Queued"]  # a request that finds every gate open may skip the queue
     assert kinds == {
         "Admitted": 7,  # one per attempt: /retried went twice
+        "Replied": 6,  # one per answer: the seventh attempt ran out of time
         "Throttled": 2,
         "Retried": 1,
         "Completed": 6,
     }
     completed = [e for e in recorder.events if isinstance(e, Completed)]
-    assert sorted(e.outcome for e in completed) == sorted(
+    assert sorted(e.reason for e in completed) == sorted(
         ["ok", "ok", "rate_limited", "upstream_error", "deadline_exceeded", "ok"]
+    )
+    assert sorted(e.outcome.label for e in completed) == sorted(
+        ["ok", "ok", "throttled", "http_error", "deadline_exceeded", "ok"]
     )
     assert "this hook is broken" in caplog.text
 
