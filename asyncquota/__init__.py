@@ -130,3 +130,13 @@ __all__ = [
     "parse_retry_after",
     "retry_delay",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # PrometheusHook needs the ``prometheus`` extra: imported when asked for, so that the
+    # core does not depend on prometheus_client (a missing extra says which pip command).
+    if name == "PrometheusHook":
+        from .prometheus import PrometheusHook
+
+        return PrometheusHook
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -215,6 +215,7 @@ class Attempts:
             now,
             status=status,
             seconds=now - sent_at,
+            stream=ticket.hold,
             reserved_tokens=reserved,
             used_tokens=used,
         )

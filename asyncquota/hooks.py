@@ -101,14 +101,15 @@ class Admitted(Event):
 class Replied(Event):
     """The upstream answered an attempt with ``status`` after ``seconds``.
 
-    ``seconds`` runs from the send to the whole reply, or for a stream to its headers (the
-    time to its first byte). ``reserved_tokens`` is what the attempt reserved;
+    ``seconds`` runs from the send to the whole reply, or for a ``stream`` to its headers
+    (the time to its first byte). ``reserved_tokens`` is what the attempt reserved;
     ``used_tokens`` what a successful reply said it used (None: it did not say, or a
     stream, whose usage comes at its end).
     """
 
     status: int
     seconds: float
+    stream: bool
     reserved_tokens: int
     used_tokens: int | None
 

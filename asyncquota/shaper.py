@@ -97,6 +97,7 @@ class ShaperStatistics:
         inflight: requests sent and not yet answered.
         limit: the adaptive concurrency limit now.
         cooldown_until: loop time until which the upstream asked everyone to wait, if so.
+        cooldown_remaining: seconds from the snapshot until then (0: open).
         rpm_level, tpm_level: what the request and token gates hold now (None: no quota).
         service_rate: admissions per second lately (what early shedding divides by).
         quota: the upstream's last rate-limit headers, parsed.
@@ -136,6 +137,7 @@ class ShaperStatistics:
     pace: float | None = None
     cooldown_probing: bool = False
     punishing_upstream: bool = False
+    cooldown_remaining: float = 0.0
 
 
 class Shaper:
@@ -603,6 +605,7 @@ class Shaper:
             pace=self._feedback.pace,
             cooldown_probing=self._cooldown.probing,
             punishing_upstream=self._feedback.punishes,
+            cooldown_remaining=self._cooldown.remaining(now),
         )
 
     def __repr__(self) -> str:

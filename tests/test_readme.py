@@ -90,3 +90,19 @@ async def test_the_governance_config_loads_and_the_gateway_example_answers(tmp_p
     assert keys == ["Bearer sk-test"]
     assert {d.dimension: d.used for d in status.models["gpt-4o-mini"]}["rpd"] == 1
     assert (tmp_path / "quota.sqlite3").exists()  # the counters' store, beside the file
+
+
+async def test_the_metrics_example_serves_what_the_shaper_did(monkeypatch):
+    async with serve(quick_upstream()) as base_url:
+        monkeypatch.setenv("LLM_BASE_URL", base_url)
+        namespace = example("metrics")
+        app = namespace["make_app"]()  # type: ignore[operator]
+        async with TestClient(TestServer(app)) as client:
+            shaper = app[namespace["SHAPER"]]
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}
+            await shaper.request("POST", "/v1/chat/completions", json=body)
+            response = await client.get("/metrics")
+            text = await response.text()
+    assert response.status == 200
+    assert 'asyncquota_requests_total{class="interactive",outcome="ok",upstream="openai"}' in text
+    assert 'asyncquota_inflight{upstream="openai"} 0.0' in text

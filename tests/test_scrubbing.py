@@ -78,7 +78,9 @@ EVENTS = [
     Throttled(**FIELDS, status=429, retry_after=2.0),
     Retried(**FIELDS, reason="rate_limited", delay=1.0),
     Shed(**FIELDS, reason="queue_full", retry_after=1.0),
-    Replied(**FIELDS, status=429, seconds=0.2, reserved_tokens=100, used_tokens=None),
+    Replied(
+        **FIELDS, status=429, seconds=0.2, stream=False, reserved_tokens=100, used_tokens=None
+    ),
     Completed(**FIELDS, outcome=RequestOutcome.OK, reason="ok", status=200, latency=0.7),
 ]
 

@@ -1,0 +1,296 @@
+"""Prometheus metrics: what a Shaper does, counted, and its live state at each scrape.
+
+    hook = PrometheusHook(upstream="openai")
+    shaper = Shaper("https://api.openai.com", hooks=[hook, LoggingHook()])
+    hook.watch(shaper)                       # the gauges: queue, in flight, limit, ...
+    # serve prometheus_client.generate_latest() on /metrics (see the README)
+
+Needs the ``prometheus`` extra (``pip install 'asyncquota[prometheus]'``).
+
+Names and units follow Prometheus's conventions (``_total`` counters, ``_seconds``
+histograms). Labels are bounded: ``upstream`` (given per hook), ``class`` (the priority
+class's name, or its rank), ``outcome`` (a :class:`~asyncquota.outcomes.RequestOutcome`
+label), ``code`` (an HTTP status), ``reason`` (asyncquota's own reason slugs for sheds and
+retries); ``tenant`` only when asked for (``tenants=True``): tenants are unbounded, and
+every value is a series kept for the life of the process.
+
+Counters and histograms (from the hooks' events):
+
+    asyncquota_requests_total{upstream,class,outcome[,tenant]}   requests ended
+    asyncquota_request_duration_seconds{upstream,class,outcome}  call to end, queue included
+    asyncquota_queue_wait_seconds{upstream,class}                 arrival (or retry) to send
+    asyncquota_upstream_seconds{upstream,class}                   send to whole reply
+    asyncquota_time_to_first_byte_seconds{upstream,class}         send to a stream's headers
+    asyncquota_upstream_replies_total{upstream,code}              answers, by status
+    asyncquota_upstream_throttled_total{upstream,code}            429, 503, 529 replies
+    asyncquota_retries_total{upstream,reason}                     attempts sent again
+    asyncquota_shed_total{upstream,class,reason}                  refused unsent
+    asyncquota_tokens_reserved_total{upstream}                    reserved by answered sends
+    asyncquota_tokens_used_total{upstream}                        used, as replies said
+
+Gauges (read from ``Shaper.statistics()`` at each scrape, for every watched Shaper):
+
+    asyncquota_queue_depth{upstream,class}      asyncquota_inflight{upstream}
+    asyncquota_concurrency_limit{upstream}      asyncquota_cooldown_seconds{upstream}
+    asyncquota_pace_requests_per_second{upstream}   (absent while no pace is learnt)
+    asyncquota_reserved_tokens{upstream}        asyncquota_service_rate{upstream}
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
+
+try:
+    from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+    from prometheus_client.core import GaugeMetricFamily, Metric
+except ImportError as exc:  # pragma: no cover - the message is the point
+    raise ImportError(
+        "asyncquota's Prometheus metrics need prometheus_client: "
+        "pip install 'asyncquota[prometheus]'"
+    ) from exc
+
+from .admission import class_name
+from .hooks import Admitted, Completed, Event, Replied, Retried, Shed, Throttled
+
+if TYPE_CHECKING:
+    from .shaper import ShaperStatistics
+
+__all__ = ["PrometheusHook"]
+
+NAMESPACE = "asyncquota"
+
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 120.0)
+"""Queue waits: most are nothing; interactive ones are held to a couple of seconds."""
+
+REPLY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+"""Upstream times and whole requests: an LLM answers in a fraction of a second to minutes."""
+
+
+class Watched(Protocol):
+    """What the gauges need of a Shaper: its ``statistics()``."""
+
+    def statistics(self) -> ShaperStatistics:
+        """A snapshot of the live state."""
+
+
+class _Metrics:
+    """The metric families of one registry, shared by every hook that writes to it."""
+
+    def __init__(self, registry: CollectorRegistry, tenants: bool) -> None:
+        self.tenants = tenants
+        request_labels = ["upstream", "class", "outcome"] + (["tenant"] if tenants else [])
+        self.requests = Counter(
+            "requests",
+            "Requests ended, by outcome.",
+            request_labels,
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "request_duration_seconds",
+            "Seconds from the call to the request's end.",
+            ["upstream", "class", "outcome"],
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=REPLY_BUCKETS,
+        )
+        self.queue_wait = Histogram(
+            "queue_wait_seconds",
+            "Seconds from arrival (or a retry) to the send.",
+            ["upstream", "class"],
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=WAIT_BUCKETS,
+        )
+        self.upstream = Histogram(
+            "upstream_seconds",
+            "Seconds from the send to the whole reply.",
+            ["upstream", "class"],
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=REPLY_BUCKETS,
+        )
+        self.first_byte = Histogram(
+            "time_to_first_byte_seconds",
+            "Seconds from the send to a stream's headers.",
+            ["upstream", "class"],
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=REPLY_BUCKETS,
+        )
+        self.replies = Counter(
+            "upstream_replies",
+            "Answers from the upstream, by status.",
+            ["upstream", "code"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.throttled = Counter(
+            "upstream_throttled",
+            "Congestion replies (429, 503, 529).",
+            ["upstream", "code"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.retries = Counter(
+            "retries",
+            "Attempts sent again, by the failure's reason.",
+            ["upstream", "reason"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.shed = Counter(
+            "shed",
+            "Requests refused unsent, by reason.",
+            ["upstream", "class", "reason"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.reserved = Counter(
+            "tokens_reserved",
+            "Tokens reserved by answered attempts.",
+            ["upstream"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.used = Counter(
+            "tokens_used",
+            "Tokens the replies said they used.",
+            ["upstream"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.watched: dict[str, weakref.ReferenceType[Watched]] = {}
+        registry.register(_Gauges(self.watched))
+
+
+_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, _Metrics] = weakref.WeakKeyDictionary()
+
+
+class PrometheusHook:
+    """A hook that turns a Shaper's events into Prometheus metrics (see the module).
+
+    Args:
+        upstream: the ``upstream`` label of everything this hook records (one hook per
+            Shaper; several may share a registry).
+        registry: where the metrics live (default: prometheus_client's global one).
+        tenants: label ``requests_total`` by tenant too. Set the same way for every hook
+            of a registry (the families are made once, by the first hook).
+
+    Raises:
+        ValueError: a registry whose families were made with the other ``tenants``.
+    """
+
+    __slots__ = ("_metrics", "upstream")
+
+    def __init__(
+        self,
+        upstream: str = "default",
+        *,
+        registry: CollectorRegistry = REGISTRY,
+        tenants: bool = False,
+    ) -> None:
+        metrics = _METRICS.get(registry)
+        if metrics is None:
+            metrics = _METRICS[registry] = _Metrics(registry, tenants)
+        elif metrics.tenants != tenants:
+            raise ValueError(
+                f"This registry's asyncquota metrics were made with tenants={metrics.tenants}; "
+                "every hook of one registry must say the same."
+            )
+        self._metrics = metrics
+        self.upstream = str(upstream)
+
+    def watch(self, shaper: Watched) -> None:
+        """Report ``shaper``'s live state as gauges at each scrape (until it is collected)."""
+        self._metrics.watched[self.upstream] = weakref.ref(shaper)
+
+    def on_event(self, event: Event) -> None:
+        """Count one event (see the module for what each becomes)."""
+        metrics, upstream = self._metrics, self.upstream
+        rank = class_name(int(event.priority))
+        if isinstance(event, Completed):
+            outcome = event.outcome.label
+            labels = [upstream, rank, outcome]
+            if metrics.tenants:
+                labels.append("" if event.tenant is None else str(event.tenant))
+            metrics.requests.labels(*labels).inc()
+            metrics.duration.labels(upstream, rank, outcome).observe(event.latency)
+        elif isinstance(event, Admitted):
+            metrics.queue_wait.labels(upstream, rank).observe(event.waited)
+        elif isinstance(event, Replied):
+            code = str(event.status)
+            metrics.replies.labels(upstream, code).inc()
+            timing = metrics.first_byte if event.stream else metrics.upstream
+            timing.labels(upstream, rank).observe(event.seconds)
+            metrics.reserved.labels(upstream).inc(event.reserved_tokens)
+            if event.used_tokens is not None:
+                metrics.used.labels(upstream).inc(event.used_tokens)
+        elif isinstance(event, Throttled):
+            metrics.throttled.labels(upstream, str(event.status)).inc()
+        elif isinstance(event, Retried):
+            metrics.retries.labels(upstream, event.reason).inc()
+        elif isinstance(event, Shed):
+            metrics.shed.labels(upstream, rank, event.reason).inc()
+
+    def __repr__(self) -> str:
+        return f"<PrometheusHook upstream={self.upstream!r}>"
+
+
+class _Gauges:
+    """A collector: each watched Shaper's ``statistics()``, read at the scrape."""
+
+    def __init__(self, watched: dict[str, weakref.ReferenceType[Watched]]) -> None:
+        self._watched = watched
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            f"{NAMESPACE}_queue_depth", "Requests waiting, by class.", labels=["upstream", "class"]
+        )
+        singles = {
+            "inflight": GaugeMetricFamily(
+                f"{NAMESPACE}_inflight", "Requests sent and not yet answered.", labels=["upstream"]
+            ),
+            "limit": GaugeMetricFamily(
+                f"{NAMESPACE}_concurrency_limit",
+                "The adaptive concurrency limit.",
+                labels=["upstream"],
+            ),
+            "cooldown": GaugeMetricFamily(
+                f"{NAMESPACE}_cooldown_seconds",
+                "Seconds the fleet-wide cooldown still holds (0: open).",
+                labels=["upstream"],
+            ),
+            "pace": GaugeMetricFamily(
+                f"{NAMESPACE}_pace_requests_per_second",
+                "The requests per second learnt from refusals at the door.",
+                labels=["upstream"],
+            ),
+            "reserved": GaugeMetricFamily(
+                f"{NAMESPACE}_reserved_tokens",
+                "Tokens reserved by requests not yet settled.",
+                labels=["upstream"],
+            ),
+            "rate": GaugeMetricFamily(
+                f"{NAMESPACE}_service_rate", "Admissions per second lately.", labels=["upstream"]
+            ),
+        }
+        for upstream, ref in list(self._watched.items()):
+            shaper = ref()
+            if shaper is None:
+                del self._watched[upstream]
+                continue
+            stats = shaper.statistics()
+            for rank, count in stats.queued:
+                depth.add_metric([upstream, class_name(int(rank))], count)
+            singles["inflight"].add_metric([upstream], stats.inflight)
+            singles["limit"].add_metric([upstream], stats.limit)
+            singles["cooldown"].add_metric([upstream], stats.cooldown_remaining)
+            if stats.pace is not None:
+                singles["pace"].add_metric([upstream], stats.pace)
+            singles["reserved"].add_metric([upstream], stats.reserved_tokens)
+            singles["rate"].add_metric([upstream], stats.service_rate)
+        yield depth
+        yield from singles.values()
