@@ -175,8 +175,12 @@ async def test_a_tenant_given_as_an_int_is_the_member_and_budget_of_its_string()
         await gateway.request({**chat(), "max_tokens": 1}, tenant="42", model="gpt")
         status = await gateway.quota_status(42, model="gpt")
         # a budget of $0.001 a month, mostly spent by the first: the same tenant's
-        with pytest.raises(BudgetExceededError):
+        with pytest.raises(BudgetExceededError) as spent_out:
             await gateway.request(chat(), tenant="42", model="gpt")
+    # told in figures that tell them apart, not "$0.0005 left ... estimated $0.0005"
+    assert str(spent_out.value).startswith(
+        "The budget has $0.000515 left this month, less than this request's estimated $0.00055"
+    )
     assert status.tenant == "42"
     rpd = next(d for d in status.models["gpt"] if d.dimension == "rpd")
     assert (rpd.used, rpd.limit) == (2, 100)

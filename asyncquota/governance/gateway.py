@@ -88,7 +88,7 @@ from ..streaming import ShapedStream
 from ..tokens import output_allowance, prompt_tokens, reply_usage
 from ..transport import Response, Transport
 from .alerts import LoggingSink, ShedBatchAction, Sink, UsageMonitor, WebhookSink
-from .budget import BudgetGuard, BudgetReservation
+from .budget import BudgetGuard, BudgetReservation, money
 from .config import (
     EXHAUSTED_HOLD,
     FALLBACK_CAUSES,
@@ -1113,8 +1113,8 @@ class Gateway:
             if policy.when_spent == "reject":
                 renews = min((s.resets_at for s in statuses if s.resets_at), default=None)
                 raise BudgetExceededError(
-                    f"The budget has ${left:.4f} left this month, less than this request's "
-                    f"estimated ${cost:.4f}; it was not sent.",
+                    f"The budget has {money(left)} left this month, less than this "
+                    f"request's estimated {money(cost)}; it was not sent.",
                     tenant=tenant,
                     retry_after=None if renews is None else max(0.0, renews - self._wall_clock()),
                 )
@@ -1125,7 +1125,7 @@ class Gateway:
             return (
                 Route(
                     model=chosen.model,
-                    reason=f"{chosen.reason}; the budget is spent (${left:.4f} left): "
+                    reason=f"{chosen.reason}; the budget is spent ({money(left)} left): "
                     "served on the cheapest model of its chain",
                     chain=chosen.chain,
                 ),
