@@ -621,6 +621,7 @@ class Gateway:
                 warning=alerts.warning,
                 critical=alerts.critical,
                 hysteresis=alerts.hysteresis,
+                rearm_after=alerts.rearm_after,
                 thresholds=alerts.thresholds,
                 sinks=[*every, *sinks],
                 on_critical=actions,
@@ -701,6 +702,7 @@ class Gateway:
                 warning=alerts.warning,
                 critical=alerts.critical,
                 hysteresis=alerts.hysteresis,
+                rearm_after=alerts.rearm_after,
                 thresholds=alerts.thresholds,
                 sinks=(),
             )
@@ -720,6 +722,7 @@ class Gateway:
                 warning=alerts.warning,
                 critical=alerts.critical,
                 hysteresis=alerts.hysteresis,
+                rearm_after=alerts.rearm_after,
                 thresholds=alerts.thresholds,
             )
         self._budget = parts.budget
