@@ -305,6 +305,29 @@ async def test_a_spend_cap_moves_the_night_to_the_fallback_and_says_so_once(capl
     assert all(key not in repr(status) for key in KEYS.values())
 
 
+async def test_refusals_of_requests_sent_before_the_hold_do_not_restate_it(caplog):
+    loop = asyncio.get_running_loop()
+    ups = {"anthropic": Night("anthropic"), "openai": Night("openai")}
+    gateway = Gateway.from_config(
+        parse_config(config()),
+        transports={name: MockTransport(up.handle) for name, up in ups.items()},
+        wall_clock=lambda: EPOCH + 0.999999 * loop.time(),  # a wall clock a little slow
+        environ=KEYS,
+    )
+    ups["anthropic"].capped = True
+    caplog.set_level(logging.WARNING, logger="asyncquota.gateway")
+
+    async def later() -> Any:
+        await asyncio.sleep(0.01)  # sent before the first refusal; refused after it
+        return await gateway.request(chat())
+
+    async with gateway:
+        served = await asyncio.gather(gateway.request(chat()), later())
+    assert [r.model for r in served] == ["gpt", "gpt"] and len(ups["anthropic"].seen) == 2
+    warnings = [r for r in caplog.records if r.name == "asyncquota.gateway"]
+    assert len(warnings) == 1  # one hold, said once: not again for each refusal in flight
+
+
 async def test_the_hold_ends_at_the_stated_regain_with_one_probe_not_a_stampede():
     got: list[Alert] = []
     gateway, ups = build(config(alerts={"log": False}), sinks=[CallbackSink(got.append)])

@@ -129,6 +129,10 @@ DEFAULT_OUTPUT_TOKENS = 256
 
 _T = TypeVar("_T")
 
+_LATER_WORD = 1.0
+"""Seconds by which an account's new refusal must name a later end than its hold's to
+start a new one: regain times are stated to the second."""
+
 
 @dataclass(frozen=True, slots=True)
 class Routed:
@@ -1193,9 +1197,10 @@ class Gateway:
         seconds = self._policy.hold if regain is None else regain - wall
         why = exc.why or "out of quota"
         hold = self._holds.get(account)
-        if hold is None or probe or now + seconds > hold.until:
+        if hold is None or probe or now + seconds > hold.until + _LATER_WORD:
             # A new hold, a failed probe's, or a later word; a refusal of a request sent
-            # before the hold began never shortens it.
+            # before the hold began never shortens it, nor restates it: the same regain
+            # time read on two clocks a little apart (wall and loop) is the same word.
             fresh = hold is None
             hold = _Hold(
                 until=now + seconds,
