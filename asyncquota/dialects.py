@@ -8,7 +8,10 @@ translation, both ways, for everything that crosses the wire:
 - replies: :func:`anthropic_reply_to_openai`, :func:`openai_reply_to_anthropic`, and error
   bodies: :func:`anthropic_error_to_openai`, :func:`openai_error_to_anthropic`;
 - streams: :class:`AnthropicStreamToOpenAI`, :class:`OpenAIStreamToAnthropic`, fed the
-  upstream's SSE bytes as they arrive (split anywhere) and giving back the caller's.
+  upstream's SSE bytes as they arrive (split anywhere) or its parsed events, and giving
+  back the caller's; :class:`PassThroughStream` for a caller of the model's own dialect
+  (the events as they came, the usage counted); :func:`has_content` tells the events a
+  gateway may hold back before the first content (and still fall back).
 
 :func:`dialect_of_path` tells which shape an endpoint speaks; the dialects are named as
 :data:`~asyncquota.signals.Provider` names them, :data:`OPENAI` and :data:`ANTHROPIC`.
@@ -67,10 +70,13 @@ __all__ = [
     "AnthropicStreamToOpenAI",
     "DialectError",
     "OpenAIStreamToAnthropic",
+    "PassThroughStream",
+    "StreamTranslator",
     "anthropic_error_to_openai",
     "anthropic_reply_to_openai",
     "anthropic_request_to_openai",
     "dialect_of_path",
+    "has_content",
     "openai_error_to_anthropic",
     "openai_reply_to_anthropic",
     "openai_request_to_anthropic",
@@ -1078,7 +1084,7 @@ def _anthropic_sse(data: Mapping[str, Any]) -> bytes:
     return b"event: " + str(data["type"]).encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-class _StreamTranslator(abc.ABC):
+class StreamTranslator(abc.ABC):
     """Upstream SSE bytes in, the caller's SSE bytes out; one instance per stream.
 
     The bytes may be split anywhere (inside a line, a UTF-8 character, a CRLF); an event
@@ -1121,17 +1127,26 @@ class _StreamTranslator(abc.ABC):
         """
         return self._translate(self._parser.flush())
 
-    def _translate(self, events: list[SSEEvent]) -> bytes:
+    def feed_events(self, events: Iterable[SSEEvent]) -> bytes:
+        """Take the upstream's next events, already parsed (a ``ShapedStream``'s); return
+        the caller's bytes they make.
+
+        Raises:
+            DialectError: as :meth:`feed`.
+        """
+        return self._translate(events)
+
+    def _translate(self, events: Iterable[SSEEvent]) -> bytes:
         out: list[bytes] = []
         for event in events:
             if self._done:
                 break
-            self._event(event.data, out)
+            self._event(event, out)
         return b"".join(out)
 
     @abc.abstractmethod
-    def _event(self, data: str, out: list[bytes]) -> None:
-        """Translate one upstream event's data into ``out``."""
+    def _event(self, event: SSEEvent, out: list[bytes]) -> None:
+        """Translate one upstream event into ``out``."""
 
 
 def _event_data(data: str) -> Mapping[str, Any]:
@@ -1143,7 +1158,7 @@ def _event_data(data: str) -> Mapping[str, Any]:
     return _mapping(value, "stream")
 
 
-class AnthropicStreamToOpenAI(_StreamTranslator):
+class AnthropicStreamToOpenAI(StreamTranslator):
     """An Anthropic message stream, said as OpenAI ``chat.completion.chunk`` events.
 
     ``message_start`` opens with the assistant's role; text deltas become ``content``
@@ -1189,8 +1204,8 @@ class AnthropicStreamToOpenAI(_StreamTranslator):
         # message_delta's usage is cumulative and may name only some counts.
         self._usage.update((k, v) for k, v in _mapping(usage, field).items() if v is not None)
 
-    def _event(self, text: str, out: list[bytes]) -> None:
-        data = _event_data(text)
+    def _event(self, event: SSEEvent, out: list[bytes]) -> None:
+        data = _event_data(event.data)
         kind = data.get("type")
         if kind == "message_start":
             message = _mapping(data.get("message"), "message_start.message")
@@ -1265,7 +1280,7 @@ class AnthropicStreamToOpenAI(_StreamTranslator):
             )
 
 
-class OpenAIStreamToAnthropic(_StreamTranslator):
+class OpenAIStreamToAnthropic(StreamTranslator):
     """An OpenAI ``chat.completion.chunk`` stream, said as Anthropic message events.
 
     The first chunk opens the message (``message_start``); ``content`` opens a text block,
@@ -1287,11 +1302,11 @@ class OpenAIStreamToAnthropic(_StreamTranslator):
         self._tools: dict[object, int] = {}  # OpenAI tool call index → Anthropic block index
         self._stop: str | None = None
 
-    def _event(self, text: str, out: list[bytes]) -> None:
-        if text.strip() == "[DONE]":
+    def _event(self, event: SSEEvent, out: list[bytes]) -> None:
+        if event.data.strip() == "[DONE]":
             self._end(out)
             return
-        data = _event_data(text)
+        data = _event_data(event.data)
         if data.get("error") is not None:
             out.append(_anthropic_sse(openai_error_to_anthropic(data)))
             self._done = True
@@ -1389,3 +1404,84 @@ class OpenAIStreamToAnthropic(_StreamTranslator):
         out.append(_anthropic_sse({"type": "message_delta", "delta": delta, "usage": usage}))
         out.append(_anthropic_sse({"type": "message_stop"}))
         self._done = True
+
+
+class PassThroughStream(StreamTranslator):
+    """A stream for a caller that speaks the model's dialect: each event as it came.
+
+    Events are written back as the upstream sent them (its ``event:`` name and ``data:``
+    lines; comments were the parser's to drop), and the usage they report is counted on
+    the way: OpenAI's final ``usage`` chunk, Anthropic's ``message_start`` and cumulative
+    ``message_delta`` counts. It never refuses an event: the caller reads its own dialect.
+    """
+
+    __slots__ = ()
+
+    def _event(self, event: SSEEvent, out: list[bytes]) -> None:
+        data = event.data
+        if '"usage"' in data:
+            self._count(data)
+        head = "" if event.event is None else f"event: {event.event}\n"
+        lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+        out.append(f"{head}{lines}\n".encode())
+        if event.event == "message_stop" or data.strip() == "[DONE]":
+            self._done = True
+
+    def _count(self, data: str) -> None:
+        try:
+            document = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(document, dict):
+            return
+        usage, message = document.get("usage"), document.get("message")
+        if isinstance(message, dict) and isinstance(message.get("usage"), dict):
+            usage = message["usage"]  # Anthropic's message_start
+        if isinstance(usage, dict):
+            # Anthropic's message_delta is cumulative and may name only some counts.
+            self._usage.update((k, v) for k, v in usage.items() if v is not None)
+
+
+_PREAMBLE_EVENTS = frozenset({"message_start", "ping", "content_block_stop"})
+
+
+def has_content(data: str) -> bool:
+    """Whether an upstream stream event (either dialect) says what its caller must see.
+
+    Content is a text, reasoning or tool call delta, a tool use beginning, a finish, the
+    usage, an error, or the stream's end. What comes before (Anthropic's
+    ``message_start``, a ``ping``, an empty text block's start; OpenAI's role-only first
+    chunk) is not: a gateway may hold it back and still send the request elsewhere. An
+    event it cannot read counts as content (the translator decides what becomes of it).
+
+    Args:
+        data: the event's ``data:``.
+    """
+    if data.strip() == "[DONE]":
+        return True
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return True
+    if not isinstance(event, dict):
+        return True
+    kind = event.get("type")
+    if kind in _PREAMBLE_EVENTS:
+        return False
+    if kind == "content_block_start":
+        block = event.get("content_block")
+        return not (
+            isinstance(block, dict) and block.get("type") == "text" and not block.get("text")
+        )
+    if kind is not None or event.get("usage") is not None or event.get("error") is not None:
+        return True
+    choices = event.get("choices")
+    if not isinstance(choices, list):
+        return True
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict) or choice.get("finish_reason") is not None:
+            return True
+        if any(delta.get(name) for name in ("content", "tool_calls", "reasoning_content")):
+            return True
+    return False

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from asyncquota.errors import ClosedError, TransportError, UpstreamError
 from asyncquota.governance.alerts import (
     DEFAULT_THRESHOLDS,
+    REARM_AFTER,
     WEBHOOK_PACES,
     Alert,
     CallbackSink,
@@ -202,6 +203,28 @@ def test_a_level_re_arms_only_when_use_falls_below_its_threshold_minus_the_hyste
         None,
         "critical",
     ]
+
+
+async def test_a_bucket_level_jittering_across_its_thresholds_alerts_once_until_a_quiet_minute():
+    # An upstream's 1-second request bucket read from every reply in real time: 62 % and
+    # 95 % used in turn, five readings a second for two minutes (it paged 133 times a night).
+    monitor = quiet()
+    loop = asyncio.get_running_loop()
+    fired = []
+    for _ in range(600):
+        fired += levels(monitor, "upstream:fallback:requests", [0.62, 0.95])
+        await asyncio.sleep(0.2)
+    assert [level for level in fired if level] == ["critical"]
+    # Half a minute below 65 % is not yet quiet; the minute starts again at the next dip.
+    for _ in range(30):
+        assert levels(monitor, "upstream:fallback:requests", [0.5]) == [None]
+        await asyncio.sleep(1)
+    assert levels(monitor, "upstream:fallback:requests", [0.95]) == [None]
+    started = loop.time()
+    while loop.time() - started < REARM_AFTER:
+        assert levels(monitor, "upstream:fallback:requests", [0.5]) == [None]
+        await asyncio.sleep(1)
+    assert levels(monitor, "upstream:fallback:requests", [0.5, 0.72]) == [None, "warning"]
 
 
 def test_a_jump_past_both_thresholds_fires_critical_only_and_the_passed_warning_stays_implied():

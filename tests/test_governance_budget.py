@@ -18,6 +18,7 @@ from asyncquota.governance.budget import (
     BudgetGuard,
     BudgetReservation,
     Price,
+    money,
     month_window,
 )
 from asyncquota.governance.store import MemoryStore, SQLiteStore
@@ -148,7 +149,7 @@ async def test_a_tenant_over_its_own_budget_reserves_nothing_from_the_global_one
 
     assert (
         str(caught.value)
-        == "Tenant acme's monthly budget of $1.00 cannot pay $0.3 more this month."
+        == "Tenant acme's monthly budget of $1.00 cannot pay $0.30 more this month."
     )
     assert caught.value.tenant == "acme"
     assert caught.value.retry_after == APRIL - T0
@@ -427,3 +428,28 @@ async def test_a_negative_amount_is_refused_before_anything_is_reserved():
         await guard.reserve(None, -1)
     assert "open=0" in repr(guard)
     assert await guard.remaining(None) == 1.0
+
+
+async def test_a_budget_of_a_tenth_of_a_cent_is_told_in_figures_that_tell_it_apart():
+    guard = BudgetGuard(monthly=10.0, tenants={"trial": 0.001}, wall_clock=Clock())
+    await guard.reserve("trial", 0.0008, overdraft=True)
+
+    with pytest.raises(BudgetExceededError) as caught:
+        await guard.reserve("trial", 0.00042)
+
+    assert str(caught.value) == (
+        "Tenant trial's monthly budget of $0.001 cannot pay $0.00042 more this month."
+    )
+
+
+def test_money_keeps_cents_from_a_dollar_and_three_figures_below():
+    assert [money(v) for v in (5000, 1, 0.3, 0.0046, 0.001, 0.00000125, -0.002, 0)] == [
+        "$5000.00",
+        "$1.00",
+        "$0.30",
+        "$0.0046",
+        "$0.001",
+        "$0.00000125",
+        "-$0.002",
+        "$0.00",
+    ]

@@ -842,6 +842,10 @@ def test_a_webhook_takes_its_secret_route_and_pace_and_builds_the_sink_they_desc
 ALERT_SECRET = "SECd0-n0t-r3p3at"
 
 INVALID_ALERTS: dict[str, tuple[Edit, str]] = {
+    "a negative re-arm time": (
+        setting("alerts", "rearm_after", to=-1),
+        "alerts.rearm_after must be a number of seconds >= 0, not -1.",
+    ),
     "a threshold above 1": (
         setting("alerts", "thresholds", "budget", to={"warning": 1.5}),
         "alerts.thresholds.budget.warning must be a number above 0 and at most 1, not 1.5.",
@@ -975,3 +979,11 @@ def test_the_readmes_night_configuration_loads_as_written():
     assert night.alerts is not None
     (robot,) = night.alerts.webhooks
     assert (robot.format, robot.secret_env, robot.markdown) == ("dingtalk", "DINGTALK_SECRET", True)
+
+
+def test_an_alert_re_arm_time_is_read_and_zero_re_arms_at_once() -> None:
+    loaded = parse_config(tomllib.loads(MINIMAL + "[alerts]\nrearm_after = 0\n"))
+    default = parse_config(tomllib.loads(MINIMAL + "[alerts]\n"))
+
+    assert loaded.alerts is not None and loaded.alerts.rearm_after == 0.0
+    assert default.alerts is not None and default.alerts.rearm_after == 60.0

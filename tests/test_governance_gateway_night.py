@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -26,6 +27,7 @@ from asyncquota import (
 from asyncquota.governance import CallbackSink, Gateway, parse_config
 from asyncquota.governance.alerts import Alert
 from asyncquota.testing import SimulatedUpstream, UpstreamConfig
+from asyncquota.transport import StreamResponse
 
 EPOCH = 1_800_000_000.0  # 2027-01-15 08:00 UTC
 REGAIN = 1_800_057_600.0  # 2027-01-16 00:00 UTC: 16 h after EPOCH
@@ -58,6 +60,10 @@ class Night:
         self.dialect = dialect
         self.capped = False
         self.overloaded = False
+        self.breaks = False  # streams break off with overloaded_error after message_start
+        self.paced = False  # streams go out event by event, 0.1 s apart
+        self.sent_at: list[float] = []  # loop time each paced event left
+        self.cut = 0  # paced streams whose caller closed them before their end
         self.seen: list[dict[str, Any]] = []
         self.paths: list[str] = []
         self.headers: list[dict[str, str]] = []
@@ -73,7 +79,34 @@ class Night:
             await asyncio.sleep(0.05)
             body = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
             return Response(529, {"content-type": "application/json"}, orjson.dumps(body))
-        return await self.sim.handle(request)
+        if self.breaks and b'"stream":true' in (request.body or b""):
+            return StreamResponse(200, {"content-type": "text/event-stream"}, BROKEN_OFF)
+        response = await self.sim.handle(request)
+        if self.paced and response.headers.get("content-type") == "text/event-stream":
+            return StreamResponse(response.status, response.headers, self.pace(response.body))
+        return response
+
+    async def pace(self, body: bytes) -> AsyncIterator[bytes]:
+        events = [event + b"\n\n" for event in body.split(b"\n\n") if event]
+        loop = asyncio.get_running_loop()
+        sent = 0
+        try:
+            for event in events:
+                self.sent_at.append(loop.time())
+                yield event
+                sent += 1
+                await asyncio.sleep(0.1)
+        finally:
+            self.cut += sent < len(events)
+
+
+BROKEN_OFF = [
+    b'event: message_start\ndata: {"type": "message_start", "message": {"id": "msg_1", '
+    b'"type": "message", "role": "assistant", "model": "claude", "content": [], '
+    b'"usage": {"input_tokens": 12, "output_tokens": 1}}}\n\n',
+    b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", '
+    b'"message": "Overloaded"}}\n\n',
+]
 
 
 def config(**extra: Any) -> dict[str, Any]:
@@ -142,8 +175,12 @@ async def test_a_tenant_given_as_an_int_is_the_member_and_budget_of_its_string()
         await gateway.request({**chat(), "max_tokens": 1}, tenant="42", model="gpt")
         status = await gateway.quota_status(42, model="gpt")
         # a budget of $0.001 a month, mostly spent by the first: the same tenant's
-        with pytest.raises(BudgetExceededError):
+        with pytest.raises(BudgetExceededError) as spent_out:
             await gateway.request(chat(), tenant="42", model="gpt")
+    # told in figures that tell them apart, not "$0.0005 left ... estimated $0.0005"
+    assert str(spent_out.value).startswith(
+        "The budget has $0.000515 left this month, less than this request's estimated $0.00055"
+    )
     assert status.tenant == "42"
     rpd = next(d for d in status.models["gpt"] if d.dimension == "rpd")
     assert (rpd.used, rpd.limit) == (2, 100)
@@ -266,6 +303,29 @@ async def test_a_spend_cap_moves_the_night_to_the_fallback_and_says_so_once(capl
     assert len(warnings) == 1 and "moves to gpt" in warnings[0].getMessage()
     assert all(key not in caplog.text for key in KEYS.values())
     assert all(key not in repr(status) for key in KEYS.values())
+
+
+async def test_refusals_of_requests_sent_before_the_hold_do_not_restate_it(caplog):
+    loop = asyncio.get_running_loop()
+    ups = {"anthropic": Night("anthropic"), "openai": Night("openai")}
+    gateway = Gateway.from_config(
+        parse_config(config()),
+        transports={name: MockTransport(up.handle) for name, up in ups.items()},
+        wall_clock=lambda: EPOCH + 0.999999 * loop.time(),  # a wall clock a little slow
+        environ=KEYS,
+    )
+    ups["anthropic"].capped = True
+    caplog.set_level(logging.WARNING, logger="asyncquota.gateway")
+
+    async def later() -> Any:
+        await asyncio.sleep(0.01)  # sent before the first refusal; refused after it
+        return await gateway.request(chat())
+
+    async with gateway:
+        served = await asyncio.gather(gateway.request(chat()), later())
+    assert [r.model for r in served] == ["gpt", "gpt"] and len(ups["anthropic"].seen) == 2
+    warnings = [r for r in caplog.records if r.name == "asyncquota.gateway"]
+    assert len(warnings) == 1  # one hold, said once: not again for each refusal in flight
 
 
 async def test_the_hold_ends_at_the_stated_regain_with_one_probe_not_a_stampede():
@@ -493,3 +553,121 @@ async def test_overload_does_not_fall_back_when_fallback_on_leaves_it_out():
         with pytest.raises(OverloadedError):
             await gateway.request(chat())
     assert not ups["openai"].seen
+
+
+# -- streamed through the gateway, event by event -------------------------------------------
+
+
+async def read(stream: Any) -> list[tuple[float, bytes]]:
+    loop = asyncio.get_running_loop()
+    return [(loop.time(), chunk) async for chunk in stream]
+
+
+def arrivals(got: list[tuple[float, bytes]]) -> list[float]:
+    return [round(at, 6) for at, _ in got]
+
+
+def left_at(times: list[float], skip: float | None = None) -> list[float]:
+    """The instants the caller should get a chunk: one per upstream event (but ``skip``)."""
+    return [round(at, 6) for at in times if at != skip]
+
+
+async def test_an_openai_caller_streams_from_claude_translated_event_by_event_as_it_comes():
+    gateway, ups = build(config(budget={"monthly": 100.0}))
+    claude = ups["anthropic"]
+    claude.paced = True
+    async with gateway:
+        body = chat(stream_options={"include_usage": True})
+        async with gateway.stream(body) as stream:
+            got = await read(stream)
+        spent = (await gateway.quota_status()).budget[0].used
+        inflight = gateway.upstreams["anthropic"].statistics().inflight
+    assert stream.model == "claude" and claude.seen[0]["stream"] is True
+    chunks = sse_data(b"".join(chunk for _, chunk in got))
+    assert chunks[-1] == b"[DONE]"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks[:-1])
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    # Each chunk reached the caller the instant its event left the upstream (message_start,
+    # the empty block and the ping were held back until the first text, then went with it).
+    assert arrivals(got) == left_at(claude.sent_at[3:], skip=claude.sent_at[-3])
+    usage = chunks[-2]["usage"]
+    assert (stream.input_tokens, stream.output_tokens) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
+    assert spent == pytest.approx(stream.cost) and stream.cost > 0
+    assert inflight == 0 and claude.cut == 0
+
+
+async def test_an_anthropic_caller_falls_back_to_gpt_and_streams_anthropic_events_as_they_come():
+    gateway, ups = build(config(), dialect="anthropic")
+    ups["anthropic"].capped = True
+    gpt = ups["openai"]
+    gpt.paced = True
+    async with gateway, gateway.stream(anthropic_body()) as stream:
+        got = await read(stream)
+    assert stream.model == "gpt"
+    assert stream.passed_over[0].startswith("claude: out of quota until 2027-01-16")
+    sent = gpt.seen[0]
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    events = sse_data(b"".join(chunk for _, chunk in got))
+    assert [e["type"] for e in events[:2]] == ["message_start", "content_block_start"]
+    assert events[-1]["type"] == "message_stop"
+    assert stream.output_tokens == events[-2]["usage"]["output_tokens"] > 0
+    # the role-only chunk waited for the first text; then one arrival per upstream event
+    # (the usage chunk but not: its figures go out with [DONE], in message_delta)
+    assert arrivals(got) == left_at(gpt.sent_at[1:], skip=gpt.sent_at[-2])
+
+
+async def test_a_stream_broken_off_before_any_content_falls_back_unseen_by_the_caller():
+    got_alerts: list[Alert] = []
+    gateway, ups = build(
+        config(budget={"monthly": 100.0}, alerts={"log": False}),
+        sinks=[CallbackSink(got_alerts.append)],
+    )
+    ups["anthropic"].breaks = True
+    async with gateway:
+        async with gateway.stream(chat(stream_options={"include_usage": True})) as stream:
+            got = await read(stream)
+        spent = (await gateway.quota_status()).budget[0].used
+        claude = gateway.upstreams["anthropic"].statistics()
+    assert stream.model == "gpt"
+    assert stream.passed_over == ("claude: overloaded (an error event)",)
+    chunks = sse_data(b"".join(chunk for _, chunk in got))
+    assert chunks[-1] == b"[DONE]" and all(c["model"] == "gpt" for c in chunks[:-1])
+    assert stream.output_tokens == chunks[-2]["usage"]["completion_tokens"]  # read in passing
+    assert spent == pytest.approx(stream.cost)  # gpt's reply only: claude's was released
+    assert claude.inflight == 0
+    assert [(a.kind, a.dimension) for a in got_alerts] == [("fallback", "model:claude")]
+
+
+async def test_a_stream_left_early_or_cancelled_is_settled_once_at_the_estimate():
+    gateway, ups = build(config(budget={"monthly": 100.0}))
+    claude = ups["anthropic"]
+    claude.paced = True
+    async with gateway:
+        async with gateway.stream(chat()) as left:
+            async for _ in left:
+                break  # the caller hangs up after the first chunk
+        first = (await gateway.quota_status()).budget[0].used
+
+        reading = asyncio.Event()
+
+        async def listen() -> None:
+            async with gateway.stream(chat()) as stream:
+                async for _ in stream:
+                    reading.set()
+
+        task = asyncio.create_task(listen())
+        await reading.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1)  # the settlement tasks, and anything a second one would do
+        second = (await gateway.quota_status()).budget[0].used
+        inflight = gateway.upstreams["anthropic"].statistics().inflight
+    estimate = left.cost
+    assert estimate is not None and estimate > 0
+    assert (left.input_tokens, left.output_tokens) == (left.input_tokens, 50)
+    assert first == pytest.approx(estimate) and second == pytest.approx(2 * estimate)
+    assert claude.cut == 2 and inflight == 0

@@ -38,7 +38,7 @@ from .config import (
     load_config,
     parse_config,
 )
-from .gateway import Availability, Gateway, GatewayStatistics, QuotaStatus, Routed
+from .gateway import Availability, Gateway, GatewayStatistics, QuotaStatus, Routed, RoutedStream
 from .routing import Model, Route, Router, Rule
 from .store import MemoryStore, SQLiteStore, Store
 from .tiers import DimensionStatus, TenantGrant, TenantQuotas, Tier, TierLimits
@@ -65,6 +65,7 @@ __all__ = [
     "QuotaStatus",
     "Route",
     "Routed",
+    "RoutedStream",
     "Router",
     "Rule",
     "SQLiteStore",

@@ -14,7 +14,12 @@ a rule says otherwise; the budgets warn at 80 % by default. Each level of each d
 has its recommended action ("raise tier", "shed batch traffic", ...).
 
 Each level fires once per crossing and re-arms only when the use falls below its threshold
-minus ``hysteresis``, so a dimension hovering at 70 % does not page anyone twice. A jump
+minus ``hysteresis`` and stays there ``rearm_after`` seconds (a minute by default), so a
+dimension hovering at 70 % does not page anyone twice. The time is the quiet that makes a
+new crossing news: an upstream's remaining requests, read from the headers of every
+reply, are the level of a bucket that refills every second and swings by a third between
+two replies in real time (the 2 a.m. night's real-time run: 133 alerts from two such
+dimensions, 6 on virtual time). A jump
 from below the warning straight past the critical threshold fires the critical alert only
 (one alert per observation, the most severe; the warning it passed is implied and does not
 fire later on the way down either).
@@ -69,6 +74,7 @@ from ..priority import Priority, PriorityLike, coerce_priority, describe_priorit
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "REARM_AFTER",
     "WEBHOOK_PACES",
     "Alert",
     "AlertKind",
@@ -89,6 +95,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("asyncquota.alerts")
+
+REARM_AFTER = 60.0
+"""Seconds a fired level's use must stay below its threshold less the hysteresis before
+the level may fire again (see :class:`UsageMonitor`)."""
 
 AlertLevel = Literal["info", "warning", "critical"]
 """How bad it is: ``info`` (something is back to normal), ``warning``, ``critical``."""
@@ -935,6 +945,8 @@ class UsageMonitor:
             where no rule says.
         hysteresis: how far below its threshold the ratio must fall before a level fires
             again.
+        rearm_after: seconds the ratio must stay that far below before the level fires
+            again (on the running loop's clock; observed outside a loop, at once).
         thresholds: dimension pattern (``*`` stands for any run of characters:
             ``"tenant:*:rpd"``, ``"upstream:openai:*"``, ``"budget"``) → its rule, first
             match first.
@@ -950,7 +962,7 @@ class UsageMonitor:
         ValueError: thresholds not in ``0 < warning < critical <= 1`` (the monitor's, or a
             rule's with the monitor's filled in), a hysteresis not in ``[0, warning)`` for
             every warning, an empty pattern, a ``max_pending`` below 1, a ``send_timeout``
-            not positive.
+            not positive, a ``rearm_after`` negative or not finite.
     """
 
     __slots__ = (
@@ -963,6 +975,8 @@ class UsageMonitor:
         "_hysteresis",
         "_on_critical",
         "_outboxes",
+        "_quiet",
+        "_rearm_after",
         "_resolved",
         "_rules",
         "_send_timeout",
@@ -980,6 +994,7 @@ class UsageMonitor:
         warning: float = 0.7,
         critical: float = 0.9,
         hysteresis: float = 0.05,
+        rearm_after: float = REARM_AFTER,
         thresholds: Mapping[str, Thresholds] | None = None,
         sinks: Sequence[Sink] | None = None,
         on_critical: Sequence[Callable[[Alert], Awaitable[None] | None]] = (),
@@ -998,12 +1013,14 @@ class UsageMonitor:
         self._critical = float(critical)
         self._rules = _rules(thresholds or {}, self._warning, self._critical, hysteresis)
         self._hysteresis = float(hysteresis)
+        self._rearm_after = _rearm_after(rearm_after)
         self._on_critical = tuple(on_critical)
         self._send_timeout = float(send_timeout)
         self._wall_clock = wall_clock
         chosen: Sequence[Sink] = (LoggingSink(),) if sinks is None else sinks
         self._outboxes = tuple(_Outbox(sink, max_pending) for sink in chosen)
         self._state: dict[str, int] = {}  # dimension → highest level fired and not re-armed
+        self._quiet: dict[str, float] = {}  # dimension → loop time it fell below its re-arm
         self._resolved: dict[str, _Resolved] = {}
         self._actions: set[asyncio.Task[None]] = set()
         self._within = "new"
@@ -1016,6 +1033,7 @@ class UsageMonitor:
         warning: float = 0.7,
         critical: float = 0.9,
         hysteresis: float = 0.05,
+        rearm_after: float = REARM_AFTER,
         thresholds: Mapping[str, Thresholds] | None = None,
     ) -> None:
         """Replace the levels and the rules while running; the sinks and episodes stay.
@@ -1027,16 +1045,18 @@ class UsageMonitor:
         nor loses one. Sinks, their outboxes and pace, actions and statistics are kept.
 
         Args:
-            warning, critical, hysteresis, thresholds: as for the constructor (the whole
-                new set, not changes to the old one).
+            warning, critical, hysteresis, rearm_after, thresholds: as for the
+                constructor (the whole new set, not changes to the old one).
 
         Raises:
             ValueError: as the constructor's; the old thresholds stay.
         """
         _check_levels(warning, critical)
         rules = _rules(thresholds or {}, float(warning), float(critical), hysteresis)
+        quiet = _rearm_after(rearm_after)
         self._warning, self._critical = float(warning), float(critical)
         self._hysteresis = float(hysteresis)
+        self._rearm_after = quiet
         self._rules = rules
         self._resolved.clear()
 
@@ -1112,10 +1132,8 @@ class UsageMonitor:
         resolved = self._resolve(dimension)
         ratio = current / limit
         state = self._state.get(dimension, _CLEAR)
-        if state == _CRITICAL and ratio < resolved.critical - self._hysteresis:
-            state = _WARNING
-        if state == _WARNING and ratio < resolved.warning - self._hysteresis:
-            state = _CLEAR
+        if state != _CLEAR:
+            state = self._rearm(dimension, state, ratio, resolved)
         if ratio >= resolved.critical and state < _CRITICAL:
             level = _CRITICAL
         elif ratio >= resolved.warning and state < _WARNING:
@@ -1145,6 +1163,26 @@ class UsageMonitor:
         )
         self._dispatch(alert)
         return alert
+
+    def _rearm(self, dimension: str, state: int, ratio: float, resolved: _Resolved) -> int:
+        """The level a fired dimension stays at: lower once clearly and lastingly below."""
+        calm = state
+        if calm == _CRITICAL and ratio < resolved.critical - self._hysteresis:
+            calm = _WARNING
+        if calm == _WARNING and ratio < resolved.warning - self._hysteresis:
+            calm = _CLEAR
+        if calm == state:
+            self._quiet.pop(dimension, None)
+            return state
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:
+            return calm  # no loop, no clock to wait on
+        since = self._quiet.setdefault(dimension, now)
+        if now - since < self._rearm_after:
+            return state
+        del self._quiet[dimension]
+        return calm
 
     def event(
         self,
@@ -1570,6 +1608,14 @@ def _over(own: Thresholds, default: Thresholds) -> Thresholds:
 def _pattern(text: str) -> re.Pattern[str]:
     """A dimension pattern: ``*`` stands for any run of characters, the rest for itself."""
     return re.compile(".*".join(re.escape(part) for part in text.split("*")))
+
+
+def _rearm_after(seconds: float) -> float:
+    if isinstance(seconds, bool) or not (
+        isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0
+    ):
+        raise ValueError(f"rearm_after must be a number of seconds >= 0, not {seconds!r}.")
+    return float(seconds)
 
 
 def _figure(value: float) -> str:

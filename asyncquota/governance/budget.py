@@ -40,7 +40,7 @@ from ..errors import BudgetExceededError, StoreUnavailableError
 from .store import MemoryStore, Store
 from .tiers import DimensionStatus, tenant_id, zone
 
-__all__ = ["SLACK", "BudgetGuard", "BudgetReservation", "Price", "month_window"]
+__all__ = ["SLACK", "BudgetGuard", "BudgetReservation", "Price", "money", "month_window"]
 
 logger = logging.getLogger("asyncquota.governance")
 
@@ -50,6 +50,28 @@ SLACK = 1e-9
 _KEEP_AFTER_MONTH = 35 * 86_400.0  # a month's counters outlive it: reconciles, status, audits
 
 _T = TypeVar("_T")
+
+_MONEY_FIGURES = 3  # significant figures for amounts under a dollar
+_MONEY_DECIMALS = 8  # and no more decimals than that
+
+
+def money(amount: float) -> str:
+    """Dollars as a person reads them, precise enough to tell small amounts apart.
+
+    Cents from a dollar up (``$1.00``, ``$5000.00``); below, three significant figures
+    (``$0.30``, ``$0.0046``, ``$0.001``, ``$0.00000125``): a budget of a tenth of a cent
+    is not "$0.00".
+    """
+    size = abs(amount)
+    decimals = 2
+    if 0 < size < 1:
+        decimals = min(_MONEY_DECIMALS, max(2, _MONEY_FIGURES - 1 - math.floor(math.log10(size))))
+    text = f"{amount:.{decimals}f}"
+    if decimals > 2:
+        text = text.rstrip("0")
+        whole, _, cents = text.partition(".")
+        text = f"{whole}.{cents.ljust(2, '0')}"
+    return f"-${text[1:]}" if text.startswith("-") else f"${text}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,11 +281,12 @@ class BudgetGuard:
                 ceiling = None if limit is None or past is None else limit + past + SLACK
                 held = await self._store.reserve(key, amount, limit=ceiling, expires_at=expires_at)
                 if held is None:
+                    assert limit is not None  # only a ceiling refuses
                     owner = "The global" if dimension == "budget" else f"Tenant {tenant}'s"
-                    beyond = f", even ${past:.2f} past it" if past else ""
+                    beyond = f", even {money(past)} past it" if past else ""
                     raise BudgetExceededError(
-                        f"{owner} monthly budget of ${limit:.2f} cannot pay ${amount:.6g} "
-                        f"more this month{beyond}.",
+                        f"{owner} monthly budget of {money(limit)} cannot pay "
+                        f"{money(amount)} more this month{beyond}.",
                         tenant=tenant,
                         retry_after=retry_after,
                     )

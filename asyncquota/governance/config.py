@@ -154,6 +154,7 @@ from typing import Any, Literal, TypeVar, cast, get_args
 
 from ..urls import join_path, redact_url
 from .alerts import (
+    REARM_AFTER,
     AlertLevel,
     Pace,
     Route,
@@ -309,8 +310,8 @@ class AlertsSpec:
     """The usage monitor: thresholds, sinks and the built-in critical action.
 
     Attributes:
-        warning, critical, hysteresis, thresholds: the ``UsageMonitor`` arguments of the
-            same names.
+        warning, critical, hysteresis, rearm_after, thresholds: the ``UsageMonitor``
+            arguments of the same names.
         log: whether alerts go to a ``LoggingSink``.
         shed_batch_on_critical: whether a critical upstream alert runs a
             ``ShedBatchAction`` on the upstreams.
@@ -321,6 +322,7 @@ class AlertsSpec:
     warning: float = 0.7
     critical: float = 0.9
     hysteresis: float = 0.05
+    rearm_after: float = REARM_AFTER
     log: bool = True
     shed_batch_on_critical: bool = False
     shed_seconds: float = 60.0
@@ -713,6 +715,7 @@ def _alerts(data: object, path: str) -> AlertsSpec:
             "warning",
             "critical",
             "hysteresis",
+            "rearm_after",
             "log",
             "shed_batch_on_critical",
             "shed_seconds",
@@ -724,6 +727,7 @@ def _alerts(data: object, path: str) -> AlertsSpec:
         warning=table.get("warning", _share, 0.7),
         critical=table.get("critical", _share, 0.9),
         hysteresis=table.get("hysteresis", _fraction, 0.05),
+        rearm_after=table.get("rearm_after", _seconds_or_zero, REARM_AFTER),
         log=table.get("log", _boolean, True),
         shed_batch_on_critical=table.get("shed_batch_on_critical", _boolean, False),
         shed_seconds=table.get("shed_seconds", _positive_number, 60.0),
@@ -741,6 +745,7 @@ def _alerts(data: object, path: str) -> AlertsSpec:
             warning=spec.warning,
             critical=spec.critical,
             hysteresis=spec.hysteresis,
+            rearm_after=spec.rearm_after,
             thresholds=spec.thresholds,
             sinks=(),
         )
@@ -994,6 +999,7 @@ _whole_number = _number("a positive whole number", lambda x: x > 0 and x == int(
 _dollars = _number("a number of dollars >= 0", lambda x: x >= 0)
 _share = _number("a number above 0 and at most 1", lambda x: 0 < x <= 1)
 _fraction = _number("a number from 0 to below 1", lambda x: 0 <= x < 1)
+_seconds_or_zero = _number("a number of seconds >= 0", lambda x: x >= 0)
 
 
 def _integer(kind: str, minimum: int) -> Callable[[object, str], int]:

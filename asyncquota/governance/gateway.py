@@ -21,6 +21,11 @@ model's fallback chain; the answer says which model answered and why it was chos
 account out of quota is held back as a whole until the time its provider named (else
 ``exhausted_hold``), then probed by one request; see :class:`Gateway`.
 
+:meth:`Gateway.stream` does the same for a streamed reply, event by event: the chain is
+walked until a model's stream has said something (what comes before its first content is
+held back, so a stream broken off there falls back too), then each event reaches the
+caller, in its dialect, as the model sends it (:class:`RoutedStream`).
+
 Cost is estimated before the call (prompt estimate + ``max_tokens``, at the model's
 prices) and reserved against the budgets, so concurrent requests cannot overshoot
 together; the reply's ``usage`` settles it.
@@ -42,11 +47,19 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Collection, Coroutine, Hashable, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Hashable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 import orjson
 
@@ -71,10 +84,11 @@ from ..errors import (
 from ..priority import Priority, PriorityLike, coerce_priority
 from ..shaper import Shaper
 from ..signals import Provider, QuotaSnapshot, QuotaWindow
+from ..streaming import ShapedStream
 from ..tokens import output_allowance, prompt_tokens, reply_usage
 from ..transport import Response, Transport
 from .alerts import LoggingSink, ShedBatchAction, Sink, UsageMonitor, WebhookSink
-from .budget import BudgetGuard, BudgetReservation
+from .budget import BudgetGuard, BudgetReservation, money
 from .config import (
     EXHAUSTED_HOLD,
     FALLBACK_CAUSES,
@@ -93,6 +107,7 @@ __all__ = [
     "GatewayStatistics",
     "QuotaStatus",
     "Routed",
+    "RoutedStream",
 ]
 
 logger = logging.getLogger("asyncquota.governance")
@@ -111,6 +126,12 @@ last second, not every tenant ever seen."""
 _WATCH_SWEEP_MIN = 1024
 
 DEFAULT_OUTPUT_TOKENS = 256
+
+_T = TypeVar("_T")
+
+_LATER_WORD = 1.0
+"""Seconds by which an account's new refusal must name a later end than its hold's to
+start a new one: regain times are stated to the second."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +251,169 @@ class _Estimate:
     @property
     def context(self) -> int:
         return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A request, read once: what every model of its chain is tried with."""
+
+    json: Mapping[str, Any]
+    tenant: str | None
+    speaks: Provider
+    rank: int
+    estimate: _Estimate
+    route: Route
+    overdraft: bool
+    ends: float | None  # loop time
+    headers: Mapping[str, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    """What one model of the chain took for a request: the tier's and the budget's share."""
+
+    body: dict[str, Any]  # in the model's dialect
+    translate: bool
+    grant: TenantGrant | None
+    reservation: BudgetReservation | None
+    cost: float  # estimated
+    left: float | None  # seconds of the deadline left
+
+
+@dataclass(slots=True)
+class _OpenStream:
+    """A model's stream, open and read up to its first content."""
+
+    route: Route
+    passed_over: tuple[str, ...]
+    shaped: ShapedStream
+    translator: dialects.StreamTranslator
+    admitted: _Admitted
+    first: list[bytes] = field(default_factory=list)  # the caller's, held back so far
+    finished: bool = False  # the upstream's stream ended while it was read
+
+
+class RoutedStream:
+    """A streamed reply on its way to the caller, and how the gateway got it.
+
+    Made by :meth:`Gateway.stream`: enter it, then iterate the caller's SSE bytes. Once
+    entered, :attr:`model`, :attr:`reason`, :attr:`passed_over` and :attr:`status` say
+    who answers; once it ended (run to its end, left, cancelled or broken off),
+    :attr:`cost` and the token counts say what was settled (None until then).
+    """
+
+    __slots__ = (
+        "_ended",
+        "_gateway",
+        "_open",
+        "_plan",
+        "_planning",
+        "cost",
+        "input_tokens",
+        "output_tokens",
+    )
+
+    def __init__(self, gateway: Gateway, planning: Callable[[], Awaitable[_Plan]]) -> None:
+        self._gateway = gateway
+        self._planning = planning
+        self._plan: _Plan | None = None
+        self._open: _OpenStream | None = None
+        self._ended = False
+        self.cost: float | None = None
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+
+    async def __aenter__(self) -> Self:
+        """Route the request and open its stream (falling back as ``request`` does).
+
+        Raises:
+            What :meth:`Gateway.request` raises; RuntimeError when entered twice.
+        """
+        if self._plan is not None:
+            raise RuntimeError("A RoutedStream is entered once.")
+        gateway = self._gateway
+        self._plan = plan = await self._planning()
+        self._open = await gateway._down_the_chain(plan, gateway._open)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """End the stream; one left before its end is settled at the estimate."""
+        await self._end(served=False)
+
+    def _opened(self) -> _OpenStream:
+        if self._open is None:
+            raise RuntimeError("The stream is not open: use it in an ``async with`` block.")
+        return self._open
+
+    @property
+    def model(self) -> str:
+        """The model that answers (its configured name)."""
+        return self._opened().route.model.name
+
+    @property
+    def reason(self) -> str:
+        """Why that model: the rule, a downgrade, a fallback and its cause."""
+        return self._opened().route.reason
+
+    @property
+    def passed_over(self) -> tuple[str, ...]:
+        """The models tried or skipped first, each with why."""
+        return self._opened().passed_over
+
+    @property
+    def status(self) -> int:
+        """The upstream's HTTP status (2xx: refusals raise instead)."""
+        return self._opened().shaped.status
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> bytes:
+        opened = self._opened()
+        if opened.first:
+            held = b"".join(opened.first)  # one write: they were all there at once
+            opened.first.clear()
+            return held
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            while not opened.finished:
+                try:
+                    event = await anext(opened.shaped)
+                except StopAsyncIteration:
+                    opened.finished = True
+                    break
+                out = opened.translator.feed_events((event,))
+                if out:
+                    return out
+        except DialectError as exc:
+            await self._end(served=False)
+            raise _untranslatable(exc, opened.shaped.status) from exc
+        except BaseException:  # an error event, a broken connection, a cancellation
+            await self._end(served=False)
+            raise
+        await self._end(served=True)
+        raise StopAsyncIteration
+
+    async def _end(self, *, served: bool) -> None:
+        """Settle the tier and the budget, once; close the model's stream."""
+        opened, plan = self._open, self._plan
+        if self._ended or opened is None or plan is None:
+            return
+        self._ended = True
+        gateway, admitted, estimate = self._gateway, opened.admitted, plan.estimate
+        model = opened.route.model
+        if served:
+            usage = opened.translator.usage
+            self.input_tokens, self.output_tokens, self.cost = await gateway._settle_usage(
+                model, plan, admitted, usage
+            )
+            return
+        # Left, cancelled or broken off: the model may have generated it all.
+        gateway._charge_estimate(admitted.grant, admitted.reservation, estimate, admitted.cost)
+        self.input_tokens, self.output_tokens = estimate.input_tokens, estimate.output_tokens
+        self.cost = admitted.cost
+        await opened.shaped.__aexit__(None, None, None)
 
 
 class Gateway:
@@ -441,6 +625,7 @@ class Gateway:
                 warning=alerts.warning,
                 critical=alerts.critical,
                 hysteresis=alerts.hysteresis,
+                rearm_after=alerts.rearm_after,
                 thresholds=alerts.thresholds,
                 sinks=[*every, *sinks],
                 on_critical=actions,
@@ -521,6 +706,7 @@ class Gateway:
                 warning=alerts.warning,
                 critical=alerts.critical,
                 hysteresis=alerts.hysteresis,
+                rearm_after=alerts.rearm_after,
                 thresholds=alerts.thresholds,
                 sinks=(),
             )
@@ -540,6 +726,7 @@ class Gateway:
                 warning=alerts.warning,
                 critical=alerts.critical,
                 hysteresis=alerts.hysteresis,
+                rearm_after=alerts.rearm_after,
                 thresholds=alerts.thresholds,
             )
         self._budget = parts.budget
@@ -678,11 +865,88 @@ class Gateway:
             QuotaError: what the last model's Shaper raised (see ``Shaper.request``).
             ValueError: a malformed argument.
         """
+        plan = await self._plan(
+            json, model, task, complexity, tenant, priority, deadline, headers, dialect
+        )
+        return await self._down_the_chain(plan, self._send)
+
+    def stream(
+        self,
+        json: Mapping[str, Any],
+        *,
+        model: str | None = None,
+        task: str | None = None,
+        complexity: str | None = None,
+        tenant: Hashable | None = None,
+        priority: PriorityLike = Priority.INTERACTIVE,
+        deadline: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        dialect: Provider | None = None,
+    ) -> RoutedStream:
+        """Route one streamed request; its events reach the caller as the model sends them.
+
+        Use it with ``async with`` and iterate it: each item is the bytes of the caller's
+        dialect's Server-Sent Events for one upstream event (translated event by event
+        when the model speaks the other dialect), ready to be written to a client::
+
+            async with gateway.stream(body, tenant="acme") as stream:
+                start_response(stream.model)
+                async for chunk in stream:
+                    await client.write(chunk)
+
+        Takes the arguments of :meth:`request` (the body is sent with ``"stream": true``).
+        Entering the block routes and opens the stream, and reads it up to its first event
+        with content (a text or tool call delta, a finish, or the end): what the model says
+        before that (Anthropic's ``message_start``, a ping, OpenAI's role-only chunk) is
+        held back, so a model that breaks off there (Anthropic's ``overloaded_error``
+        inside a 200) or refuses the stream (exhausted, overloaded, busy, unreachable)
+        passes it to the next model of its chain as :meth:`request` would; the caller has
+        seen nothing yet. From the first item on, the stream stays on its model: an error
+        event after it raises the matching ``UpstreamError`` from the iteration.
+
+        The stream holds its Shaper permit until it ends (see ``Shaper.stream``). The
+        tenant's tier and the budget are settled once, when it ends: with the usage the
+        stream reported if it ran to its end, else (left early, cancelled, broken off) at
+        the estimate, since the model may have generated it all.
+
+        Raises:
+            What :meth:`request` raises, from entering the block; ``UpstreamError`` (an
+            error event, or an event the caller's dialect cannot say) and ``QuotaError``
+            (the connection broke, the Shaper closed) from the iteration.
+        """
+        return RoutedStream(
+            self,
+            lambda: self._plan(
+                {**json, "stream": True},
+                model,
+                task,
+                complexity,
+                tenant,
+                priority,
+                deadline,
+                headers,
+                dialect,
+            ),
+        )
+
+    async def _plan(
+        self,
+        json: Mapping[str, Any],
+        model: str | None,
+        task: str | None,
+        complexity: str | None,
+        tenant: Hashable | None,
+        priority: PriorityLike,
+        deadline: float | None,
+        headers: Mapping[str, str] | None,
+        dialect: Provider | None,
+    ) -> _Plan:
+        """What every model of the request's chain is tried with (see :meth:`request`)."""
         if not isinstance(json, Mapping):
             raise TypeError(
                 f"json must be a mapping (the request body), not {type(json).__name__}."
             )
-        tenant = tenant_id(tenant)  # once, so tiers, budget and alerts see one identity
+        who = tenant_id(tenant)  # once, so tiers, budget and alerts see one identity
         speaks = self._dialect if dialect is None else _check_dialect(dialect)
         rank = coerce_priority(priority)
         estimate = _Estimate(
@@ -693,9 +957,20 @@ class Gateway:
             context_tokens=estimate.context, model=model, task=task, complexity=complexity
         )
         assert route is not None
-        route, overdraft = await self._budget_policy(route, tenant, estimate)
+        route, overdraft = await self._budget_policy(route, who, estimate)
         loop = asyncio.get_running_loop()
         ends = None if deadline is None else loop.time() + _seconds(deadline)
+        return _Plan(json, who, speaks, rank, estimate, route, overdraft, ends, headers)
+
+    async def _down_the_chain(
+        self,
+        plan: _Plan,
+        attempt: Callable[[Route, _Plan, tuple[str, ...]], Coroutine[Any, Any, _T]],
+    ) -> _T:
+        """Try the plan's model, then each fallback, as the upstreams' answers say."""
+        loop = asyncio.get_running_loop()
+        route: Route | None = plan.route
+        rank, tenant = plan.rank, plan.tenant
         passed_over: list[str] = []
         last: QuotaError | None = None
         self._counts["requests"] += 1
@@ -711,18 +986,7 @@ class Gateway:
             if why is None or not route.chain:  # the last one is tried whatever its state
                 follow = route.chain[0].name if route.chain else None
                 try:
-                    routed = await self._send(
-                        route,
-                        json,
-                        estimate,
-                        tenant,
-                        rank,
-                        ends,
-                        headers,
-                        overdraft,
-                        tuple(passed_over),
-                        speaks,
-                    )
+                    served = await attempt(route, plan, tuple(passed_over))
                 except DialectError as exc:
                     why = f"cannot take it in its dialect ({exc})"
                     last = NoRouteError(
@@ -738,7 +1002,8 @@ class Gateway:
                 except OverloadedError as exc:
                     if "overloaded" not in self._policy.fallback_on:
                         raise
-                    why, last = f"overloaded (HTTP {exc.status})", exc
+                    status = "an error event" if exc.status == 200 else f"HTTP {exc.status}"
+                    why, last = f"overloaded ({status})", exc
                     self._fall_back(current, why, follow)
                 except TransportError as exc:
                     if "transport" not in self._policy.fallback_on:
@@ -763,7 +1028,7 @@ class Gateway:
                     why, last = f"rate limited for {exc.retry_after:.1f} s", exc
                 else:
                     self._served(current, probe)
-                    return routed
+                    return served
                 finally:
                     if probe:
                         self._probe_over(current)
@@ -855,8 +1120,8 @@ class Gateway:
             if policy.when_spent == "reject":
                 renews = min((s.resets_at for s in statuses if s.resets_at), default=None)
                 raise BudgetExceededError(
-                    f"The budget has ${left:.4f} left this month, less than this request's "
-                    f"estimated ${cost:.4f}; it was not sent.",
+                    f"The budget has {money(left)} left this month, less than this "
+                    f"request's estimated {money(cost)}; it was not sent.",
                     tenant=tenant,
                     retry_after=None if renews is None else max(0.0, renews - self._wall_clock()),
                 )
@@ -867,7 +1132,7 @@ class Gateway:
             return (
                 Route(
                     model=chosen.model,
-                    reason=f"{chosen.reason}; the budget is spent (${left:.4f} left): "
+                    reason=f"{chosen.reason}; the budget is spent ({money(left)} left): "
                     "served on the cheapest model of its chain",
                     chain=chosen.chain,
                 ),
@@ -932,9 +1197,10 @@ class Gateway:
         seconds = self._policy.hold if regain is None else regain - wall
         why = exc.why or "out of quota"
         hold = self._holds.get(account)
-        if hold is None or probe or now + seconds > hold.until:
+        if hold is None or probe or now + seconds > hold.until + _LATER_WORD:
             # A new hold, a failed probe's, or a later word; a refusal of a request sent
-            # before the hold began never shortens it.
+            # before the hold began never shortens it, nor restates it: the same regain
+            # time read on two clocks a little apart (wall and loop) is the same word.
             fresh = hold is None
             hold = _Hold(
                 until=now + seconds,
@@ -1040,61 +1306,61 @@ class Gateway:
             retry_after=max(0.0, hold.until - now) or None,
         )
 
-    async def _send(
-        self,
-        route: Route,
-        json: Mapping[str, Any],
-        estimate: _Estimate,
-        tenant: str | None,
-        rank: int,
-        ends: float | None,
-        headers: Mapping[str, str] | None,
-        overdraft: bool,
-        passed_over: tuple[str, ...],
-        speaks: Provider,
-    ) -> Routed:
-        """One model: tier, budget reservation, the Shaper, then settle with the usage."""
-        model = route.model
-        shaper = self._upstreams[model.upstream]
+    async def _admit(self, route: Route, plan: _Plan) -> _Admitted:
+        """The body in the model's dialect, the tier's grant and the budget's reservation.
+
+        Raises:
+            DialectError: the model's dialect cannot say the body (nothing was taken).
+            TenantLimitError, BudgetExceededError, StoreUnavailableError: refused.
+            DeadlineExceededError: the deadline passed (what was taken is given back).
+        """
+        model, estimate, tenant = route.model, plan.estimate, plan.tenant
         # Translated first: a body the model's dialect cannot say costs nothing.
         hears = dialect_of_path(model.path)
-        translate = hears is not None and hears != speaks
-        body = dict(_to_dialect(json, hears) if translate and hears is not None else json)
+        translate = hears is not None and hears != plan.speaks
+        body = dict(_to_dialect(plan.json, hears) if translate and hears is not None else plan.json)
         body["model"] = model.api_name or model.name
         grant: TenantGrant | None = None
         if self._tenants is not None:
-            grant = await self._tenants.admit(tenant, model.name, estimate.context, priority=rank)
-        estimated_cost = model.price.cost(estimate.input_tokens, estimate.output_tokens)
+            grant = await self._tenants.admit(
+                tenant, model.name, estimate.context, priority=plan.rank
+            )
+        cost = model.price.cost(estimate.input_tokens, estimate.output_tokens)
         reservation: BudgetReservation | None = None
         try:
             if self._budget is not None:
-                reservation = await self._budget.reserve(
-                    tenant, estimated_cost, overdraft=overdraft
-                )
+                reservation = await self._budget.reserve(tenant, cost, overdraft=plan.overdraft)
         except BaseException:
             if grant is not None:
                 self._settle(grant.cancel())
             raise
-        loop = asyncio.get_running_loop()
         left = None
-        if ends is not None:
-            left = ends - loop.time()
+        if plan.ends is not None:
+            left = plan.ends - asyncio.get_running_loop().time()
             if left <= 0:
                 self._release(grant, reservation)
                 raise DeadlineExceededError(
                     "The request's deadline passed before a model could take it.",
-                    priority=rank,
+                    priority=plan.rank,
                     tenant=tenant,
                 )
+        return _Admitted(body, translate, grant, reservation, cost, left)
+
+    async def _send(self, route: Route, plan: _Plan, passed_over: tuple[str, ...]) -> Routed:
+        """One model: tier, budget reservation, the Shaper, then settle with the usage."""
+        model, estimate = route.model, plan.estimate
+        shaper = self._upstreams[model.upstream]
+        admitted = await self._admit(route, plan)
+        grant, reservation = admitted.grant, admitted.reservation
         try:
             response = await shaper.request(
                 "POST",
                 model.path,
-                json=body,
-                headers=headers,
-                priority=rank,
-                tenant=tenant,
-                deadline=left,
+                json=admitted.body,
+                headers=plan.headers,
+                priority=plan.rank,
+                tenant=plan.tenant,
+                deadline=admitted.left,
                 cost_tokens=estimate.context,
             )
         except RejectedError:
@@ -1102,34 +1368,17 @@ class Gateway:
             raise
         except UpstreamError as exc:
             self._release(grant, reservation)  # refused: no tokens were generated
-            if translate:
-                _error_to_dialect(exc, speaks)
+            if admitted.translate:
+                _error_to_dialect(exc, plan.speaks)
             raise
         except BaseException:
             # Deadline or cancellation in flight: the upstream may have charged it.
-            self._charge_estimate(grant, reservation, estimate, estimated_cost)
+            self._charge_estimate(grant, reservation, estimate, admitted.cost)
             raise
         usage = reply_usage(response.body)
-        if translate:
-            response, usage = self._reply_to_dialect(response, usage, json, speaks)
-        used_in, used_out = (
-            usage
-            if usage is not None
-            else (
-                estimate.input_tokens,
-                estimate.output_tokens,
-            )
-        )
-        cost = model.price.cost(used_in, used_out)
-        settling = []
-        if grant is not None:
-            settling.append(self._settle(grant.reconcile(used_in + used_out)))
-        if reservation is not None:
-            settling.append(self._settle(reservation.reconcile(cost)))
-        if settling:
-            # Settled before the caller hears back, so its next request sees the real spend.
-            await asyncio.shield(asyncio.gather(*settling))
-        self._watch(tenant, model, shaper)
+        if admitted.translate:
+            response, usage = self._reply_to_dialect(response, usage, plan.json, plan.speaks)
+        used_in, used_out, cost = await self._settle_usage(model, plan, admitted, usage)
         return Routed(
             response=response,
             model=model.name,
@@ -1139,6 +1388,103 @@ class Gateway:
             output_tokens=used_out,
             passed_over=passed_over,
         )
+
+    async def _settle_usage(
+        self, model: Model, plan: _Plan, admitted: _Admitted, usage: tuple[int, int] | None
+    ) -> tuple[int, int, float]:
+        """Settle a served request with its usage (else the estimate); feed the monitor."""
+        used_in, used_out = (
+            usage
+            if usage is not None
+            else (plan.estimate.input_tokens, plan.estimate.output_tokens)
+        )
+        cost = model.price.cost(used_in, used_out)
+        settling = []
+        if admitted.grant is not None:
+            settling.append(self._settle(admitted.grant.reconcile(used_in + used_out)))
+        if admitted.reservation is not None:
+            settling.append(self._settle(admitted.reservation.reconcile(cost)))
+        if settling:
+            # Settled before the caller hears back, so its next request sees the real spend.
+            await asyncio.shield(asyncio.gather(*settling))
+        self._watch(plan.tenant, model, self._upstreams[model.upstream])
+        return used_in, used_out, cost
+
+    async def _open(self, route: Route, plan: _Plan, passed_over: tuple[str, ...]) -> _OpenStream:
+        """One model, streamed: tier, budget, the Shaper's stream, read to its first content.
+
+        Raises:
+            What ``_send`` raises; an error event before any content as its typed error
+            (nothing was given to the caller: the chain goes on).
+        """
+        model, estimate = route.model, plan.estimate
+        shaper = self._upstreams[model.upstream]
+        admitted = await self._admit(route, plan)
+        grant, reservation = admitted.grant, admitted.reservation
+        shaped = shaper.stream(
+            "POST",
+            model.path,
+            json=admitted.body,
+            headers=plan.headers,
+            priority=plan.rank,
+            tenant=plan.tenant,
+            deadline=admitted.left,
+            cost_tokens=estimate.context,
+        )
+        try:
+            await shaped.__aenter__()
+        except RejectedError:
+            self._release(grant, reservation)
+            raise
+        except UpstreamError as exc:
+            self._release(grant, reservation)
+            if admitted.translate:
+                _error_to_dialect(exc, plan.speaks)
+            raise
+        except BaseException:
+            self._charge_estimate(grant, reservation, estimate, admitted.cost)
+            raise
+        opened = _OpenStream(
+            route=route,
+            passed_over=passed_over,
+            shaped=shaped,
+            translator=self._stream_translator(model, plan),
+            admitted=admitted,
+        )
+        try:
+            async for event in shaped:
+                out = opened.translator.feed_events((event,))
+                if out:
+                    opened.first.append(out)
+                if dialects.has_content(event.data):
+                    break
+            else:
+                opened.finished = True  # it ended with nothing to say
+        except (UpstreamError, DialectError) as exc:
+            await shaped.__aexit__(None, None, None)
+            if isinstance(exc, UpstreamError):
+                self._release(grant, reservation)  # broken off before any content
+                raise
+            self._charge_estimate(grant, reservation, estimate, admitted.cost)
+            raise _untranslatable(exc, shaped.status) from exc
+        except BaseException:
+            await shaped.__aexit__(None, None, None)
+            self._charge_estimate(grant, reservation, estimate, admitted.cost)
+            raise
+        return opened
+
+    def _stream_translator(self, model: Model, plan: _Plan) -> dialects.StreamTranslator:
+        """Reads the model's stream, says it in the caller's dialect, and counts its usage."""
+        hears = dialect_of_path(model.path) or plan.speaks
+        if hears == plan.speaks:
+            return dialects.PassThroughStream()
+        if plan.speaks == dialects.OPENAI:
+            options = plan.json.get("stream_options")
+            include = isinstance(options, Mapping) and options.get("include_usage") is True
+            return dialects.AnthropicStreamToOpenAI(
+                created=int(self._wall_clock()), include_usage=include
+            )
+        return dialects.OpenAIStreamToAnthropic()
 
     def _reply_to_dialect(
         self,
@@ -1178,12 +1524,7 @@ class Gateway:
                 )
                 body = orjson.dumps(translated)
         except (DialectError, orjson.JSONDecodeError) as exc:
-            raise UpstreamError(
-                f"The reply could not be said in the request's dialect ({exc}).",
-                status=response.status,
-                body=response.body,
-                reason="untranslatable_reply",
-            ) from exc
+            raise _untranslatable(exc, response.status, response.body) from exc
         headers = {
             name: value
             for name, value in response.headers.items()
@@ -1427,6 +1768,15 @@ def _error_to_dialect(exc: UpstreamError, speaks: Provider) -> None:
             else dialects.openai_error_to_anthropic(error)
         )
         exc.body = orjson.dumps(translated).decode()
+
+
+def _untranslatable(exc: Exception, status: int, body: bytes | None = None) -> UpstreamError:
+    return UpstreamError(
+        f"The reply could not be said in the request's dialect ({exc}).",
+        status=status,
+        body=body,
+        reason="untranslatable_reply",
+    )
 
 
 def _held_for(hold: _Hold) -> str:
