@@ -16,6 +16,10 @@ upstream takes in its stride, which is what "the price when nothing is wrong" me
 Each round times this process's CPU (``time.process_time``) over N requests. We print the
 median CPU µs per request of each and the median of the per-round ratios (target ≤ 1.10×).
 
+And the price of saying no: ``refused``, the CPU of a ``Shaper.request`` refused at once
+(its class is being shed, ``shed_below``): the options checked, the body encoded, the
+refusal decided, the error made and counted (target ≤ 20 µs).
+
 Run: ``python benchmarks/overhead.py [--requests 2000] [--rounds 7] [--json PATH]``.
 """
 
@@ -33,7 +37,7 @@ import aiohttp
 import orjson
 import uvloop
 
-from asyncquota import AiohttpTransport, Request, Shaper
+from asyncquota import AiohttpTransport, RejectedError, Request, Shaper
 from asyncquota.testing import UpstreamConfig, run_in_process
 
 BODY = {
@@ -82,6 +86,20 @@ async def shaped(base_url: str, n: int) -> float:
         return await cpu_per_request(n, one)
 
 
+async def refused(base_url: str, n: int) -> float:
+    async with Shaper(base_url, max_connections=CONNECTIONS) as shaper:
+        shaper.shed_below("interactive", for_seconds=3600)
+
+        async def one() -> None:
+            try:
+                await shaper.request("POST", "/v1/chat/completions", json=BODY)
+            except RejectedError:
+                return
+            raise AssertionError("a shed class was served")
+
+        return await cpu_per_request(n, one)
+
+
 async def cpu_per_request(n: int, one: Callable[[], Awaitable[None]]) -> float:
     """CPU seconds per request for n requests from WORKERS callers, each one at a time."""
 
@@ -105,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     config = UpstreamConfig.preset(
         "steady", rps=1_000_000, latency_base=0.005, latency_per_token=0.0, max_concurrency=None
     )
-    cpu: dict[str, list[float]] = {"bare": [], "transport": [], "shaper": []}
+    cpu: dict[str, list[float]] = {"bare": [], "transport": [], "shaper": [], "refused": []}
+    runs = (("bare", bare), ("transport", transport), ("shaper", shaped), ("refused", refused))
     with run_in_process(config) as base_url:
         for _ in range(args.rounds):
-            for name, run in (("bare", bare), ("transport", transport), ("shaper", shaped)):
+            for name, run in runs:
                 with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                     cpu[name].append(runner.run(run(base_url, args.requests)) * 1e6)
     ratios = [s / b for s, b in zip(cpu["shaper"], cpu["bare"], strict=True)]
@@ -119,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "bare_cpu_us_median": statistics.median(cpu["bare"]),
         "transport_cpu_us_median": statistics.median(cpu["transport"]),
         "shaper_cpu_us_median": statistics.median(cpu["shaper"]),
+        "refused_cpu_us_median": statistics.median(cpu["refused"]),
         "ratio_median": statistics.median(ratios),
         "ratios": ratios,
     }
@@ -130,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "met" if report["ratio_median"] <= 1.10 else "MISSED"
     print(f"  ratio        : {report['ratio_median']:8.2f}× (median of rounds)")
     print(f"target ≤ 1.10×: {verdict}")
+    print(f"  refused      : {report['refused_cpu_us_median']:8.1f} µs (median; refused at once)")
+    verdict = "met" if report["refused_cpu_us_median"] <= 20 else "MISSED"
+    print(f"target ≤ 20 µs: {verdict}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")
