@@ -191,6 +191,8 @@ class Reporter:
     """
 
     __slots__ = (
+        "_listening",
+        "_logging",
         "cancelled",
         "deadline",
         "failed",
@@ -204,14 +206,16 @@ class Reporter:
 
     def __init__(self, hooks: Sequence[Hook]) -> None:
         self.hooks: tuple[Hook, ...] = tuple(hooks)
+        # Asked several times a request: a hook that is not a LoggingHook always listens;
+        # a LoggingHook only while its logger takes DEBUG records.
+        self._logging = tuple(hook for hook in self.hooks if isinstance(hook, LoggingHook))
+        self._listening = len(self._logging) < len(self.hooks)
         self.sent = self.ok = self.throttled = self.retried = 0
         self.shed = self.deadline = self.failed = self.cancelled = 0
 
     def tracing(self) -> bool:
         """Whether the frequent events (queued, admitted, ok) have anyone to hear them."""
-        return any(
-            not isinstance(hook, LoggingHook) or hook.debug_enabled for hook in self.hooks
-        )
+        return self._listening or any(hook.debug_enabled for hook in self._logging)
 
     def failed_with(self, ticket: Ticket, exc: QuotaError, now: float) -> None:
         """The request ended in ``exc``: count it (deadline, shed unsent, or failed) and tell."""

@@ -84,6 +84,9 @@ upstream's slow zone, a refusal at its concurrency cap is a brush with it, and h
 left the upstream half idle for seconds (0.90-0.93 of the quota in the matrix's rows
 with a cap; 0.94-1.0 at 0.7)."""
 
+URL_CACHE = 1024
+"""Request paths whose checked URL the Shaper remembers (most callers use a handful)."""
+
 STREAM_SHUTDOWN = 1.0
 """Seconds ``aclose`` waits, past its grace, for cancelled stream readers to end them."""
 
@@ -250,6 +253,8 @@ class Shaper:
         self.default_output_tokens = default_output_tokens
         self._shutdown_grace = float(shutdown_grace)
         self._headers = dict(headers or {})
+        self._typed = any(k.lower() == "content-type" for k in self._headers)
+        self._urls: dict[str, str] = {}  # path → its checked URL (see URL_CACHE)
         self._rng = random.Random(seed)
         self._transport: Transport = transport or AiohttpTransport(max_connections=max_connections)
         self._rpm = rpm
@@ -638,13 +643,21 @@ class Shaper:
     ) -> tuple[Request, int]:
         """The request to send (under ``base_url``, with the Shaper's headers) and its cost."""
         method = check_method(method).upper()
-        url = join_path(self.base_url, path)  # refuses what would leave the base path
+        urls = self._urls
+        url = urls.get(path)
+        if url is None:
+            url = join_path(self.base_url, path)  # refuses what would leave the base path
+            if len(urls) >= URL_CACHE:
+                urls.clear()
+            urls[path] = url
         merged = dict(self._headers)
+        typed = self._typed
         if headers:
             check_headers(headers)
             merged.update(headers)
+            typed = typed or any(k.lower() == "content-type" for k in headers)
         body = None if payload is None else orjson.dumps(payload)
-        if body is not None and not any(k.lower() == "content-type" for k in merged):
+        if body is not None and not typed:
             merged["Content-Type"] = "application/json"
         cost = options.cost_tokens
         if cost is None:
