@@ -26,7 +26,7 @@ timeout bounds each silence between chunks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
@@ -134,6 +134,12 @@ class ShapedStream:
         """The reply's HTTP status (2xx: error replies raise instead)."""
         assert self._stream is not None
         return self._stream.status
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The reply's headers (matched case-insensitively)."""
+        assert self._stream is not None
+        return self._stream.headers
 
     def __aiter__(self) -> Self:
         return self

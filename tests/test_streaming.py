@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from asyncquota import AIMD, MockTransport, OverloadedError, Response
+from asyncquota import AIMD, MockTransport, OverloadedError, QuotaExhaustedError, Response
 from asyncquota.shaper import Shaper
 from asyncquota.transport import StreamResponse
 
@@ -93,6 +93,29 @@ async def test_an_overloaded_error_inside_a_200_is_a_congestion_signal_and_a_typ
     assert caught.value.status == 200
     assert stats.limit == 20 and stats.throttled == 1 and stats.inflight == 0
     assert closed == ["closed"]
+
+
+async def test_a_spent_account_reported_inside_a_stream_is_quota_exhaustion_with_its_regain_time():
+    async def spent():
+        yield b'event: message_start\ndata: {"type": "message_start"}\n\n'
+        yield (
+            b'event: error\ndata: {"type": "error", "error": {"type": "invalid_request_error", '
+            b'"message": "You have reached your specified API usage limits. You will regain '
+            b'access on 2027-01-01 at 00:00 UTC."}}\n\n'
+        )
+
+    headers = {**SSE, "request-id": "req_42"}
+    transport = MockTransport(lambda request: StreamResponse(200, headers, spent()))
+    async with Shaper("http://upstream.test", transport=transport, hooks=()) as shaper:
+        with pytest.raises(QuotaExhaustedError) as caught:
+            async with shaper.stream("POST", "/v1/messages", json={}) as events:
+                assert events.headers["Request-Id"] == "req_42"  # any case
+                async for _ in events:
+                    pass
+        stats = shaper.statistics()
+    # 2027-01-01 00:00 UTC: what a gateway holds the account until before it probes again.
+    assert caught.value.regain_at == 1798761600.0
+    assert caught.value.status == 200 and stats.inflight == 0 and stats.throttled == 0
 
 
 async def test_a_caller_leaving_early_closes_the_stream_and_frees_the_permit():
