@@ -104,9 +104,13 @@ def classify(exc: BaseException) -> RequestOutcome:
 
 
 def _is_connection_error(exc: BaseException) -> bool:
-    """aiohttp's ClientError or openai's APIConnectionError, by name (neither is imported)."""
+    """aiohttp's ClientError, openai's APIConnectionError, httpx's TransportError, by name.
+
+    None of those libraries is imported.
+    """
     return any(
-        cls.__name__ in {"ClientError", "APIConnectionError"} for cls in type(exc).__mro__
+        cls.__name__ in {"ClientError", "APIConnectionError", "TransportError"}
+        for cls in type(exc).__mro__
     )
 
 

@@ -15,10 +15,8 @@ from aiolimiter import AsyncLimiter
 
 from asyncquota.bench import (
     Call,
-    Outcome,
     RequestLog,
     SessionModel,
-    classify,
     percentile,
     request_quota,
     summarize,
@@ -33,10 +31,12 @@ from asyncquota.bench.virtual import TICK, new_virtual_loop
 from asyncquota.errors import (
     DeadlineExceededError,
     DeadlineUnreachableError,
+    OverloadedError,
     QueueFullError,
     ThrottledError,
     TransportError,
 )
+from asyncquota.outcomes import RequestOutcome, classify
 from asyncquota.testing import UpstreamConfig
 from asyncquota.transport import Response
 
@@ -124,13 +124,13 @@ def test_the_quota_follows_the_capacity_schedule():
 def test_summary_of_a_hand_built_night():
     log = RequestLog.from_rows(
         [
-            (INTERACTIVE, 0.0, 1.0, Outcome.OK),
-            (INTERACTIVE, 0.0, 3.0, Outcome.OK),
-            (INTERACTIVE, 1.0, 11.0, Outcome.DEADLINE_EXCEEDED),
-            (INTERACTIVE, 2.0, 2.25, Outcome.SHED),
-            (BATCH, 0.0, 2.0, Outcome.OK),
-            (BATCH, 1.0, 1.5, Outcome.THROTTLED),
-            (BATCH, 2.0, 3.0, Outcome.TRANSPORT),
+            (INTERACTIVE, 0.0, 1.0, RequestOutcome.OK),
+            (INTERACTIVE, 0.0, 3.0, RequestOutcome.OK),
+            (INTERACTIVE, 1.0, 11.0, RequestOutcome.DEADLINE_EXCEEDED),
+            (INTERACTIVE, 2.0, 2.25, RequestOutcome.SHED),
+            (BATCH, 0.0, 2.0, RequestOutcome.OK),
+            (BATCH, 1.0, 1.5, RequestOutcome.THROTTLED),
+            (BATCH, 2.0, 3.0, RequestOutcome.TRANSPORT),
             (BATCH, 4.0, None, None),
         ]
     )
@@ -159,7 +159,7 @@ def test_summary_of_a_hand_built_night():
 
 
 def test_an_answer_after_its_deadline_is_ok_but_not_in_deadline():
-    log = RequestLog.from_rows([(INTERACTIVE, 0.0, 10.5, Outcome.OK)])
+    log = RequestLog.from_rows([(INTERACTIVE, 0.0, 10.5, RequestOutcome.OK)])
     result = summarize(log, config=UpstreamConfig(), deadlines=DEADLINES,
                        upstream_totals={}, stopped_at=10.5)
     assert (result["ok"], result["ok_in_deadline"], result["goodput_ratio"]) == (1, 0, 0.0)
@@ -168,29 +168,34 @@ def test_an_answer_after_its_deadline_is_ok_but_not_in_deadline():
 def test_an_outcome_is_recorded_once():
     log = RequestLog()
     index = log.begin(INTERACTIVE, 0.0)
-    log.end(index, 1.0, Outcome.OK)
+    log.end(index, 1.0, RequestOutcome.OK)
     with pytest.raises(ValueError, match="already ended"):
-        log.end(index, 2.0, Outcome.OTHER)
+        log.end(index, 2.0, RequestOutcome.OTHER)
     assert repr(log) == "<RequestLog requests=1 ok=1 open=0>"
 
 
 @pytest.mark.parametrize(
     ("exc", "outcome"),
     [
-        (QueueFullError("full"), Outcome.SHED),
-        (DeadlineUnreachableError("late"), Outcome.SHED),
-        (DeadlineExceededError("late"), Outcome.DEADLINE_EXCEEDED),
-        (TimeoutError(), Outcome.DEADLINE_EXCEEDED),
-        (ThrottledError("slow down", status=429), Outcome.THROTTLED),
-        (HTTPStatusError(Response(503)), Outcome.SERVER_ERROR),
-        (HTTPStatusError(Response(400)), Outcome.HTTP_ERROR),
-        (TransportError("reset"), Outcome.TRANSPORT),
-        (aiohttp.ServerDisconnectedError(), Outcome.TRANSPORT),
-        (ConnectionResetError(), Outcome.TRANSPORT),
-        (KeyError("bug"), Outcome.OTHER),
+        (QueueFullError("full"), RequestOutcome.SHED),
+        (DeadlineUnreachableError("late"), RequestOutcome.SHED),
+        (DeadlineExceededError("late"), RequestOutcome.DEADLINE_EXCEEDED),
+        (TimeoutError(), RequestOutcome.DEADLINE_EXCEEDED),
+        (ThrottledError("slow down", status=429), RequestOutcome.THROTTLED),
+        (ThrottledError("the cooldown outlasts the deadline"), RequestOutcome.THROTTLED),
+        (OverloadedError("busy upstream", status=529), RequestOutcome.SERVER_ERROR),
+        (asyncio.CancelledError(), RequestOutcome.CANCELLED),
+        (HTTPStatusError(Response(503)), RequestOutcome.SERVER_ERROR),
+        (HTTPStatusError(Response(400)), RequestOutcome.HTTP_ERROR),
+        (TransportError("reset"), RequestOutcome.TRANSPORT),
+        (aiohttp.ServerDisconnectedError(), RequestOutcome.TRANSPORT),
+        (ConnectionResetError(), RequestOutcome.TRANSPORT),
+        (KeyError("bug"), RequestOutcome.OTHER),
     ],
 )
-def test_whatever_a_strategy_raises_maps_to_one_outcome(exc: BaseException, outcome: Outcome):
+def test_whatever_a_strategy_raises_maps_to_one_outcome(
+    exc: BaseException, outcome: RequestOutcome
+):
     assert classify(exc) == outcome
 
 
@@ -202,8 +207,8 @@ def test_openai_errors_map_by_their_status_code():
     throttled = openai.RateLimitError(
         "slow down", response=httpx2.Response(429, request=request), body=None
     )
-    assert classify(throttled) == Outcome.THROTTLED
-    assert classify(openai.APIConnectionError(request=request)) == Outcome.TRANSPORT
+    assert classify(throttled) == RequestOutcome.THROTTLED
+    assert classify(openai.APIConnectionError(request=request)) == RequestOutcome.TRANSPORT
 
 
 def test_tenacity_reads_retry_after_in_each_dialect():

@@ -18,9 +18,9 @@ from asyncquota.bench.exhaustion import (
     run_gateway,
 )
 from asyncquota.bench.metrics import RequestLog
-from asyncquota.bench.outcomes import Outcome
 from asyncquota.bench.sessions import SessionModel
 from asyncquota.bench.strategies.fallback import reply_dialect
+from asyncquota.outcomes import RequestOutcome
 from asyncquota.testing import UpstreamConfig
 
 INTERACTIVE, BATCH = 0, 1
@@ -31,12 +31,12 @@ PRIMARY, FALLBACK = 0, 1
 UPSTREAM = UpstreamConfig(rps=10.0, exhausted=((20.0, 45.0),))
 WINDOW = {"start": 20.0, "end": 45.0, "refused": 3, "first_refused_at": 20.05}
 ROWS = [
-    (INTERACTIVE, 1.0, 1.5, Outcome.OK),  # the primary
-    (BATCH, 2.0, 3.0, Outcome.OK),  # the primary
-    (INTERACTIVE, 21.0, 21.1, Outcome.HTTP_ERROR),  # the spend cap, passed on
-    (INTERACTIVE, 21.2, 21.6, Outcome.OK),  # the fallback
-    (INTERACTIVE, 30.0, 40.0, Outcome.OK),  # the fallback
-    (INTERACTIVE, 46.0, 46.5, Outcome.OK),  # the primary, back
+    (INTERACTIVE, 1.0, 1.5, RequestOutcome.OK),  # the primary
+    (BATCH, 2.0, 3.0, RequestOutcome.OK),  # the primary
+    (INTERACTIVE, 21.0, 21.1, RequestOutcome.HTTP_ERROR),  # the spend cap, passed on
+    (INTERACTIVE, 21.2, 21.6, RequestOutcome.OK),  # the fallback
+    (INTERACTIVE, 30.0, 40.0, RequestOutcome.OK),  # the fallback
+    (INTERACTIVE, 46.0, 46.5, RequestOutcome.OK),  # the primary, back
     (BATCH, 50.0, None, None),  # lost at the hard stop (60 s)
 ]
 SERVED = Served(
@@ -95,7 +95,7 @@ def test_the_figures_of_a_known_night_on_a_gateway():
 def test_the_window_counts_the_fallbacks_replies_in_it_whoever_asked_before_it():
     # Asked at 20.9 s, just before the window, on a fallback already serving: its reply at
     # 21.2 s is the fallback's capacity in the window at work, not capacity left unused.
-    rows = [*ROWS, (INTERACTIVE, 20.9, 21.2, Outcome.OK)]
+    rows = [*ROWS, (INTERACTIVE, 20.9, 21.2, RequestOutcome.OK)]
     served = Served(
         array("d", [*SERVED.at[:2], 21.2, *SERVED.at[2:]]),
         array("b", [*SERVED.classes[:2], INTERACTIVE, *SERVED.classes[2:]]),

@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from asyncquota.bench import Outcome, RequestLog, SessionModel, classify, summarize
+from asyncquota.bench import RequestLog, SessionModel, summarize
 from asyncquota.bench.cli import main
 from asyncquota.bench.report import document, table
 from asyncquota.bench.runner import RunSpec, run_strategy
@@ -18,6 +18,7 @@ from asyncquota.bench.sessions import SCENARIO_TENANTS, Tenant
 from asyncquota.bench.strategies import STRATEGIES, Target
 from asyncquota.bench.strategies.shaper import ShaperStrategy, tier_limits
 from asyncquota.errors import QueueFullError, TenantLimitError
+from asyncquota.outcomes import RequestOutcome, classify
 from asyncquota.testing import PRESETS, UpstreamConfig
 
 TIERS = SCENARIO_TENANTS["tiers"]
@@ -130,22 +131,22 @@ def test_a_tenant_refuses_nonsense(fields, words):
 
 def test_a_tier_refusal_is_its_own_outcome_and_still_counts_as_shed():
     refusal = TenantLimitError("over", dimension="rpm", model="simulated", tenant="flood")
-    assert classify(refusal) == Outcome.TENANT_LIMIT
-    assert classify(QueueFullError("full")) == Outcome.SHED
+    assert classify(refusal) == RequestOutcome.TENANT_LIMIT
+    assert classify(QueueFullError("full")) == RequestOutcome.SHED
 
 
 def test_per_tenant_figures_of_a_hand_built_night():
     acme, flood = 0, 1
     log = RequestLog.from_rows(
         [
-            (INTERACTIVE, 0.0, 1.0, Outcome.OK),
-            (BATCH, 0.0, 4.0, Outcome.OK),
-            (INTERACTIVE, 1.0, 11.5, Outcome.DEADLINE_EXCEEDED),
-            (INTERACTIVE, 0.0, 2.0, Outcome.OK),
-            (INTERACTIVE, 1.0, 1.0, Outcome.TENANT_LIMIT),
-            (BATCH, 2.0, 2.5, Outcome.SHED),
-            (BATCH, 3.0, 3.0, Outcome.TENANT_LIMIT),
-            (BATCH, 5.0, 10.0, Outcome.THROTTLED),
+            (INTERACTIVE, 0.0, 1.0, RequestOutcome.OK),
+            (BATCH, 0.0, 4.0, RequestOutcome.OK),
+            (INTERACTIVE, 1.0, 11.5, RequestOutcome.DEADLINE_EXCEEDED),
+            (INTERACTIVE, 0.0, 2.0, RequestOutcome.OK),
+            (INTERACTIVE, 1.0, 1.0, RequestOutcome.TENANT_LIMIT),
+            (BATCH, 2.0, 2.5, RequestOutcome.SHED),
+            (BATCH, 3.0, 3.0, RequestOutcome.TENANT_LIMIT),
+            (BATCH, 5.0, 10.0, RequestOutcome.THROTTLED),
         ],
         tenant_codes=[acme, acme, acme, flood, flood, flood, flood, flood],
     )
@@ -178,7 +179,7 @@ def test_per_tenant_figures_of_a_hand_built_night():
 
 
 def test_a_night_without_tenants_reports_none():
-    log = RequestLog.from_rows([(INTERACTIVE, 0.0, 1.0, Outcome.OK)])
+    log = RequestLog.from_rows([(INTERACTIVE, 0.0, 1.0, RequestOutcome.OK)])
     result = summarize(log, config=UpstreamConfig(), deadlines=DEADLINES,
                        upstream_totals={}, stopped_at=1.0)
     assert "tenants" not in result
@@ -187,7 +188,7 @@ def test_a_night_without_tenants_reports_none():
 
 def test_rows_and_tenant_codes_must_pair_up():
     with pytest.raises(ValueError):
-        RequestLog.from_rows([(INTERACTIVE, 0.0, 1.0, Outcome.OK)], tenant_codes=[0, 1])
+        RequestLog.from_rows([(INTERACTIVE, 0.0, 1.0, RequestOutcome.OK)], tenant_codes=[0, 1])
 
 
 # -- the gateway strategy ----------------------------------------------------------------

@@ -3,22 +3,20 @@
 ``asyncquota bench`` (:mod:`asyncquota.bench.cli`) runs it. The parts: the session model
 (:mod:`.sessions`), the strategies (:mod:`.strategies`), the runner that replays the night
 for one strategy in its own process (:mod:`.runner`), the figures (:mod:`.metrics`), the
-report (:mod:`.report`) and the picture (:mod:`.plot`).
+report (:mod:`.report`) and the picture (:mod:`.plot`). How each request ended is recorded
+in the library's own vocabulary, :class:`asyncquota.outcomes.RequestOutcome`.
 """
 
 from .metrics import RequestLog, percentile, request_quota, summarize
-from .outcomes import Outcome, classify
 from .sessions import Call, Session, SessionModel, Tenant, Turn
 
 __all__ = [
     "Call",
-    "Outcome",
     "RequestLog",
     "Session",
     "SessionModel",
     "Tenant",
     "Turn",
-    "classify",
     "percentile",
     "request_quota",
     "summarize",

@@ -61,9 +61,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..outcomes import RequestOutcome
 from ..testing import SimulatedUpstream, UpstreamConfig, run_in_process
-from .metrics import RequestLog, request_quota
-from .outcomes import NO_OUTCOME, Outcome
+from .metrics import NO_OUTCOME, RequestLog, request_quota
 from .progress import Progress
 from .report import document
 from .runner import (
@@ -167,7 +167,7 @@ def _primary_only(log: RequestLog) -> Served:
     answered = sorted(
         (end, cls)
         for cls, end, code in zip(log.classes, log.ends, log.outcomes, strict=True)
-        if code == Outcome.OK
+        if code == RequestOutcome.OK
     )
     return Served(
         array("d", (end for end, _ in answered)),
@@ -236,7 +236,7 @@ def exhaustion_figures(
             continue
         requests += 1
         during_requests += dies_at <= start < returns_at
-        ok += code == Outcome.OK
+        ok += code == RequestOutcome.OK
     by_model = [0, 0]
     during_ok = 0
     for at, cls, model in zip(served.at, served.classes, served.models, strict=True):

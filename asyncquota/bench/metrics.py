@@ -31,11 +31,12 @@ from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..outcomes import REFUSED_OUTCOMES, RequestOutcome, is_error
 from ..testing import UpstreamConfig
-from .outcomes import NO_OUTCOME, REFUSED_OUTCOMES, Outcome, is_error
 from .sessions import CLASSES, Priority
 
 __all__ = [
+    "NO_OUTCOME",
     "NO_TENANT",
     "RequestLog",
     "percentile",
@@ -46,6 +47,9 @@ __all__ = [
 
 NO_TENANT = -1
 """The tenant code of a request that is nobody's (a crowd without tenants)."""
+
+NO_OUTCOME = -1
+"""The code a request log holds for a request that has not ended (yet)."""
 
 
 class RequestLog:
@@ -81,7 +85,7 @@ class RequestLog:
         self.outcomes.append(NO_OUTCOME)
         return len(self.outcomes) - 1
 
-    def end(self, index: int, now: float, outcome: Outcome) -> None:
+    def end(self, index: int, now: float, outcome: RequestOutcome) -> None:
         """Record how request ``index`` ended.
 
         Raises:
@@ -91,7 +95,7 @@ class RequestLog:
             raise ValueError(f"Request {index} already ended; an outcome is recorded once.")
         self.ends[index] = now
         self.outcomes[index] = outcome
-        if outcome == Outcome.OK:
+        if outcome == RequestOutcome.OK:
             self.ok += 1
 
     @property
@@ -102,7 +106,7 @@ class RequestLog:
     @classmethod
     def from_rows(
         cls,
-        rows: Iterable[tuple[int, float, float | None, Outcome | None]],
+        rows: Iterable[tuple[int, float, float | None, RequestOutcome | None]],
         *,
         tenant_codes: Iterable[int] | None = None,
     ) -> RequestLog:
@@ -173,7 +177,7 @@ class _Tally:
     )
 
     def __init__(self) -> None:
-        self.counts = dict.fromkeys(Outcome, 0)
+        self.counts = dict.fromkeys(RequestOutcome, 0)
         self.in_deadline = dict.fromkeys(CLASSES, 0)
         self.requests_by_class = dict.fromkeys(CLASSES, 0)
         self.latencies: dict[str, list[float]] = {name: [] for name in CLASSES}
@@ -187,15 +191,15 @@ class _Tally:
         if code == NO_OUTCOME:
             self.lost += 1
             return
-        outcome = Outcome(code)
+        outcome = RequestOutcome(code)
         self.counts[outcome] += 1
-        if outcome == Outcome.OK:
+        if outcome == RequestOutcome.OK:
             self.latencies[name].append(took)
             if took <= deadline:
                 self.in_deadline[name] += 1
         elif outcome in REFUSED_OUTCOMES:
             self.rejects.append(took)
-            if outcome == Outcome.TENANT_LIMIT:
+            if outcome == RequestOutcome.TENANT_LIMIT:
                 self.tier_rejects.append(took)
 
     @property
@@ -211,10 +215,10 @@ class _Tally:
         counts = self.counts
         return {
             "requests": self.requests,
-            "ok": counts[Outcome.OK],
+            "ok": counts[RequestOutcome.OK],
             "ok_in_deadline": self.ok_in_deadline,
             "shed": sum(counts[outcome] for outcome in REFUSED_OUTCOMES),
-            "deadline_exceeded": counts[Outcome.DEADLINE_EXCEEDED],
+            "deadline_exceeded": counts[RequestOutcome.DEADLINE_EXCEEDED],
             "errors": sum(n for outcome, n in counts.items() if is_error(outcome)),
             "lost": self.lost,
         }
@@ -311,7 +315,7 @@ def _tenant_figures(
         "goodput_rps": _per_second(figures["ok_in_deadline"], window),
         "goodput_ratio": round(figures["ok_in_deadline"] / quota, 4) if quota > 0 else 0.0,
         "upstream_share": round(figures["ok"] / upstream_ok, 4) if upstream_ok else 0.0,
-        "tier_refused": tally.counts[Outcome.TENANT_LIMIT],
+        "tier_refused": tally.counts[RequestOutcome.TENANT_LIMIT],
         "reject_ms": _p50_p99(tally.rejects),
         "tier_reject_ms": _p50_p99(tally.tier_rejects),
         "ok_in_deadline_by_class": tally.in_deadline,

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .outcomes import Outcome
+from ..outcomes import RequestOutcome
 from .sessions import CLASSES
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ def _answers_per_second(run: StrategyRun, tenant_code: int) -> tuple[list[int], 
     log = run.log
     counts: dict[int, int] = {}
     for code, outcome, end in zip(log.tenants, log.outcomes, log.ends, strict=True):
-        if code == tenant_code and outcome == Outcome.OK:
+        if code == tenant_code and outcome == RequestOutcome.OK:
             second = int(end)
             counts[second] = counts.get(second, 0) + 1
     seconds = list(range(max(counts, default=0) + 1))
@@ -45,7 +45,7 @@ def _latencies(run: StrategyRun) -> dict[str, list[float]]:
     for class_code, start, end, code in zip(
         log.classes, log.starts, log.ends, log.outcomes, strict=True
     ):
-        if code == Outcome.OK:
+        if code == RequestOutcome.OK:
             latencies[CLASSES[class_code]].append(end - start)
     return latencies
 

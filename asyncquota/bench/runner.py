@@ -28,9 +28,9 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from ..outcomes import RequestOutcome, classify
 from ..testing import SimulatedUpstream, UpstreamConfig, run_in_process
 from .metrics import NO_TENANT, RequestLog
-from .outcomes import Outcome, classify
 from .progress import Progress
 from .sessions import CLASSES, SessionModel
 from .strategies import Strategy, Target, load_strategy
@@ -161,7 +161,7 @@ async def drive(
         except Exception as exc:
             log.end(index, now(), classify(exc))
         else:
-            log.end(index, now(), Outcome.OK)
+            log.end(index, now(), RequestOutcome.OK)
 
     async def converse(index: int) -> None:
         session = model.session(index)
