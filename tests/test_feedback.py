@@ -74,6 +74,37 @@ def test_one_cut_per_episode_echoes_of_requests_sent_before_it_are_ignored():
     assert pace.rate == pytest.approx(PACE_BETA * first)
 
 
+def test_a_pace_sent_well_under_for_a_whole_window_is_cut_from_what_was_sent():
+    pace = Pace()
+    t = sent(pace, 200, 0.0, 200.0)
+    for _ in range(20):
+        pace.congested(t, sent_at=t - 0.01)
+    first = pace.rate
+    assert first is not None and first > 150
+    # Another gate held the sends at 100 a second, well under the pace, for over a
+    # second without a break: refused then, it was 100 a second the upstream refused.
+    t = sent(pace, 150, t + 0.05, 100.0)
+    for _ in range(5):
+        pace.congested(t, sent_at=t - 0.001)
+    assert pace.rate is not None
+    assert PACE_BETA * 90 <= pace.rate <= PACE_BETA * 100
+
+
+def test_a_window_broken_by_a_hold_cuts_the_pace_as_it_stands():
+    pace = Pace()
+    t = sent(pace, 200, 0.0, 200.0)
+    for _ in range(20):
+        pace.congested(t, sent_at=t - 0.01)
+    first = pace.rate
+    assert first is not None
+    # Half a second held (a cooldown), then sending at the pace again: the window's low
+    # count is the hold's, not a rate the upstream refused.
+    t = sent(pace, 80, t + 0.5, first)
+    for _ in range(5):
+        pace.congested(t, sent_at=t - 0.001)
+    assert pace.rate == pytest.approx(PACE_BETA * first)
+
+
 def test_a_starved_upstream_halves_the_pace_once_per_episode():
     pace = Pace()
     t = sent(pace, 20, 0.0, 20.0)
