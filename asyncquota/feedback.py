@@ -92,6 +92,10 @@ low is only found again slowly."""
 PACE_WINDOW = 1.0
 """Seconds of sends and refusals behind the sending rate and the refused share."""
 
+PACE_GAP = 0.1
+"""Seconds without a send that break a window of sending (a hold, a lull): the sending
+rate is measured only over a whole window sent without such a break."""
+
 PACE_TOLERANCE = 0.03
 """Share of the sends over the last window that may be refused without a cut: sporadic
 429s (a noisy upstream) are borne, a wall of them is not (AIMD's drop tolerance)."""
@@ -176,8 +180,10 @@ class Pace:
         "_held",
         "_idle_since",
         "_last_cut",
+        "_last_sent",
         "_recent_refused",
         "_recent_sent",
+        "_resumed",
         "_sent",
         "_step_start",
         "rate",
@@ -188,6 +194,8 @@ class Pace:
         self._recent_sent = SlidingCount(window=PACE_WINDOW)
         self._recent_refused = SlidingCount(window=PACE_WINDOW)
         self._first = math.inf
+        self._resumed = math.inf  # the first send after the last break (PACE_GAP)
+        self._last_sent = -math.inf
         self._last_cut = -math.inf
         self._held = 0.0  # the pace the last cut found too high: growth returns near it fast
         self._growth = PACE_FIRST_GROWTH
@@ -201,6 +209,9 @@ class Pace:
         self._recent_sent.add(now)
         if self._first == math.inf:
             self._first = now
+        if now - self._last_sent > PACE_GAP:
+            self._resumed = now
+        self._last_sent = now
 
     def congested(self, now: float, sent_at: float) -> bool:
         """A congestion reply to a request sent at ``sent_at``; whether the pace was cut.
@@ -219,6 +230,16 @@ class Pace:
             base = sent_count / max(min(PACE_WINDOW, now - self._first), 0.1)
         else:
             base = self.rate
+            sending = sent_count / PACE_WINDOW
+            if (
+                sending < PACE_BINDING * base
+                and now - self._resumed >= PACE_WINDOW
+                and now - self._last_sent <= PACE_GAP
+            ):
+                # A pace we sent well under for a whole window (another gate held us
+                # below it) was not what the upstream refused: the rate we sent at was.
+                # A window broken by a hold or a lull says nothing of that rate.
+                base = sending
         self._held = base
         if self.starved(now):
             # Nearly everything refused: a debt to the upstream (refusals counted against

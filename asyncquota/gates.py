@@ -75,6 +75,11 @@ _MEASURE_ROOM = 2.0
 _RATE_MEMORY = 10.0
 """How many full refills of the upstream's bucket a learnt rate is trusted for."""
 
+_RATE_RAISE = 1.25
+"""How much a learnt rate grows (at most once per ``_MEASURE_SPAN``) when a slow reply
+shows the upstream's bucket full (but for our own request) although we sent at least that
+rate meanwhile: the rate was learnt too low (see ``TokenBucket.sync``)."""
+
 _MIRROR_TRUST = 60.0
 """Seconds a reading of the upstream's headers may hold sends back: "nothing left, full
 again in 1 000 h" holds a minute at most, then a send goes and its reply says what is
@@ -156,6 +161,7 @@ class TokenBucket:
         "_mirror_until",
         "_pending",
         "_pending_fresh",
+        "_raised_at",
         "_rate",
         "_rate_cap",
         "_reading",
@@ -182,6 +188,7 @@ class TokenBucket:
         self._learnt_at = now  # when, and under which limit, it was learnt
         self._learnt_limit = math.nan
         self._recent_best = 0.0  # the best half-empty reading since _learnt_at
+        self._raised_at = -math.inf  # when a slow reply last raised the learnt rate
         # The refill measured between readings bounds the rate (see ``_measure``).
         self._rate_cap = math.inf
         self._reading: tuple[float, float, float, float] | None = None
@@ -436,8 +443,31 @@ class TokenBucket:
             # gets no such credit: what it would add is a fraction of a second's refill,
             # and taken it cost the real-time crisis 2 % of 429s (the token mirror's
             # estimates and the upstream's charges differ by about that much).
-            refilled = self._mirror_rate * sent_age if sent_age > ANCHOR_REFILL_AFTER else 0.0
-            self._mirror_level = min(self._mirror_burst, remaining, remaining - since + refilled)
+            slow = sent_age > ANCHOR_REFILL_AFTER
+            refilled = self._mirror_rate * sent_age if slow else 0.0
+            anchored = remaining - since + refilled
+            burst = self._mirror_burst
+            if (
+                slow
+                and self._mirror_rate > 0
+                and since >= refilled
+                and remaining >= burst - 1
+                and now - self._raised_at >= _MEASURE_SPAN
+            ):
+                # We sent at least the mirror's rate over the reply's seconds and the
+                # upstream still shows its bucket full (a refill beyond that rate, the
+                # surplus spilt; a level merely steady under the top proves only that
+                # rate): the rate was learnt too
+                # low (a reset rounded up to the second halves it), and a slow reply's
+                # anchor (less all we sent, plus a refill at that rate) never lets the
+                # pace past it. Raise it; raised too far, the readings fall under half
+                # and stop it, and refusals cut the pace.
+                self._learnt_rate = self._mirror_rate = min(
+                    self._mirror_rate * _RATE_RAISE, self._rate_cap
+                )
+                self._learnt_at = self._raised_at = now
+                anchored = remaining - since + self._mirror_rate * sent_age
+            self._mirror_level = min(burst, remaining, anchored)
             self._pending = None
             self._pending_fresh = False
             return

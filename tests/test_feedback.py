@@ -74,6 +74,37 @@ def test_one_cut_per_episode_echoes_of_requests_sent_before_it_are_ignored():
     assert pace.rate == pytest.approx(PACE_BETA * first)
 
 
+def test_a_pace_sent_well_under_for_a_whole_window_is_cut_from_what_was_sent():
+    pace = Pace()
+    t = sent(pace, 200, 0.0, 200.0)
+    for _ in range(20):
+        pace.congested(t, sent_at=t - 0.01)
+    first = pace.rate
+    assert first is not None and first > 150
+    # Another gate held the sends at 100 a second, well under the pace, for over a
+    # second without a break: refused then, it was 100 a second the upstream refused.
+    t = sent(pace, 150, t + 0.05, 100.0)
+    for _ in range(5):
+        pace.congested(t, sent_at=t - 0.001)
+    assert pace.rate is not None
+    assert PACE_BETA * 90 <= pace.rate <= PACE_BETA * 100
+
+
+def test_a_window_broken_by_a_hold_cuts_the_pace_as_it_stands():
+    pace = Pace()
+    t = sent(pace, 200, 0.0, 200.0)
+    for _ in range(20):
+        pace.congested(t, sent_at=t - 0.01)
+    first = pace.rate
+    assert first is not None
+    # Half a second held (a cooldown), then sending at the pace again: the window's low
+    # count is the hold's, not a rate the upstream refused.
+    t = sent(pace, 80, t + 0.5, first)
+    for _ in range(5):
+        pace.congested(t, sent_at=t - 0.001)
+    assert pace.rate == pytest.approx(PACE_BETA * first)
+
+
 def test_a_starved_upstream_halves_the_pace_once_per_episode():
     pace = Pace()
     t = sent(pace, 20, 0.0, 20.0)
@@ -118,6 +149,26 @@ def test_a_pace_that_never_binds_is_lifted():
 
 
 # -- mirrors re-anchored (pure) -----------------------------------------------------------
+
+
+def test_a_slow_reply_showing_a_full_bucket_raises_a_rate_learnt_too_low():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    # Empty, full again "in 2 s" (a one-second refill rounded up): learnt at 49.5 a second.
+    bucket.sync(remaining=0, reset_after=2.0, limit=100, now=0.0)
+    assert bucket.mirror(0.0).rate == pytest.approx(49.5)
+    mark = bucket.taken
+    for second in range(1, 6):  # sent at that rate for the 5 s a streamed reply took
+        bucket.take(49.5, float(second))
+    # Its headers show the bucket full: the upstream took all that and more. The anchor
+    # alone (remaining less what went out, plus a refill at 49.5) would leave the mirror
+    # near empty and the pace at half the quota; the rate grows instead.
+    bucket.sync(remaining=100, reset_after=0.0, limit=100, now=5.0, sent_mark=mark, sent_age=5.0)
+    mirror = bucket.mirror(5.0)
+    assert mirror.rate == pytest.approx(49.5 * 1.25)
+    assert mirror.level > 50
+    # Once per half second at most: a second reading at the same instant does not compound.
+    bucket.sync(remaining=100, reset_after=0.0, limit=100, now=5.0, sent_mark=mark, sent_age=5.0)
+    assert bucket.mirror(5.0).rate == pytest.approx(49.5 * 1.25)
 
 
 def test_a_reading_raises_a_mirror_left_too_low_less_what_went_out_since():
