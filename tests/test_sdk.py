@@ -10,7 +10,7 @@ import httpx2
 import openai
 import pytest
 
-from asyncquota import AIMD, Admitted, LoggingHook, Priority
+from asyncquota import AIMD, Admitted, Fixed, LoggingHook, Priority
 from asyncquota.sdk import ShaperTransport, anthropic_client, openai_client
 from asyncquota.shaper import Shaper
 from asyncquota.testing import SimulatedUpstream, UpstreamConfig
@@ -29,10 +29,13 @@ def now() -> float:
 class Upstream:
     """The simulated provider, recording what reaches it; a stream's events come ``every`` s."""
 
-    def __init__(self, every: float = 0.0, **config: object) -> None:
+    def __init__(
+        self, every: float = 0.0, *, break_after: int | None = None, **config: object
+    ) -> None:
         config.setdefault("headers_style", "none")  # the token gate paces by its own count
         self.model = SimulatedUpstream(UpstreamConfig.preset("steady", **config))
         self.every = every
+        self.break_after = break_after  # events, then the connection is reset
         self.seen: list[Request] = []
         self.streams_closed = 0
 
@@ -48,6 +51,8 @@ class Upstream:
             for number, event in enumerate(body.split(b"\n\n")[:-1]):
                 if number:
                     await asyncio.sleep(self.every)
+                if number == self.break_after:
+                    raise ConnectionResetError("The simulated upstream reset the connection.")
                 yield event + b"\n\n"
         finally:
             self.streams_closed += 1
@@ -208,6 +213,32 @@ async def test_a_429_the_shaper_gave_up_on_is_the_sdks_rate_limit_error_and_the_
     assert stats.failed == 1
 
 
+async def test_a_cooldown_past_the_deadline_is_a_429_at_once_with_the_time_left():
+    seen: list[Request] = []
+
+    def answer(request: Request) -> Response:
+        seen.append(request)
+        return Response(429, {"content-type": "application/json", "retry-after": "30"}, b"{}")
+
+    async with (
+        Shaper(BASE, transport=MockTransport(answer), hooks=()) as shaper,
+        openai_client(shaper, api_key=KEY, base_url=f"{BASE}/v1") as oai,
+    ):
+        errors = []
+        for _ in range(3):  # the upstream's 429, a probe 10 ms later, then no more sends
+            with pytest.raises(openai.RateLimitError) as caught:
+                await chat(oai, extra_headers={"X-AsyncQuota-Deadline": "5"})
+            errors.append(caught.value)
+    assert now() == pytest.approx(0.01)
+    assert len(seen) == 2
+    refused = errors[-1]  # refused by the Shaper: the provider's error JSON, made here
+    assert (refused.code, refused.type) == ("rate_limited", "rate_limit_exceeded")
+    assert "longer than this request's deadline" in str(refused)
+    headers = refused.response.headers
+    assert headers["retry-after"] == "30" and headers["x-should-retry"] == "false"
+    assert headers["retry-after-ms"] == "30000"  # the probe's 429 renewed the 30 s
+
+
 @pytest.mark.parametrize(
     ("sdk", "error_class"),
     [("openai", openai.InternalServerError), ("anthropic", anthropic.ServiceUnavailableError)],
@@ -231,6 +262,68 @@ async def test_a_refusal_is_a_503_with_the_hint_at_once_and_nothing_is_sent(sdk,
         assert error.body["error"]["type"] == "overloaded_error"
     assert "batch and below" in str(error)
     assert upstream.seen == []
+
+
+async def test_a_queue_full_refusal_reaches_the_least_important_caller_as_a_503():
+    upstream = Upstream(latency_base=10.0)
+    patient = {"critical": 600, "interactive": 600, "batch": 600}
+    async with shaped(upstream, limit=Fixed(1), max_queue=1, max_wait=patient) as (_, oai, _a):
+
+        def turn(priority: str):
+            headers = {"X-AsyncQuota-Priority": priority}
+            return asyncio.create_task(chat(oai, max_tokens=20, extra_headers=headers))
+
+        first, queued = turn("batch"), turn("batch")  # one in flight, one in line
+        await asyncio.sleep(1)
+        urgent = turn("critical")  # the line holds one: the batch request makes way
+        with pytest.raises(openai.InternalServerError) as caught:
+            await queued
+        assert now() == 1  # told at once
+        assert (await first).choices and (await urgent).choices
+    error = caught.value
+    assert (error.status_code, error.code) == (503, "queue_full")
+    assert error.response.headers["x-should-retry"] == "false"
+    assert "least important waiter" in str(error)
+    assert len(upstream.seen) == 2
+
+
+@pytest.mark.parametrize(
+    ("sdk", "error_class"),
+    [("openai", openai.InternalServerError), ("anthropic", anthropic.InternalServerError)],
+)
+async def test_no_usable_reply_is_a_502_after_the_shapers_attempts_only(sdk, error_class):
+    seen: list[Request] = []
+
+    def reset(request: Request) -> Response:
+        seen.append(request)
+        raise ConnectionResetError("reset by peer")
+
+    async with (
+        Shaper(BASE, transport=MockTransport(reset), hooks=(), max_attempts=2) as shaper,
+        openai_client(shaper, api_key=KEY, base_url=f"{BASE}/v1") as oai,
+        anthropic_client(shaper, api_key=KEY) as ant,
+    ):
+        with pytest.raises(error_class) as caught:
+            await ask(oai if sdk == "openai" else ant)
+    assert caught.value.status_code == 502
+    assert "connection" in str(caught.value) and "was lost" in str(caught.value)
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(seen) == 2
+    assert {request.headers["x-stainless-retry-count"] for request in seen} == {"0"}
+
+
+async def test_a_stream_broken_mid_way_is_the_sdks_connection_error_and_nothing_is_held():
+    upstream = Upstream(every=0.5, break_after=3)
+    async with shaped(upstream, limit=AIMD(initial=8)) as (shaper, oai, _):
+        read = []
+        with pytest.raises(openai.APIConnectionError) as caught:
+            async for chunk in await chat(oai, max_tokens=2000, stream=True):
+                read.append(chunk)
+        stats = shaper.statistics()
+    assert len(read) == 3
+    assert isinstance(caught.value.__cause__, httpx2.ReadError)
+    assert (stats.inflight, stats.open_reservations, stats.limit) == (0, 0, 8)
+    assert upstream.streams_closed == 1
 
 
 @pytest.mark.parametrize(
