@@ -45,9 +45,9 @@ reader cancelled); the tokens are reconciled with the usage the stream reports (
 reports it only with ``stream_options={"include_usage": True}``). An error event inside
 a 200 stream (Anthropic's ``overloaded_error``) is passed on for the SDK to raise, and
 teaches the Shaper what a 529 or a 429 would. A stream that breaks mid-way raises
-httpx2's ``ReadError`` (``ReadTimeout`` for a silence past the attempt's timeout), which
-the SDKs report as a connection (timeout) error; so does a stream still open when the
-Shaper closes.
+httpx2's ``ReadError`` (``ReadTimeout`` for a silence past the attempt's timeout), as a
+broken connection would (the openai SDK wraps it in ``APIConnectionError`` or
+``APITimeoutError``); so does a stream still open when the Shaper closes.
 
 Credentials are the SDK's (``api_key=``); nothing here logs a header.
 """
@@ -220,12 +220,9 @@ class ShaperTransport(httpx2.AsyncBaseTransport):
             _, lease = await self._shaper.lease(
                 open_stream, method=attempt.method, path=path, options=options
             )
-        except BaseException as exc:
-            for stream in opened:  # opened, then the request ended anyway (cancelled)
-                await stream.aclose()
-            if isinstance(exc, QuotaError):
-                return _error_reply(exc, replies[-1] if replies else None, dialect)
-            raise
+        except QuotaError as error:
+            return _error_reply(error, replies[-1] if replies else None, dialect)
+        # A 2xx ends the request: the lease is that of the stream opened last.
         stream = opened[-1]
         body = _LeasedBody(stream, lease, f"{attempt.method} {redact_url(path)}")
         return httpx2.Response(
