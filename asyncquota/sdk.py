@@ -90,8 +90,9 @@ if TYPE_CHECKING:
     import anthropic
     import openai
 
+    from .limiter import Ending
     from .shaper import Shaper
-    from .ticket import Ending, Lease
+    from .ticket import Lease
     from .transport import SSEEvent, StreamResponse
 
 __all__ = ["ShaperTransport", "anthropic_client", "openai_client"]
