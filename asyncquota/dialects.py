@@ -58,7 +58,7 @@ from typing import Any, Final, Literal
 import orjson
 
 from .signals import Provider
-from .tokens import usage_split
+from .tokens import event_usage, usage_split
 from .transport import SSEEvent, SSEParser
 
 __all__ = [
@@ -1419,8 +1419,7 @@ class PassThroughStream(StreamTranslator):
 
     def _event(self, event: SSEEvent, out: list[bytes]) -> None:
         data = event.data
-        if '"usage"' in data:
-            self._count(data)
+        self._count(data)
         head = "" if event.event is None else f"event: {event.event}\n"
         lines = "".join(f"data: {line}\n" for line in data.split("\n"))
         out.append(f"{head}{lines}\n".encode())
@@ -1428,16 +1427,8 @@ class PassThroughStream(StreamTranslator):
             self._done = True
 
     def _count(self, data: str) -> None:
-        try:
-            document = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(document, dict):
-            return
-        usage, message = document.get("usage"), document.get("message")
-        if isinstance(message, dict) and isinstance(message.get("usage"), dict):
-            usage = message["usage"]  # Anthropic's message_start
-        if isinstance(usage, dict):
+        usage = event_usage(data)
+        if usage is not None:
             # Anthropic's message_delta is cumulative and may name only some counts.
             self._usage.update((k, v) for k, v in usage.items() if v is not None)
 

@@ -82,7 +82,7 @@ from .errors import (
 )
 from .options import MIN_DEADLINE, OPTION_HEADERS, RequestOptions
 from .signals import Outcome, classify_stream_event
-from .tokens import estimate_tokens, usage_split
+from .tokens import StreamUsage, estimate_tokens
 from .transport import Request, Response
 from .urls import join_path, redact_url
 
@@ -262,8 +262,7 @@ class _LeasedBody(httpx2.AsyncByteStream):
         self._events = stream.events()
         self._lease: Lease | None = lease
         self._where = where
-        self._input_tokens = 0
-        self._output_tokens = 0
+        self._usage = StreamUsage()
         self._reader: asyncio.Task[Any] | None = None  # the task reading an event now
         self._shut_down = False
         lease.on_shutdown = self._shut
@@ -297,7 +296,7 @@ class _LeasedBody(httpx2.AsyncByteStream):
             error = httpx2.ReadTimeout if exc.reason == "timeout" else httpx2.ReadError
             raise error(str(exc)) from exc
         self._reader = None
-        self._count_usage(event.data)
+        self._usage.feed(event.data)
         verdict = classify_stream_event(event.data)
         if verdict is not None:
             # Passed on for the SDK to raise; the Shaper learns what a 529 or 429 teaches.
@@ -334,27 +333,8 @@ class _LeasedBody(httpx2.AsyncByteStream):
         """End the lease exactly once (see ``Lease.end``), and close the stream."""
         lease, self._lease = self._lease, None
         if lease is not None:
-            lease.end(ending, self._input_tokens + self._output_tokens)
+            lease.end(ending, self._usage.total)
         await self._stream.aclose()
-
-    def _count_usage(self, data: str) -> None:
-        """Keep the largest input and output counts the stream has reported so far."""
-        if '"usage"' not in data:
-            return
-        try:
-            document = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(document, dict):
-            return
-        usage = document.get("usage")
-        message = document.get("message")
-        if isinstance(message, dict) and isinstance(message.get("usage"), dict):
-            usage = message["usage"]  # Anthropic's message_start
-        split = usage_split(usage) if isinstance(usage, dict) else None
-        if split is not None:
-            self._input_tokens = max(self._input_tokens, split[0])
-            self._output_tokens = max(self._output_tokens, split[1])
 
 
 def openai_client(shaper: Shaper, **kwargs: Any) -> openai.AsyncOpenAI:

@@ -30,12 +30,10 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
-import orjson
-
 from .attempt import upstream_error
 from .errors import ClosedError, QuotaError, UpstreamError
 from .signals import Classification, Outcome, classify_stream_event
-from .tokens import usage_from_mapping
+from .tokens import StreamUsage
 from .transport import Response
 
 if TYPE_CHECKING:
@@ -69,16 +67,15 @@ class ShapedStream:
 
     __slots__ = (
         "_events",
-        "_input_tokens",
         "_lease",
         "_options",
-        "_output_tokens",
         "_path",
         "_reader",
         "_request",
         "_shaper",
         "_shut_down",
         "_stream",
+        "_usage",
         "attempts",
     )
 
@@ -92,8 +89,7 @@ class ShapedStream:
         self._stream: StreamResponse | None = None
         self._events: AsyncIterator[SSEEvent] | None = None
         self._lease: Lease | None = None
-        self._input_tokens = 0
-        self._output_tokens = 0
+        self._usage = StreamUsage()
         self.attempts = 0
         self._reader: asyncio.Task[Any] | None = None  # the task reading an event now
         self._shut_down = False
@@ -169,7 +165,7 @@ class ShapedStream:
             await self._end("ignore")
             raise
         self._reader = None
-        self._count_usage(event.data)
+        self._usage.feed(event.data)
         verdict = classify_stream_event(event.data)
         if verdict is not None:
             lease = self._lease
@@ -204,31 +200,9 @@ class ShapedStream:
         self._lease = None
         self._events = None
         if lease is not None:
-            lease.end(ending, self._input_tokens + self._output_tokens)
+            lease.end(ending, self._usage.total)
         if stream is not None:
             await stream.aclose()
-
-    def _count_usage(self, data: str) -> None:
-        """Keep the largest input and output counts the stream has reported so far."""
-        if '"usage"' not in data:
-            return
-        try:
-            document = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(document, dict):
-            return
-        message = document.get("message")
-        usage = document.get("usage")
-        if isinstance(message, dict) and isinstance(message.get("usage"), dict):
-            usage = message["usage"]  # Anthropic's message_start
-        if not isinstance(usage, dict):
-            return
-        parts = [usage.get(k) for k in ("prompt_tokens", "input_tokens")]
-        inputs = max((v for v in parts if isinstance(v, int) and v > 0), default=0)
-        total = usage_from_mapping(usage) or 0
-        self._input_tokens = max(self._input_tokens, inputs)
-        self._output_tokens = max(self._output_tokens, total - inputs)
 
     def _stream_error(self, verdict: Classification, lease: Lease | None) -> UpstreamError:
         kind = verdict.kind

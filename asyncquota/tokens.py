@@ -32,7 +32,9 @@ import orjson
 __all__ = [
     "CHARS_PER_TOKEN",
     "MAX_USAGE_TOKENS",
+    "StreamUsage",
     "estimate_tokens",
+    "event_usage",
     "output_allowance",
     "prompt_tokens",
     "reply_usage",
@@ -158,3 +160,51 @@ def _count(value: Any) -> int | None:
     if isinstance(value, float) and value.is_integer() and 0 <= value <= MAX_USAGE_TOKENS:
         return int(value)
     return None
+
+
+def event_usage(data: str) -> Mapping[str, Any] | None:
+    """The ``usage`` object a streamed event's data names, or None (never raises).
+
+    OpenAI's last chunk (``"usage"``, with ``stream_options.include_usage``), Anthropic's
+    ``message_start`` (``"message": {"usage": ...}``) and ``message_delta``
+    (``"usage"``, cumulative). Cheap on events without usage (a substring test first).
+    """
+    if '"usage"' not in data:
+        return None
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if type(document) is not dict:
+        return None
+    usage, message = document.get("usage"), document.get("message")
+    if type(message) is dict and type(message.get("usage")) is dict:
+        usage = message["usage"]  # Anthropic's message_start
+    return usage if type(usage) is dict else None
+
+
+class StreamUsage:
+    """The usage a stream has reported so far: the largest input and output counts seen.
+
+    Feed it each event's data; counts only grow (Anthropic states its input at the start
+    and its output, cumulatively, in later events).
+    """
+
+    __slots__ = ("input", "output")
+
+    def __init__(self) -> None:
+        self.input = 0
+        self.output = 0
+
+    def feed(self, data: str) -> None:
+        """Read the usage ``data`` names, if any (see :func:`event_usage`)."""
+        usage = event_usage(data)
+        split = None if usage is None else usage_split(usage)
+        if split is not None:
+            self.input = max(self.input, split[0])
+            self.output = max(self.output, split[1])
+
+    @property
+    def total(self) -> int:
+        """Input and output together (0: nothing reported)."""
+        return self.input + self.output

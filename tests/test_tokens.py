@@ -125,3 +125,28 @@ def test_any_usage_reads_as_whole_bounded_counts_or_none(usage):
         assert used_in + used_out <= MAX_USAGE_TOKENS
     total = usage_from_mapping(usage)
     assert total == (None if split is None else sum(split))
+
+
+def test_a_streams_usage_keeps_the_largest_counts_its_events_report():
+    from asyncquota.tokens import StreamUsage
+
+    usage = StreamUsage()
+    for data in (
+        '{"type": "message_start", "message": {"usage": {"input_tokens": 30, '
+        '"cache_read_input_tokens": 10, "output_tokens": 1}}}',
+        '{"type": "content_block_delta", "delta": {"text": "no usage here"}}',
+        '{"type": "message_delta", "usage": {"output_tokens": 70}}',
+        "not json, but it says \"usage\"",
+        '{"usage": {"input_tokens": -5}}',  # garbage: ignored, not a reset
+    ):
+        usage.feed(data)
+    assert (usage.input, usage.output, usage.total) == (40, 70, 110)
+
+
+def test_an_events_usage_is_found_in_openai_and_anthropic_shapes():
+    from asyncquota.tokens import event_usage
+
+    assert event_usage('{"choices": [], "usage": {"prompt_tokens": 9}}') == {"prompt_tokens": 9}
+    assert event_usage('{"message": {"usage": {"input_tokens": 3}}}') == {"input_tokens": 3}
+    assert event_usage('{"usage": null}') is None
+    assert event_usage("[DONE]") is None
