@@ -54,7 +54,6 @@ Credentials are the SDK's (``api_key=``); nothing here logs a header.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -71,6 +70,7 @@ from multidict import CIMultiDict
 
 from .errors import (
     BudgetExceededError,
+    ClosedError,
     DeadlineExceededError,
     NoRouteError,
     OverloadedError,
@@ -81,8 +81,8 @@ from .errors import (
     UpstreamError,
 )
 from .options import MIN_DEADLINE, OPTION_HEADERS, RequestOptions
-from .signals import Outcome, classify_stream_event
-from .tokens import StreamUsage, estimate_tokens
+from .streaming import LeasedEvents
+from .tokens import estimate_tokens
 from .transport import Request, Response
 from .urls import join_path, redact_url
 
@@ -90,7 +90,6 @@ if TYPE_CHECKING:
     import anthropic
     import openai
 
-    from .limiter import Ending
     from .shaper import Shaper
     from .ticket import Lease
     from .transport import SSEEvent, StreamResponse
@@ -250,92 +249,40 @@ class ShaperTransport(httpx2.AsyncBaseTransport):
 class _LeasedBody(httpx2.AsyncByteStream):
     """The body of a streamed reply: its events as they come, holding the lease until closed.
 
-    The Server-Sent Events are parsed on the way (for usage and error events) and passed
-    on re-encoded, one event a chunk: the SDKs read events, not bytes. Built as
-    :class:`~asyncquota.streaming.ShapedStream` is: the lease ends exactly once, when the
-    stream ends (success), breaks (ignore), carries a congestion event (dropped), is
-    closed early or its reader cancelled (ignore), or the Shaper shuts down (ignore).
+    Read by :class:`~asyncquota.streaming.LeasedEvents`, as a ShapedStream is (the lease
+    ends exactly once, the usage is read on the way), and passed on re-encoded, one event
+    a chunk: the SDKs read events, not bytes. An error event is passed on for the SDK to
+    raise; a broken or silent connection, or the Shaper shutting down, is the ReadError
+    (or ReadTimeout) an httpx2 transport raises.
     """
 
     def __init__(self, stream: StreamResponse, lease: Lease, where: str) -> None:
-        self._stream = stream
-        self._events = stream.events()
-        self._lease: Lease | None = lease
-        self._where = where
-        self._usage = StreamUsage()
-        self._reader: asyncio.Task[Any] | None = None  # the task reading an event now
-        self._shut_down = False
-        lease.on_shutdown = self._shut
+        self._events = LeasedEvents(
+            stream,
+            lease,
+            closed=lambda: ClosedError(
+                f"The Shaper shut down while the stream of {where} was open; it was closed."
+            ),
+        )
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> bytes:
-        if self._lease is None:
-            if self._shut_down:
-                raise self._closed_error()
-            raise StopAsyncIteration
-        reader = self._reader = asyncio.current_task()
         try:
-            event = await anext(self._events)
-        except asyncio.CancelledError:
-            self._reader = None
-            await self._end("ignore")  # the reader gave up: nothing held past it
-            if not self._shut_down:
-                raise
-            if reader is not None:
-                reader.uncancel()  # the Shaper's cancel, answered with a ReadError
-            raise self._closed_error() from None
-        except StopAsyncIteration:
-            self._reader = None
-            await self._end("success")
-            raise
+            got = await self._events.next()
+        except ClosedError as exc:
+            raise httpx2.ReadError(str(exc)) from exc
         except TransportError as exc:  # the connection broke or went silent mid-stream
-            self._reader = None
-            await self._end("ignore")
             error = httpx2.ReadTimeout if exc.reason == "timeout" else httpx2.ReadError
             raise error(str(exc)) from exc
-        self._reader = None
-        self._usage.feed(event.data)
-        verdict = classify_stream_event(event.data)
-        if verdict is not None:
-            # Passed on for the SDK to raise; the Shaper learns what a 529 or 429 teaches.
-            lease = self._lease
-            kind = verdict.kind
-            if kind in (Outcome.OVERLOADED, Outcome.THROTTLED) and lease is not None:
-                lease.congested(verdict.retry_after, rate_limited=kind is Outcome.THROTTLED)
-            await self._end("dropped" if verdict.congestion else "ignore")
-        return _encode(event)
+        if got is None:
+            raise StopAsyncIteration
+        return _encode(got[0])
 
     async def aclose(self) -> None:
         """The SDK closed the stream: a stream left before its end teaches nothing."""
-        await self._end("ignore")
-
-    async def _shut(self) -> None:
-        """The Shaper is closing: end the stream now; its reader gets a ReadError.
-
-        A reader waiting for the next event is cancelled and ends the stream itself
-        (closing the source under a running reader would fail); otherwise it ends here.
-        """
-        self._shut_down = True
-        reader = self._reader
-        if reader is not None and not reader.done() and reader is not asyncio.current_task():
-            reader.cancel()
-            return
-        await self._end("ignore")
-
-    def _closed_error(self) -> httpx2.ReadError:
-        return httpx2.ReadError(
-            f"The Shaper shut down while the stream of {self._where} was open; it was closed."
-        )
-
-    async def _end(self, ending: Ending) -> None:
-        """End the lease exactly once (see ``Lease.end``), and close the stream."""
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            lease.end(ending, self._usage.total)
-        await self._stream.aclose()
-
+        await self._events.aclose()
 
 def openai_client(shaper: Shaper, **kwargs: Any) -> openai.AsyncOpenAI:
     """An ``openai.AsyncOpenAI`` whose requests go through ``shaper``.

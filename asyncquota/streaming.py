@@ -21,12 +21,16 @@ progress is load on the upstream. How it ends decides what the adaptive limit le
 
 The Shaper's deadline covers the wait up to the reply's headers; after that the attempt
 timeout bounds each silence between chunks.
+
+:class:`LeasedEvents` is that life on its own: a stream's events read under its lease,
+the lease ended exactly once. ``ShapedStream`` raises an error event as a typed error;
+the SDK transport (:mod:`asyncquota.sdk`) passes it on for the SDK to raise.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
     from .ticket import Lease, Send
     from .transport import Request, SSEEvent, StreamResponse, Transport
 
-__all__ = ["ShapedStream"]
+__all__ = ["LeasedEvents", "ShapedStream"]
 
 
 class Leases(Protocol):
@@ -58,6 +62,104 @@ class Leases(Protocol):
         """A turn for ``send``, whose grant the returned lease holds (``Shaper.lease``)."""
 
 
+class LeasedEvents:
+    """A streamed reply's events, read under the lease that holds its grant.
+
+    The lease ends exactly once, with what the stream's end teaches: it ran to its end
+    (success; the usage it reported is charged), it carried an error event (dropped for
+    a congestion signal, which the cooldown and the pace also hear as they would a 429 or
+    a 529; else ignore), the connection broke or went silent (ignore), its reader was
+    cancelled or its holder closed it early (ignore), or the Shaper shut down (ignore:
+    the reader gets the ``closed`` error).
+
+    Args:
+        stream: the open 2xx stream.
+        lease: the grant it holds (``Shaper.lease``).
+        closed: makes the error a reader gets once the Shaper has shut the stream.
+    """
+
+    __slots__ = ("_closed", "_events", "_lease", "_reader", "_shut_down", "_stream", "_usage")
+
+    def __init__(
+        self, stream: StreamResponse, lease: Lease, *, closed: Callable[[], QuotaError]
+    ) -> None:
+        self._stream = stream
+        self._events: AsyncIterator[SSEEvent] = stream.events()
+        self._lease: Lease | None = lease
+        self._closed = closed
+        self._usage = StreamUsage()
+        self._reader: asyncio.Task[Any] | None = None  # the task reading an event now
+        self._shut_down = False
+        lease.on_shutdown = self._shut
+
+    async def next(self) -> tuple[SSEEvent, Classification | None] | None:
+        """The next event, with its classification if it is an error event; None at the end.
+
+        After an error event the lease has ended, and the next call returns None.
+
+        Raises:
+            QuotaError: the ``closed`` error once the Shaper shut the stream; a
+                TransportError when the connection broke or went silent.
+        """
+        if self._lease is None:
+            if self._shut_down:
+                raise self._closed()
+            return None
+        reader = self._reader = asyncio.current_task()
+        try:
+            event = await anext(self._events)
+        except asyncio.CancelledError:
+            self._reader = None
+            await self._end("ignore")  # the reader gave up: nothing held past it
+            if not self._shut_down:
+                raise
+            if reader is not None:
+                reader.uncancel()  # the Shaper's cancel, answered with its error
+            raise self._closed() from None
+        except StopAsyncIteration:
+            self._reader = None
+            await self._end("success")
+            return None
+        except QuotaError:  # the connection broke or went silent mid-stream
+            self._reader = None
+            await self._end("ignore")
+            raise
+        self._reader = None
+        self._usage.feed(event.data)
+        verdict = classify_stream_event(event.data)
+        if verdict is not None:
+            lease = self._lease
+            await self._end("dropped" if verdict.congestion else "ignore")
+            kind = verdict.kind
+            if kind in (Outcome.OVERLOADED, Outcome.THROTTLED) and lease is not None:
+                lease.congested(verdict.retry_after, rate_limited=kind is Outcome.THROTTLED)
+        return event, verdict
+
+    async def aclose(self) -> None:
+        """Close the stream; one left before its end teaches the limit nothing."""
+        await self._end("ignore")
+
+    async def _shut(self) -> None:
+        """The Shaper is closing: end the stream now; its reader gets the closed error.
+
+        A reader waiting for the next event is cancelled and ends the stream itself
+        (closing the source under a running reader would fail); otherwise it ends here.
+        """
+        self._shut_down = True
+        reader = self._reader
+        if reader is not None and not reader.done() and reader is not asyncio.current_task():
+            reader.cancel()
+            return
+        await self._end("ignore")
+
+    async def _end(self, ending: Ending) -> None:
+        """End the lease exactly once (see ``Lease.end``), and close the stream."""
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.end(ending, self._usage.total)
+        await self._stream.aclose()
+
+
 class ShapedStream:
     """An open event stream from the upstream, holding its permit until it ends.
 
@@ -65,19 +167,7 @@ class ShapedStream:
     Built on the Shaper's public :meth:`~asyncquota.Shaper.lease`.
     """
 
-    __slots__ = (
-        "_events",
-        "_lease",
-        "_options",
-        "_path",
-        "_reader",
-        "_request",
-        "_shaper",
-        "_shut_down",
-        "_stream",
-        "_usage",
-        "attempts",
-    )
+    __slots__ = ("_events", "_options", "_path", "_request", "_shaper", "_stream", "attempts")
 
     def __init__(
         self, shaper: Leases, request: Request, *, path: str, options: RequestOptions
@@ -87,12 +177,8 @@ class ShapedStream:
         self._path = path
         self._options = options
         self._stream: StreamResponse | None = None
-        self._events: AsyncIterator[SSEEvent] | None = None
-        self._lease: Lease | None = None
-        self._usage = StreamUsage()
+        self._events: LeasedEvents | None = None
         self.attempts = 0
-        self._reader: asyncio.Task[Any] | None = None  # the task reading an event now
-        self._shut_down = False
 
     async def __aenter__(self) -> Self:
         """Wait for a turn and open the stream (retrying what may be retried).
@@ -115,15 +201,14 @@ class ShapedStream:
             open_stream, method=self._request.method, path=self._path, options=self._options
         )
         self.attempts = reply.attempts
-        self._lease = lease
-        lease.on_shutdown = self._shut
         assert self._stream is not None
-        self._events = self._stream.events()
+        self._events = LeasedEvents(self._stream, lease, closed=self._closed_error)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         """Close the stream; a stream left before its end teaches the limit nothing."""
-        await self._end("ignore")
+        if self._events is not None:
+            await self._events.aclose()
 
     @property
     def status(self) -> int:
@@ -141,50 +226,13 @@ class ShapedStream:
         return self
 
     async def __anext__(self) -> SSEEvent:
-        if self._events is None:
-            if self._shut_down:
-                raise self._closed_error()
+        got = None if self._events is None else await self._events.next()
+        if got is None:
             raise StopAsyncIteration
-        reader = self._reader = asyncio.current_task()
-        try:
-            event = await anext(self._events)
-        except asyncio.CancelledError:
-            self._reader = None
-            if not self._shut_down:
-                raise
-            if reader is not None:
-                reader.uncancel()  # the Shaper's cancel, answered with a ClosedError
-            await self._end("ignore")
-            raise self._closed_error() from None
-        except StopAsyncIteration:
-            self._reader = None
-            await self._end("success")
-            raise
-        except QuotaError:  # the connection broke or went silent mid-stream
-            self._reader = None
-            await self._end("ignore")
-            raise
-        self._reader = None
-        self._usage.feed(event.data)
-        verdict = classify_stream_event(event.data)
+        event, verdict = got
         if verdict is not None:
-            lease = self._lease
-            await self._end("dropped" if verdict.congestion else "ignore")
-            raise self._stream_error(verdict, lease)
+            raise self._stream_error(verdict)
         return event
-
-    async def _shut(self) -> None:
-        """The Shaper is closing: end the stream now; its reader gets a ClosedError.
-
-        A reader waiting for the next event is cancelled and ends the stream itself
-        (closing the source under a running reader would fail); otherwise it ends here.
-        """
-        self._shut_down = True
-        reader = self._reader
-        if reader is not None and not reader.done() and reader is not asyncio.current_task():
-            reader.cancel()
-            return
-        await self._end("ignore")
 
     def _closed_error(self) -> ClosedError:
         return ClosedError(
@@ -194,23 +242,10 @@ class ShapedStream:
             tenant=self._options.tenant,
         )
 
-    async def _end(self, ending: Ending) -> None:
-        """End the lease exactly once (see ``Lease.end``), and close the stream."""
-        lease, stream = self._lease, self._stream
-        self._lease = None
-        self._events = None
-        if lease is not None:
-            lease.end(ending, self._usage.total)
-        if stream is not None:
-            await stream.aclose()
-
-    def _stream_error(self, verdict: Classification, lease: Lease | None) -> UpstreamError:
-        kind = verdict.kind
-        if kind in (Outcome.OVERLOADED, Outcome.THROTTLED) and lease is not None:
-            lease.congested(verdict.retry_after, rate_limited=kind is Outcome.THROTTLED)
+    def _stream_error(self, verdict: Classification) -> UpstreamError:
         return upstream_error(
             f"The stream of {self._request.method} {self._path} broke off with an error "
-            f"event ({verdict.code or kind.value})",
+            f"event ({verdict.code or verdict.kind.value})",
             self.status,
             b"",
             verdict,
