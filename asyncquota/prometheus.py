@@ -80,88 +80,65 @@ class _Metrics:
 
     def __init__(self, registry: CollectorRegistry, tenants: bool) -> None:
         self.tenants = tenants
-        request_labels = ["upstream", "class", "outcome"] + (["tenant"] if tenants else [])
-        self.requests = Counter(
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(name, doc, labels, namespace=NAMESPACE, registry=registry)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...], *labels: str) -> Histogram:
+            return Histogram(
+                name, doc, labels, namespace=NAMESPACE, registry=registry, buckets=buckets
+            )
+
+        by_request = ("upstream", "class", "outcome")
+        self.requests = counter(
             "requests",
             "Requests ended, by outcome.",
-            request_labels,
-            namespace=NAMESPACE,
-            registry=registry,
+            *by_request,
+            *(("tenant",) if tenants else ()),
         )
-        self.duration = Histogram(
+        self.duration = histogram(
             "request_duration_seconds",
             "Seconds from the call to the request's end.",
-            ["upstream", "class", "outcome"],
-            namespace=NAMESPACE,
-            registry=registry,
-            buckets=REPLY_BUCKETS,
+            REPLY_BUCKETS,
+            *by_request,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = histogram(
             "queue_wait_seconds",
             "Seconds from arrival (or a retry) to the send.",
-            ["upstream", "class"],
-            namespace=NAMESPACE,
-            registry=registry,
-            buckets=WAIT_BUCKETS,
+            WAIT_BUCKETS,
+            "upstream",
+            "class",
         )
-        self.upstream = Histogram(
+        self.upstream = histogram(
             "upstream_seconds",
             "Seconds from the send to the whole reply.",
-            ["upstream", "class"],
-            namespace=NAMESPACE,
-            registry=registry,
-            buckets=REPLY_BUCKETS,
+            REPLY_BUCKETS,
+            "upstream",
+            "class",
         )
-        self.first_byte = Histogram(
+        self.first_byte = histogram(
             "time_to_first_byte_seconds",
             "Seconds from the send to a stream's headers.",
-            ["upstream", "class"],
-            namespace=NAMESPACE,
-            registry=registry,
-            buckets=REPLY_BUCKETS,
+            REPLY_BUCKETS,
+            "upstream",
+            "class",
         )
-        self.replies = Counter(
-            "upstream_replies",
-            "Answers from the upstream, by status.",
-            ["upstream", "code"],
-            namespace=NAMESPACE,
-            registry=registry,
+        self.replies = counter(
+            "upstream_replies", "Answers from the upstream, by status.", "upstream", "code"
         )
-        self.throttled = Counter(
-            "upstream_throttled",
-            "Congestion replies (429, 503, 529).",
-            ["upstream", "code"],
-            namespace=NAMESPACE,
-            registry=registry,
+        self.throttled = counter(
+            "upstream_throttled", "Congestion replies (429, 503, 529).", "upstream", "code"
         )
-        self.retries = Counter(
-            "retries",
-            "Attempts sent again, by the failure's reason.",
-            ["upstream", "reason"],
-            namespace=NAMESPACE,
-            registry=registry,
+        self.retries = counter(
+            "retries", "Attempts sent again, by the failure's reason.", "upstream", "reason"
         )
-        self.shed = Counter(
-            "shed",
-            "Requests refused unsent, by reason.",
-            ["upstream", "class", "reason"],
-            namespace=NAMESPACE,
-            registry=registry,
+        self.shed = counter(
+            "shed", "Requests refused unsent, by reason.", "upstream", "class", "reason"
         )
-        self.reserved = Counter(
-            "tokens_reserved",
-            "Tokens reserved by answered attempts.",
-            ["upstream"],
-            namespace=NAMESPACE,
-            registry=registry,
+        self.reserved = counter(
+            "tokens_reserved", "Tokens reserved by answered attempts.", "upstream"
         )
-        self.used = Counter(
-            "tokens_used",
-            "Tokens the replies said they used.",
-            ["upstream"],
-            namespace=NAMESPACE,
-            registry=registry,
-        )
+        self.used = counter("tokens_used", "Tokens the replies said they used.", "upstream")
         self.watched: dict[str, weakref.ReferenceType[Watched]] = {}
         registry.register(_Gauges(self.watched))
 
@@ -239,6 +216,16 @@ class PrometheusHook:
         return f"<PrometheusHook upstream={self.upstream!r}>"
 
 
+_SINGLE_GAUGES = (
+    ("inflight", "inflight", "Requests sent and not yet answered."),
+    ("limit", "concurrency_limit", "The adaptive concurrency limit."),
+    ("cooldown", "cooldown_seconds", "Seconds the fleet-wide cooldown still holds (0: open)."),
+    ("pace", "pace_requests_per_second", "Requests per second learnt from refusals at the door."),
+    ("reserved", "reserved_tokens", "Tokens reserved by requests not yet settled."),
+    ("rate", "service_rate", "Admissions per second lately."),
+)
+
+
 class _Gauges:
     """A collector: each watched Shaper's ``statistics()``, read at the scrape."""
 
@@ -250,32 +237,8 @@ class _Gauges:
             f"{NAMESPACE}_queue_depth", "Requests waiting, by class.", labels=["upstream", "class"]
         )
         singles = {
-            "inflight": GaugeMetricFamily(
-                f"{NAMESPACE}_inflight", "Requests sent and not yet answered.", labels=["upstream"]
-            ),
-            "limit": GaugeMetricFamily(
-                f"{NAMESPACE}_concurrency_limit",
-                "The adaptive concurrency limit.",
-                labels=["upstream"],
-            ),
-            "cooldown": GaugeMetricFamily(
-                f"{NAMESPACE}_cooldown_seconds",
-                "Seconds the fleet-wide cooldown still holds (0: open).",
-                labels=["upstream"],
-            ),
-            "pace": GaugeMetricFamily(
-                f"{NAMESPACE}_pace_requests_per_second",
-                "The requests per second learnt from refusals at the door.",
-                labels=["upstream"],
-            ),
-            "reserved": GaugeMetricFamily(
-                f"{NAMESPACE}_reserved_tokens",
-                "Tokens reserved by requests not yet settled.",
-                labels=["upstream"],
-            ),
-            "rate": GaugeMetricFamily(
-                f"{NAMESPACE}_service_rate", "Admissions per second lately.", labels=["upstream"]
-            ),
+            key: GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, labels=["upstream"])
+            for key, name, doc in _SINGLE_GAUGES
         }
         for upstream, ref in list(self._watched.items()):
             shaper = ref()
