@@ -496,11 +496,7 @@ class Shaper:
         Raises:
             What :meth:`request` raises.
         """
-        cost = options.cost_tokens
-        if cost is None:
-            cost = estimate_tokens(0, None, default_output_tokens=self.default_output_tokens)
-        ticket = self._ticket(check_method(method).upper(), redact_url(path), send, options, cost)
-        return await self._run(ticket)
+        return await self._run(self._sender_ticket(send, method, path, options, hold=False))
 
     async def lease(
         self, send: Send, *, method: str, path: str, options: RequestOptions
@@ -516,12 +512,7 @@ class Shaper:
         Raises:
             What :meth:`request` raises.
         """
-        cost = options.cost_tokens
-        if cost is None:
-            cost = estimate_tokens(0, None, default_output_tokens=self.default_output_tokens)
-        ticket = self._ticket(
-            check_method(method).upper(), redact_url(path), send, options, cost, hold=True
-        )
+        ticket = self._sender_ticket(send, method, path, options, hold=True)
         reply = await self._run(ticket)
         permit, reservation = ticket.permit, ticket.reservation
         assert permit is not None and reservation is not None
@@ -665,6 +656,17 @@ class Shaper:
                 len(body or b""), payload, default_output_tokens=self.default_output_tokens
             )
         return Request(method, url, merged, body), cost
+
+    def _sender_ticket(
+        self, send: Send, method: str, path: str, options: RequestOptions, *, hold: bool
+    ) -> Ticket:
+        """The ticket of a request sent by the caller's ``send`` (``shape``, ``lease``)."""
+        cost = options.cost_tokens
+        if cost is None:  # no body to read: the output allowance alone
+            cost = estimate_tokens(0, None, default_output_tokens=self.default_output_tokens)
+        return self._ticket(
+            check_method(method).upper(), redact_url(path), send, options, cost, hold=hold
+        )
 
     def _ticket(
         self,
