@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import pytest
 
-from asyncquota.bench.cli import main
 from asyncquota.bench.exhaustion import (
     GatewaySpec,
     Served,
@@ -21,6 +20,7 @@ from asyncquota.bench.metrics import RequestLog
 from asyncquota.bench.outcomes import Outcome
 from asyncquota.bench.sessions import SessionModel
 from asyncquota.bench.strategies.fallback import reply_dialect
+from asyncquota.cli import main
 from asyncquota.testing import UpstreamConfig
 
 INTERACTIVE, BATCH = 0, 1
