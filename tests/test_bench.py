@@ -21,13 +21,13 @@ from asyncquota.bench import (
     request_quota,
     summarize,
 )
-from asyncquota.bench.cli import main
 from asyncquota.bench.report import table
 from asyncquota.bench.runner import STOP_GRACE, drive
 from asyncquota.bench.strategies import PEERS, Strategy, Target, load_strategy
 from asyncquota.bench.strategies.base import HTTPStatusError
 from asyncquota.bench.strategies.tenacity_limiter import retry_after_seconds
 from asyncquota.bench.virtual import TICK, new_virtual_loop
+from asyncquota.cli import main
 from asyncquota.errors import (
     DeadlineExceededError,
     DeadlineUnreachableError,

@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import pytest
 
-from asyncquota.bench.cli import main
 from asyncquota.bench.exhaustion import (
     GatewaySpec,
     Served,
@@ -20,6 +19,7 @@ from asyncquota.bench.exhaustion import (
 from asyncquota.bench.metrics import RequestLog
 from asyncquota.bench.sessions import SessionModel
 from asyncquota.bench.strategies.fallback import reply_dialect
+from asyncquota.cli import main
 from asyncquota.outcomes import RequestOutcome
 from asyncquota.testing import UpstreamConfig
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import orjson
 import pytest
 
-from asyncquota.bench.cli import main
 from asyncquota.bench.matrix import (
     DIMENSIONS,
     TARGETS,
@@ -18,6 +17,7 @@ from asyncquota.bench.matrix import (
 from asyncquota.bench.metrics import queue_wait_ms
 from asyncquota.bench.pairwise import all_pairs, uncovered_pairs
 from asyncquota.bench.strategies.shaper import QueueWaits
+from asyncquota.cli import main
 from asyncquota.hooks import Admitted, Queued
 from asyncquota.priority import Priority
 from asyncquota.testing import UpstreamConfig

@@ -11,12 +11,12 @@ import orjson
 import pytest
 
 from asyncquota.bench import RequestLog, SessionModel, summarize
-from asyncquota.bench.cli import main
 from asyncquota.bench.report import document, table
 from asyncquota.bench.runner import RunSpec, run_strategy
 from asyncquota.bench.sessions import SCENARIO_TENANTS, Tenant
 from asyncquota.bench.strategies import STRATEGIES, Target
 from asyncquota.bench.strategies.shaper import ShaperStrategy, tier_limits
+from asyncquota.cli import main
 from asyncquota.errors import QueueFullError, TenantLimitError
 from asyncquota.outcomes import RequestOutcome, classify
 from asyncquota.testing import PRESETS, UpstreamConfig

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from asyncquota.bench import SessionModel
-from asyncquota.bench.cli import main
 from asyncquota.bench.runner import RunSpec
 from asyncquota.bench.strategies import Target
 from asyncquota.bench.strategies.shaper import (
@@ -34,6 +33,7 @@ from asyncquota.bench.tune import (
     table,
     write_csv,
 )
+from asyncquota.cli import main
 from asyncquota.limits import AIMD, Fixed, Gradient
 from asyncquota.shaper import Shaper
 from asyncquota.testing import UpstreamConfig

@@ -1,5 +1,5 @@
-"""The ``asyncquota`` command: ``asyncquota bench ...`` replays the night and reports;
-``asyncquota tune ...`` replays it once per combination of Shaper settings and ranks them.
+"""The bench's commands: ``asyncquota bench`` and ``asyncquota tune`` (parsed in
+:mod:`asyncquota.cli`).
 
     asyncquota bench --scenario crisis --sessions 30000 --duration 60 \\
         --strategies naive,openai-sdk,tenacity,cookbook --json out.json --plot out.png
@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
-from ..testing import PRESETS, UpstreamConfig
+from ..testing import UpstreamConfig
 from .exhaustion import SCENARIO as EXHAUSTION
 from .exhaustion import exhaustion_document, exhaustion_table, run_exhaustion
 from .matrix import (
@@ -48,23 +47,10 @@ from .report import document, table
 from .runner import StrategyRun, run_strategies
 from .sessions import SCENARIO_TENANTS, SessionModel
 from .strategies import STRATEGIES
-from .tune import (
-    METRICS,
-    PARAMETERS,
-    Objective,
-    Trial,
-    describe,
-    heatmap,
-    parse_objective,
-    parse_param,
-    prepare,
-    rank,
-    run_trials,
-    write_csv,
-)
+from .tune import Trial, describe, heatmap, prepare, rank, run_trials, write_csv
 from .tune import table as tune_table
 
-__all__ = ["MAX_DURATION", "MAX_SESSIONS", "main"]
+__all__ = ["BENCH_DURATION", "BENCH_SESSIONS", "MAX_DURATION", "MAX_SESSIONS", "run"]
 
 MAX_SESSIONS = 200_000
 MAX_DURATION = 3_600.0
@@ -72,131 +58,8 @@ BENCH_SESSIONS = 30_000
 BENCH_DURATION = 60.0
 
 
-def _strategies(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in STRATEGIES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"Unknown strategy {', '.join(unknown) or '(none)'}; use some of "
-            f"{', '.join(STRATEGIES)}, separated by commas."
-        )
-    return names
-
-
-def _rows(text: str) -> list[int]:
-    try:
-        numbers = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        numbers = []
-    if not numbers or min(numbers) < 1:
-        raise argparse.ArgumentTypeError(
-            f"--rows takes row numbers (from 1) separated by commas, not {text!r}."
-        )
-    return numbers
-
-
-def _param(text: str) -> tuple[str, tuple[int | float | str | None, ...]]:
-    try:
-        return parse_param(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _objective(text: str) -> Objective:
-    try:
-        return parse_objective(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="asyncquota", description="Load shaping for rate-limited LLM APIs: benchmarks."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser(
-        "bench",
-        help="replay a night of chat sessions against strategies, side by side",
-        description="Replay N chat sessions against a simulated rate-limited upstream, once "
-        "per strategy (each in its own process), and report goodput, 429s and latencies. "
-        "With --matrix, once per upstream behaviour of the robustness matrix.",
-    )
-    bench.add_argument(
-        "--scenario", choices=sorted(PRESETS),
-        help=f"the upstream's preset (default crisis); {EXHAUSTION}: the primary's quota dies "
-        "at 20 s and returns at 45 s, asyncquota as a Gateway falling back to a second "
-        "upstream of half its capacity (two upstream processes for real), the peers on the "
-        "primary alone",
-    )
-    bench.add_argument(
-        "--sessions", type=int,
-        help=f"default {BENCH_SESSIONS}; with --matrix {SESSIONS} (twice as many in the "
-        "long-reply rows)",
-    )
-    bench.add_argument(
-        "--duration", type=float,
-        help=f"seconds (default {BENCH_DURATION:g}; with --matrix {DURATION:g})",
-    )
-    bench.add_argument(
-        "--strategies", type=_strategies,
-        help=f"comma-separated, from {', '.join(STRATEGIES)} (default: all; with --matrix "
-        "asyncquota)",
-    )
-    bench.add_argument(
-        "--matrix", action="store_true",
-        help="one night per upstream behaviour (a covering set of them) instead of a scenario",
-    )
-    bench.add_argument(
-        "--rows", type=_rows, metavar="N,M,...",
-        help="with --matrix: only these rows (their numbers in the full table)",
-    )
-    bench.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
-    bench.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of the runs")
-    bench.add_argument(
-        "--virtual", action="store_true",
-        help="run in process on virtual time instead of against an upstream process",
-    )
-    bench.add_argument("--seed", type=int, default=0)
-    tune = commands.add_parser(
-        "tune",
-        help="rank combinations of Shaper settings by an objective",
-        description="Replay the night on virtual time once per combination of the given "
-        "Shaper settings (each in its own process), and rank the combinations.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="parameters: " + ", ".join(PARAMETERS) + "\n(limit is "
-        + "|".join(PARAMETERS["limit"].choices) + "; none unsets an optional one)"
-        + "\n\nmetrics of an objective:\n"
-        + "\n".join(f"  {m.name:<18} {m.unit}" for m in METRICS.values()),
-    )
-    tune.add_argument(
-        "--scenario", choices=sorted(set(PRESETS) - {EXHAUSTION}), default="crisis"
-    )
-    tune.add_argument(
-        "--param", type=_param, action="append", required=True, metavar="NAME=V1,V2,...",
-        help="a parameter and the values to try (repeat for more; all combinations run)",
-    )
-    tune.add_argument(
-        "--objective", type=_objective, default=parse_objective("goodput"),
-        metavar="METRIC|METRIC=WEIGHT,...",
-        help="goodput (higher better), p99 or 429 (lower better), ... or a weighted sum "
-        "such as goodput=1,429=-10,p99=-0.0001 (higher better); default goodput",
-    )
-    tune.add_argument("--sessions", type=int, default=BENCH_SESSIONS)
-    tune.add_argument("--duration", type=float, default=BENCH_DURATION,
-                      help=f"seconds (default {BENCH_DURATION:g})")
-    tune.add_argument("--seed", type=int, default=0,
-                      help="seeds the night, the upstream and the Shaper's jitter")
-    tune.add_argument("--csv", type=Path, metavar="PATH", help="write every combination")
-    tune.add_argument("--heatmap", type=Path, metavar="PATH", help="write a PNG of the scores")
-    tune.add_argument("--jobs", type=int, default=1,
-                      help="combinations run at once, each in its own process (default 1)")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run ``asyncquota bench`` or ``asyncquota tune`` as parsed; the exit status."""
     matrix = args.command == "bench" and args.matrix
     if args.sessions is None:
         args.sessions = SESSIONS if matrix else BENCH_SESSIONS

@@ -81,6 +81,7 @@ from ..errors import (
     TransportError,
     UpstreamError,
 )
+from ..hooks import Hook
 from ..priority import Priority, PriorityLike, coerce_priority
 from ..shaper import Shaper
 from ..signals import Provider, QuotaSnapshot, QuotaWindow
@@ -538,6 +539,7 @@ class Gateway:
         environ: Mapping[str, str] | None = None,
         sinks: Sequence[Sink] = (),
         dialect: Provider = dialects.OPENAI,
+        hooks: Mapping[str, Sequence[Hook]] | None = None,
     ) -> Gateway:
         """Build a gateway, its Shapers, store, tiers, budget and alerts from configuration.
 
@@ -552,6 +554,8 @@ class Gateway:
             sinks: sinks of the application's own (a ``CallbackSink``), beside the
                 configured ones; used only when the file has an ``[alerts]`` section.
             dialect: the shape of the callers' bodies (see :class:`Gateway`).
+            hooks: upstream name → the hooks of its Shaper (the proxy's Prometheus
+                hooks); an upstream not named keeps the Shaper's default.
 
         Raises:
             ConfigError: the file is invalid (the message names the field).
@@ -592,6 +596,7 @@ class Gateway:
                 headers=headers,
                 transport=transports.get(spec.name),
                 wall_clock=wall_clock,
+                hooks=(hooks or {}).get(spec.name),
                 **options,
             )
         parts = _parts(config, store, wall_clock)

@@ -1,0 +1,7 @@
+"""``python -m asyncquota``: the same as the ``asyncquota`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
