@@ -191,7 +191,8 @@ async def test_an_openai_caller_streams_from_a_claude_model_translated(tmp_path)
 
 
 async def test_the_anthropic_sdk_sends_messages_answered_by_either_model(tmp_path):
-    anthropic = pytest.importorskip("anthropic")
+    import anthropic  # a test dependency: its absence is a failure, not a skip
+
     async with proxy_over_simulated(tmp_path) as (url, proxy):
         async with anthropic.AsyncAnthropic(base_url=url, api_key=PRO_KEY, max_retries=0) as client:
             served = await client.messages.create(

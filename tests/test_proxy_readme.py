@@ -63,7 +63,6 @@ async def test_the_readme_curl_is_answered_through_the_proxy(tmp_path):
 
 
 async def test_the_readme_sdk_example_asks_both_models_through_the_proxy(tmp_path, monkeypatch):
-    pytest.importorskip("anthropic")
     from test_readme import quick_upstream
 
     for name, value in ENVIRON.items():
