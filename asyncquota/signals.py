@@ -62,6 +62,7 @@ __all__ = [
     "QuotaWindow",
     "classify_error_body",
     "classify_stream_event",
+    "format_duration",
     "parse_count",
     "parse_duration",
     "parse_http_date",
@@ -244,6 +245,28 @@ def parse_duration(text: str | bytes) -> float | None:
     # Replies repeat the same few resets; only short texts are cached, so a hostile
     # upstream cannot fill the cache with long ones.
     return _cached_duration(decoded) if len(decoded) <= 32 else _read_duration(decoded)
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as Go prints it, to the millisecond: ``0s``, ``250ms``, ``1.5s``, ``6m0s``.
+
+    What OpenAI writes in its ``x-ratelimit-reset-*`` headers (the inverse of
+    :func:`parse_duration`, rounded up to the millisecond).
+    """
+    ms = math.ceil(seconds * 1000 - 1e-6)
+    if ms <= 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    whole, frac = divmod(ms, 1000)
+    secs = f"{whole}.{frac:03d}".rstrip("0") + "s" if frac else f"{whole}s"
+    if hours:
+        return f"{hours}h{minutes}m{secs}"
+    if minutes:
+        return f"{minutes}m{secs}"
+    return secs
 
 
 def _read_duration(text: str) -> float | None:

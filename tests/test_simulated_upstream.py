@@ -16,10 +16,10 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from asyncquota.signals import Outcome, classify_error_body
+from asyncquota.signals import Outcome, classify_error_body, format_duration
 from asyncquota.testing import PRESETS, SimulatedUpstream, UpstreamConfig, run_in_process
 from asyncquota.testing.buckets import ScheduledBucket
-from asyncquota.testing.replies import go_duration, retry_after_headers
+from asyncquota.testing.replies import retry_after_headers
 from asyncquota.testing.upstream import spend_cap_body
 from asyncquota.transport import Request, Response
 
@@ -238,7 +238,7 @@ async def test_openai_headers_report_the_buckets_remaining_and_time_to_full():
     assert headers["x-ratelimit-reset-requests"] == "300ms"
     assert headers["x-ratelimit-limit-tokens"] == "60000"
     assert headers["x-ratelimit-remaining-tokens"] == str(60_000 - spent)
-    assert headers["x-ratelimit-reset-tokens"] == go_duration(spent / 1000)
+    assert headers["x-ratelimit-reset-tokens"] == format_duration(spent / 1000)
 
 
 async def test_anthropic_headers_use_rfc3339_resets_and_round_tokens_to_thousands():
@@ -665,7 +665,7 @@ def test_the_presets_describe_the_harness_scenarios():
     [(0, "0s"), (0.25, "250ms"), (1, "1s"), (1.5, "1.5s"), (360, "6m0s"), (3723.5, "1h2m3.5s")],
 )
 def test_resets_render_as_go_durations(seconds: float, rendered: str):
-    assert go_duration(seconds) == rendered
+    assert format_duration(seconds) == rendered
 
 
 # -- the robustness matrix's behaviours ------------------------------------------------------

@@ -44,8 +44,7 @@ from ..errors import (
     UpstreamError,
 )
 from ..governance.tiers import DimensionStatus
-from ..signals import Provider
-from ..testing.replies import go_duration
+from ..signals import Provider, format_duration
 
 __all__ = ["ProxyError", "error_body", "error_event", "rate_headers", "refusal_of"]
 
@@ -193,7 +192,7 @@ def rate_headers(dimensions: Sequence[DimensionStatus], now: float) -> dict[str,
         headers[f"x-ratelimit-limit-{kind}"] = str(math.floor(tightest.limit))
         headers[f"x-ratelimit-remaining-{kind}"] = str(math.floor(tightest.remaining))
         reset = 0.0 if tightest.resets_at is None else tightest.resets_at - now
-        headers[f"x-ratelimit-reset-{kind}"] = go_duration(max(0.0, reset))
+        headers[f"x-ratelimit-reset-{kind}"] = format_duration(max(0.0, reset))
     return headers
 
 

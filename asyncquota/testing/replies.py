@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from ..signals import format_duration
 from .config import HeadersStyle, ResetResolution, RetryAfterStyle
 
 __all__ = [
@@ -34,7 +35,6 @@ __all__ = [
     "Parsed",
     "date_header",
     "estimate_tokens",
-    "go_duration",
     "http_date",
     "rate_limit_headers",
     "retry_after_headers",
@@ -403,27 +403,9 @@ class AnthropicDialect:
         return b"".join(parts)
 
 
-def go_duration(seconds: float) -> str:
-    """A duration as Go prints it, to the millisecond: ``0s``, ``250ms``, ``1.5s``, ``6m0s``."""
-    ms = math.ceil(seconds * 1000 - 1e-6)
-    if ms <= 0:
-        return "0s"
-    if ms < 1000:
-        return f"{ms}ms"
-    hours, ms = divmod(ms, 3_600_000)
-    minutes, ms = divmod(ms, 60_000)
-    whole, frac = divmod(ms, 1000)
-    secs = f"{whole}.{frac:03d}".rstrip("0") + "s" if frac else f"{whole}s"
-    if hours:
-        return f"{hours}h{minutes}m{secs}"
-    if minutes:
-        return f"{minutes}m{secs}"
-    return secs
-
-
 def _whole_seconds(seconds: float) -> str:
     """A Go duration rounded up to the second: ``0s``, ``1s``, ``6m0s``."""
-    return go_duration(math.ceil(seconds - 1e-6))
+    return format_duration(math.ceil(seconds - 1e-6))
 
 
 def date_header(epoch: float) -> str:
@@ -478,7 +460,7 @@ def rate_limit_headers(
     capacity, level, to_full = requests
     remaining = str(max(0, math.floor(level + 1e-9)))
     if style == "openai":
-        reset = go_duration if reset_resolution == "ms" else _whole_seconds
+        reset = format_duration if reset_resolution == "ms" else _whole_seconds
         headers = {
             "x-ratelimit-limit-requests": str(math.floor(capacity + 1e-9)),
             "x-ratelimit-remaining-requests": remaining,
