@@ -105,6 +105,7 @@ def test_the_docstring_example_loads_from_a_file_into_the_objects_it_describes(
                 api_key_env="ANTHROPIC_API_KEY",
                 auth="x-api-key",
                 headers={"anthropic-version": "2023-06-01"},
+                monthly_cap=500.0,
             ),
         ),
         models=(gpt4o, mini, haiku),
