@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -139,6 +140,39 @@ async def test_the_cap_is_settled_with_the_real_cost_once_and_a_cancel_refunds_i
     used = {s.dimension: s.used for s in await guard.status("acme", account=ACCOUNT)}
     assert used == pytest.approx({"budget": 0.25, "tenant_budget": 0.25, "upstream_cap": 0.25})
     assert "caps=1 open=0" in repr(guard)
+
+
+async def test_callers_cancelled_at_random_leak_no_dollar_of_the_cap():
+    rng = random.Random(7)
+    store = WatchedStore(delay=0.5)  # every store call takes half a second: cancels land mid-way
+    guard = BudgetGuard(monthly=100.0, caps={ACCOUNT: 3.0}, store=store, wall_clock=virtual_clock)
+    settled: list[float] = []
+
+    async def request() -> None:
+        try:
+            reservation = await guard.reserve("acme", 0.10, account=ACCOUNT)
+        except UpstreamCapError:
+            return
+        try:
+            await asyncio.sleep(rng.uniform(0.0, 3.0))
+        except asyncio.CancelledError:
+            await reservation.cancel()
+            raise
+        settled.append(0.04)  # decided here, even if cancelled during the reconcile
+        await reservation.reconcile(0.04)
+
+    tasks = [asyncio.create_task(request()) for _ in range(100)]
+    loop = asyncio.get_running_loop()
+    for task in rng.sample(tasks, 50):
+        loop.call_later(rng.uniform(0.0, 5.0), task.cancel)
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert 0 < sum(isinstance(o, asyncio.CancelledError) for o in outcomes) <= 50
+    await asyncio.sleep(2.0)  # refunds of callers cancelled mid-call end in the background
+
+    assert store.peak[CAP_KEY] <= 3.0 + SLACK
+    used = await store.get(["budget:2026-03", "budget:2026-03:tenant:acme", CAP_KEY])
+    assert settled and used == pytest.approx([sum(settled)] * 3)
+    assert "open=0" in repr(guard)
 
 
 async def test_the_cap_renews_at_midnight_utc_whatever_the_budgets_time_zone():
