@@ -27,6 +27,7 @@ from .errors import (
     TenantLimitError,
     ThrottledError,
     TransportError,
+    UpstreamCapError,
     UpstreamError,
 )
 from .gates import CooldownGate, RateGate, Reservation, TokenBucket, TokenGate
@@ -119,6 +120,7 @@ __all__ = [
     "TokenGate",
     "Transport",
     "TransportError",
+    "UpstreamCapError",
     "UpstreamError",
     "Waiter",
     "backoff_delay",

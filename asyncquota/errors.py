@@ -10,6 +10,7 @@ Every request that enters asyncquota ends exactly once: in a response, or in one
     │   ├── ClosedError              the shaper is shutting down or closed
     │   ├── TenantLimitError         the tenant is over its own tier's limit (not congestion)
     │   ├── BudgetExceededError      the budget cannot pay for it and the policy says reject
+    │   │   └── UpstreamCapError     the cap of the account that would serve it cannot pay
     │   ├── NoRouteError             no configured model can take it (context too long, ...)
     │   └── StoreUnavailableError    the counter store (tiers, budget) cannot be read or written
     ├── DeadlineExceededError        its deadline passed while it waited or was in flight
@@ -52,6 +53,7 @@ __all__ = [
     "TenantLimitError",
     "ThrottledError",
     "TransportError",
+    "UpstreamCapError",
     "UpstreamError",
     "WouldBlock",
 ]
@@ -162,6 +164,30 @@ class BudgetExceededError(RejectedError):
     """
 
     default_reason = "budget_exceeded"
+
+
+class UpstreamCapError(BudgetExceededError):
+    """The monthly spend cap of the upstream account that would serve it cannot pay; nothing
+    was sent.
+
+    The cap mirrors one the provider keeps on its side (Anthropic's usage limits, an OpenAI
+    project's budget): past it the provider refuses everything until its month renews, so
+    the Gateway refuses first and moves the request down its model's fallback chain. This
+    error reaches a caller only when no model of the chain could take the request.
+    ``retry_after`` is the time until the cap's month renews (00:00 UTC on the 1st).
+
+    Attributes:
+        account: the upstream account whose cap it is (``"anthropic#1f0c9a2e"``: the
+            upstream's name and a short hash of its key, never the key).
+        cap: the cap, in dollars a month.
+    """
+
+    default_reason = "upstream_cap"
+
+    def __init__(self, message: str, *, account: str = "", cap: float = 0.0, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.account = account
+        self.cap = cap
 
 
 class NoRouteError(RejectedError):

@@ -105,6 +105,7 @@ def test_the_docstring_example_loads_from_a_file_into_the_objects_it_describes(
                 api_key_env="ANTHROPIC_API_KEY",
                 auth="x-api-key",
                 headers={"anthropic-version": "2023-06-01"},
+                monthly_cap=500.0,
             ),
         ),
         models=(gpt4o, mini, haiku),
@@ -976,6 +977,10 @@ def test_the_readmes_night_configuration_loads_as_written():
     night = parse_config(tomllib.loads(block.group(1)))
     assert (night.gateway.exhausted_hold, night.default_model) == (600.0, "claude-sonnet")
     assert night.budget is not None and night.budget.downgrade_at == 0.8
+    assert [(u.name, u.monthly_cap) for u in night.upstreams] == [
+        ("anthropic", 500.0),
+        ("openai", None),
+    ]
     assert night.alerts is not None
     (robot,) = night.alerts.webhooks
     assert (robot.format, robot.secret_env, robot.markdown) == ("dingtalk", "DINGTALK_SECRET", True)

@@ -260,11 +260,18 @@ DEFAULT_THRESHOLDS: Mapping[str, Thresholds] = MappingProxyType(
             warning_action="downgrade to a cheaper model",
             critical_action="raise the tenant's budget",
         ),
+        "upstream_cap:*": Thresholds(
+            warning=0.8,
+            critical=0.9,
+            warning_action="downgrade to a cheaper model or move traffic to the fallbacks",
+            critical_action="raise the account's spend cap at the provider and its monthly_cap",
+        ),
     }
 )
 """The rules every monitor has after its own: actions per dimension family, and the budgets
-warned at 80 % and 90 % whatever the monitor's own pair (the month's money is slower to
-replace than a minute's requests). A rule of the monitor's own for the same pattern
+and the upstream accounts' monthly caps (``upstream_cap:<account>``) warned at 80 % and
+90 % whatever the monitor's own pair (the month's money is slower to replace than a
+minute's requests). A rule of the monitor's own for the same pattern
 overrides these field by field."""
 
 _OTHER_ACTIONS = ("review the quota", "review the quota")
@@ -1114,7 +1121,7 @@ class UsageMonitor:
         Args:
             dimension: what is measured (it picks the thresholds and the default action:
                 ``upstream:<name>:requests``, ``tenant:<id>:<model>:rpd``, ``budget``,
-                ``tenant_budget:<id>``...).
+                ``tenant_budget:<id>``, ``upstream_cap:<account>``...).
             current: the use now (requests, tokens, dollars...).
             limit: the limit it is measured against.
             action: the recommended action (default: the dimension's).

@@ -13,11 +13,21 @@ Two budgets may apply to one request: the global monthly budget and its tenant's
 A reservation takes both or neither. Spend is always counted (globally, and per tenant for
 requests that name one), so status reports it even where no budget is set.
 
+A third may apply, per upstream **account**: a monthly cap that mirrors one the provider
+keeps on its side (Anthropic's "specified API usage limits", an OpenAI project's budget).
+Past it the provider refuses everything until its month renews, so the cap is reserved in
+the same step as the budgets (all or none), never overdrawn, and refused with
+:class:`~asyncquota.errors.UpstreamCapError`, which the Gateway answers by moving the
+request to its model's fallback. Caps run on UTC months whatever the budget's zone: both
+providers renew theirs at 00:00 UTC on the 1st. A cap counts only what passed through
+this store; the provider also counts what was spent elsewhere with the same key.
+
 The period is the calendar month in the configured time zone: counters are keyed by month
 (``budget:2026-03`` and ``budget:2026-03:tenant:acme``, tenants by :func:`~.tiers.tenant_id`:
 ``42`` and ``"42"`` are one tenant with one budget and one counter), so a
 new month starts at zero without anyone resetting anything, and a reservation reconciles
-against the month it was made in. Time comes only from the injected ``wall_clock``.
+against the month it was made in (caps: ``cap:2026-03:anthropic#1f0c9a2e``, by account).
+Time comes only from the injected ``wall_clock``.
 
 Money is counted in dollars as floats. Sums of decimal prices drift (500 × $0.10 adds up
 to 50.00000000000044), so a budget admits up to ``SLACK`` (a billionth of a dollar) past
@@ -36,16 +46,27 @@ from datetime import datetime
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
-from ..errors import BudgetExceededError, StoreUnavailableError
+from ..errors import BudgetExceededError, StoreUnavailableError, UpstreamCapError
 from .store import MemoryStore, Store
 from .tiers import DimensionStatus, tenant_id, zone
 
-__all__ = ["SLACK", "BudgetGuard", "BudgetReservation", "Price", "money", "month_window"]
+__all__ = [
+    "CAP_TIMEZONE",
+    "SLACK",
+    "BudgetGuard",
+    "BudgetReservation",
+    "Price",
+    "money",
+    "month_window",
+]
 
 logger = logging.getLogger("asyncquota.governance")
 
 SLACK = 1e-9
 """Dollars a budget admits past its limit, to absorb floating-point drift in sums."""
+
+CAP_TIMEZONE = "UTC"
+"""The zone of the caps' months: Anthropic's and OpenAI's own caps renew at 00:00 UTC."""
 
 _KEEP_AFTER_MONTH = 35 * 86_400.0  # a month's counters outlive it: reconciles, status, audits
 
@@ -105,6 +126,9 @@ def month_window(now: float, zone: ZoneInfo) -> tuple[str, float]:
     return f"{local.year:04d}-{local.month:02d}", datetime(year, month, 1, tzinfo=zone).timestamp()
 
 
+_CAP_ZONE = ZoneInfo(CAP_TIMEZONE)
+
+
 class BudgetGuard:
     """A global monthly budget and per-tenant monthly budgets, in dollars, reserved up front.
 
@@ -121,15 +145,19 @@ class BudgetGuard:
         overdraft_limit: dollars a reservation with ``overdraft=True`` may take past each
             budget, at most (None: no ceiling): the hard stop of "keep serving on the
             cheapest model once the budget is spent".
+        caps: upstream account → its monthly cap (UTC months, ``CAP_TIMEZONE``); a
+            reservation naming the account takes it too, and never past it, overdraft or
+            not: the provider would refuse the request.
 
     Raises:
-        ValueError: a budget that is not a finite number > 0, two keys naming one tenant
-            (``42`` and ``"42"``), or an unknown time zone.
+        ValueError: a budget or cap that is not a finite number > 0, two keys naming one
+            tenant (``42`` and ``"42"``), or an unknown time zone.
         TypeError: a key that is not a tenant id (see :func:`~.tiers.tenant_id`).
     """
 
     __slots__ = (
         "_background",
+        "_caps",
         "_monthly",
         "_open",
         "_overdraft",
@@ -148,6 +176,7 @@ class BudgetGuard:
         timezone: str = "UTC",
         wall_clock: Callable[[], float] = time.time,
         overdraft_limit: float | None = None,
+        caps: Mapping[str, float] | None = None,
     ) -> None:
         if overdraft_limit is not None:
             _check_dollars("overdraft_limit", overdraft_limit)
@@ -165,6 +194,10 @@ class BudgetGuard:
                 )
             self._tenants[who] = budget
         self._monthly = monthly
+        self._caps: dict[str, float] = {}
+        for account, cap in (caps or {}).items():
+            _check_budget(f"caps[{account!r}]", cap)
+            self._caps[account] = float(cap)
         self._store: Store = store if store is not None else MemoryStore(wall_clock=wall_clock)
         self._zone = zone(timezone)
         self._wall_clock = wall_clock
@@ -177,6 +210,11 @@ class BudgetGuard:
         """Where the spend lives (guards on the same store share one budget)."""
         return self._store
 
+    @property
+    def caps(self) -> Mapping[str, float]:
+        """Upstream account → its monthly cap."""
+        return dict(self._caps)
+
     async def remaining(self, tenant: Hashable | None) -> float | None:
         """Dollars left this month: the smaller of the global and the tenant's (None: unlimited)."""
         if self._monthly is None and self._tenants.get(tenant_id(tenant) or "") is None:
@@ -184,45 +222,67 @@ class BudgetGuard:
         left = [s.remaining for s in await self.status(tenant) if s.remaining is not None]
         return min(left)
 
-    async def status(self, tenant: Hashable | None) -> list[DimensionStatus]:
-        """This month's spend against each budget that concerns ``tenant``.
+    async def status(
+        self, tenant: Hashable | None, *, account: str | None = None
+    ) -> list[DimensionStatus]:
+        """This month's spend against each budget that concerns ``tenant`` (and ``account``).
 
         Returns:
-            ``"budget"`` (global) first, then ``"tenant_budget"`` when a tenant is given.
-            ``remaining`` never goes below 0 (an overdraft shows as ``used > limit``);
-            ``resets_at`` is the start of next month, None where there is no limit.
+            ``"budget"`` (global) first, then ``"tenant_budget"`` when a tenant is given,
+            then ``"upstream_cap"`` when ``account`` has a cap. ``remaining`` never goes
+            below 0 (an overdraft shows as ``used > limit``); ``resets_at`` is the start of
+            next month (the cap's: in UTC), None where there is no limit.
         """
         now = self._wall_clock()
-        month, renews = month_window(now, self._zone)
-        counters = self._counters(tenant, month)
-        used = await self._store.get([key for _, key, _ in counters])
+        counters = self._counters(tenant, now)
+        if account is not None and account in self._caps:
+            counters.append(self._cap_counter(account, now))
+        return await self._read(counters)
+
+    async def cap_status(self) -> dict[str, DimensionStatus]:
+        """Each capped account's spend this month against its cap (``"upstream_cap"``)."""
+        now = self._wall_clock()
+        statuses = await self._read([self._cap_counter(account, now) for account in self._caps])
+        return dict(zip(self._caps, statuses, strict=True))
+
+    async def _read(self, counters: list[_Counter]) -> list[DimensionStatus]:
+        used = await self._store.get([counter.key for counter in counters])
         return [
             DimensionStatus(
-                dimension=dimension,
+                dimension=counter.dimension,
                 used=spent,
-                limit=limit,
-                remaining=None if limit is None else max(0.0, limit - spent),
-                resets_at=None if limit is None else renews,
+                limit=counter.limit,
+                remaining=None if counter.limit is None else max(0.0, counter.limit - spent),
+                resets_at=None if counter.limit is None else counter.renews,
             )
-            for (dimension, _, limit), spent in zip(counters, used, strict=True)
+            for counter, spent in zip(counters, used, strict=True)
         ]
 
     async def reserve(
-        self, tenant: Hashable | None, amount: float, *, overdraft: bool = False
+        self,
+        tenant: Hashable | None,
+        amount: float,
+        *,
+        overdraft: bool = False,
+        account: str | None = None,
     ) -> BudgetReservation:
-        """Reserve ``amount`` dollars against the global and the tenant's budget: both or neither.
+        """Reserve ``amount`` dollars against every budget that concerns the request: all or none.
 
         Args:
             tenant: whose budget also applies (None: only the global one).
             amount: the estimated cost of the request.
             overdraft: charge it even past a budget (the policy "downgrade to the cheapest
                 model and keep serving" once a budget is spent), up to the guard's
-                ``overdraft_limit`` past it.
+                ``overdraft_limit`` past it. Never past a cap.
+            account: the upstream account that would serve it; its cap applies too, if it
+                has one.
 
         Raises:
-            BudgetExceededError: either budget cannot pay for it this month (and not
-                ``overdraft``); ``retry_after`` is the time until next month; nothing is
-                reserved.
+            UpstreamCapError: the account's cap cannot pay for it this month (the budgets
+                could); ``retry_after`` is the time until the cap's month renews.
+            BudgetExceededError: a budget cannot pay for it this month (and not
+                ``overdraft``); ``retry_after`` is the time until next month. Either way
+                nothing is reserved.
             ValueError: ``amount`` negative or not finite.
 
         Under cancellation nothing leaks: a reservation the caller did not live to receive
@@ -230,17 +290,17 @@ class BudgetGuard:
         """
         _check_dollars("amount", amount)
         now = self._wall_clock()
-        month, renews = month_window(now, self._zone)
-        counters = self._counters(tenant, month)
-        expires_at = renews + _KEEP_AFTER_MONTH
+        # The tenant first: its budget is the smaller one, so a refusal seldom costs a
+        # rollback of the global counter. The cap last: a request no budget can pay is
+        # refused as such, not moved to a fallback that the same budgets would refuse.
+        counters = self._counters(tenant, now)[::-1]
+        if account is not None and account in self._caps:
+            counters.append(self._cap_counter(account, now))
+        # One expiry for all the counters, the latest: a reconcile adjusts them together.
+        expires_at = max(counter.renews for counter in counters) + _KEEP_AFTER_MONTH
         taking = self._spawn(
             self._take(
-                counters,
-                amount,
-                overdraft=overdraft,
-                expires_at=expires_at,
-                tenant=tenant,
-                retry_after=renews - now,
+                counters, amount, now, overdraft=overdraft, expires_at=expires_at, tenant=tenant
             )
         )
         try:
@@ -251,50 +311,83 @@ class BudgetGuard:
         self._open += 1
         return BudgetReservation(self, keys, amount, tenant=tenant, expires_at=expires_at)
 
-    def _counters(self, tenant: Hashable | None, month: str) -> list[tuple[str, str, float | None]]:
-        counters: list[tuple[str, str, float | None]] = [
-            ("budget", f"budget:{month}", self._monthly)
-        ]
+    def _counters(self, tenant: Hashable | None, now: float) -> list[_Counter]:
+        month, renews = month_window(now, self._zone)
+        counters = [_Counter("budget", f"budget:{month}", self._monthly, renews)]
         tenant = tenant_id(tenant)
         if tenant is not None:
             counters.append(
-                ("tenant_budget", f"budget:{month}:tenant:{tenant}", self._tenants.get(tenant))
+                _Counter(
+                    "tenant_budget",
+                    f"budget:{month}:tenant:{tenant}",
+                    self._tenants.get(tenant),
+                    renews,
+                )
             )
         return counters
 
+    def _cap_counter(self, account: str, now: float) -> _Counter:
+        month, renews = month_window(now, _CAP_ZONE)
+        return _Counter(
+            "upstream_cap", f"cap:{month}:{account}", self._caps[account], renews, account
+        )
+
     async def _take(
         self,
-        counters: list[tuple[str, str, float | None]],
+        counters: list[_Counter],
         amount: float,
+        now: float,
         *,
         overdraft: bool,
         expires_at: float,
         tenant: Hashable | None,
-        retry_after: float,
     ) -> tuple[str, ...]:
         taken: list[str] = []
         try:
-            # The tenant first: its budget is the smaller one, so a refusal seldom costs a
-            # rollback of the global counter.
-            for dimension, key, limit in reversed(counters):
-                past = (self._overdraft if overdraft else 0.0) if limit is not None else None
+            for counter in counters:
+                limit = counter.limit
+                past: float | None = None
+                if limit is not None:
+                    past = self._overdraft if overdraft and counter.account is None else 0.0
                 ceiling = None if limit is None or past is None else limit + past + SLACK
-                held = await self._store.reserve(key, amount, limit=ceiling, expires_at=expires_at)
+                held = await self._store.reserve(
+                    counter.key, amount, limit=ceiling, expires_at=expires_at
+                )
                 if held is None:
                     assert limit is not None  # only a ceiling refuses
-                    owner = "The global" if dimension == "budget" else f"Tenant {tenant}'s"
-                    beyond = f", even {money(past)} past it" if past else ""
-                    raise BudgetExceededError(
-                        f"{owner} monthly budget of {money(limit)} cannot pay "
-                        f"{money(amount)} more this month{beyond}.",
-                        tenant=tenant,
-                        retry_after=retry_after,
-                    )
-                taken.append(key)
+                    raise self._refusal(counter, limit, past, amount, now, tenant)
+                taken.append(counter.key)
         except BaseException:
             await self._add_all(taken, -amount, expires_at)
             raise
         return tuple(taken)
+
+    def _refusal(
+        self,
+        counter: _Counter,
+        limit: float,
+        past: float | None,
+        amount: float,
+        now: float,
+        tenant: Hashable | None,
+    ) -> BudgetExceededError:
+        if counter.account is not None:
+            return UpstreamCapError(
+                f"The monthly cap of {money(limit)} on {counter.account} cannot pay "
+                f"{money(amount)} more this month (UTC); its provider would refuse it.",
+                account=counter.account,
+                cap=limit,
+                tenant=tenant,
+                retry_after=counter.renews - now,
+            )
+        owner = "The global" if counter.dimension == "budget" else f"Tenant {tenant}'s"
+        beyond = f", even {money(past)} past it" if past else ""
+        return BudgetExceededError(
+            f"{owner} monthly budget of {money(limit)} cannot pay "
+            f"{money(amount)} more this month{beyond}.",
+            tenant=tenant,
+            retry_after=counter.renews - now,
+        )
 
     async def _add_all(self, keys: Sequence[str], delta: float, expires_at: float) -> None:
         for key in keys:
@@ -321,10 +414,22 @@ class BudgetGuard:
 
     def __repr__(self) -> str:
         monthly = "unlimited" if self._monthly is None else f"${self._monthly:g}"
+        caps = f" caps={len(self._caps)}" if self._caps else ""
         return (
-            f"<BudgetGuard monthly={monthly} tenant_budgets={len(self._tenants)} "
+            f"<BudgetGuard monthly={monthly} tenant_budgets={len(self._tenants)}{caps} "
             f"open={self._open} timezone={self._zone.key!r}>"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Counter:
+    """One monthly counter a request is held against, and its limit (None: counted only)."""
+
+    dimension: str  # "budget", "tenant_budget", "upstream_cap"
+    key: str
+    limit: float | None
+    renews: float  # Unix time its month ends
+    account: str | None = None  # a cap's account
 
 
 class BudgetReservation:

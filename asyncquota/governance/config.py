@@ -50,6 +50,8 @@ taken from the TOML file's folder. A complete example, which the tests load as w
     api_key_env = "ANTHROPIC_API_KEY"
     auth = "x-api-key"
     headers = { "anthropic-version" = "2023-06-01" }
+    monthly_cap = 500.0                # $ a UTC month, the account's own spend cap at the
+                                       # provider: past it, its models' requests fall back
 
     [models.gpt-4o]
     upstream = "openai"
@@ -221,6 +223,10 @@ class UpstreamSpec:
         rpm, tpm: its known requests and tokens per minute (None: unknown).
         max_connections, default_deadline, timeout: the Shaper's settings of the same
             names; None where the file leaves them out, so the Shaper's defaults apply.
+        monthly_cap: the spend cap, in $ per UTC month, that the provider keeps on this
+            upstream's account (Anthropic's usage limits, an OpenAI project's budget);
+            the gateway mirrors it per account and moves a request it cannot pay to the
+            model's fallback (None: no cap). Upstreams sharing a key share one cap.
     """
 
     name: str
@@ -233,6 +239,7 @@ class UpstreamSpec:
     max_connections: int | None = None
     default_deadline: float | None = None
     timeout: float | None = None
+    monthly_cap: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "headers", MappingProxyType(dict(self.headers)))
@@ -501,6 +508,7 @@ def _upstream(name: str, data: object) -> UpstreamSpec:
             "max_connections",
             "default_deadline",
             "timeout",
+            "monthly_cap",
         ),
     )
     api_key_env = table.get("api_key_env", _env_name, None)
@@ -527,6 +535,7 @@ def _upstream(name: str, data: object) -> UpstreamSpec:
         max_connections=table.get("max_connections", _positive_int, None),
         default_deadline=table.get("default_deadline", _positive_number, None),
         timeout=table.get("timeout", _positive_number, None),
+        monthly_cap=table.get("monthly_cap", _positive_number, None),
     )
 
 

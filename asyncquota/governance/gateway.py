@@ -8,6 +8,7 @@ for each request, before anything is queued::
           unavailable? (cooling down, account held: out of quota) → next fallback
           tenant tier (RPM/RPD/TPM for that model)           → TenantLimitError at once
           budget reservation (estimate)                      → BudgetExceededError
+            and the cap of the model's account               → UpstreamCapError → next fallback
           the model's Shaper (queue, gates, retries)         → shed, busy, out of quota,
                                                                overloaded, unreachable → next
                                                                fallback
@@ -27,8 +28,11 @@ held back, so a stream broken off there falls back too), then each event reaches
 caller, in its dialect, as the model sends it (:class:`RoutedStream`).
 
 Cost is estimated before the call (prompt estimate + ``max_tokens``, at the model's
-prices) and reserved against the budgets, so concurrent requests cannot overshoot
-together; the reply's ``usage`` settles it.
+prices) and reserved against the budgets and the monthly cap of the account that serves
+the model (``monthly_cap``: a mirror of the provider's own), in one step, so concurrent
+requests cannot overshoot together; the reply's ``usage`` settles it. A request its
+account's cap cannot pay moves down its chain (a ``fallback`` alert says why) rather than
+be sent to a provider that would refuse it.
 
 When the counter store is unavailable (a locked, corrupt or failing SQLite file; see
 :class:`~.store.SQLiteStore`), tiers and budgets fail closed: a request whose limits
@@ -79,6 +83,7 @@ from ..errors import (
     StoreUnavailableError,
     ThrottledError,
     TransportError,
+    UpstreamCapError,
     UpstreamError,
 )
 from ..hooks import Hook
@@ -129,6 +134,9 @@ _WATCH_SWEEP_MIN = 1024
 DEFAULT_OUTPUT_TOKENS = 256
 
 _T = TypeVar("_T")
+
+_RELOADABLE_UPSTREAM_FIELDS = frozenset({"monthly_cap"})
+"""What of an upstream's table a reload applies: the rest is its Shaper's, built once."""
 
 _LATER_WORD = 1.0
 """Seconds by which an account's new refusal must name a later end than its hold's to
@@ -235,6 +243,8 @@ class QuotaStatus:
         upstreams: upstream → its last rate-limit headers (None: none yet).
         availability: model → whether it takes requests now (``str()`` of one reads
             ``"exhausted until 2027-01-16 00:00:00 UTC (Anthropic spend cap reached)"``).
+        caps: upstream account → its spend this (UTC) month against its ``monthly_cap``
+            (``"upstream_cap"``), for each account that has one.
     """
 
     tenant: str | None
@@ -242,6 +252,7 @@ class QuotaStatus:
     budget: tuple[DimensionStatus, ...]
     upstreams: Mapping[str, QuotaSnapshot | None]
     availability: Mapping[str, Availability] = field(default_factory=dict)
+    caps: Mapping[str, DimensionStatus] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,7 +435,7 @@ class Gateway:
         upstreams: upstream name → its Shaper (the gateway starts and closes them).
         router: the models, routing rules and fallback chains.
         tenants: the tenants' tiers (None: no tenant limits).
-        budget: the budgets (None: no budget).
+        budget: the budgets, and the accounts' monthly caps (None: neither).
         monitor: usage alerts (None: none). It watches the upstreams' remaining requests
             and tokens, each tenant's requests today, and the budgets.
         downgrade_share: a request whose estimated cost is above this share of the budget
@@ -432,9 +443,10 @@ class Gateway:
         when_spent: once a budget cannot pay for a request: ``"downgrade"`` serves it on
             the cheapest model of its chain anyway (past the budget), ``"reject"``
             refuses it with BudgetExceededError.
-        downgrade_at: the share of a budget spent (the global one or the tenant's, the
-            fuller) from which every request goes to the cheapest model of its chain that
-            fits it (None: only ``downgrade_share`` and ``when_spent`` act).
+        downgrade_at: the share of a budget spent (the global one, the tenant's, or the
+            cap of the account serving the routed model: the fullest) from which every
+            request goes to the cheapest model of its chain that fits it (None: only
+            ``downgrade_share`` and ``when_spent`` act, and a cap only when it cannot pay).
         default_output_tokens: the output allowance of a request naming no ``max_tokens``.
         store: a store the gateway owns and closes (the one ``from_config`` made).
         wall_clock: Unix time (for the ``retry_after`` of a spent budget, and to turn a
@@ -455,7 +467,8 @@ class Gateway:
         fallback_on: which failures move a request to the next model of its chain, of
             ``config.FALLBACK_CAUSES`` (rate limiting, shedding and busy always do). Without
             ``"exhausted"`` an account out of quota is still held back (nothing is sent
-            to it), but its requests get QuotaExhaustedError instead of a fallback.
+            to it), but its requests get QuotaExhaustedError instead of a fallback, and
+            a request its account's cap cannot pay gets UpstreamCapError.
 
     Exhaustion is held per account: when a model's account says its quota is gone, every
     model of that account is passed over until the hold ends, requests already queued on
@@ -465,8 +478,14 @@ class Gateway:
     recovery is an alert (``monitor.event``), a WARNING on the ``asyncquota.gateway``
     logger, a count in :meth:`statistics` and a state in :meth:`quota_status`.
 
+    An account's monthly cap (``BudgetGuard(caps=...)``, keyed by the names of
+    ``accounts``) is reserved with the budgets. A request it cannot pay moves down its
+    chain; the first such refusal of a model is a ``fallback`` alert, and the episode lasts
+    until the cap's month renews or a reload changes the cap (a smaller request it still
+    pays meanwhile is served without ending it: no alert for each turn near the edge).
+
     A running gateway takes a changed configuration with :meth:`reload` (tiers, budgets,
-    routes, alert thresholds, these settings), without dropping a request.
+    caps, routes, alert thresholds, these settings), without dropping a request.
 
     Raises:
         ValueError: a model's upstream is not among ``upstreams``, or a setting out of range.
@@ -512,6 +531,8 @@ class Gateway:
         self._policy = policy
         self._holds: dict[str, _Hold] = {}  # account → its hold
         self._fallen: dict[str, str] = {}  # model → why its traffic moved (not exhaustion)
+        # model → the account whose cap it fell back for, and when that cap renews (Unix)
+        self._capped: dict[str, tuple[str, float]] = {}
         self._counts = dict.fromkeys(
             ("requests", "served", "fallbacks", "exhaustions", "probes", "recoveries"), 0
         )
@@ -599,7 +620,7 @@ class Gateway:
                 hooks=(hooks or {}).get(spec.name),
                 **options,
             )
-        parts = _parts(config, store, wall_clock)
+        parts = _parts(config, store, wall_clock, accounts)
         monitor = None
         if config.alerts is not None:
             alerts = config.alerts
@@ -663,7 +684,8 @@ class Gateway:
         API names, paths, fallbacks) on the upstreams there are; the tiers, their
         membership and the default tier (``TenantQuotas.reload``: what a tenant used today
         still counts); the budgets (a new ``BudgetGuard`` on the same store: spend so far
-        counts against the new limits); the alerts' levels, hysteresis and thresholds
+        counts against the new limits), the upstreams' ``monthly_cap`` (spend so far on the
+        account counts against the new cap); the alerts' levels, hysteresis and thresholds
         (``UsageMonitor.reload``: a dimension alerting keeps its episode); the time zones;
         and ``[gateway]`` and the ``[budget]`` policy (``downgrade_share``, ``when_spent``,
         ``downgrade_at``). An account held keeps its hold; ``exhausted_hold`` applies to the
@@ -676,9 +698,10 @@ class Gateway:
         already routed keeps its route.
 
         What the gateway builds once, at its start, needs a restart: the upstreams (each
-        is a Shaper with its connections, key and quota), the store, and the sinks of
-        ``[alerts]`` (``log``, the webhooks, ``shed_batch_on_critical``, ``shed_seconds``),
-        and ``[alerts]`` itself appearing or going. A gateway built from Python objects
+        is a Shaper with its connections, key and quota; all but ``monthly_cap``), the
+        store, and the sinks of ``[alerts]`` (``log``, the webhooks,
+        ``shed_batch_on_critical``, ``shed_seconds``), and ``[alerts]`` itself appearing
+        or going. A gateway built from Python objects
         rather than ``from_config`` knows its upstreams by name only: it refuses a set of
         upstream names that differs, and a ``store``.
 
@@ -701,9 +724,11 @@ class Gateway:
             )
         store = self._counters_store()
         owned = store is None
-        if store is None and (config.tiers or config.budget is not None):
+        capped = any(spec.monthly_cap is not None for spec in config.upstreams)
+        if store is None and (config.tiers or config.budget is not None or capped):
             store = MemoryStore(wall_clock=self._wall_clock)
-        parts = _parts(config, store, self._wall_clock)  # each class checks its part
+        # each class checks its part
+        parts = _parts(config, store, self._wall_clock, self._accounts)
         _check_upstreams(parts.router, self._upstreams)
         alerts = config.alerts
         if alerts is not None:
@@ -734,6 +759,14 @@ class Gateway:
                 rearm_after=alerts.rearm_after,
                 thresholds=alerts.thresholds,
             )
+        # A cap episode ends with a changed cap: the next request served says so.
+        caps_before = {} if self._budget is None else self._budget.caps
+        caps_now = {} if parts.budget is None else parts.budget.caps
+        self._capped = {
+            name: (account, renews)
+            for name, (account, renews) in self._capped.items()
+            if caps_before.get(account) == caps_now.get(account)
+        }
         self._budget = parts.budget
         self._router = parts.router
         self._policy = parts.policy
@@ -765,7 +798,8 @@ class Gateway:
                     changed += [
                         f"upstreams.{spec.name}.{each.name}"
                         for each in fields(spec)
-                        if getattr(spec, each.name) != getattr(was, each.name)
+                        if each.name not in _RELOADABLE_UPSTREAM_FIELDS
+                        and getattr(spec, each.name) != getattr(was, each.name)
                     ]
         if (old.store if old is not None else None) != config.store:
             changed.append("store")
@@ -1004,6 +1038,11 @@ class Gateway:
                     why, last = self._exhaust(current, exc, follow, probe), exc
                     if "exhausted" not in self._policy.fallback_on:
                         raise
+                except UpstreamCapError as exc:
+                    # Our mirror of the provider's cap: its exhaustion, seen before sending.
+                    if "exhausted" not in self._policy.fallback_on:
+                        raise
+                    why, last = self._cap_reached(current, exc, follow), exc
                 except OverloadedError as exc:
                     if "overloaded" not in self._policy.fallback_on:
                         raise
@@ -1047,7 +1086,7 @@ class Gateway:
     async def quota_status(
         self, tenant: Hashable | None = None, model: str | None = None
     ) -> QuotaStatus:
-        """The tenant's tier usage per model, the budgets, and the upstreams' last headers.
+        """The tenant's tier usage per model, the budgets and caps, and the upstreams' last headers.
 
         Args:
             tenant: whose tier (None: the requests naming no tenant, under the default
@@ -1070,7 +1109,11 @@ class Gateway:
             if self._tenants is not None:
                 dims = await self._tenants.status(tenant, name)
             models[name] = tuple(dims)
-        budget = tuple(await self._budget.status(tenant)) if self._budget is not None else ()
+        budget: tuple[DimensionStatus, ...] = ()
+        caps: dict[str, DimensionStatus] = {}
+        if self._budget is not None:
+            budget = tuple(await self._budget.status(tenant))
+            caps = await self._budget.cap_status()
         now, wall = asyncio.get_running_loop().time(), self._wall_clock()
         return QuotaStatus(
             tenant=tenant,
@@ -1080,6 +1123,7 @@ class Gateway:
             availability={
                 name: self._state_of(self._router.model(name), now, wall) for name in names
             },
+            caps=caps,
         )
 
     def statistics(self) -> GatewayStatistics:
@@ -1115,12 +1159,16 @@ class Gateway:
         """The route after the budget's say, and whether it may overdraw."""
         if self._budget is None:
             return route, False
-        statuses = [s for s in await self._budget.status(tenant) if s.limit]
-        if not statuses:
+        account = self._accounts[route.model.upstream]
+        limited = [s for s in await self._budget.status(tenant, account=account) if s.limit]
+        if not limited:
             return route, False
-        left = min(s.remaining or 0.0 for s in statuses)
+        # The cap of the routed model's account joins downgrade_at only: the budgets pay
+        # for the request wherever it goes, a cap only on its account (see _down_the_chain).
+        statuses = [s for s in limited if s.dimension != "upstream_cap"]
         cost = route.model.price.cost(estimate.input_tokens, estimate.output_tokens)
         cheaper, policy = self._router.cheaper, self._policy
+        left = min((s.remaining or 0.0 for s in statuses), default=math.inf)
         if cost > left:
             if policy.when_spent == "reject":
                 renews = min((s.resets_at for s in statuses if s.resets_at), default=None)
@@ -1143,16 +1191,22 @@ class Gateway:
                 ),
                 True,
             )
-        spent = max(s.used / s.limit for s in statuses if s.limit)
+        fullest = max(limited, key=lambda s: s.used / (s.limit or 1.0))
+        spent = fullest.used / (fullest.limit or 1.0)
         if policy.downgrade_at is not None and spent >= policy.downgrade_at:
             down = cheaper(
                 route, input_tokens=estimate.input_tokens, output_tokens=estimate.output_tokens
             )
             if down is not None:
+                what = (
+                    f"the monthly cap of {account}"
+                    if fullest.dimension == "upstream_cap"
+                    else "the budget"
+                )
                 return (
                     Route(
                         model=down.model,
-                        reason=f"{down.reason}; {spent:.0%} of the budget is spent",
+                        reason=f"{down.reason}; {spent:.0%} of {what} is spent",
                         chain=down.chain,
                     ),
                     False,
@@ -1255,7 +1309,31 @@ class Gateway:
         if hold is not None:
             hold.probing = False
 
-    def _fall_back(self, model: Model, why: str, follow: str | None) -> None:
+    def _cap_reached(self, model: Model, exc: UpstreamCapError, follow: str | None) -> str:
+        """Its account's cap cannot pay: a fallback episode until the cap renews."""
+        renews = self._wall_clock() + (exc.retry_after or 0.0)
+        self._capped[model.name] = (exc.account, renews)
+        why = f"at its account's monthly cap of {money(exc.cap)}"
+        self._fall_back(
+            model,
+            why,
+            follow,
+            until=renews,
+            action=f"raise the spend cap of {exc.account} at its provider, then its "
+            f"monthly_cap, or wait for the cap to renew; make sure {follow} can carry the "
+            "traffic meanwhile",
+        )
+        return why
+
+    def _fall_back(
+        self,
+        model: Model,
+        why: str,
+        follow: str | None,
+        *,
+        until: float | None = None,
+        action: str | None = None,
+    ) -> None:
         """Traffic moves off ``model`` for a failure other than exhaustion."""
         if follow is None or model.name in self._fallen:
             return
@@ -1272,8 +1350,10 @@ class Gateway:
                 "fallback",
                 model.name,
                 upstream=self._accounts[model.upstream],
+                until=until,
                 fallback=follow,
                 reason=why,
+                action=action,
             )
 
     def _served(self, model: Model, probe: bool) -> None:
@@ -1288,9 +1368,13 @@ class Gateway:
                 account,
                 model.name,
             )
-        if self._fallen.pop(model.name, None) is not None:
-            recovered.add(model.name)
-            events_logger.warning("Model %s serves again; its traffic returns.", model.name)
+        capped = self._capped.get(model.name)
+        # A request its cap still pays does not end a cap's episode: the cap's renewal does.
+        if capped is None or capped[1] <= self._wall_clock():
+            self._capped.pop(model.name, None)
+            if self._fallen.pop(model.name, None) is not None:
+                recovered.add(model.name)
+                events_logger.warning("Model %s serves again; its traffic returns.", model.name)
         if recovered:
             self._counts["recoveries"] += 1
         if self._monitor is not None:
@@ -1316,7 +1400,8 @@ class Gateway:
 
         Raises:
             DialectError: the model's dialect cannot say the body (nothing was taken).
-            TenantLimitError, BudgetExceededError, StoreUnavailableError: refused.
+            TenantLimitError, BudgetExceededError (UpstreamCapError: the model's account's
+                cap), StoreUnavailableError: refused.
             DeadlineExceededError: the deadline passed (what was taken is given back).
         """
         model, estimate, tenant = route.model, plan.estimate, plan.tenant
@@ -1334,7 +1419,12 @@ class Gateway:
         reservation: BudgetReservation | None = None
         try:
             if self._budget is not None:
-                reservation = await self._budget.reserve(tenant, cost, overdraft=plan.overdraft)
+                reservation = await self._budget.reserve(
+                    tenant,
+                    cost,
+                    overdraft=plan.overdraft,
+                    account=self._accounts[model.upstream],
+                )
         except BaseException:
             if grant is not None:
                 self._settle(grant.cancel())
@@ -1569,7 +1659,8 @@ class Gateway:
     # ------------------------------------------------------------------ watching usage
 
     def _watch(self, tenant: str | None, model: Model, shaper: Shaper) -> None:
-        """Feed the monitor: the upstream's headers now, day usage and budget at most 1/s."""
+        """Feed the monitor: the upstream's headers now; day usage, budgets and the model's
+        account's cap at most once a second per tenant."""
         monitor = self._monitor
         if monitor is None:
             return
@@ -1586,9 +1677,11 @@ class Gateway:
         if len(watched) > self._watch_sweep_at:
             self._watched = {t: at for t, at in watched.items() if now - at < WATCH_INTERVAL}
             self._watch_sweep_at = max(_WATCH_SWEEP_MIN, 2 * len(self._watched))
-        self._settle(self._watch_stores(monitor, tenant, model.name))
+        self._settle(self._watch_stores(monitor, tenant, model.name, model.upstream))
 
-    async def _watch_stores(self, monitor: UsageMonitor, tenant: str | None, model: str) -> None:
+    async def _watch_stores(
+        self, monitor: UsageMonitor, tenant: str | None, model: str, upstream: str
+    ) -> None:
         if self._tenants is not None:
             who = "Requests naming no tenant" if tenant is None else f"Tenant {tenant}"
             for status in await self._tenants.status(tenant, model):
@@ -1609,10 +1702,24 @@ class Gateway:
                     tenant=tenant,
                 )
         if self._budget is not None:
-            for status in await self._budget.status(tenant):
-                if status.limit:
-                    name = "budget" if status.dimension == "budget" else f"tenant_budget:{tenant}"
-                    monitor.observe(name, status.used, status.limit)
+            account = self._accounts[upstream]
+            for status in await self._budget.status(tenant, account=account):
+                if not status.limit:
+                    continue
+                if status.dimension == "upstream_cap":
+                    monitor.observe(
+                        f"upstream_cap:{account}",
+                        status.used,
+                        status.limit,
+                        message=(
+                            f"{account} spent {status.used / status.limit:.0%} of its monthly "
+                            f"cap this month ({money(status.used)} of {money(status.limit)}); "
+                            "past it, its models' requests go to their fallbacks."
+                        ),
+                    )
+                    continue
+                name = "budget" if status.dimension == "budget" else f"tenant_budget:{tenant}"
+                monitor.observe(name, status.used, status.limit)
 
 
 async def _unless_store_fails(work: Coroutine[Any, Any, None]) -> None:
@@ -1686,12 +1793,19 @@ class _Parts:
 
 
 def _parts(
-    config: GovernanceConfig, store: Store | None, wall_clock: Callable[[], float]
+    config: GovernanceConfig,
+    store: Store | None,
+    wall_clock: Callable[[], float],
+    accounts: Mapping[str, str],
 ) -> _Parts:
     """The router, tiers, budget and settings of ``config``, each checked by its class.
 
+    ``accounts`` names the account of each upstream that has a key (the others are their
+    own account, by name): the upstreams' caps are kept per account.
+
     Raises:
-        ValueError, TypeError: a class refused its part.
+        ValueError, TypeError: a class refused its part, or two upstreams of one account
+            state different caps.
     """
     tenants = None
     if config.tiers:
@@ -1705,16 +1819,20 @@ def _parts(
             wall_clock=wall_clock,
         )
     spec = config.budget
+    caps = _caps(config, accounts)
     budget = None
-    if spec is not None:
-        budgets: dict[Hashable, float] = {tenant: cap for tenant, cap in spec.tenants.items()}
+    if spec is not None or caps:
+        budgets: dict[Hashable, float] = (
+            {} if spec is None else {tenant: cap for tenant, cap in spec.tenants.items()}
+        )
         budget = BudgetGuard(
-            monthly=spec.monthly,
+            monthly=None if spec is None else spec.monthly,
             tenants=budgets,
             store=store,
             timezone=config.timezone,
             wall_clock=wall_clock,
-            overdraft_limit=spec.overdraft_limit,
+            overdraft_limit=None if spec is None else spec.overdraft_limit,
+            caps=caps,
         )
     return _Parts(
         router=Router(
@@ -1733,6 +1851,29 @@ def _parts(
             fallback_on=config.gateway.fallback_on,
         ),
     )
+
+
+def _caps(config: GovernanceConfig, accounts: Mapping[str, str]) -> dict[str, float]:
+    """Account → its monthly cap, from the upstreams that state one.
+
+    Raises:
+        ValueError: two upstreams of one account (one API key) state different caps.
+    """
+    caps: dict[str, float] = {}
+    stated: dict[str, str] = {}  # account → the upstream whose cap it took
+    for spec in config.upstreams:
+        if spec.monthly_cap is None:
+            continue
+        account = accounts.get(spec.name, spec.name)
+        if account in caps and caps[account] != spec.monthly_cap:
+            raise ValueError(
+                f"upstreams.{stated[account]}.monthly_cap ({money(caps[account])}) and "
+                f"upstreams.{spec.name}.monthly_cap ({money(spec.monthly_cap)}) are caps of "
+                "one account (the same API key), which the provider caps once; state one."
+            )
+        caps[account] = spec.monthly_cap
+        stated.setdefault(account, spec.name)
+    return caps
 
 
 def _is_number(value: object) -> bool:
