@@ -34,6 +34,7 @@ __all__ = [
     "PRIORITY_HEADER",
     "TENANT_HEADER",
     "RequestOptions",
+    "given_options",
 ]
 
 PRIORITY_HEADER = "X-AsyncQuota-Priority"
@@ -129,6 +130,39 @@ class RequestOptions:
             deadline=None if deadline is None else _seconds(deadline),
             cost_tokens=None if cost is None else _tokens(cost),
         )
+
+
+def given_options(
+    options: RequestOptions | None,
+    priority: PriorityLike,
+    tenant: Hashable | None,
+    deadline: float | None,
+    cost_tokens: int | None,
+) -> RequestOptions:
+    """The options a call gave as one object, or made from its keywords; not both.
+
+    For methods that take both ways (``Shaper.request``, ``Gateway.request``, ...):
+    ``priority`` at its default (interactive) and the others None count as not given.
+
+    Raises:
+        ValueError: both ways were used, or a keyword is malformed.
+        TypeError: ``options`` is not a RequestOptions, or a keyword is malformed.
+    """
+    if options is None:
+        return RequestOptions(priority, tenant, deadline, cost_tokens)
+    if not isinstance(options, RequestOptions):
+        raise TypeError(f"options must be a RequestOptions, not {type(options).__name__}.")
+    if (
+        tenant is not None
+        or deadline is not None
+        or cost_tokens is not None
+        or coerce_priority(priority) != Priority.INTERACTIVE
+    ):
+        raise ValueError(
+            "Give priority, tenant, deadline and cost_tokens either as keywords or in "
+            "options, not both."
+        )
+    return options
 
 
 def _single(values: Mapping[str, Sequence[str]], name: str) -> str | None:

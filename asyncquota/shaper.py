@@ -49,7 +49,7 @@ from .hooks import Hook, LoggingHook, Reporter, Retried
 from .limiter import ConcurrencyLimiter
 from .limits import AIMD, Limit
 from .middleware import ShaperMiddleware
-from .options import RequestOptions
+from .options import RequestOptions, given_options
 from .outcomes import RequestOutcome
 from .priority import Priority, PriorityLike, coerce_priority
 from .signals import QuotaSnapshot
@@ -440,7 +440,7 @@ class Shaper:
                 upstream's final answer, when retrying is pointless or out of budget.
             ValueError, TypeError: the arguments are malformed.
         """
-        options = _options(options, priority, tenant, deadline, cost_tokens)
+        options = given_options(options, priority, tenant, deadline, cost_tokens)
         prepared, cost = self._prepare(method, path, json, headers, options)
         transport = self._transport
         method, url, merged, body = prepared.method, prepared.url, prepared.headers, prepared.body
@@ -471,7 +471,7 @@ class Shaper:
         ends; an error event inside it raises the matching typed error. See
         :mod:`asyncquota.streaming`.
         """
-        options = _options(options, priority, tenant, deadline, cost_tokens)
+        options = given_options(options, priority, tenant, deadline, cost_tokens)
         prepared, cost = self._prepare(method, path, json, headers, options)
         return ShapedStream(self, prepared, path=path, options=replace(options, cost_tokens=cost))
 
@@ -777,31 +777,6 @@ class Shaper:
         self._reporter.throttled += 1
         now = asyncio.get_running_loop().time()
         self._feedback.congested(now, now, retry_after, 0, rate_limited=rate_limited)
-
-
-def _options(
-    options: RequestOptions | None,
-    priority: PriorityLike,
-    tenant: Hashable | None,
-    deadline: float | None,
-    cost_tokens: int | None,
-) -> RequestOptions:
-    """The options given as one object, or made from the keywords; not both."""
-    if options is None:
-        return RequestOptions(priority, tenant, deadline, cost_tokens)
-    if not isinstance(options, RequestOptions):
-        raise TypeError(f"options must be a RequestOptions, not {type(options).__name__}.")
-    if (
-        tenant is not None
-        or deadline is not None
-        or cost_tokens is not None
-        or coerce_priority(priority) != Priority.INTERACTIVE
-    ):
-        raise ValueError(
-            "Give priority, tenant, deadline and cost_tokens either as keywords or in "
-            "options, not both."
-        )
-    return options
 
 
 def _check(

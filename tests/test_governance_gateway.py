@@ -501,3 +501,35 @@ async def test_the_gateway_forgets_tenants_it_has_not_read_for_a_while():
         await asyncio.gather(*(gateway.request(chat(), tenant=f"late-{i}") for i in range(1500)))
     assert len(gateway._watched) <= 3000 + 1500
     assert not any(tenant.startswith("t0-") for tenant in gateway._watched)
+
+
+# -- options --------------------------------------------------------------------------------
+
+
+async def test_options_made_once_reach_the_models_shaper():
+    from asyncquota.hooks import Admitted, Replied
+    from asyncquota.options import RequestOptions
+    from asyncquota.priority import Priority
+
+    seen: list[object] = []
+
+    class Recorder:
+        def on_event(self, event: object) -> None:
+            seen.append(event)
+
+    up = Upstream("b")
+    shaper = Shaper("http://b.test", transport=MockTransport(up.handle), hooks=(Recorder(),))
+    router = Router(models=MODELS, rules=(), fallbacks={}, default_model="small")
+    gateway = Gateway(upstreams={"a": shaper, "b": shaper}, router=router, wall_clock=wall)
+    async with gateway:
+        options = RequestOptions("batch", tenant=42, deadline=20, cost_tokens=5000)
+        routed = await gateway.request(chat(), options=options)
+        with pytest.raises(ValueError, match="either as keywords or in options, not both"):
+            await gateway.request(chat(), options=options, priority="critical")
+    assert routed.model == "small"
+    admitted = next(e for e in seen if isinstance(e, Admitted))
+    replied = next(e for e in seen if isinstance(e, Replied))
+    # The class and the tenant (as tiers name it: "42") carried through; the Shaper
+    # reserved the caller's 5 000 tokens rather than the gateway's estimate.
+    assert admitted.priority == Priority.BATCH and admitted.tenant == "42"
+    assert replied.reserved_tokens == 5000

@@ -60,7 +60,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
@@ -87,7 +87,8 @@ from ..errors import (
     UpstreamError,
 )
 from ..hooks import Hook
-from ..priority import Priority, PriorityLike, coerce_priority
+from ..options import MIN_DEADLINE, RequestOptions, given_options
+from ..priority import Priority, PriorityLike
 from ..shaper import Shaper
 from ..signals import Provider, QuotaSnapshot, QuotaWindow
 from ..streaming import ShapedStream
@@ -270,14 +271,27 @@ class _Plan:
     """A request, read once: what every model of its chain is tried with."""
 
     json: Mapping[str, Any]
-    tenant: str | None
+    tenant: str | None  # the options' tenant, as tiers, budgets and alerts name it
     speaks: Provider
-    rank: int
+    options: RequestOptions  # checked once; its deadline covers the whole chain
     estimate: _Estimate
     route: Route
     overdraft: bool
     ends: float | None  # loop time
     headers: Mapping[str, str] | None
+
+    @property
+    def rank(self) -> int:
+        return self.options.priority
+
+    def for_model(self, left: float | None) -> RequestOptions:
+        """The options one model's Shaper gets: what is left of the deadline, the tokens."""
+        cost = self.options.cost_tokens
+        return replace(
+            self.options,
+            deadline=left,
+            cost_tokens=self.estimate.context if cost is None else cost,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -874,8 +888,10 @@ class Gateway:
         tenant: Hashable | None = None,
         priority: PriorityLike = Priority.INTERACTIVE,
         deadline: float | None = None,
+        cost_tokens: int | None = None,
         headers: Mapping[str, str] | None = None,
         dialect: Provider | None = None,
+        options: RequestOptions | None = None,
     ) -> Routed:
         """Route one JSON request to a model and send it through that model's Shaper.
 
@@ -889,10 +905,13 @@ class Gateway:
             model: the model asked for (wins over the routing rules; fallbacks still apply).
             task, complexity: matched against the routing rules.
             tenant: whose tier and budget apply.
-            priority, deadline, headers: as for ``Shaper.request`` (the deadline covers
-                every model tried).
+            priority, deadline, cost_tokens, headers: as for ``Shaper.request`` (the
+                deadline covers every model tried; ``cost_tokens`` is what each model's
+                Shaper reserves, by default the gateway's estimate).
             dialect: the body's shape, ``"openai"`` or ``"anthropic"`` (None: the
                 gateway's).
+            options: priority, tenant, deadline and cost_tokens made once (see
+                :class:`~asyncquota.options.RequestOptions`), instead of the keywords.
 
         Raises:
             TenantLimitError: the tenant is over its tier's limit for the model.
@@ -904,9 +923,8 @@ class Gateway:
             QuotaError: what the last model's Shaper raised (see ``Shaper.request``).
             ValueError: a malformed argument.
         """
-        plan = await self._plan(
-            json, model, task, complexity, tenant, priority, deadline, headers, dialect
-        )
+        given = given_options(options, priority, tenant, deadline, cost_tokens)
+        plan = await self._plan(json, model, task, complexity, given, headers, dialect)
         return await self._down_the_chain(plan, self._send)
 
     def stream(
@@ -919,8 +937,10 @@ class Gateway:
         tenant: Hashable | None = None,
         priority: PriorityLike = Priority.INTERACTIVE,
         deadline: float | None = None,
+        cost_tokens: int | None = None,
         headers: Mapping[str, str] | None = None,
         dialect: Provider | None = None,
+        options: RequestOptions | None = None,
     ) -> RoutedStream:
         """Route one streamed request; its events reach the caller as the model sends them.
 
@@ -953,18 +973,11 @@ class Gateway:
             error event, or an event the caller's dialect cannot say) and ``QuotaError``
             (the connection broke, the Shaper closed) from the iteration.
         """
+        given = given_options(options, priority, tenant, deadline, cost_tokens)
         return RoutedStream(
             self,
             lambda: self._plan(
-                {**json, "stream": True},
-                model,
-                task,
-                complexity,
-                tenant,
-                priority,
-                deadline,
-                headers,
-                dialect,
+                {**json, "stream": True}, model, task, complexity, given, headers, dialect
             ),
         )
 
@@ -974,9 +987,7 @@ class Gateway:
         model: str | None,
         task: str | None,
         complexity: str | None,
-        tenant: Hashable | None,
-        priority: PriorityLike,
-        deadline: float | None,
+        options: RequestOptions,
         headers: Mapping[str, str] | None,
         dialect: Provider | None,
     ) -> _Plan:
@@ -985,9 +996,9 @@ class Gateway:
             raise TypeError(
                 f"json must be a mapping (the request body), not {type(json).__name__}."
             )
-        who = tenant_id(tenant)  # once, so tiers, budget and alerts see one identity
+        who = tenant_id(options.tenant)  # once, so tiers, budget and alerts see one identity
+        options = replace(options, tenant=who)
         speaks = self._dialect if dialect is None else _check_dialect(dialect)
-        rank = coerce_priority(priority)
         estimate = _Estimate(
             input_tokens=prompt_tokens(len(orjson.dumps(json))),
             output_tokens=output_allowance(json, default_output_tokens=self._default_output),
@@ -998,8 +1009,8 @@ class Gateway:
         assert route is not None
         route, overdraft = await self._budget_policy(route, who, estimate)
         loop = asyncio.get_running_loop()
-        ends = None if deadline is None else loop.time() + _seconds(deadline)
-        return _Plan(json, who, speaks, rank, estimate, route, overdraft, ends, headers)
+        ends = None if options.deadline is None else loop.time() + options.deadline
+        return _Plan(json, who, speaks, options, estimate, route, overdraft, ends, headers)
 
     async def _down_the_chain(
         self,
@@ -1432,7 +1443,7 @@ class Gateway:
         left = None
         if plan.ends is not None:
             left = plan.ends - asyncio.get_running_loop().time()
-            if left <= 0:
+            if left < MIN_DEADLINE:
                 self._release(grant, reservation)
                 raise DeadlineExceededError(
                     "The request's deadline passed before a model could take it.",
@@ -1453,10 +1464,7 @@ class Gateway:
                 model.path,
                 json=admitted.body,
                 headers=plan.headers,
-                priority=plan.rank,
-                tenant=plan.tenant,
-                deadline=admitted.left,
-                cost_tokens=estimate.context,
+                options=plan.for_model(admitted.left),
             )
         except RejectedError:
             self._release(grant, reservation)  # nothing was sent
@@ -1521,10 +1529,7 @@ class Gateway:
             model.path,
             json=admitted.body,
             headers=plan.headers,
-            priority=plan.rank,
-            tenant=plan.tenant,
-            deadline=admitted.left,
-            cost_tokens=estimate.context,
+            options=plan.for_model(admitted.left),
         )
         try:
             await shaped.__aenter__()
@@ -1939,14 +1944,6 @@ def _observe_window(monitor: UsageMonitor, dimension: str, window: QuotaWindow) 
     if window.limit and window.remaining is not None:
         used = max(0, window.limit - window.remaining)
         monitor.observe(dimension, used, window.limit)
-
-
-def _seconds(deadline: float) -> float:
-    if isinstance(deadline, bool) or not (
-        isinstance(deadline, int | float) and math.isfinite(deadline) and deadline > 0
-    ):
-        raise ValueError(f"deadline must be a number of seconds > 0, not {deadline!r}.")
-    return float(deadline)
 
 
 def _env(environ: Mapping[str, str], name: str, where: str) -> str:

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -52,6 +52,7 @@ from ..errors import QuotaError
 from ..governance import Gateway, GovernanceConfig
 from ..governance.config import ConfigError
 from ..hooks import LoggingHook
+from ..options import RequestOptions
 from ..prometheus import PrometheusHook
 from ..signals import Provider
 from ..transport import Transport
@@ -88,8 +89,7 @@ class _Call:
     key: ApiKey
     body: dict[str, Any]
     model: str | None
-    priority: int
-    deadline: float | None
+    options: RequestOptions  # the key's tenant, its priority capped by the key's
 
 
 class Proxy:
@@ -242,9 +242,12 @@ class Proxy:
             key=key,
             body=body,
             model=model,
-            # A smaller rank is more important: the key's is the most a request may claim.
-            priority=max(options.priority, key.max_priority),
-            deadline=options.deadline,
+            options=replace(
+                options,
+                tenant=key.tenant,
+                # A smaller rank is more important: the key's is the most it may claim.
+                priority=max(options.priority, key.max_priority),
+            ),
         )
 
     def _check_model(self, model: str | None, endpoint: str) -> None:
@@ -270,12 +273,7 @@ class Proxy:
 
     async def _request(self, call: _Call) -> web.Response:
         routed = await self.gateway.request(
-            call.body,
-            model=call.model,
-            tenant=call.key.tenant,
-            priority=call.priority,
-            deadline=call.deadline,
-            dialect=call.dialect,
+            call.body, model=call.model, dialect=call.dialect, options=call.options
         )
         headers = await self._rate_headers(call.key, routed.model)
         headers["X-AsyncQuota-Model"] = routed.model
@@ -290,12 +288,7 @@ class Proxy:
         self, request: web.Request, call: _Call, scope: asyncio.Timeout, ends: float
     ) -> web.StreamResponse:
         stream = self.gateway.stream(
-            call.body,
-            model=call.model,
-            tenant=call.key.tenant,
-            priority=call.priority,
-            deadline=call.deadline,
-            dialect=call.dialect,
+            call.body, model=call.model, dialect=call.dialect, options=call.options
         )
         async with stream:
             headers = await self._rate_headers(call.key, stream.model)
