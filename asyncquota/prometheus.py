@@ -28,6 +28,13 @@ Counters and histograms (from the hooks' events):
     asyncquota_tokens_reserved_total{upstream}                    reserved by answered sends
     asyncquota_tokens_used_total{upstream}                        used, as replies said
 
+And for a Gateway (``watch_gateway(gateway)``, read from ``Gateway.statistics()``):
+
+    asyncquota_gateway_requests_total, _served_total, _fallbacks_total,
+    _exhaustions_total, _probes_total, _recoveries_total     what the gateway did
+    asyncquota_gateway_accounts_held                          accounts held back now
+    asyncquota_spent_dollars_total{model}                     money charged, by model
+
 Gauges (read from ``Shaper.statistics()`` at each scrape, for every watched Shaper):
 
     asyncquota_queue_depth{upstream,class}      asyncquota_inflight{upstream}
@@ -39,12 +46,12 @@ Gauges (read from ``Shaper.statistics()`` at each scrape, for every watched Shap
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 try:
     from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
-    from prometheus_client.core import GaugeMetricFamily, Metric
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError(
         "asyncquota's Prometheus metrics need prometheus_client: "
@@ -57,7 +64,7 @@ from .hooks import Admitted, Completed, Event, Replied, Retried, Shed, Throttled
 if TYPE_CHECKING:
     from .shaper import ShaperStatistics
 
-__all__ = ["PrometheusHook"]
+__all__ = ["PrometheusHook", "watch_gateway"]
 
 NAMESPACE = "asyncquota"
 
@@ -257,3 +264,76 @@ class _Gauges:
             singles["rate"].add_metric([upstream], stats.service_rate)
         yield depth
         yield from singles.values()
+
+
+class GatewayCounts(Protocol):
+    """What the gateway metrics read (a ``GatewayStatistics``)."""
+
+    requests: int
+    served: int
+    fallbacks: int
+    exhaustions: int
+    probes: int
+    recoveries: int
+    held: tuple[str, ...]
+    spent: Mapping[str, float]
+
+
+class WatchedGateway(Protocol):
+    """What the gateway metrics need of a Gateway: its ``statistics()``."""
+
+    def statistics(self) -> GatewayCounts:
+        """What the gateway did so far."""
+
+
+_GATEWAY_COUNTERS = (
+    ("requests", "Requests that entered the gateway."),
+    ("served", "Requests a model answered."),
+    ("fallbacks", "Times a request moved from a model to the next of its chain."),
+    ("exhaustions", "Holds started: an account said its quota is gone."),
+    ("probes", "Requests sent as the one probe of an account whose hold ended."),
+    ("recoveries", "Exhaustion or fallback episodes ended."),
+)
+
+
+def watch_gateway(gateway: WatchedGateway, *, registry: CollectorRegistry = REGISTRY) -> None:
+    """Report what ``gateway`` did, and the money it charged, at each scrape of ``registry``.
+
+    One gateway per registry (a second raises prometheus_client's duplicate error). The
+    gateway is held weakly: once it is collected, its series are no longer reported.
+
+    Raises:
+        ValueError: the registry reports a gateway already.
+    """
+    registry.register(_GatewayCollector(weakref.ref(gateway)))
+
+
+class _GatewayCollector:
+    def __init__(self, ref: weakref.ReferenceType[WatchedGateway]) -> None:
+        self._ref = ref
+
+    def describe(self) -> list[Metric]:
+        # Names known without a gateway at hand, so a second registration is refused.
+        return list(self._families(None))
+
+    def collect(self) -> Iterator[Metric]:
+        gateway = self._ref()
+        if gateway is not None:
+            yield from self._families(gateway.statistics())
+
+    def _families(self, stats: GatewayCounts | None) -> Iterator[Metric]:
+        for field, doc in _GATEWAY_COUNTERS:
+            family = CounterMetricFamily(f"{NAMESPACE}_gateway_{field}", doc)
+            if stats is not None:
+                family.add_metric([], getattr(stats, field))
+            yield family
+        held = GaugeMetricFamily(f"{NAMESPACE}_gateway_accounts_held", "Accounts held back now.")
+        spent = CounterMetricFamily(
+            f"{NAMESPACE}_spent_dollars", "Money the gateway charged, by model.", labels=["model"]
+        )
+        if stats is not None:
+            held.add_metric([], len(stats.held))
+            for model, dollars in sorted(stats.spent.items()):
+                spent.add_metric([model], dollars)
+        yield held
+        yield spent

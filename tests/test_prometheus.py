@@ -135,3 +135,30 @@ def test_the_hook_is_reachable_from_the_package_top():
     assert asyncquota.PrometheusHook is PrometheusHook
     with pytest.raises(AttributeError):
         asyncquota.NoSuchThing  # noqa: B018
+
+
+async def test_a_watched_gateway_reports_what_it_did_and_the_money_it_charged():
+    from test_governance_gateway import chat, make_gateway
+
+    from asyncquota.prometheus import watch_gateway
+
+    registry = CollectorRegistry()
+    gateway, _ = make_gateway()
+    watch_gateway(gateway, registry=registry)
+    async with gateway:
+        await gateway.request(chat(), task="code_review", complexity="high")  # big
+        await gateway.request(chat())  # small
+        await gateway.request(chat())
+    assert value(registry, "asyncquota_gateway_requests_total") == 3
+    assert value(registry, "asyncquota_gateway_served_total") == 3
+    assert value(registry, "asyncquota_gateway_fallbacks_total") == 0
+    assert value(registry, "asyncquota_gateway_accounts_held") == 0
+    # 1 000 tokens in and 500 out each, at the models' prices per million.
+    big = (1000 * 10.0 + 500 * 30.0) / 1e6
+    small = (1000 * 0.5 + 500 * 1.5) / 1e6
+    assert value(registry, "asyncquota_spent_dollars_total", model="big") == pytest.approx(big)
+    assert value(registry, "asyncquota_spent_dollars_total", model="small") == pytest.approx(
+        2 * small
+    )
+    with pytest.raises(ValueError):
+        watch_gateway(gateway, registry=registry)  # one gateway per registry

@@ -388,6 +388,8 @@ async def test_health_readiness_and_metrics(tmp_path):
             text = await r.text()
         assert 'asyncquota_inflight{upstream="openai"} 0.0' in text
         assert 'asyncquota_upstream_replies_total{code="200",upstream="anthropic"} 1.0' in text
+        assert "asyncquota_gateway_served_total 1.0" in text
+        assert 'asyncquota_spent_dollars_total{model="claude-haiku"}' in text
         assert "process_cpu_seconds_total" in text
 
 

@@ -63,6 +63,7 @@ from collections.abc import (
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, Self, TypeVar
 
 import orjson
@@ -209,6 +210,8 @@ class GatewayStatistics:
         probes: requests sent as the one probe of an account whose hold ended.
         recoveries: episodes ended (a probe served, or a fallen-back model served again).
         held: the accounts held back now.
+        spent: dollars this gateway charged, by model (the usage of served requests at
+            the model's prices; the estimate of those that ended in flight).
     """
 
     requests: int
@@ -218,6 +221,7 @@ class GatewayStatistics:
     probes: int
     recoveries: int
     held: tuple[str, ...]
+    spent: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -436,7 +440,7 @@ class RoutedStream:
             )
             return
         # Left, cancelled or broken off: the model may have generated it all.
-        gateway._charge_estimate(admitted.grant, admitted.reservation, estimate, admitted.cost)
+        gateway._charge_estimate(model, admitted, estimate)
         self.input_tokens, self.output_tokens = estimate.input_tokens, estimate.output_tokens
         self.cost = admitted.cost
         await opened.shaped.__aexit__(None, None, None)
@@ -550,6 +554,7 @@ class Gateway:
         self._counts = dict.fromkeys(
             ("requests", "served", "fallbacks", "exhaustions", "probes", "recoveries"), 0
         )
+        self._spent: dict[str, float] = {}  # model → dollars charged by this gateway
         self._router = router
         self._tenants = tenants
         self._budget = budget
@@ -1139,7 +1144,11 @@ class Gateway:
 
     def statistics(self) -> GatewayStatistics:
         """What the gateway did so far, and the accounts it holds back now."""
-        return GatewayStatistics(**self._counts, held=tuple(sorted(self._holds)))
+        return GatewayStatistics(
+            **self._counts,
+            held=tuple(sorted(self._holds)),
+            spent=MappingProxyType(dict(self._spent)),
+        )
 
     def __repr__(self) -> str:
         counts = self._counts
@@ -1476,7 +1485,7 @@ class Gateway:
             raise
         except BaseException:
             # Deadline or cancellation in flight: the upstream may have charged it.
-            self._charge_estimate(grant, reservation, estimate, admitted.cost)
+            self._charge_estimate(model, admitted, estimate)
             raise
         usage = reply_usage(response.body)
         if admitted.translate:
@@ -1507,6 +1516,7 @@ class Gateway:
             settling.append(self._settle(admitted.grant.reconcile(used_in + used_out)))
         if admitted.reservation is not None:
             settling.append(self._settle(admitted.reservation.reconcile(cost)))
+        self._spend(model, cost)
         if settling:
             # Settled before the caller hears back, so its next request sees the real spend.
             await asyncio.shield(asyncio.gather(*settling))
@@ -1542,7 +1552,7 @@ class Gateway:
                 _error_to_dialect(exc, plan.speaks)
             raise
         except BaseException:
-            self._charge_estimate(grant, reservation, estimate, admitted.cost)
+            self._charge_estimate(model, admitted, estimate)
             raise
         opened = _OpenStream(
             route=route,
@@ -1565,11 +1575,11 @@ class Gateway:
             if isinstance(exc, UpstreamError):
                 self._release(grant, reservation)  # broken off before any content
                 raise
-            self._charge_estimate(grant, reservation, estimate, admitted.cost)
+            self._charge_estimate(model, admitted, estimate)
             raise _untranslatable(exc, shaped.status) from exc
         except BaseException:
             await shaped.__aexit__(None, None, None)
-            self._charge_estimate(grant, reservation, estimate, admitted.cost)
+            self._charge_estimate(model, admitted, estimate)
             raise
         return opened
 
@@ -1638,17 +1648,16 @@ class Gateway:
         if reservation is not None:
             self._settle(reservation.cancel())
 
-    def _charge_estimate(
-        self,
-        grant: TenantGrant | None,
-        reservation: BudgetReservation | None,
-        estimate: _Estimate,
-        cost: float,
-    ) -> None:
-        if grant is not None:
-            self._settle(grant.reconcile(estimate.context))
-        if reservation is not None:
-            self._settle(reservation.reconcile(cost))
+    def _charge_estimate(self, model: Model, admitted: _Admitted, estimate: _Estimate) -> None:
+        """Charge a request the model may have answered (in flight when it ended) its estimate."""
+        if admitted.grant is not None:
+            self._settle(admitted.grant.reconcile(estimate.context))
+        if admitted.reservation is not None:
+            self._settle(admitted.reservation.reconcile(admitted.cost))
+        self._spend(model, admitted.cost)
+
+    def _spend(self, model: Model, cost: float) -> None:
+        self._spent[model.name] = self._spent.get(model.name, 0.0) + cost
 
     def _settle(self, settling: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a settlement to its end even if the caller is cancelled meanwhile.

@@ -53,7 +53,7 @@ from ..governance import Gateway, GovernanceConfig
 from ..governance.config import ConfigError
 from ..hooks import LoggingHook
 from ..options import RequestOptions
-from ..prometheus import PrometheusHook
+from ..prometheus import PrometheusHook, watch_gateway
 from ..signals import Provider
 from ..transport import Transport
 from .auth import ApiKey, Keys, presented_key
@@ -156,6 +156,7 @@ class Proxy:
         )
         for name, shaper in gateway.upstreams.items():
             hooks[name].watch(shaper)
+        watch_gateway(gateway, registry=registry)
         return cls(gateway, settings, keys, registry=registry, wall_clock=wall_clock)
 
     def reload(
