@@ -267,16 +267,24 @@ class _Gauges:
 
 
 class GatewayCounts(Protocol):
-    """What the gateway metrics read (a ``GatewayStatistics``)."""
+    """What the gateway metrics read (a ``GatewayStatistics``; read-only)."""
 
-    requests: int
-    served: int
-    fallbacks: int
-    exhaustions: int
-    probes: int
-    recoveries: int
-    held: tuple[str, ...]
-    spent: Mapping[str, float]
+    @property
+    def requests(self) -> int: ...
+    @property
+    def served(self) -> int: ...
+    @property
+    def fallbacks(self) -> int: ...
+    @property
+    def exhaustions(self) -> int: ...
+    @property
+    def probes(self) -> int: ...
+    @property
+    def recoveries(self) -> int: ...
+    @property
+    def held(self) -> tuple[str, ...]: ...
+    @property
+    def spent(self) -> Mapping[str, float]: ...
 
 
 class WatchedGateway(Protocol):
