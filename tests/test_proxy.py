@@ -393,6 +393,32 @@ async def test_health_readiness_and_metrics(tmp_path):
         assert "process_cpu_seconds_total" in text
 
 
+async def test_readiness_says_why_it_cannot_serve(tmp_path, monkeypatch):
+    from asyncquota.errors import StoreUnavailableError
+
+    async with proxy_over_simulated(tmp_path) as (url, proxy), aiohttp.ClientSession() as http:
+        shapers = list(proxy.gateway.upstreams.values())
+        # One upstream cooling down is no reason: the others serve.
+        monkeypatch.setattr(shapers[0], "cooldown_remaining", lambda: 30.0)
+        async with http.get(f"{url}/readyz") as r:
+            assert r.status == 200
+        for shaper in shapers:
+            monkeypatch.setattr(shaper, "cooldown_remaining", lambda: 30.0)
+
+        async def unreadable(*args, **kwargs):
+            raise StoreUnavailableError("the store is locked")
+
+        monkeypatch.setattr(proxy.gateway, "quota_status", unreadable)
+        async with http.get(f"{url}/readyz") as r:
+            assert r.status == 503
+            assert (await r.json())["problems"] == [
+                "every upstream is cooling down",
+                "the counter store cannot be read",
+            ]
+        async with http.get(f"{url}/healthz") as r:
+            assert r.status == 200  # alive all the same
+
+
 # ---------------------------------------------------------------------------- streams cut
 
 
@@ -491,3 +517,47 @@ async def test_a_stream_over_the_request_timeout_ends_with_an_error_event(tmp_pa
             )
             await asyncio.wait_for(model.closed.wait(), 10)
             assert held(proxy)["openai"] == (0, 0, 0, 0)
+
+
+async def test_only_the_providers_beta_flags_of_a_clients_headers_reach_the_upstream(tmp_path):
+    seen: list[dict[str, str]] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        seen.append(dict(request.headers))
+        return web.json_response(
+            {
+                "id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "hi"}}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        config = write_config(tmp_path / "gateway.toml", openai=f"http://{host}:{port}")
+        headers = {
+            "Authorization": f"Bearer {PRO_KEY}",
+            "OpenAI-Beta": "assistants=v2",
+            "X-Internal-Trace": "do-not-forward",
+            "Cookie": "session=secret",
+        }
+        body = {"model": "gpt-4o-mini", "messages": HI}
+        async with running_proxy(config) as (url, _), aiohttp.ClientSession() as http:
+            response = await http.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+            assert response.status == 200
+            response.release()
+    finally:
+        await runner.cleanup()
+    [sent] = seen
+    lowered = {name.lower(): value for name, value in sent.items()}
+    assert lowered["openai-beta"] == "assistants=v2"
+    assert "x-internal-trace" not in lowered and "cookie" not in lowered
+    assert PRO_KEY not in " ".join(lowered.values())  # the client's key stays at the proxy

@@ -13,7 +13,8 @@ model it names, which must be configured and served at this endpoint (404) → t
 Gateway (routing, fallback, translation, tiers, budget), ``request`` or ``stream`` as the
 body's ``"stream"`` says. Only the configured upstreams are ever contacted, at their
 models' own paths: nothing the client sends (path, headers, model) names another, and
-none of its headers is passed on (its key least of all).
+of its headers only the providers' beta flags (``FORWARDED_HEADERS``: ``anthropic-beta``,
+``openai-beta``) are passed on, never its key.
 
 Every answer carries the tenant's own ``x-ratelimit-*`` headers and, when a model
 answered, ``X-AsyncQuota-Model``; refusals are in the provider's error JSON
@@ -81,6 +82,12 @@ READY_CHECK_TIMEOUT = 1.0
 _JSON = "application/json"
 
 
+FORWARDED_HEADERS = ("anthropic-beta", "openai-beta")
+"""The client headers passed on to the upstream: the providers' opt-ins to beta features
+(Anthropic's prompt caching and tools betas, OpenAI's assistants). Nothing else a client
+sends reaches an upstream."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Call:
     """A model request, read: whose, in which dialect, which model, what it may claim."""
@@ -90,6 +97,7 @@ class _Call:
     body: dict[str, Any]
     model: str | None
     options: RequestOptions  # the key's tenant, its priority capped by the key's
+    headers: Mapping[str, str]  # the client's FORWARDED_HEADERS
 
 
 class Proxy:
@@ -243,6 +251,11 @@ class Proxy:
             key=key,
             body=body,
             model=model,
+            headers={
+                name: request.headers[name]
+                for name in FORWARDED_HEADERS
+                if name in request.headers
+            },
             options=replace(
                 options,
                 tenant=key.tenant,
@@ -274,7 +287,11 @@ class Proxy:
 
     async def _request(self, call: _Call) -> web.Response:
         routed = await self.gateway.request(
-            call.body, model=call.model, dialect=call.dialect, options=call.options
+            call.body,
+            model=call.model,
+            dialect=call.dialect,
+            options=call.options,
+            headers=call.headers or None,
         )
         headers = await self._rate_headers(call.key, routed.model)
         headers["X-AsyncQuota-Model"] = routed.model
@@ -289,7 +306,11 @@ class Proxy:
         self, request: web.Request, call: _Call, scope: asyncio.Timeout, ends: float
     ) -> web.StreamResponse:
         stream = self.gateway.stream(
-            call.body, model=call.model, dialect=call.dialect, options=call.options
+            call.body,
+            model=call.model,
+            dialect=call.dialect,
+            options=call.options,
+            headers=call.headers or None,
         )
         async with stream:
             headers = await self._rate_headers(call.key, stream.model)
