@@ -126,6 +126,13 @@ def test_an_alert_before_the_first_exhaustion_does_not_count_as_its_alarm():
     assert late["targets"]["alert_s"] is False  # type: ignore[index]
 
 
+def test_only_the_exhausted_alert_is_the_alarm_not_a_usage_alert_that_follows():
+    # A usage alert 0.05 s after the exhaustion is no alarm; the exhausted one at 22.3 s is.
+    late = figures(alerts=([21.1, 22.3], ["usage", "exhausted"]))
+    assert late["alerts"]["first_after_exhaustion_s"] == 1.25  # type: ignore[index]
+    assert late["targets"]["alert_s"] is False  # type: ignore[index]
+
+
 def test_a_demand_above_the_capacity_is_measured_against_the_capacity():
     small = replace(UPSTREAM, rps=0.04)  # 0.04/s outside the window, 0.02/s on the fallback
     measured = figures(primary=small, fallback=fallback_config(small))

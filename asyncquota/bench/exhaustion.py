@@ -260,7 +260,13 @@ def exhaustion_figures(
     alert_s = None
     if alerts is not None:
         times, kinds = alerts
-        after = [t for t in times if first_exhaustion is not None and t >= first_exhaustion]
+        # The alarm is the exhausted alert: a usage alert that happens to follow the
+        # exhaustion (a bucket read from the headers) does not say the quota is gone.
+        after = [
+            t
+            for t, kind in zip(times, kinds, strict=True)
+            if kind == "exhausted" and first_exhaustion is not None and t >= first_exhaustion
+        ]
         alert_s = _since(min(after, default=None), first_exhaustion)
         alert_figures = {
             "count": len(times),
