@@ -28,8 +28,12 @@ __all__ = ["ConcurrencyLimiter", "Ending", "LimiterStatistics", "Permit", "Would
 Ending = Literal["success", "dropped", "ignore"]
 """How a permit ended: a round-trip sample, a congestion signal, or nothing learned."""
 
-_RAMP_STEP = 0.005
-"""The finest step of a spread growth, seconds: at most one timer per 5 ms."""
+_RAMP_STEP = 0.001
+"""The finest step of a spread growth, seconds: one new slot at a time, at most one a
+millisecond. Slots handed out several at a time go out as sends at one instant, and the
+first one's refusal cannot stop the others: on an upstream that extends its Retry-After
+window for every send inside it, each costs a second. A growth too large for its spread
+at this step takes longer than the spread."""
 
 
 
@@ -190,7 +194,8 @@ class ConcurrencyLimiter:
             return
         capacity = grow(now, self._inflight)
         if capacity > self._capacity and spread > 0:
-            self._ramp = (self._capacity, now, spread)
+            step = max(spread / (capacity - self._capacity), _RAMP_STEP)
+            self._ramp = (self._capacity, now, step)
             self._tick()
         elif capacity != self._capacity:
             self._resize(capacity)
@@ -201,11 +206,12 @@ class ConcurrencyLimiter:
         ramp = self._ramp
         if ramp is None:
             return capacity
-        start, at, spread = ramp
-        if now >= at + spread or capacity <= start:
+        start, at, step = ramp
+        reached = start + 1 + int((now - at) / step + 1e-9)  # a step computed back
+        if reached >= capacity:
             self._ramp = None
             return capacity
-        return min(capacity, start + 1 + int((capacity - start) * (now - at) / spread))
+        return reached
 
     def _tick(self) -> None:
         """One step of a spread growth: the capacity reached by now, the next step timed."""
@@ -221,11 +227,8 @@ class ConcurrencyLimiter:
             self._resize(capacity)
             self._wake()
         if self._ramp is not None:
-            start, at, spread = ramp
-            step = spread / max(1, target - start)
-            self._timer = loop.call_at(
-                min(at + spread, now + max(step, _RAMP_STEP)), self._tick
-            )
+            start, at, step = ramp
+            self._timer = loop.call_at(at + (capacity - start) * step, self._tick)
 
     def statistics(self) -> LimiterStatistics:
         """A snapshot of the capacity, the live counts and the outcome counters."""

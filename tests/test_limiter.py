@@ -328,3 +328,30 @@ async def test_a_growth_on_stall_is_handed_out_over_its_spread_not_at_once():
         if not task.done():
             task.cancel()
     await asyncio.gather(*waiters, return_exceptions=True)
+
+
+async def test_a_growth_faster_than_a_slot_a_millisecond_still_goes_out_one_slot_at_a_time():
+    # Forty long requests in flight, the limit grown by half on a stall spread over 5 ms:
+    # twenty new slots are more than 5 ms can hand out one at a time. Slots handed out
+    # together go out as sends at one instant, and the first one's refusal cannot stop
+    # the others (on an upstream that extends its window for each send inside it, each
+    # costs a second), so they go one a millisecond: the growth takes 20 ms, not 5.
+    loop = asyncio.get_running_loop()
+    limiter = ConcurrencyLimiter(AIMD(initial=40, max_limit=100))
+    held = [limiter.acquire_nowait() for _ in range(40)]
+    waiters = [asyncio.create_task(limiter.acquire()) for _ in range(25)]
+    await asyncio.sleep(0)
+    start = loop.time()
+    limiter.stalled(start, spread=0.005)
+    assert limiter.limit.limit == 60
+    granted: list[float] = []
+    for task in waiters:
+        task.add_done_callback(lambda _: granted.append(round(loop.time() - start, 4)))
+    await asyncio.sleep(0.1)
+    assert granted == pytest.approx([0.001 * n for n in range(20)], abs=1e-4)
+    assert limiter.capacity == 60
+    for task in waiters:
+        task.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    for permit in held:
+        permit.ignore()
