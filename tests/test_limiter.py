@@ -299,9 +299,9 @@ async def test_a_ceiling_caps_the_capacity_whatever_the_algorithm_says():
 
 
 async def test_a_growth_on_stall_is_handed_out_over_its_spread_not_at_once():
-    # Twenty long requests in flight, nothing back: the AIMD grows by half on a stall.
-    # Spread over a second, the ten new slots go out one every 0.1 s, so a refusal (which
-    # comes back at once) can stop the growth after a few sends instead of a burst of ten.
+    # Twenty long requests in flight, nothing back: the AIMD doubles on a stall. Spread
+    # over a second, the twenty new slots go out one every 0.05 s, so a refusal (which
+    # comes back at once) can stop the growth after a few sends instead of a burst.
     loop = asyncio.get_running_loop()
     limiter = ConcurrencyLimiter(AIMD(initial=20, max_limit=100))
     held = [limiter.acquire_nowait() for _ in range(20)]
@@ -309,21 +309,21 @@ async def test_a_growth_on_stall_is_handed_out_over_its_spread_not_at_once():
     await asyncio.sleep(0)
     start = loop.time()
     limiter.stalled(start, spread=1.0)
-    assert limiter.limit.limit == 30
+    assert limiter.limit.limit == 40
     granted: list[float] = []
     for task in waiters:
         task.add_done_callback(lambda _: granted.append(round(loop.time() - start, 3)))
     await asyncio.sleep(1.5)
-    assert len(granted) == 10 and limiter.capacity == 30
-    assert granted == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], abs=0.006)
+    assert len(granted) == 15 and limiter.capacity == 40
+    assert granted == pytest.approx([0.05 * n for n in range(15)], abs=0.001)
     # A reply during a spread does not hand out the rest at once.
-    limiter.stalled(loop.time(), spread=1.0)  # 30 -> 45 over the next second
+    limiter.stalled(loop.time(), spread=1.0)  # 40 -> 80 over the next second
     await asyncio.sleep(0.2)
-    held.pop().success()  # slow start: the limit is 46 now; the spread still rules
+    held.pop().success()  # it may grow the limit; it does not end the spread
     await asyncio.sleep(0)
-    assert 32 <= limiter.capacity <= 35
+    assert 48 <= limiter.capacity <= 51
     await asyncio.sleep(1.0)
-    assert limiter.capacity == 46
+    assert limiter.capacity == limiter.limit.limit >= 80
     for task in waiters:
         if not task.done():
             task.cancel()
@@ -331,11 +331,11 @@ async def test_a_growth_on_stall_is_handed_out_over_its_spread_not_at_once():
 
 
 async def test_a_growth_faster_than_a_slot_a_millisecond_still_goes_out_one_slot_at_a_time():
-    # Forty long requests in flight, the limit grown by half on a stall spread over 5 ms:
-    # twenty new slots are more than 5 ms can hand out one at a time. Slots handed out
+    # Forty long requests in flight, the limit doubled on a stall spread over 5 ms: forty
+    # new slots are more than 5 ms can hand out one at a time. Slots handed out
     # together go out as sends at one instant, and the first one's refusal cannot stop
     # the others (on an upstream that extends its window for each send inside it, each
-    # costs a second), so they go one a millisecond: the growth takes 20 ms, not 5.
+    # costs a second), so they go one a millisecond: the growth takes 40 ms, not 5.
     loop = asyncio.get_running_loop()
     limiter = ConcurrencyLimiter(AIMD(initial=40, max_limit=100))
     held = [limiter.acquire_nowait() for _ in range(40)]
@@ -343,13 +343,13 @@ async def test_a_growth_faster_than_a_slot_a_millisecond_still_goes_out_one_slot
     await asyncio.sleep(0)
     start = loop.time()
     limiter.stalled(start, spread=0.005)
-    assert limiter.limit.limit == 60
+    assert limiter.limit.limit == 80
     granted: list[float] = []
     for task in waiters:
         task.add_done_callback(lambda _: granted.append(round(loop.time() - start, 4)))
     await asyncio.sleep(0.1)
-    assert granted == pytest.approx([0.001 * n for n in range(20)], abs=1e-4)
-    assert limiter.capacity == 60
+    assert granted == pytest.approx([0.001 * n for n in range(25)], abs=1e-4)
+    assert limiter.capacity == 80
     for task in waiters:
         task.cancel()
     await asyncio.gather(*waiters, return_exceptions=True)
