@@ -452,9 +452,7 @@ class Feedback:
             return
         end = now + retry_after
         if self.punishes:
-            # Honoured in full, and a little beyond: a send landing on the window's last
-            # millisecond (our clock against its) would buy another whole extension.
-            cooldown.close_until(end + max(PUNISHED_MARGIN_MIN, PUNISHED_MARGIN * retry_after))
+            self._honour(end, retry_after)
         elif own_probe and not cooldown.is_open(now):
             # A whole-second (or HTTP-date) value is a ceiling: the true end lies within
             # one second below it. Later than the window first stated, beyond that doubt,
@@ -470,9 +468,7 @@ class Feedback:
                 self._probe_refused(now, end)
             elif end - doubt > self._first_end:
                 self.punishes = True
-                cooldown.close_until(
-                    end + max(PUNISHED_MARGIN_MIN, PUNISHED_MARGIN * retry_after)
-                )
+                self._honour(end, retry_after)
             else:
                 self._probe_refused(now, end)
         elif cooldown.is_open(now):
@@ -485,6 +481,19 @@ class Feedback:
         else:
             self._stated_end = max(self._stated_end, end)
             cooldown.hold(end, probe_at=None)
+
+    def _honour(self, end: float, retry_after: float) -> None:
+        """Hold a punishing upstream's window in full; the first send after it goes alone.
+
+        A little beyond its end: a send landing on the window's last millisecond (our
+        clock against its) would buy another whole extension. Then one send ahead of the
+        rest, by as long as a refusal takes to come back: a window that ends on an empty
+        bucket refuses the next send with a new window of its own, and every send right
+        behind it (a millisecond later, in real time) would buy another second.
+        """
+        lead = max(PROBE_SILENCE_MIN, PROBE_SILENCE * self._refusal_time)
+        margin = max(PUNISHED_MARGIN_MIN, PUNISHED_MARGIN * retry_after)
+        self._cooldown.close_until(end + margin, lead=lead)
 
     def _probe_refused(self, now: float, end: float | None) -> None:
         self._failed_probes += 1

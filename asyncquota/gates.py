@@ -1110,6 +1110,7 @@ class CooldownGate:
         "_first_pass",
         "_generation",
         "_heap",
+        "_lead",
         "_order",
         "_passes",
         "_probe_at",
@@ -1131,6 +1132,7 @@ class CooldownGate:
         self._closures = 0
         self._passes = 0  # spread passes since the last reopening
         self._first_pass = -math.inf
+        self._lead = 0.0  # seconds the first pass after the closure goes alone
         self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
@@ -1185,15 +1187,19 @@ class CooldownGate:
             now = _loop_time(-math.inf)
         return max(0.0, self._until - now)
 
-    def close_until(self, t: float) -> None:
+    def close_until(self, t: float, *, lead: float = 0.0) -> None:
         """Close the gate until loop time ``t``, honoured in full: no probe passes.
 
         A time no later than the current closure's end, or than now, only ends probing.
+        With ``lead``, a dispatcher's first pass after the opening goes alone, ``lead``
+        seconds ahead of the next: time for its refusal, if it gets one, to close the
+        gate again before anything follows it.
 
         Raises:
-            ValueError: ``t`` is not finite.
+            ValueError: ``t`` is not finite, or ``lead`` is negative or not finite.
         """
         t = _check_time(t)
+        self._lead = _check_amount("lead", lead)
         now = _loop_time(-math.inf)
         self._probe_at = math.inf
         self._probe_out = False
@@ -1215,6 +1221,7 @@ class CooldownGate:
         self._extend(t, now)
         if probe_at is None or self.is_open(now):
             return
+        self._lead = 0.0
         self._probe_at = min(_check_time(probe_at), self._until)
         self._probe_out = False
         self._poke()
@@ -1230,6 +1237,7 @@ class CooldownGate:
         self._until = now
         self._probe_at = math.inf
         self._probe_out = False
+        self._lead = 0.0
         self._reopened += 1
         self._arm()
         self._poke()
@@ -1256,7 +1264,11 @@ class CooldownGate:
 
     def settled(self, now: float) -> bool:
         """Open, and past the ramp that follows a reopening: nothing to spread any more."""
-        return now + _TIMER_SLACK >= self._until + self._spread_ramp()
+        return now + _TIMER_SLACK >= self._until + self._settling()
+
+    def _settling(self) -> float:
+        """Seconds after the opening until the gate is settled: the ramp, or the lead."""
+        return max(self._spread_ramp(), self._lead)
 
     async def wait(self, *, spread: int = 1) -> int:
         """Return at once if the gate is open; else wait until it opens, or pass as a probe.
@@ -1291,11 +1303,13 @@ class CooldownGate:
             if self._passes == 0:
                 self._first_pass = now
             slot = self._first_pass + self._spread_ramp() * self._passes / spread
+            if self._passes:
+                slot = max(slot, self._first_pass + self._lead)
             if slot <= now + _TIMER_SLACK:
                 self._passes += 1
                 return 0
             # Then look again (it may have closed meanwhile); the ramp's end frees all.
-            await self._sleep(loop, min(slot, self._until + self._spread_ramp()))
+            await self._sleep(loop, min(slot, self._until + self._settling()))
 
     def _spread_ramp(self) -> float:
         """The ramp a dispatcher's passes are spread over after the last closure.

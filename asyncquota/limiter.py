@@ -28,8 +28,15 @@ __all__ = ["ConcurrencyLimiter", "Ending", "LimiterStatistics", "Permit", "Would
 Ending = Literal["success", "dropped", "ignore"]
 """How a permit ended: a round-trip sample, a congestion signal, or nothing learned."""
 
-_RAMP_STEP = 0.005
-"""The finest step of a spread growth, seconds: at most one timer per 5 ms."""
+_RAMP_SLACK = 1e-6
+"""A timer firing this early (clock resolution) counts as on time."""
+
+_RAMP_STEP = 0.001
+"""The finest step of a spread growth, seconds: one new slot at a time, at most one a
+millisecond. Slots handed out several at a time go out as sends at one instant, and the
+first one's refusal cannot stop the others: on an upstream that extends its Retry-After
+window for every send inside it, each costs a second. A growth too large for its spread
+at this step takes longer than the spread."""
 
 
 
@@ -105,7 +112,7 @@ class ConcurrencyLimiter:
         self._succeeded = 0
         self._ignored = 0
         self._dropped = 0
-        self._ramp: tuple[int, float, float] | None = None
+        self._ramp: tuple[float, float] | None = None  # (step, when the next slot is due)
         self._timer: asyncio.TimerHandle | None = None
 
     @property
@@ -160,6 +167,8 @@ class ConcurrencyLimiter:
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
         self._waiting += 1
+        if self._ramp is not None and self._timer is None:
+            self._tick()  # a growth that waited for someone to take it goes on
         try:
             await waiter
         except asyncio.CancelledError:
@@ -190,42 +199,53 @@ class ConcurrencyLimiter:
             return
         capacity = grow(now, self._inflight)
         if capacity > self._capacity and spread > 0:
-            self._ramp = (self._capacity, now, spread)
+            step = max(spread / (capacity - self._capacity), _RAMP_STEP)
+            self._ramp = (step, now)
             self._tick()
         elif capacity != self._capacity:
             self._resize(capacity)
             self._wake()
 
-    def _ramped(self, capacity: int, now: float) -> int:
-        """``capacity`` as far as a growth being spread (``stalled``) has reached by ``now``."""
-        ramp = self._ramp
-        if ramp is None:
+    def _ramped(self, capacity: int) -> int:
+        """``capacity`` as far as a growth being spread (``stalled``) lets it be now."""
+        if self._ramp is None:
             return capacity
-        start, at, spread = ramp
-        if now >= at + spread or capacity <= start:
+        if capacity <= self._capacity:  # cut, or no growth left to spread
             self._ramp = None
             return capacity
-        return min(capacity, start + 1 + int((capacity - start) * (now - at) / spread))
+        return self._capacity
 
     def _tick(self) -> None:
-        """One step of a spread growth: the capacity reached by now, the next step timed."""
+        """One step of a spread growth: one more slot, if someone waits for it.
+
+        A slot handed out with nobody to take it (the dispatcher held by the cooldown or
+        the rate) would pile up with the next ones and go out as a burst when it is
+        let go: the growth waits for a waiter instead (``acquire`` resumes it).
+        """
         self._timer = None
         ramp = self._ramp
         if ramp is None:
             return
+        step, due = ramp
+        target = self._limit.limit
+        if self._ceiling is not None:
+            target = min(target, self._ceiling)
+        if self._capacity >= target:
+            self._ramp = None
+            return
+        if not self._waiting:
+            return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        target = self._limit.limit
-        capacity = self._ramped(target, now)
-        if capacity != self._capacity:
-            self._resize(capacity)
+        if now + _RAMP_SLACK >= due:
+            self._resize(self._capacity + 1)
             self._wake()
-        if self._ramp is not None:
-            start, at, spread = ramp
-            step = spread / max(1, target - start)
-            self._timer = loop.call_at(
-                min(at + spread, now + max(step, _RAMP_STEP)), self._tick
-            )
+            if self._capacity >= target:
+                self._ramp = None
+                return
+            due = now + step
+            self._ramp = (step, due)
+        self._timer = loop.call_at(due, self._tick)
 
     def statistics(self) -> LimiterStatistics:
         """A snapshot of the capacity, the live counts and the outcome counters."""
@@ -276,8 +296,7 @@ class ConcurrencyLimiter:
                 self._succeeded += 1
             now = permit._loop.time()
             capacity = self._limit.on_sample(now, now - permit.acquired_at, inflight, dropped)
-            if self._ramp is not None:
-                capacity = self._ramped(capacity, now)
+            capacity = self._ramped(capacity)
             if capacity != self._capacity:
                 self._resize(capacity)
         finally:

@@ -371,7 +371,7 @@ class AIMD:
         clocks it 20 s late: starting at 20, the limit would need minutes to reach the
         hundreds such replies keep in flight. A full limit that nobody refused for a stall
         (the caller's ``STALL`` seconds) is evidence enough to grow as if a window had
-        been acknowledged: half again below the threshold, ``increase`` above it. Not
+        been acknowledged: doubled below the threshold, ``increase`` above it. Not
         within one round trip of a cut (the limit was just found too high).
 
         Returns:
@@ -383,9 +383,10 @@ class AIMD:
         if self._latency is not None and self._latency.slow:
             return int(self._limit)
         if self._limit < self._ssthresh:
-            # By half, not double: the growth goes out at once, before any reply could say
-            # how much the upstream takes.
-            self._limit = min(1.5 * self._limit, self._ssthresh)
+            # Doubled, as a window of successes would: the limiter hands the growth out
+            # one slot at a time over the next stall, so the first refusal (at the door,
+            # at once) stops the sends it would take long before they are all out.
+            self._limit = min(2.0 * self._limit, self._ssthresh)
         else:
             self._limit = min(self._limit + self._increase, float(self._max_limit))
         self._acked = 0

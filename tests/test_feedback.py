@@ -323,8 +323,9 @@ async def test_an_upstream_that_slows_near_its_concurrency_cap_is_kept_full_not_
 
 async def test_long_replies_fill_the_upstream_within_seconds_without_a_burst_of_429s():
     # Answers of 5-30 s (streamed, as chat answers take): nothing comes back for seconds,
-    # so the limit grows on stalls, spread over each half second; the first refusals (at
-    # the door, at once) stop it. 100 requests/s need ~1 750 in flight.
+    # so the limit doubles on stalls of half a second, handed out one slot at a time;
+    # the first refusals (at the door, at once) stop it. 100 requests/s need ~1 750 in
+    # flight, and the first ten seconds are served as fully as the rest.
     upstream = upstream_of(reply_seconds=(5.0, 30.0), max_concurrency=3000)
     async with Shaper(
         URL,
@@ -349,7 +350,7 @@ async def test_long_replies_fill_the_upstream_within_seconds_without_a_burst_of_
     # Admitted (and answered) per second of sending: full from the third second on.
     admitted = [second["admitted_ok"] for second in stats["timeline"][:20]]
     assert sum(admitted[2:]) >= 0.95 * 100 * 18, admitted
-    assert sum(admitted[:10]) >= 0.75 * (100 + 100 * 10), admitted
+    assert sum(admitted[:10]) >= 0.9 * (100 + 100 * 10), admitted
 
 
 async def test_an_anthropic_limit_stated_per_minute_still_fills_the_upstream():

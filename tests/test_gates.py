@@ -723,6 +723,26 @@ async def test_a_dispatcher_passing_for_many_is_spread_evenly_over_the_ramp():
     assert gate.settled(loop.time())
 
 
+async def test_a_lead_sends_the_first_pass_alone_ahead_of_the_rest():
+    # A window honoured in full (a punishing upstream), no ramp: the first pass after it
+    # goes alone; the others wait the lead, time for its refusal to close the gate again.
+    loop = asyncio.get_running_loop()
+    gate = CooldownGate(ramp=0.0)
+    gate.close_until(2.0, lead=0.01)
+    assert await gate.wait(spread=10) == 0 and loop.time() == pytest.approx(2.0)
+    assert not gate.settled(loop.time())
+    await gate.wait(spread=10)
+    assert loop.time() == pytest.approx(2.01)
+    await gate.wait(spread=10)  # then the rest at once
+    assert loop.time() == pytest.approx(2.01) and gate.settled(loop.time())
+    # Refused, the first pass closes it again: nothing followed it.
+    gate.close_until(4.0, lead=0.01)
+    await gate.wait(spread=10)
+    gate.close_until(5.0, lead=0.01)
+    await gate.wait(spread=10)
+    assert loop.time() == pytest.approx(5.0)
+
+
 async def test_a_new_closure_during_the_ramp_restarts_the_spread():
     loop = asyncio.get_running_loop()
     gate = CooldownGate(ramp=1.0, rng=random.Random(3))

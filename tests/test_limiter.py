@@ -299,32 +299,84 @@ async def test_a_ceiling_caps_the_capacity_whatever_the_algorithm_says():
 
 
 async def test_a_growth_on_stall_is_handed_out_over_its_spread_not_at_once():
-    # Twenty long requests in flight, nothing back: the AIMD grows by half on a stall.
-    # Spread over a second, the ten new slots go out one every 0.1 s, so a refusal (which
-    # comes back at once) can stop the growth after a few sends instead of a burst of ten.
+    # Twenty long requests in flight, nothing back: the AIMD doubles on a stall. Spread
+    # over a second, the twenty new slots go out one every 0.05 s, so a refusal (which
+    # comes back at once) can stop the growth after a few sends instead of a burst.
     loop = asyncio.get_running_loop()
     limiter = ConcurrencyLimiter(AIMD(initial=20, max_limit=100))
     held = [limiter.acquire_nowait() for _ in range(20)]
-    waiters = [asyncio.create_task(limiter.acquire()) for _ in range(15)]
+    waiters = [asyncio.create_task(limiter.acquire()) for _ in range(70)]
     await asyncio.sleep(0)
     start = loop.time()
     limiter.stalled(start, spread=1.0)
-    assert limiter.limit.limit == 30
+    assert limiter.limit.limit == 40
     granted: list[float] = []
     for task in waiters:
         task.add_done_callback(lambda _: granted.append(round(loop.time() - start, 3)))
     await asyncio.sleep(1.5)
-    assert len(granted) == 10 and limiter.capacity == 30
-    assert granted == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], abs=0.006)
+    assert limiter.capacity == 40
+    assert granted == pytest.approx([0.05 * n for n in range(20)], abs=0.001)
     # A reply during a spread does not hand out the rest at once.
-    limiter.stalled(loop.time(), spread=1.0)  # 30 -> 45 over the next second
+    limiter.stalled(loop.time(), spread=1.0)  # 40 -> 80 over the next second
     await asyncio.sleep(0.2)
-    held.pop().success()  # slow start: the limit is 46 now; the spread still rules
+    held.pop().success()  # it may grow the limit; it does not end the spread
     await asyncio.sleep(0)
-    assert 32 <= limiter.capacity <= 35
+    assert 48 <= limiter.capacity <= 51
     await asyncio.sleep(1.0)
-    assert limiter.capacity == 46
+    assert limiter.capacity == limiter.limit.limit >= 80
     for task in waiters:
         if not task.done():
             task.cancel()
     await asyncio.gather(*waiters, return_exceptions=True)
+
+
+async def test_a_growth_on_stall_waits_for_someone_to_take_each_slot():
+    # The dispatcher, held by a closed cooldown, takes no permit: slots handed out
+    # meanwhile would pile up and go out at once when it is let go (on an upstream that
+    # punishes sends inside its window, each one at the same instant buys a second). The
+    # growth goes on from where it stood, one slot a step, when someone waits again.
+    loop = asyncio.get_running_loop()
+    limiter = ConcurrencyLimiter(AIMD(initial=20, max_limit=100))
+    held = [limiter.acquire_nowait() for _ in range(20)]
+    start = loop.time()
+    limiter.stalled(start, spread=1.0)  # 20 -> 40, a slot every 0.05 s: nobody waits
+    await asyncio.sleep(0.5)
+    assert limiter.capacity == 20
+    waiters = [asyncio.create_task(limiter.acquire()) for _ in range(10)]
+    await asyncio.sleep(0)
+    resumed = loop.time()
+    granted: list[float] = []
+    for task in waiters:
+        task.add_done_callback(lambda _: granted.append(round(loop.time() - resumed, 3)))
+    await asyncio.sleep(1.0)
+    assert granted == pytest.approx([0.05 * n for n in range(10)], abs=0.001)
+    assert limiter.capacity == 30
+    for permit in held:
+        permit.ignore()
+
+
+async def test_a_growth_faster_than_a_slot_a_millisecond_still_goes_out_one_slot_at_a_time():
+    # Forty long requests in flight, the limit doubled on a stall spread over 5 ms: forty
+    # new slots are more than 5 ms can hand out one at a time. Slots handed out
+    # together go out as sends at one instant, and the first one's refusal cannot stop
+    # the others (on an upstream that extends its window for each send inside it, each
+    # costs a second), so they go one a millisecond: the growth takes 40 ms, not 5.
+    loop = asyncio.get_running_loop()
+    limiter = ConcurrencyLimiter(AIMD(initial=40, max_limit=100))
+    held = [limiter.acquire_nowait() for _ in range(40)]
+    waiters = [asyncio.create_task(limiter.acquire()) for _ in range(50)]
+    await asyncio.sleep(0)
+    start = loop.time()
+    limiter.stalled(start, spread=0.005)
+    assert limiter.limit.limit == 80
+    granted: list[float] = []
+    for task in waiters:
+        task.add_done_callback(lambda _: granted.append(round(loop.time() - start, 4)))
+    await asyncio.sleep(0.1)
+    assert granted[:40] == pytest.approx([0.001 * n for n in range(40)], abs=1e-4)
+    assert limiter.capacity == 80
+    for task in waiters:
+        task.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    for permit in held:
+        permit.ignore()

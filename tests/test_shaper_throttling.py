@@ -163,6 +163,48 @@ async def test_an_upstream_that_punishes_early_sends_is_learnt_and_then_honoured
     assert len(sends) == 2 and sends[1] >= window_start + 5.0
 
 
+async def test_after_a_punished_window_one_probe_goes_before_the_fleet():
+    # Every send inside the window is refused and pushes it 1 s later; answers take 2 ms.
+    # A window may end on an empty bucket: the first send after it is then refused with
+    # a window of its own, and every send right behind it (a millisecond later, in real
+    # time) buys another second. So once the upstream is known to punish, its window is
+    # waited out and one probe goes first; the fleet follows its answer.
+    window_end = 2.0
+    sends: list[float] = []
+
+    async def upstream(request: Request) -> Response:
+        nonlocal window_end
+        t = now()
+        sends.append(t)
+        await asyncio.sleep(0.002)
+        if t < window_end:
+            if len(sends) > 1:
+                window_end += 1.0
+            return Response(429, {"retry-after-ms": str(round(1000 * (window_end - t)))}, b"")
+        return Response(200, {}, b"{}")
+
+    transport = MockTransport(upstream)
+    async with Shaper(URL, transport=transport, hooks=(), cooldown_ramp=0.0) as shaper:
+        first = await outcome(shaper.request("GET", "/v1/models", deadline=60))
+        assert shaper._feedback.punishes
+        window_end = now() + 1.0
+
+        def batch() -> asyncio.Task[tuple[str, float, QuotaError | None]]:
+            call = shaper.request("GET", "/v1/models", priority="batch", deadline=60)
+            return asyncio.create_task(outcome(call))
+
+        calls = [batch()]
+        await asyncio.sleep(0.01)  # its refusal has closed the gate: the rest queue
+        calls += [batch() for _ in range(9)]
+        results = await asyncio.gather(*calls)
+
+    assert first[0] == "ok" and all(result[0] == "ok" for result in results), (results, sends)
+    after = [t for t in sends if t >= window_end]
+    assert len(after) == 10 and sends[-11] < window_end  # nothing more landed inside
+    # One probe, answered 2 ms later; only then the other nine.
+    assert all(t >= after[0] + 0.002 for t in after[1:]), (after, sends, window_end)
+
+
 async def test_a_punishing_upstream_in_whole_seconds_is_learnt_by_the_third_refused_probe():
     # The window grows a second with every send inside it, but its whole-second values
     # round: the first refused probe's window looks no later than the first (3 s, then
