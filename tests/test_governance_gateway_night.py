@@ -395,6 +395,36 @@ async def test_requests_queued_on_an_exhausted_account_move_to_the_fallback_at_o
     assert max(at for _, at in done) == pytest.approx(0.15, abs=0.02)
 
 
+async def test_the_exhausted_alarm_goes_out_before_the_queued_requests_move():
+    # Shedding a spent account's line wakes every request queued on it at once; an alert
+    # queued after them would wait behind them all (in real time, seconds of a busy loop).
+    data = config(alerts={"log": False})
+    data["upstreams"]["anthropic"]["rpm"] = 6  # one every 10 s: the rest queue
+    ups = {"anthropic": Night("anthropic"), "openai": Night("openai")}
+    ups["anthropic"].capped = True
+    order: list[str] = []
+
+    async def fallback(request: Request) -> Response:
+        order.append("moved")
+        return await ups["openai"].handle(request)
+
+    gateway = Gateway.from_config(
+        parse_config(data),
+        transports={
+            "anthropic": MockTransport(ups["anthropic"].handle),
+            "openai": MockTransport(fallback),
+        },
+        wall_clock=wall,
+        environ=KEYS,
+        sinks=[CallbackSink(lambda alert: order.append(alert.kind))],
+    )
+    async with gateway:
+        await asyncio.gather(*(gateway.request(chat()) for _ in range(6)))
+    # The request that heard the refusal moves on in the same step; the five queued
+    # behind it move after the alarm (before this, all six went first).
+    assert order == ["moved", "exhausted"] + ["moved"] * 5
+
+
 async def test_without_exhausted_in_fallback_on_the_held_model_fails_fast_and_sends_nothing():
     gateway, ups = build(config(gateway={"fallback_on": ["overloaded", "transport"]}))
     ups["anthropic"].capped = True

@@ -1300,10 +1300,14 @@ class Gateway:
                 why,
                 f"its traffic moves to {follow}" if follow else "it has no fallback",
             )
+            # The alarm first: the requests shed below wake thousands of tasks at once,
+            # and an alert queued after them waits its turn behind all of them (seconds).
+            self._report_exhausted(model, hold, follow, force=True)
             # Queued requests of the account leave now, for their fallbacks; new ones are
             # kept away by the gateway, and by the Shapers should anyone call them directly.
             for shaper in self._shapers_of(account):
                 shaper.shed_below(_EVERY_RANK, for_seconds=seconds)
+            return _held_for(hold)
         self._report_exhausted(model, hold, follow, force=True)
         return _held_for(hold)
 
