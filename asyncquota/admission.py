@@ -150,9 +150,15 @@ class Admission:
         span = min(SERVICE_RATE_WINDOW, now - self._first_served)
         return self._served.total(now) / span if span > 0 else 0.0
 
-    def estimate_wait(self, ticket: Ticket, now: float) -> float | None:
-        """Seconds until a newcomer like ``ticket`` would be admitted, or None if unknown."""
-        cooling = self._feedback.confirmed_cooldown(now)
+    def estimate_wait(
+        self, ticket: Ticket, now: float, cooling: float | None = None
+    ) -> float | None:
+        """Seconds until a newcomer like ``ticket`` would be admitted, or None if unknown.
+
+        ``cooling``: the confirmed cooldown at ``now``, when the caller has it already.
+        """
+        if cooling is None:
+            cooling = self._feedback.confirmed_cooldown(now)
         ahead = self.queue.ahead_of(ticket.priority, ticket.tenant)
         if ahead == 0:
             return cooling
@@ -186,7 +192,7 @@ class Admission:
         if ticket.sent:  # a retry (or a refused probe) keeps its age: the cooldown only
             return
         # Nobody in line (the common case): the wait is the cooldown's, nothing to estimate.
-        wait = self.estimate_wait(ticket, now) if len(self.queue) else cooling
+        wait = self.estimate_wait(ticket, now, cooling) if len(self.queue) else cooling
         if wait is None:
             return
         if wait + self.rtt > left * ESTIMATE_TRUST:

@@ -1276,11 +1276,13 @@ class Gateway:
         seconds = self._policy.hold if regain is None else regain - wall
         why = exc.why or "out of quota"
         hold = self._holds.get(account)
-        if hold is None or probe or now + seconds > hold.until + _LATER_WORD:
+        renewed = hold is None or probe or now + seconds > hold.until + _LATER_WORD
+        if renewed:
             # A new hold, a failed probe's, or a later word; a refusal of a request sent
             # before the hold began never shortens it, nor restates it: the same regain
             # time read on two clocks a little apart (wall and loop) is the same word.
-            fresh = hold is None
+            if hold is None:
+                self._counts["exhaustions"] += 1
             hold = _Hold(
                 until=now + seconds,
                 until_wall=wall + seconds,
@@ -1289,8 +1291,6 @@ class Gateway:
                 models=set() if hold is None else hold.models,
             )
             self._holds[account] = hold
-            if fresh:
-                self._counts["exhaustions"] += 1
             events_logger.warning(
                 "Model %s on %s is out of quota until %s (%s): %s; when the hold ends, one "
                 "request will probe it.",
@@ -1300,15 +1300,15 @@ class Gateway:
                 why,
                 f"its traffic moves to {follow}" if follow else "it has no fallback",
             )
-            # The alarm first: the requests shed below wake thousands of tasks at once,
-            # and an alert queued after them waits its turn behind all of them (seconds).
-            self._report_exhausted(model, hold, follow, force=True)
+        assert hold is not None
+        # The alarm first: the requests shed below wake thousands of tasks at once, and an
+        # alert queued after them waits its turn behind all of them (seconds).
+        self._report_exhausted(model, hold, follow, force=True)
+        if renewed:
             # Queued requests of the account leave now, for their fallbacks; new ones are
             # kept away by the gateway, and by the Shapers should anyone call them directly.
             for shaper in self._shapers_of(account):
                 shaper.shed_below(_EVERY_RANK, for_seconds=seconds)
-            return _held_for(hold)
-        self._report_exhausted(model, hold, follow, force=True)
         return _held_for(hold)
 
     def _report_exhausted(
