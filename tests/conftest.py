@@ -31,3 +31,35 @@ def close_the_loop_looptime_opens_for_a_sync_test(request: pytest.FixtureRequest
         with contextlib.suppress(RuntimeError):
             policy.get_event_loop().close()
         policy.set_event_loop(None)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A ``redis-server`` on a free loopback port for the whole run (nothing persisted).
+
+    Tests that need it fail when ``AQ_REQUIRE_REDIS=1`` (as ``.ci/run`` sets) and the server
+    is missing; elsewhere they are skipped with how to install it.
+    """
+    import os
+
+    from asyncquota.testing.redis import INSTALL_HINT, RedisServer, find_redis_server
+
+    if find_redis_server() is None:
+        if os.environ.get("AQ_REQUIRE_REDIS") == "1":
+            pytest.fail(f"AQ_REQUIRE_REDIS=1 but {INSTALL_HINT}")
+        pytest.skip(INSTALL_HINT)
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The session's Redis, emptied before the test (FLUSHALL over a raw socket)."""
+    import socket
+
+    if not redis_server.running:
+        redis_server.start()
+    with socket.create_connection(("127.0.0.1", redis_server.port), timeout=2) as sock:
+        sock.sendall(b"*1\r\n$8\r\nFLUSHALL\r\n")
+        assert sock.recv(64).startswith(b"+OK")
+    return redis_server.url
