@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from ..errors import BudgetExceededError, StoreUnavailableError, UpstreamCapError
-from .store import MemoryStore, Store
+from .store import MemoryStore, Reservation, Store, reserve_all
 from .tiers import DimensionStatus, tenant_id, zone
 
 __all__ = [
@@ -342,25 +342,25 @@ class BudgetGuard:
         expires_at: float,
         tenant: Hashable | None,
     ) -> tuple[str, ...]:
-        taken: list[str] = []
-        try:
-            for counter in counters:
-                limit = counter.limit
-                past: float | None = None
-                if limit is not None:
-                    past = self._overdraft if overdraft and counter.account is None else 0.0
-                ceiling = None if limit is None or past is None else limit + past + SLACK
-                held = await self._store.reserve(
-                    counter.key, amount, limit=ceiling, expires_at=expires_at
-                )
-                if held is None:
-                    assert limit is not None  # only a ceiling refuses
-                    raise self._refusal(counter, limit, past, amount, now, tenant)
-                taken.append(counter.key)
-        except BaseException:
-            await self._add_all(taken, -amount, expires_at)
-            raise
-        return tuple(taken)
+        reservations: list[Reservation] = []
+        for counter in counters:
+            limit, past = counter.limit, self._past(counter, overdraft)
+            ceiling = None if limit is None or past is None else limit + past + SLACK
+            reservations.append(Reservation(counter.key, amount, ceiling, expires_at))
+        # All or none (one transaction or script where the store can): nothing to roll back.
+        refused = await reserve_all(self._store, reservations)
+        if refused is not None:
+            counter = counters[refused]
+            assert counter.limit is not None  # only a ceiling refuses
+            past = self._past(counter, overdraft)
+            raise self._refusal(counter, counter.limit, past, amount, now, tenant)
+        return tuple(counter.key for counter in counters)
+
+    def _past(self, counter: _Counter, overdraft: bool) -> float | None:
+        """Dollars ``counter`` may go past its limit (None: no ceiling; a cap: never past)."""
+        if counter.limit is None:
+            return None
+        return self._overdraft if overdraft and counter.account is None else 0.0
 
     def _refusal(
         self,

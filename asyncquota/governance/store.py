@@ -2,16 +2,19 @@
 
 Tenant day counters and monthly spend must survive a redeploy, and several parts (tiers,
 budget) share them, so they live behind one small async interface: a ``Store`` maps string
-keys to float counters, each with a Unix time after which it may be forgotten. Two stores
-ship here: ``MemoryStore`` (a dict, the default) and ``SQLiteStore`` (one table in a local
-file, standard library only). A Redis store for several processes can implement the same
-protocol later.
+keys to float counters, each with a Unix time after which it may be forgotten. Three stores
+ship: ``MemoryStore`` (a dict, the default), ``SQLiteStore`` (one table in a local file,
+standard library only: one machine) and, in :mod:`.redis_store`, ``RedisStore`` (a fleet of
+processes on several machines; extra ``redis``).
 
 The one primitive that makes limits hold under concurrency is ``reserve``: add to a counter
-unless the result would pass a limit, atomically. A caller that needs several counters at
-once (a request against its minute and its day) reserves them one by one and refunds with
-``add(-amount)`` what it took when a later one refuses: counters may be briefly high, never
-past a limit.
+unless the result would pass a limit, atomically. A request held against several counters
+at once (its minute, its day, its tokens; a budget and a cap) takes them with
+``reserve_all``: all of them or none. ``SQLiteStore`` does it in one transaction and
+``RedisStore`` in one script, so nobody ever sees part of a request counted;
+``MemoryStore`` reserves them one by one and refunds with ``add(-amount)`` what it took when
+a later one refuses (counters may be high for a moment, never past a limit), and so does
+:func:`reserve_all` for a store of the application's own that has no ``reserve_all``.
 
 A store reads the wall clock only to tell expired counters from live ones.
 
@@ -23,17 +26,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from ..errors import StoreUnavailableError
 
-__all__ = ["MemoryStore", "SQLiteStore", "Store"]
+__all__ = ["MemoryStore", "Reservation", "SQLiteStore", "Store", "reserve_all"]
+
+logger = logging.getLogger("asyncquota.governance")
 
 PURGE_INTERVAL = 60.0
 """Seconds of wall time between two sweeps of expired counters in ``SQLiteStore``."""
@@ -43,6 +50,18 @@ BUSY_TIMEOUT_MS = 5000
 another process's write lock included, before it fails with ``StoreUnavailableError``."""
 
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """One counter a request is held against: add ``amount`` to ``key`` unless the result
+    would pass ``limit`` (None: no limit); the counter may be forgotten after ``expires_at``
+    (Unix time), as for :meth:`Store.reserve`."""
+
+    key: str
+    amount: float
+    limit: float | None
+    expires_at: float
 
 
 class Store(Protocol):
@@ -59,6 +78,17 @@ class Store(Protocol):
         """
         ...
 
+    async def reserve_all(self, reservations: Sequence[Reservation]) -> int | None:
+        """Make every reservation, in order, or none of them.
+
+        Each is checked against its counter as the earlier ones in the same call left it
+        (a key may appear twice). Returns None when all were made, else the index of the
+        first that would pass its limit (then nothing was added). A caller that needs
+        several counters goes through :func:`reserve_all`, which also serves a store of
+        the application's own written before this method existed.
+        """
+        ...
+
     async def add(self, key: str, amount: float, *, expires_at: float) -> float:
         """Add ``amount`` unconditionally (negative for refunds); the counter never goes
         below 0. Returns the new value."""
@@ -71,6 +101,76 @@ class Store(Protocol):
     async def aclose(self) -> None:
         """Release the store's resources; further calls raise ``RuntimeError``."""
         ...
+
+
+async def reserve_all(store: Store, reservations: Sequence[Reservation]) -> int | None:
+    """``store.reserve_all(reservations)``, or one by one for a store that has no such method.
+
+    Returns None when every reservation was made, else the index of the first refused
+    (nothing is left counted). See :func:`reserve_each` for how a store without the method
+    is served.
+    """
+    method = getattr(store, "reserve_all", None)
+    if method is None:
+        return await reserve_each(store, reservations)
+    refused: int | None = await method(reservations)
+    return refused
+
+
+async def reserve_each(store: Store, reservations: Sequence[Reservation]) -> int | None:
+    """All the reservations or none, made one by one with ``store.reserve``.
+
+    When one refuses, those already made are refunded with ``add(-amount)`` before this
+    returns the refused index, so a concurrent caller may see them counted for that
+    moment: counters can be briefly high, never past a limit. The refund runs as a task of
+    its own: a caller cancelled meanwhile, or a store that fails half way, leaves nothing
+    counted either (a refund the store refuses is logged and lost: the counter stays high,
+    on the closed side, until its window ends).
+    """
+    held: list[Reservation] = []
+    refused = None
+    try:
+        for index, item in enumerate(reservations):
+            counted = await store.reserve(
+                item.key, item.amount, limit=item.limit, expires_at=item.expires_at
+            )
+            if counted is None:
+                refused = index
+                break
+            held.append(item)
+    except Exception:
+        if held:
+            with contextlib.suppress(Exception):  # the refund's own failure is logged
+                await asyncio.shield(_give_back(store, held))
+        raise
+    except BaseException:  # cancelled: the refund finishes on its own
+        if held:
+            _give_back(store, held)
+        raise
+    if held and refused is not None:
+        await asyncio.shield(_give_back(store, held))
+    return refused
+
+
+_GIVING_BACK: set[asyncio.Task[None]] = set()  # refunds that must finish whoever waits
+
+
+def _give_back(store: Store, held: Sequence[Reservation]) -> asyncio.Task[None]:
+    task = asyncio.ensure_future(_refund(store, tuple(held)))
+    _GIVING_BACK.add(task)
+    task.add_done_callback(_given_back)
+    return task
+
+
+async def _refund(store: Store, held: tuple[Reservation, ...]) -> None:
+    for item in reversed(held):
+        await store.add(item.key, -item.amount, expires_at=item.expires_at)
+
+
+def _given_back(task: asyncio.Task[None]) -> None:
+    _GIVING_BACK.discard(task)
+    if not task.cancelled() and isinstance(task.exception(), StoreUnavailableError):
+        logger.warning("%s A refund of a partial reservation was dropped.", task.exception())
 
 
 def _check_amount(amount: float, *, signed: bool) -> None:
@@ -118,6 +218,11 @@ class MemoryStore:
         self._write(key, new, expires_at, now)
         return new
 
+    async def reserve_all(self, reservations: Sequence[Reservation]) -> int | None:
+        # One by one through ``reserve``, so a subclass that watches or delays ``reserve``
+        # (tests do both) sees every counter; see ``reserve_each`` for the refund.
+        return await reserve_each(self, reservations)
+
     async def add(self, key: str, amount: float, *, expires_at: float) -> float:
         _check_amount(amount, signed=True)
         now = self._open_now()
@@ -162,9 +267,10 @@ class MemoryStore:
 class SQLiteStore:
     """Counters in one table of a local SQLite file: they survive a restart.
 
-    The file is opened in WAL mode. Each ``reserve`` and ``add`` is one ``BEGIN
-    IMMEDIATE`` transaction (the read and the conditional write under the write lock), so
-    several processes may share the file without passing a limit. Expired rows read as 0,
+    The file is opened in WAL mode. Each ``reserve``, ``reserve_all`` and ``add`` is one
+    ``BEGIN IMMEDIATE`` transaction (the reads and the conditional writes under the write
+    lock), so several processes may share the file without passing a limit, and a
+    ``reserve_all`` is seen whole or not at all. Expired rows read as 0,
     are purged when the store opens and then at most once a minute of wall time, during a
     write. ``synchronous=NORMAL``: a committed counter survives a crash of the process; a
     power loss may lose the last few.
@@ -185,9 +291,9 @@ class SQLiteStore:
     the counter stays high by that request until its window ends, which errs on the
     closed side, never past a limit).
 
-    A ``reserve`` whose caller is cancelled while it runs is undone on the worker once it
-    has run, so a cancelled reservation holds nothing; a cancelled ``add`` (a refund, a
-    charge) still applies.
+    A ``reserve`` or ``reserve_all`` whose caller is cancelled while it runs is undone on
+    the worker once it has run, so a cancelled reservation holds nothing; a cancelled
+    ``add`` (a refund, a charge) still applies.
 
     Args:
         path: the database file (created if missing).
@@ -242,18 +348,33 @@ class SQLiteStore:
     ) -> float | None:
         _check_amount(amount, signed=False)
         _check_limit(limit)
-        running = self._submit(self._update, key, amount, limit, expires_at)
-        try:
-            return await asyncio.shield(running)
-        except asyncio.CancelledError:
-            running.add_done_callback(lambda done: self._undo(done, key, amount, expires_at))
-            raise
+        outcome = await self._reserve((Reservation(key, amount, limit, expires_at),))
+        return None if isinstance(outcome, int) else outcome[0]
+
+    async def reserve_all(self, reservations: Sequence[Reservation]) -> int | None:
+        for item in reservations:
+            _check_amount(item.amount, signed=False)
+            _check_limit(item.limit)
+        if not reservations:
+            self._check_open()
+            return None
+        outcome = await self._reserve(tuple(reservations))
+        return outcome if isinstance(outcome, int) else None
 
     async def add(self, key: str, amount: float, *, expires_at: float) -> float:
         _check_amount(amount, signed=True)
-        new = await asyncio.shield(self._submit(self._update, key, amount, None, expires_at))
-        assert new is not None  # no limit: never refused
-        return new
+        change = (Reservation(key, amount, None, expires_at),)
+        new = await asyncio.shield(self._submit(self._update, change))
+        assert not isinstance(new, int)  # no limit: never refused
+        return new[0]
+
+    async def _reserve(self, reservations: tuple[Reservation, ...]) -> list[float] | int:
+        running = self._submit(self._update, reservations)
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            running.add_done_callback(lambda done: self._undo(done, reservations))
+            raise
 
     async def get(self, keys: Sequence[str]) -> list[float]:
         if not keys:
@@ -295,14 +416,17 @@ class SQLiteStore:
             self._failures += 1
 
     def _undo(
-        self, done: asyncio.Future[float | None], key: str, amount: float, expires_at: float
+        self, done: asyncio.Future[list[float] | int], reservations: tuple[Reservation, ...]
     ) -> None:
-        """A reservation whose caller left: refund it if it was made."""
-        if done.cancelled() or done.exception() is not None or done.result() is None:
+        """Reservations whose caller left: refund them if they were made."""
+        if done.cancelled() or done.exception() is not None or isinstance(done.result(), int):
             return
-        if self._closed or not amount:
+        if self._closed:
             return
-        undo = self._submit(self._update, key, -amount, None, expires_at)
+        refunds = tuple(
+            Reservation(item.key, -item.amount, None, item.expires_at) for item in reservations
+        )
+        undo = self._submit(self._update, refunds)
         undo.add_done_callback(_ignore_outcome)
 
     # ------------------------------------------------------------------ on the worker
@@ -372,40 +496,40 @@ class SQLiteStore:
         return [values.get(key, 0.0) for key in keys]
 
     def _update(
-        self,
-        connection: sqlite3.Connection,
-        now: float,
-        key: str,
-        amount: float,
-        limit: float | None,
-        expires_at: float,
-    ) -> float | None:
-        """One transaction: read the live value, refuse past ``limit``, else write (≥ 0)."""
+        self, connection: sqlite3.Connection, now: float, changes: Sequence[Reservation]
+    ) -> list[float] | int:
+        """One transaction: each change in order, on the live value as the earlier ones left
+        it (never below 0); the index of the first that would pass its limit (everything
+        rolled back), else the new values."""
         connection.execute("BEGIN IMMEDIATE")
         try:
-            row = connection.execute(
-                "SELECT value, expires_at FROM counters WHERE key = ?", (key,)
-            ).fetchone()
-            live = row is not None and row[1] > now
-            new = (row[0] if live else 0.0) + amount
-            if limit is not None and new > limit:
-                connection.execute("ROLLBACK")
-                return None
-            new = max(0.0, new)
-            keep_until = max(float(expires_at), row[1]) if live else float(expires_at)
-            connection.execute(
-                "INSERT INTO counters (key, value, expires_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (key) DO UPDATE SET"
-                " value = excluded.value, expires_at = excluded.expires_at",
-                (key, new, keep_until),
-            )
+            values: list[float] = []
+            for index, change in enumerate(changes):
+                row = connection.execute(
+                    "SELECT value, expires_at FROM counters WHERE key = ?", (change.key,)
+                ).fetchone()
+                live = row is not None and row[1] > now
+                new = (row[0] if live else 0.0) + change.amount
+                if change.limit is not None and new > change.limit:
+                    connection.execute("ROLLBACK")
+                    return index
+                new = max(0.0, new)
+                expires_at = float(change.expires_at)
+                keep_until = max(expires_at, row[1]) if live else expires_at
+                connection.execute(
+                    "INSERT INTO counters (key, value, expires_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET"
+                    " value = excluded.value, expires_at = excluded.expires_at",
+                    (change.key, new, keep_until),
+                )
+                values.append(float(new))
             self._purge_if_due(connection, now)
             connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             raise
-        return float(new)
+        return values
 
     def _purge_if_due(self, connection: sqlite3.Connection, now: float) -> None:
         if now >= self._next_purge:

@@ -39,7 +39,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ..errors import StoreUnavailableError, TenantLimitError
 from ..priority import Priority
-from .store import MemoryStore, Store
+from .store import MemoryStore, Reservation, Store, reserve_all
 
 __all__ = [
     "DimensionStatus",
@@ -464,9 +464,12 @@ class TenantQuotas:
     limits refuse, the longest wait is reported. A request larger than a limit can never
     pass: its ``retry_after`` is None.
 
-    Admission reserves the dimensions one by one and, when one refuses, refunds the ones it
-    took (the ``Store`` has no multi-key transaction): counters can be high for a moment,
-    never past a limit, and a concurrent request may be refused in that moment.
+    Admission reserves the dimensions together with the store's ``reserve_all``: in one
+    transaction on ``SQLiteStore``, one script on ``RedisStore``, so no other process sees
+    part of a request counted. ``MemoryStore`` (and a store of the application's own
+    without ``reserve_all``) reserves them one by one and, when one refuses, refunds the
+    ones it took: counters can be high for a moment, never past a limit, and a concurrent
+    request may be refused in that moment.
 
     Tenants are told apart by :func:`tenant_id` (``42`` and ``"42"`` are one tenant), at
     every entry: the constructor's and ``reload``'s ``tenants``, ``admit``, ``status``,
@@ -615,32 +618,29 @@ class TenantQuotas:
             return TenantGrant(self, who, model, tokens, (), ())
         keys = [w.previous_key for w in windows if w.previous_key is not None]
         previous = dict(zip(keys, await self._store.get(keys), strict=True))
-        taken: list[_Charge] = []
-        refused: _Window | None = None
-        try:
-            for window in windows:
-                allowance = window.allowance(previous.get(window.previous_key or "", 0.0))
-                counted = await self._store.reserve(
-                    window.key, window.amount, limit=allowance, expires_at=window.expires_at
-                )
-                if counted is None:
-                    refused = window
-                    break
-                taken.append((window.key, window.amount, window.expires_at))
-        finally:
-            if refused is not None or len(taken) < len(windows):
-                await self._settle(tuple((key, -amount, exp) for key, amount, exp in taken))
+        reservations = [
+            Reservation(
+                window.key,
+                window.amount,
+                window.allowance(previous.get(window.previous_key or "", 0.0)),
+                window.expires_at,
+            )
+            for window in windows
+        ]
+        # All or none; a cancelled admission leaves nothing counted (the store sees to it).
+        refused = await reserve_all(self._store, reservations)
         if refused is not None:
             self._refused += 1
-            raise await self._refusal(who, tier, model, windows, refused, priority)
+            raise await self._refusal(who, tier, model, windows, windows[refused], priority)
         self._admitted += 1
         self._open += 1
+        taken = tuple((item.key, item.amount, item.expires_at) for item in reservations)
         tpm = tuple(
             charge
             for charge, window in zip(taken, windows, strict=True)
             if window.dimension in _TOKEN_DIMENSIONS
         )
-        return TenantGrant(self, who, model, tokens, tuple(taken), tpm)
+        return TenantGrant(self, who, model, tokens, taken, tpm)
 
     async def status(self, tenant: Hashable | None, model: str) -> list[DimensionStatus]:
         """Used, limit, remaining and reset time of each limited dimension on ``model``.
