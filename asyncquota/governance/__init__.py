@@ -9,6 +9,8 @@ warns people before anything runs out. One module a job::
     budget.py    BudgetGuard: monthly budgets in dollars, reserved up front, reconciled
     alerts.py    UsageMonitor: 70 % / 90 % alerts to logs, callbacks and webhooks
     store.py     where counters live: in memory, or SQLite so they survive a restart
+    redis_store.py  RedisStore: counters shared by a fleet of processes (extra redis,
+                 imported only when a RedisStore is made: the package imports without it)
     config.py    one TOML file describing all of it
 
 Build a gateway from Python objects, or from a TOML file with
@@ -33,14 +35,16 @@ from .config import (
     ConfigError,
     GatewaySpec,
     GovernanceConfig,
+    RedisURL,
     UpstreamSpec,
     WebhookSpec,
     load_config,
     parse_config,
 )
 from .gateway import Availability, Gateway, GatewayStatistics, QuotaStatus, Routed, RoutedStream
+from .redis_store import RedisStore
 from .routing import Model, Route, Router, Rule
-from .store import MemoryStore, SQLiteStore, Store
+from .store import MemoryStore, Reservation, SQLiteStore, Store
 from .tiers import DimensionStatus, TenantGrant, TenantQuotas, Tier, TierLimits
 
 __all__ = [
@@ -63,6 +67,9 @@ __all__ = [
     "MonitorStatistics",
     "Price",
     "QuotaStatus",
+    "RedisStore",
+    "RedisURL",
+    "Reservation",
     "Route",
     "Routed",
     "RoutedStream",

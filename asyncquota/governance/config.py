@@ -31,8 +31,9 @@ taken from the TOML file's folder. A complete example, which the tests load as w
 
     timezone = "Europe/Paris"          # budget months, and tenants' days unless
                                        # [tenants] names its own (default "UTC")
-    store = "quota.sqlite3"            # SQLite file, relative to this file's folder;
-                                       # absent: counters live in memory
+    store = "quota.sqlite3"            # SQLite file, relative to this file's folder, or
+                                       # "redis://host:6379/0" to share the counters with a
+                                       # fleet of processes (extra redis); absent: memory
 
     [upstreams.openai]
     base_url = "https://api.openai.com"
@@ -166,6 +167,7 @@ from .alerts import (
     WebhookSink,
 )
 from .budget import Price
+from .redis_store import is_redis_url
 from .routing import COMPLEXITIES, Model, Router, Rule
 from .tiers import TenantQuotas, Tier, TierLimits, zone
 
@@ -177,6 +179,7 @@ __all__ = [
     "ConfigError",
     "GatewaySpec",
     "GovernanceConfig",
+    "RedisURL",
     "UpstreamSpec",
     "WebhookSpec",
     "load_config",
@@ -202,6 +205,7 @@ _D = TypeVar("_D")
 _CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -340,6 +344,19 @@ class AlertsSpec:
         object.__setattr__(self, "thresholds", MappingProxyType(dict(self.thresholds)))
 
 
+class RedisURL(str):
+    """The ``store`` of a configuration when it is a Redis URL rather than a SQLite file.
+
+    A ``str`` (the URL as written, to connect with) whose ``repr`` hides the password the
+    URL may carry, so a configuration printed or logged never shows it.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"RedisURL({redact_url(str(self))!r})"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GovernanceConfig:
     """A whole governance configuration, checked: what ``Gateway.from_config`` builds from.
@@ -347,8 +364,10 @@ class GovernanceConfig:
     Attributes:
         timezone: the IANA zone of the budget's months, and of tenants' days unless
             ``tenant_timezone`` is set.
-        store: the SQLite file of the counters (None: in memory); relative to the TOML
-            file's folder when loaded from a file.
+        store: where the counters live: a SQLite file (a ``Path``, relative to the TOML
+            file's folder when loaded from a file), a Redis URL (a :class:`RedisURL`,
+            for ``redis://``, ``rediss://`` and ``unix://``: a ``RedisStore`` shared by a
+            fleet), or None (in memory).
         upstreams: the upstreams, in file order.
         models: the models, in file order.
         rules: the routing table, in order.
@@ -367,7 +386,7 @@ class GovernanceConfig:
     """
 
     timezone: str = "UTC"
-    store: Path | None = None
+    store: Path | RedisURL | None = None
     upstreams: tuple[UpstreamSpec, ...]
     models: tuple[Model, ...]
     rules: tuple[Rule, ...] = ()
@@ -389,7 +408,8 @@ class GovernanceConfig:
 def load_config(path: str | os.PathLike[str]) -> GovernanceConfig:
     """Read and check the TOML file at ``path``.
 
-    A relative ``store`` path is resolved against the file's folder.
+    A relative ``store`` path is resolved against the file's folder (a Redis URL is kept
+    as it is).
 
     Raises:
         ConfigError: the file is not valid UTF-8 TOML (the message names the file, and the
@@ -445,10 +465,9 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Go
     timezone = top.get("timezone", _string, "UTC")
     with _reported(""):
         zone(timezone)
-    store = top.get("store", _string, None)
-    store_path = None
-    if store is not None:
-        store_path = Path(store) if base_dir is None else base_dir / store
+    store = top.get("store", _store, None)
+    if isinstance(store, Path) and base_dir is not None:
+        store = base_dir / store
     upstreams = tuple(
         _upstream(name, table) for name, table in top.required("upstreams", _named).items()
     )
@@ -475,7 +494,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path | None = None) -> Go
     gateway = top.get("gateway", _gateway, GatewaySpec())
     return GovernanceConfig(
         timezone=timezone,
-        store=store_path,
+        store=store,
         upstreams=upstreams,
         models=models,
         rules=rules,
@@ -935,6 +954,18 @@ def _string(value: object, path: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{path} must be a non-empty string, not {_shown(value)}.")
     return value
+
+
+def _store(value: object, path: str) -> Path | RedisURL:
+    text = _string(value, path)
+    if is_redis_url(text):
+        return RedisURL(text)
+    if _SCHEME.match(text):
+        raise ConfigError(
+            f"{path} must be a SQLite file path or a redis://, rediss:// or unix:// URL, "
+            f"not {redact_url(text)!r}."
+        )
+    return Path(text)
 
 
 def _strings(value: object, path: str) -> tuple[str, ...]:

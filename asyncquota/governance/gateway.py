@@ -104,6 +104,7 @@ from .config import (
     GovernanceConfig,
     load_config,
 )
+from .redis_store import RedisStore
 from .routing import Model, Route, Router
 from .store import MemoryStore, SQLiteStore, Store
 from .tiers import DimensionStatus, TenantGrant, TenantQuotas, tenant_id
@@ -605,11 +606,13 @@ class Gateway:
             config = load_config(Path(config))
         env = os.environ if environ is None else environ
         transports = transports or {}
-        store: Store = (
-            SQLiteStore(config.store, wall_clock=wall_clock)
-            if config.store is not None
-            else MemoryStore(wall_clock=wall_clock)
-        )
+        store: Store
+        if isinstance(config.store, Path):
+            store = SQLiteStore(config.store, wall_clock=wall_clock)
+        elif config.store is not None:  # a Redis URL: counters shared by a fleet
+            store = RedisStore(config.store)
+        else:
+            store = MemoryStore(wall_clock=wall_clock)
         shapers: dict[str, Shaper] = {}
         accounts: dict[str, str] = {}
         by_key: dict[str, str] = {}  # a key's digest → the account named after its first upstream
