@@ -334,6 +334,7 @@ async def test_a_redis_that_accepts_but_never_answers_fails_each_call_within_the
         started = loop.time()
         await store.aclose()  # tries the undo once, within the timeout, then gives it up
         assert loop.time() - started < 0.2 + 1.0
+        assert "undos=0 given_up=1" in repr(store)
     finally:
         ticker.cancel()
         hung.close()
@@ -443,11 +444,17 @@ async def test_a_reservation_that_ran_but_whose_reply_was_lost_is_undone(
     try:
         await warm(store)  # the one connection the next call will take
         link.mute()
-        reserving = asyncio.create_task(store.reserve("budget", 5.0, limit=5.0, expires_at=FUTURE))
+        request = [
+            Reservation("budget", 3.0, 5.0, FUTURE),
+            Reservation("cap", 5.0, 5.0, FUTURE),
+            Reservation("budget", 2.0, 5.0, FUTURE),
+        ]
+        reserving = asyncio.create_task(store.reserve_all(request))
         await eventually(lambda: counter(redis_url, "budget") == 5.0)  # Redis ran it...
+        assert counter(redis_url, "cap") == 5.0
         with pytest.raises(StoreUnavailableError, match="did not answer"):
             await reserving  # ...its caller was told no, so it must not stay counted
-        await eventually(lambda: counter(redis_url, "budget") == 0.0)
+        await eventually(lambda: counter(redis_url, "budget") == counter(redis_url, "cap") == 0)
         assert "undos=0" in repr(store)
         # The caller's retry gets the whole budget: the lost one is not counted twice.
         assert await store.reserve("budget", 5.0, limit=5.0, expires_at=FUTURE) == 5.0
@@ -523,7 +530,7 @@ async def test_a_password_never_shows_in_repr_nor_errors(redis_server: Any):
     store = RedisStore(url, name="chatbot")
     assert repr(store) == (
         f"<RedisStore redis://***@127.0.0.1:{redis_server.port}/0 name='chatbot' open "
-        "calls=0 failures=0 undos=0>"
+        "calls=0 failures=0 undos=0 given_up=0>"
     )
     try:
         with pytest.raises(StoreUnavailableError) as caught:
@@ -536,6 +543,25 @@ async def test_a_password_never_shows_in_repr_nor_errors(redis_server: Any):
     with pytest.raises(ValueError, match="redis://, rediss:// or unix://") as refused:
         RedisStore("http://user:s3cret-pw@example.com")
     assert "s3cret" not in str(refused.value)
+
+
+async def test_a_counter_someone_else_overwrote_fails_the_call_without_naming_its_key(
+    redis_url: str,
+):
+    with redis.Redis.from_url(redis_url) as raw:
+        raw.set(TAG + "c:tier:secret-tenant:rpd", "not-a-number")
+    store = RedisStore(redis_url)
+    try:
+        with pytest.raises(StoreUnavailableError, match="not a number") as caught:
+            await store.reserve_all(
+                [Reservation("fine", 1, 5, FUTURE), Reservation("tier:secret-tenant:rpd", 1, 5, 0)]
+            )
+        assert "secret-tenant" not in str(caught.value)
+        # Redis answered (with an error, before writing anything): nothing to undo.
+        assert "undos=0" in repr(store)
+        assert await store.get(["fine"]) == [0.0]
+    finally:
+        await store.aclose()
 
 
 def test_names_prefixes_and_timeouts_are_checked():

@@ -8,8 +8,9 @@ one Redis, so every ``TenantQuotas`` and ``BudgetGuard`` on it, in any process o
 machine, shares them exactly: ``Gateway.from_config`` builds one for
 ``store = "redis://host:6379/0"``.
 
-Each operation is one Lua script, run atomically by Redis (``EVALSHA``, falling back to
-loading the script when Redis has forgotten it after a restart): ``reserve_all`` checks
+Each write is one Lua script, run atomically by Redis (``EVALSHA``, falling back to
+loading the script when Redis has forgotten it after a restart), and a read one ``MGET``,
+so a call is one round trip (~0.1 ms on loopback): ``reserve_all`` checks
 every counter of a request (its tier minute, day and tokens; its budget and cap) and adds to
 all of them or none, so no process ever sees part of a request counted and no sum passes a
 limit, however many processes reserve at once.
@@ -26,9 +27,10 @@ the scripts add in doubles as Python does: a counter in Redis holds bit for bit 
 ``MemoryStore`` would after the same operations, so a budget drifts no more than it does in
 memory (the budget's ``SLACK`` absorbs that). ``INCRBYFLOAT`` was not used: it adds in
 long doubles and prints 17 decimal places, so its sums differ from Python's in the last
-bits and the same test would pass in memory and fail in Redis. Integer micro-units were
-not either: a token of a cheap model costs about a micro-dollar, and token counters reach
-1e9, where fixed point in a double loses the units.
+bits and the same test would pass in memory and fail in Redis. Integer units were not
+either: micro-dollars round a cheap model's token ($0.00000015) to nothing, and units fine
+enough for it (1e-12) leave Lua's exact integers (2^53) past $9 000, while one store also
+counts tokens in the billions.
 
 **Expiry** is Redis's own: a counter is forgotten at its ``expires_at`` (``PEXPIREAT``,
 rounded up to the millisecond) by Redis's clock, and a live counter keeps its later expiry
@@ -43,10 +45,12 @@ open across a failure: the next call connects again, so calls succeed as soon as
 back.
 
 **Exactly once.** A call whose reply is lost (a timeout, a dropped connection) may or may
-not have run on Redis. Each write therefore carries a random operation id, and its script
-records its reply under that id for ``OPERATION_TTL`` seconds: run again with the same id
-it changes nothing and returns the recorded reply, so redis-py's one retry of a call whose
-connection broke (a stale connection after a Redis restart) never counts twice. A
+not have run on Redis. Each write therefore carries a random operation id, and a script
+that writes records its reply under that id (a reservation's for ``OPERATION_TTL``
+seconds, an add's for as long as its call may last; a refusal wrote nothing and records
+nothing): run again with the same id it changes nothing and returns the recorded reply,
+so redis-py's one retry of a call whose connection broke (a stale connection after a
+Redis restart) never counts twice. A
 reservation whose outcome stays unknown (the timeout passed, or its caller was cancelled
 while it ran) is *undone* by id in the background as soon as Redis answers: if it had run,
 its amounts are given back once; if it has not arrived yet, a tombstone makes it a no-op
@@ -55,7 +59,9 @@ and a retried request is counted once. An ``add`` (a refund, a reconcile) is not
 by the store beyond that: one whose outcome is unknown is reported as a failure and, like
 in ``SQLiteStore``, may have applied or not; callers log it as dropped. An undo that Redis
 does not take within ``OPERATION_TTL`` is given up (the counter stays high until its
-window ends: the closed side).
+window ends: the closed side). The records cost Redis memory: about 300 bytes a
+reservation for ``OPERATION_TTL`` seconds, ~35 MB for a gateway serving a thousand requests
+a second (a tier reservation and a budget one each).
 
 Redis is an optional dependency: this module imports without it, and ``RedisStore(...)``
 raises ``ImportError`` naming ``pip install 'asyncquota[redis]'`` when it is missing.
@@ -90,9 +96,10 @@ A call takes ~0.1 ms on loopback, but a burst of a thousand concurrent admission
 process queues for the store's connections for ~0.1 s: the bound must not refuse those,
 and is still short enough that a request is refused quickly while Redis is away."""
 
-OPERATION_TTL = 120.0
-"""Seconds an operation's reply is kept in Redis (so a retry or an undo of it finds it),
-and the longest an undo of a lost reservation is tried before it is given up."""
+OPERATION_TTL = 60.0
+"""Seconds a reservation's reply is kept in Redis (so a retry or an undo of it finds it),
+and the longest an undo of a lost reservation is tried before it is given up. An add's
+reply is kept only as long as its call may last (its retry is within the call)."""
 
 MAX_CONNECTIONS = 32
 """Connections one store opens at most; more concurrent calls wait for one (within their
@@ -110,6 +117,8 @@ UNDO_RETRY = 0.5
 """Seconds between two attempts to send the undos while Redis does not answer."""
 
 INSTALL_HINT = "RedisStore needs redis-py: pip install 'asyncquota[redis]'"
+
+_TTL_MS = str(round(OPERATION_TTL * 1000))  # the reservations' records, for PX
 
 _SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -170,9 +179,9 @@ for i = 2, #KEYS do
   local new = values[key] + tonumber(ARGV[base + 1])
   local limit = ARGV[base + 2]
   if limit ~= '' and new > tonumber(limit) then
-    local reply = '-' .. (i - 2)
-    redis.call('SET', KEYS[1], reply, 'PX', ARGV[1])
-    return reply
+    -- Not recorded: nothing was written, so running it again (a retry) is harmless, and a
+    -- tenant hammering past its limit costs Redis no memory.
+    return '-' .. (i - 2)
   end
   values[key] = new
   local at = tonumber(ARGV[base + 3])
@@ -208,17 +217,26 @@ _UNDO = (
     _PRELUDE
     + """
 local done = redis.call('GET', KEYS[1])
-redis.call('SET', KEYS[1], 'U', 'PX', ARGV[1])
-if not done or string.sub(done, 1, 1) ~= '+' then return 0 end
-for i = 2, #KEYS do
-  local key, base = KEYS[i], 2 * (i - 2) + 1
-  local raw = redis.call('GET', key)
-  if raw then
-    local new = value_of(raw) - tonumber(ARGV[base + 1])
-    if not (new > 0) then new = 0 end
-    write(key, new, tonumber(ARGV[base + 2]), true)
+local values, until_ms = {}, {}
+if done and string.sub(done, 1, 1) == '+' then
+  -- Read (and check) every counter before writing any: an error leaves nothing half done.
+  for i = 2, #KEYS do
+    local key, base = KEYS[i], 2 * (i - 2) + 1
+    if values[key] == nil then
+      local raw = redis.call('GET', key)
+      values[key] = raw and value_of(raw) or false  -- a counter gone has nothing to give back
+    end
+    if values[key] then
+      values[key] = values[key] - tonumber(ARGV[base + 1])
+      local at = tonumber(ARGV[base + 2])
+      if until_ms[key] == nil or at > until_ms[key] then until_ms[key] = at end
+    end
   end
 end
+for key, value in pairs(values) do
+  if value then write(key, value > 0 and value or 0, until_ms[key], true) end
+end
+redis.call('SET', KEYS[1], 'U', 'PX', ARGV[1])
 return 1
 """
 )
@@ -267,6 +285,7 @@ class RedisStore:
 
     __slots__ = (
         "_add",
+        "_add_ttl_ms",
         "_calls",
         "_client",
         "_closed",
@@ -281,7 +300,6 @@ class RedisStore:
         "_tag",
         "_timeout",
         "_undo",
-        "_undone",
         "_undos",
         "_url",
     )
@@ -319,6 +337,8 @@ class RedisStore:
         self._url = url
         self._redacted = redact_url(url)
         self._timeout = float(timeout)
+        # An add's record serves only redis-py's retry, within the same call.
+        self._add_ttl_ms = str(round((self._timeout + 1) * 1000))
         self._name = name
         self._tag = f"{{{prefix}:{name}}}:"
         try:
@@ -347,7 +367,6 @@ class RedisStore:
         self._closed = False
         self._calls = 0
         self._failures = 0
-        self._undone = 0
         self._given_up = 0
 
     @property
@@ -390,7 +409,7 @@ class RedisStore:
         at = _ms(expires_at)
         self._check_open()
         keys = [self._operation(), self._tag + "c:" + key]
-        args = [_ms(OPERATION_TTL), _number(amount), at]
+        args = [self._add_ttl_ms, _number(amount), at]
         # Shielded: a refund or a charge whose caller is cancelled still applies.
         running = asyncio.ensure_future(self._run(self._add, keys, args))
         running.add_done_callback(_read_outcome)
@@ -435,7 +454,7 @@ class RedisStore:
         return f"{self._tag}op:{secrets.token_hex(8)}"
 
     async def _reserve_all(self, reservations: tuple[Reservation, ...]) -> str:
-        args = [_ms(OPERATION_TTL)]
+        args = [_TTL_MS]
         for item in reservations:
             args += (_number(item.amount), _limit(item.limit), _ms(item.expires_at))
         self._check_open()
@@ -531,18 +550,16 @@ class RedisStore:
     async def _flush(self) -> None:
         """One pipeline of up to ``UNDO_BATCH`` undos, bounded by the timeout."""
         batch = list(itertools.islice(self._undos.items(), UNDO_BATCH))
-        ttl = _ms(OPERATION_TTL)
         async with self._client.pipeline(transaction=False) as pipe:
             for operation, (_, reservations) in batch:
                 keys = [operation, *(self._tag + "c:" + item.key for item in reservations)]
-                args = [ttl]
+                args = [_TTL_MS]
                 for item in reservations:
                     args += (_number(item.amount), _ms(item.expires_at))
                 await self._undo(keys=keys, args=args, client=pipe)
             await self._bounded(pipe.execute())
         for operation, _ in batch:
             self._undos.pop(operation, None)
-        self._undone += len(batch)
 
     def _give_up(self, count: int, why: str) -> None:
         self._given_up += count
@@ -558,7 +575,8 @@ class RedisStore:
         state = "closed" if self._closed else "open"
         return (
             f"<RedisStore {self._redacted} name={self._name!r} {state} "
-            f"calls={self._calls} failures={self._failures} undos={len(self._undos)}>"
+            f"calls={self._calls} failures={self._failures} undos={len(self._undos)} "
+            f"given_up={self._given_up}>"
         )
 
 
