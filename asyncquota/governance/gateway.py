@@ -34,8 +34,9 @@ requests cannot overshoot together; the reply's ``usage`` settles it. A request 
 account's cap cannot pay moves down its chain (a ``fallback`` alert says why) rather than
 be sent to a provider that would refuse it.
 
-When the counter store is unavailable (a locked, corrupt or failing SQLite file; see
-:class:`~.store.SQLiteStore`), tiers and budgets fail closed: a request whose limits
+When the counter store is unavailable (a locked, corrupt or failing SQLite file, a Redis
+that does not answer within its timeout; see :class:`~.store.SQLiteStore` and
+:class:`~.redis_store.RedisStore`), tiers and budgets fail closed: a request whose limits
 cannot be checked is refused with :class:`~asyncquota.errors.StoreUnavailableError`
 before anything is sent, and it is not passed to a fallback (they share the store). A
 request already served still gets its reply: a settlement the store refuses afterwards
