@@ -148,6 +148,16 @@ LATENCY_MEMORY = 30.0
 LATENCY_WINDOW_MIN = 64
 """The fewest replies a window of round trips averages."""
 
+LATENCY_MIN_RISE = 0.02
+"""Seconds a window's mean must lie above the fastest for the brake to read it as slower.
+
+A rise smaller than this is our own event loop's, not the upstream's: a busy client
+schedules each reply a little later the more it has in flight (a few milliseconds at a
+few hundred requests a second), and against an upstream that answers in 5 ms that reads
+as 50 % slower. Braking on it holds the limit under the callers' count for nothing but
+our own CPU (the overhead benchmark's limit sat at 27 for 32 callers). An LLM upstream
+that slows as it fills adds hundreds of milliseconds, far above it."""
+
 LATENCY_PROBE_EVERY = 10.0
 """Seconds between two windows run at three quarters of the limit (see ``_Windows``)."""
 
@@ -166,6 +176,9 @@ class _Windows:
     a second, not more. Each full window's mean is compared with the fastest window of
     the last ``LATENCY_MEMORY`` seconds: more than ``room`` above it, the limit stops
     growing; more than one and a half ``room``, it comes down by a tenth a window.
+
+    A rise under ``LATENCY_MIN_RISE`` seconds is not read at all: at a few milliseconds it
+    is our own event loop's scheduling, not the upstream's load.
 
     The fastest window must have been seen at a lower load to mean anything: a limit
     that sat at one level all along has nothing to compare with. So while windows are
@@ -204,6 +217,8 @@ class _Windows:
         while fastest[0][0] < now - LATENCY_MEMORY:
             fastest.popleft()
         ratio = mean / fastest[0][1] if fastest[0][1] > 0 else 1.0
+        if mean - fastest[0][1] < LATENCY_MIN_RISE:
+            ratio = 1.0  # within our own loop's noise (see LATENCY_MIN_RISE)
         was_probing, self.probing = self.probing, False
         self.slow = ratio > 1.0 + self._room
         if not was_probing and self._probe_at is not None and now >= self._probe_at:

@@ -442,3 +442,21 @@ def test_aimd_probes_a_lower_load_now_and_then_to_know_what_fast_is():
 def test_aimd_refuses_a_latency_room_that_is_not_positive():
     with pytest.raises(ValueError, match="latency_room must be positive or None"):
         AIMD(latency_room=0.0)
+
+
+def test_aimd_reads_a_rise_of_a_few_milliseconds_as_our_own_loop_not_the_upstream():
+    # An upstream that answers in 5 ms, a client busy enough that each reply is handled a
+    # few ms later the more it has in flight: 60 % "slower", and none of it the upstream's.
+    limit = AIMD(initial=32, max_limit=1000, latency_room=0.15)
+    limit._ssthresh = 32.0
+    size = max(32, LATENCY_WINDOW_MIN)
+    now, _ = run_windows(limit, 0.0, [0.005] * size, 32)
+    before = limit.limit
+    now, _ = run_windows(limit, now, [0.008] * size * 3, 32)
+    assert limit.limit > before  # still grows: no brake, no cut
+    # The same shape at an LLM's scale (0.30 s → 0.48 s) is the upstream filling: it cuts.
+    slow = AIMD(initial=32, max_limit=1000, latency_room=0.15)
+    slow._ssthresh = 32.0
+    now, _ = run_windows(slow, 0.0, [0.30] * size, 32)
+    now, _ = run_windows(slow, now, [0.48] * size, 32)
+    assert slow.limit < 32
