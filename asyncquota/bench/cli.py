@@ -31,7 +31,9 @@ stopping by itself) and real runs talk to an upstream on 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -213,6 +215,10 @@ def _fleet(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
+    # A SIGTERM (a CI's timeout, a supervisor) unwinds like Ctrl-C, so that the processes,
+    # the upstream and the redis-server are stopped on the way out, not left behind.
+    watching = threading.current_thread() is threading.main_thread()
+    terminated = signal.signal(signal.SIGTERM, _exit_on_sigterm) if watching else None
     try:
         runs = run_fleet(
             names, config=config, model=model, processes=processes, kill_redis_at=kill,
@@ -228,6 +234,9 @@ def _fleet(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print("asyncquota bench: interrupted; the fleet's processes were stopped.",
               file=sys.stderr)
         return 130
+    finally:
+        if watching:
+            signal.signal(signal.SIGTERM, terminated)
     doc = fleet_document(config=config, model=model, processes=processes, runs=runs)
     print(fleet_table(doc))
     if args.json is not None:
@@ -237,6 +246,10 @@ def _fleet(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
         plot(doc, {name: fleet.run for name, fleet in runs.items()}, args.plot)
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _tune(
