@@ -191,6 +191,7 @@ def test_the_fleet_figures_of_a_known_night_with_an_outage():
     assert [(p["process"], p["requests"], p["ok"], p["lost"], p["offset_ms"]) for p in
             per_process] == [(0, 2, 1, 1, 0.0), (1, 2, 1, 0, 4.0)]
     assert per_process[1]["fleet"] == stats(20, 1, 1.1)
+    assert per_process[1]["degraded_spells"] == [[2.01, 3.5]]
     assert (per_process[0]["degraded_after_kill_s"], per_process[0]["back_after_restore_s"]) \
         == (0.049, 0.1)
 
@@ -204,10 +205,18 @@ def test_a_process_that_never_noticed_or_never_came_back_is_none_not_a_fast_figu
     late = fleet_figures(result, strategy=FLEET, config=QUOTA, timeline=UPSTREAM["timeline"],
                          workers=stuck, outage=OUTAGE)
     assert (late["degraded_after_kill_s"], late["back_after_restore_s"]) == (0.299, None)
+    assert late["per_process"][1]["degraded_spells"] == [[2.3, None]]
     blind = fleet_figures(result, strategy=FLEET, config=QUOTA, timeline=UPSTREAM["timeline"],
                           workers=never, outage=OUTAGE)
     # Never degraded: it has nothing to come back from, but it did not notice the outage.
     assert (blind["degraded_after_kill_s"], blind["back_after_restore_s"]) == (None, 0.1)
+
+
+def test_the_degraded_spells_of_a_process_from_its_flags_changes():
+    changes = [(0.0, False), (0.4, True), (0.7, False), (20.1, True), (30.2, False),
+               (58.0, True)]
+    assert bench_fleet._spells(changes) == [[0.4, 0.7], [20.1, 30.2], [58.0, None]]
+    assert bench_fleet._spells([(0.0, False)]) == []
 
 
 def test_the_baseline_has_no_redis_figures_and_no_redis_target():
@@ -219,7 +228,8 @@ def test_the_baseline_has_no_redis_figures_and_no_redis_target():
                                      "leases", "degraded_seconds", "degraded_after_kill_s",
                                      "back_after_restore_s", "redis")] == [None] * 8
     assert figures["targets"]["redis_calls_per_request"] is None
-    assert all(p["fleet"] is None for p in figures["per_process"])
+    assert all(p["fleet"] is None and p["degraded_spells"] is None
+               for p in figures["per_process"])
 
 
 def test_the_document_has_the_fleet_under_each_result_and_a_table_row_each():

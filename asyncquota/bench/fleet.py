@@ -11,7 +11,9 @@ one simulated upstream in its own process, in real time. Two strategies, side by
   share one quota. With ``--kill-redis-at S`` the server is killed (SIGKILL) S seconds into
   the night, and with ``--restore-redis-at S`` started again, empty, on the same port;
 - ``no-fleet``: the same N processes, each with the same Shaper and no fleet: what a fleet
-  of processes gets today, each keeping the upstream "full" alone, together N times over.
+  of processes gets today. Each aims at the whole quota alone (together N times it); only
+  what the upstream's replies teach each of them (its rate-limit headers, which every
+  Shaper mirrors, and its 429s) holds them back, once they have heard from it.
 
 Session ``i`` of the night belongs to process ``i % N`` (:func:`split_sessions`): each
 process replays its share with the harness's own driver
@@ -42,8 +44,11 @@ What is measured, under ``results.<strategy>.fleet`` (:func:`fleet_figures`):
   slowest process took to notice the outage and to come back in step after the restore,
   from each process's ``degraded`` flag polled every :data:`POLL_DEGRADED` s (None: some
   process never did);
-- ``per_process``: each process's sessions, requests, answers, process figures and its
-  fleet statistics; ``targets``: issue 11's (:data:`TARGETS`) and whether each was met.
+- ``per_process``: each process's sessions, requests, answers, process figures, its
+  fleet statistics and its ``degraded_spells`` (``[from, to]`` in seconds from the start,
+  ``to`` None if the spell lasted to the end: an outage, or Redis calls timing out when
+  the process is too busy to read their answers in time); ``targets``: issue 11's
+  (:data:`TARGETS`) and whether each was met.
 
 The standard result beside it (``goodput_ratio``, latencies, ``cpu_s`` summed over the
 processes, ``peak_rss_mb`` the largest process's, ``wall_s`` the longest) is the merged
@@ -51,8 +56,9 @@ fleet's, so the usual table compares the two strategies as it compares any two.
 
 Every run is bounded: each process stops its night at the harness's hard stop, the parent
 gives the processes :data:`READY_TIMEOUT` s to start and the night's horizon plus
-:data:`COLLECT_GRACE` s to report, and whatever happens (an error, Ctrl-C) the processes,
-the upstream and the redis-server are terminated (then killed) on the way out.
+:data:`COLLECT_GRACE` s to report, and whatever happens (an error, Ctrl-C, the command's
+SIGTERM) the processes, the upstream and the redis-server are terminated (then killed) on
+the way out. The processes ignore Ctrl-C themselves: stopping them is the parent's job.
 """
 
 from __future__ import annotations
@@ -135,7 +141,7 @@ FLEET_STRATEGIES: Mapping[str, str] = {
     FLEET: "each process's Shaper, given the quota's rpm/tpm, shares it through one "
     "RedisFleet",
     ALONE: "each process's Shaper, given the quota's rpm/tpm, alone (no fleet: together "
-    "they aim at N times the quota)",
+    "they aim at N times the quota; only the upstream's headers and 429s hold them back)",
 }
 """The scenario's strategies, in report order."""
 
@@ -385,6 +391,17 @@ def _state_at(changes: Sequence[tuple[float, bool]], at: float) -> bool:
     return state
 
 
+def _spells(changes: Sequence[tuple[float, bool]]) -> list[list[float | None]]:
+    """The spells of a degraded flag: ``[from, to]``, ``to`` None if it lasted to the end."""
+    spells: list[list[float | None]] = []
+    for t, value in changes:
+        if value and (not spells or spells[-1][1] is not None):
+            spells.append([t, None])
+        elif not value and spells and spells[-1][1] is None:
+            spells[-1][1] = t
+    return spells
+
+
 def _slowest(delays: Sequence[float | None]) -> float | None:
     """The slowest of the processes' delays; None if one never got there (or none ran)."""
     if not delays or any(delay is None for delay in delays):
@@ -435,6 +452,7 @@ def fleet_figures(
             "peak_rss_mb": round(worker.run.peak_rss_mb, 1),
             "wall_s": round(worker.run.wall_s, 2),
             "fleet": worker.fleet,
+            "degraded_spells": _spells(worker.degraded) if worker.fleet is not None else None,
         }
         if worker.fleet is not None and outage is not None and outage.killed_at is not None:
             entry["degraded_after_kill_s"] = _first_change(
