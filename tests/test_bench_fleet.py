@@ -415,3 +415,23 @@ def test_processes_that_do_not_report_in_time_are_stopped():
             bench_fleet._await_all(spawned, "done", deadline=time.time() + 0.3)
         assert all(p.process.is_alive() for p in spawned)
     assert all(p.process.exitcode is not None for p in spawned)
+
+
+def test_the_fleet_for_real_talks_to_redis_and_lives_through_its_outage():
+    # Runs where the fleet backend is (issue 11); without it, the tests above say why it
+    # cannot run. No timing is asserted: the machine is shared.
+    reason = bench_fleet.fleet_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    runs = run_fleet([FLEET], config=UpstreamConfig(rps=50.0), model=TINY, processes=2,
+                     kill_redis_at=0.8, restore_redis_at=1.4)
+    fleet = runs[FLEET]
+    assert fleet.outage is not None and fleet.outage.restored_at is not None
+    assert [w.fleet is not None for w in fleet.workers] == [True, True]
+    assert all(w.fleet is not None and w.fleet["calls"] > 0 for w in fleet.workers)
+    assert fleet.run.log.open == 0 and len(fleet.run.log) > 0
+    doc = fleet_document(config=UpstreamConfig(rps=50.0), model=TINY, processes=2, runs=runs)
+    figures = doc["results"][FLEET]["fleet"]
+    assert figures["redis_calls"] == sum(w.fleet["calls"] for w in fleet.workers if w.fleet)
+    assert figures["redis_calls_per_request"] is not None
+    assert figures["degraded_seconds"] is not None and figures["lost"] == 0
