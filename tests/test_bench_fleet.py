@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import time
 from array import array
+from importlib.machinery import ModuleSpec
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from asyncquota.bench.sessions import SessionModel
 from asyncquota.cli import main
 from asyncquota.outcomes import RequestOutcome
 from asyncquota.testing import UpstreamConfig
-from asyncquota.testing.redis import RedisServer, find_redis_server
+from asyncquota.testing.redis import INSTALL_HINT, RedisServer, find_redis_server
 
 # Real processes on real time: looptime's virtual clock has no say here.
 pytestmark = pytest.mark.looptime(False)
@@ -264,8 +266,15 @@ def test_the_document_has_the_fleet_under_each_result_and_a_table_row_each():
 
 
 def no_fleet_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make ``asyncquota.fleet`` unimportable, whether this build has it or not."""
+    """Make ``asyncquota.fleet`` unimportable, whether this build has it or not, on a
+    machine that has redis-py and a redis-server (whether this one has them or not)."""
     monkeypatch.setitem(sys.modules, "asyncquota.fleet", None)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec",
+        lambda name, *a: ModuleSpec("redis", None) if name == "redis" else real(name, *a),
+    )
+    monkeypatch.setattr(bench_fleet, "find_redis_server", lambda: "/usr/bin/redis-server")
 
 
 def test_the_fleet_strategy_without_a_fleet_backend_fails_before_anything_starts(monkeypatch):
@@ -371,9 +380,16 @@ def test_the_baseline_for_real_from_the_command_line(tmp_path: Path, capsys):
     assert all(abs(p["offset_ms"]) < 1_000 for p in fleet["per_process"])
 
 
-def test_redis_is_killed_and_restored_on_the_same_port_while_the_processes_run():
+def need_redis_server() -> None:
+    """As the ``redis_server`` fixture: fail under ``AQ_REQUIRE_REDIS=1``, else skip."""
     if find_redis_server() is None:
-        pytest.skip("redis-server is not installed")
+        if os.environ.get("AQ_REQUIRE_REDIS") == "1":
+            pytest.fail(f"AQ_REQUIRE_REDIS=1 but {INSTALL_HINT}")
+        pytest.skip(INSTALL_HINT)
+
+
+def test_redis_is_killed_and_restored_on_the_same_port_while_the_processes_run():
+    need_redis_server()
     with RedisServer() as server:
         port = server.port
         outage = RedisOutage(kill_at=0.5, restore_at=1.2)
@@ -420,6 +436,7 @@ def test_processes_that_do_not_report_in_time_are_stopped():
 def test_the_fleet_for_real_talks_to_redis_and_lives_through_its_outage():
     # Runs where the fleet backend is (issue 11); without it, the tests above say why it
     # cannot run. No timing is asserted: the machine is shared.
+    need_redis_server()
     reason = bench_fleet.fleet_unavailable()
     if reason is not None:
         pytest.skip(reason)
