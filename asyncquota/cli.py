@@ -2,11 +2,13 @@
 
     asyncquota proxy --config gateway.toml [--host 127.0.0.1] [--port 8080]
     asyncquota bench --scenario crisis --sessions 30000 --json out.json --plot out.png
+    asyncquota bench --scenario fleet --processes 4 --json fleet.json
     asyncquota tune --scenario crisis --param limit.initial=20,64 --objective goodput
 
 The parser lives here; each command's code in its own package (:mod:`asyncquota.proxy`,
 :mod:`asyncquota.bench.cli`), imported only when it runs. A command whose extra is not
-installed says so in one line, with the pip command, instead of a traceback.
+installed says so in one line, with the pip command, instead of a traceback; so does the
+fleet scenario without redis-py, redis-server or the fleet backend.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 
 from .bench.cli import BENCH_DURATION, BENCH_SESSIONS
 from .bench.exhaustion import SCENARIO as EXHAUSTION
+from .bench.fleet import DEFAULT_PROCESSES, FLEET, FLEET_STRATEGIES, MAX_PROCESSES
+from .bench.fleet import SCENARIO as FLEET_SCENARIO
 from .bench.matrix import DURATION, SESSIONS
 from .bench.strategies import STRATEGIES
 from .bench.tune import METRICS, PARAMETERS, Objective, parse_objective, parse_param
@@ -40,11 +44,12 @@ _EXTRA_OF = {"bench": "bench", "tune": "bench", "proxy": "proxy"}
 
 def _strategies(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in STRATEGIES]
+    known = [*STRATEGIES, *(name for name in FLEET_STRATEGIES if name not in STRATEGIES)]
+    unknown = [name for name in names if name not in known]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"Unknown strategy {', '.join(unknown) or '(none)'}; use some of "
-            f"{', '.join(STRATEGIES)}, separated by commas."
+            f"{', '.join(known)}, separated by commas."
         )
     return names
 
@@ -103,11 +108,13 @@ def _parser() -> argparse.ArgumentParser:
         "With --matrix, once per upstream behaviour of the robustness matrix.",
     )
     bench.add_argument(
-        "--scenario", choices=sorted(PRESETS),
+        "--scenario", choices=sorted({*PRESETS, FLEET_SCENARIO}),
         help=f"the upstream's preset (default crisis); {EXHAUSTION}: the primary's quota dies "
         "at 20 s and returns at 45 s, asyncquota as a Gateway falling back to a second "
         "upstream of half its capacity (two upstream processes for real), the peers on the "
-        "primary alone",
+        f"primary alone; {FLEET_SCENARIO}: the crisis split across --processes processes, "
+        f"{' and '.join(FLEET_STRATEGIES)} (real time; the {FLEET} strategy shares the "
+        "quota through a redis-server the bench starts: pip install 'asyncquota[redis]')",
     )
     bench.add_argument(
         "--sessions", type=int,
@@ -121,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--strategies", type=_strategies,
         help=f"comma-separated, from {', '.join(STRATEGIES)} (default: all; with --matrix "
-        "asyncquota)",
+        f"asyncquota); with --scenario {FLEET_SCENARIO}: from {', '.join(FLEET_STRATEGIES)}",
     )
     bench.add_argument(
         "--matrix", action="store_true",
@@ -130,6 +137,19 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--rows", type=_rows, metavar="N,M,...",
         help="with --matrix: only these rows (their numbers in the full table)",
+    )
+    bench.add_argument(
+        "--processes", type=int, metavar="N",
+        help=f"with --scenario {FLEET_SCENARIO}: the processes sharing the quota (default "
+        f"{DEFAULT_PROCESSES}, at most {MAX_PROCESSES})",
+    )
+    bench.add_argument(
+        "--kill-redis-at", type=float, metavar="S",
+        help=f"with --scenario {FLEET_SCENARIO}: kill the redis-server S seconds into the night",
+    )
+    bench.add_argument(
+        "--restore-redis-at", type=float, metavar="S",
+        help="with --kill-redis-at: start it again (empty, same port) S seconds into the night",
     )
     bench.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
     bench.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of the runs")
@@ -186,6 +206,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.command == "bench" and args.scenario == FLEET_SCENARIO and (
+        args.strategies is None or FLEET in args.strategies
+    ):
+        from .bench.fleet import fleet_unavailable
+
+        reason = fleet_unavailable()
+        if reason is not None:
+            print(f"asyncquota bench --scenario {FLEET_SCENARIO}: {reason}", file=sys.stderr)
+            return 2
     if args.command == "proxy":
         return _proxy(parser, args)
     from .bench.cli import run

@@ -6,6 +6,7 @@
     asyncquota bench --virtual ...      # in process, on virtual time
     asyncquota bench --matrix [--virtual] [--json PATH] [--strategies a,b] [--rows 1,5]
     asyncquota bench --scenario exhaustion [--virtual] [--json PATH]
+    asyncquota bench --scenario fleet --processes 4 [--kill-redis-at 20 --restore-redis-at 25]
     asyncquota tune --scenario crisis --param limit.initial=20,64 \\
         --param retry_budget=0.05,0.2 --objective goodput --csv tune.csv --heatmap tune.png
 
@@ -18,6 +19,11 @@ primary's quota dies at 20 s and returns at 45 s, asyncquota runs as a Gateway w
 fallback upstream (the peers know only the primary); for real it starts two upstream
 processes. It is not a tuner scenario (the tuner runs a Shaper alone).
 
+``--scenario fleet`` is issue 11's fleet (:mod:`asyncquota.bench.fleet`): the crisis split
+across ``--processes`` real processes sharing one quota through a redis-server the bench
+starts (``asyncquota``), beside the same processes each alone (``no-fleet``); real time
+only. ``--kill-redis-at``/``--restore-redis-at`` kill and restore that server mid-night.
+
 Runs are bounded (at most ``MAX_SESSIONS`` sessions and ``MAX_DURATION`` seconds, each
 stopping by itself) and real runs talk to an upstream on 127.0.0.1 only.
 """
@@ -25,7 +31,9 @@ stopping by itself) and real runs talk to an upstream on 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +42,16 @@ import orjson
 from ..testing import UpstreamConfig
 from .exhaustion import SCENARIO as EXHAUSTION
 from .exhaustion import exhaustion_document, exhaustion_table, run_exhaustion
+from .fleet import (
+    DEFAULT_PROCESSES,
+    FLEET,
+    FLEET_STRATEGIES,
+    MAX_PROCESSES,
+    PRESET,
+    FleetRun,
+    FleetUnavailable,
+)
+from .fleet import SCENARIO as FLEET_SCENARIO
 from .matrix import (
     DURATION,
     SESSIONS,
@@ -61,6 +79,16 @@ BENCH_DURATION = 60.0
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Run ``asyncquota bench`` or ``asyncquota tune`` as parsed; the exit status."""
     matrix = args.command == "bench" and args.matrix
+    fleet = args.command == "bench" and args.scenario == FLEET_SCENARIO
+    fleet_options = ("processes", "kill_redis_at", "restore_redis_at")
+    if not fleet and any(getattr(args, name, None) is not None for name in fleet_options):
+        parser.error("--processes, --kill-redis-at and --restore-redis-at go with "
+                     f"--scenario {FLEET_SCENARIO}.")
+    fleet_only = [name for name in getattr(args, "strategies", None) or ()
+                  if name not in STRATEGIES]
+    if not fleet and fleet_only:
+        parser.error(f"{', '.join(fleet_only)} goes with --scenario {FLEET_SCENARIO}; the "
+                     f"other scenarios run {', '.join(STRATEGIES)}.")
     if args.sessions is None:
         args.sessions = SESSIONS if matrix else BENCH_SESSIONS
     if args.duration is None:
@@ -76,6 +104,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "bench" and args.rows is not None:
         parser.error("--rows goes with --matrix.")
     args.scenario = args.scenario or "crisis"
+    if fleet:
+        return _fleet(parser, args)
     config = UpstreamConfig.preset(args.scenario, seed=args.seed)
     model = SessionModel(
         sessions=args.sessions,
@@ -150,6 +180,76 @@ def _matrix(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     return 0
+
+
+def _fleet(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .fleet import fleet_document, fleet_table, run_fleet
+
+    if args.virtual:
+        parser.error(f"--scenario {FLEET_SCENARIO} runs real processes in real time: drop "
+                     "--virtual.")
+    names = args.strategies or list(FLEET_STRATEGIES)
+    others = [name for name in names if name not in FLEET_STRATEGIES]
+    if others:
+        parser.error(f"--scenario {FLEET_SCENARIO} runs {', '.join(FLEET_STRATEGIES)}, not "
+                     f"{', '.join(others)}.")
+    processes = DEFAULT_PROCESSES if args.processes is None else args.processes
+    if not 1 <= processes <= MAX_PROCESSES:
+        parser.error(f"--processes must be between 1 and {MAX_PROCESSES}.")
+    kill, restore = args.kill_redis_at, args.restore_redis_at
+    if kill is not None and FLEET not in names:
+        parser.error(f"--kill-redis-at needs the {FLEET} strategy: only its processes "
+                     "talk to Redis.")
+    if kill is not None and not 0 <= kill < args.duration:
+        parser.error(f"--kill-redis-at must be within the night: 0 to {args.duration:g} s.")
+    if restore is not None and (kill is None or restore <= kill):
+        parser.error("--restore-redis-at needs an earlier --kill-redis-at.")
+    config = UpstreamConfig.preset(PRESET, seed=args.seed)
+    model = SessionModel(sessions=args.sessions, duration=args.duration, seed=args.seed)
+
+    def done(fleet: FleetRun) -> None:
+        run = fleet.run
+        print(
+            f"{run.strategy} × {len(fleet.workers)} processes: {len(run.log)} requests, "
+            f"{run.log.ok} ok, {run.wall_s:.1f} s wall",
+            file=sys.stderr,
+        )
+
+    # A SIGTERM (a CI's timeout, a supervisor) unwinds like Ctrl-C, so that the processes,
+    # the upstream and the redis-server are stopped on the way out, not left behind.
+    watching = threading.current_thread() is threading.main_thread()
+    terminated = signal.signal(signal.SIGTERM, _exit_on_sigterm) if watching else None
+    try:
+        runs = run_fleet(
+            names, config=config, model=model, processes=processes, kill_redis_at=kill,
+            restore_redis_at=restore, on_done=done,
+        )
+    except FleetUnavailable as exc:
+        print(f"asyncquota bench --scenario {FLEET_SCENARIO}: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # a process failed, or did not start or report in time
+        print(f"asyncquota bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("asyncquota bench: interrupted; the fleet's processes were stopped.",
+              file=sys.stderr)
+        return 130
+    finally:
+        if watching:
+            signal.signal(signal.SIGTERM, terminated)
+    doc = fleet_document(config=config, model=model, processes=processes, runs=runs)
+    print(fleet_table(doc))
+    if args.json is not None:
+        args.json.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    if args.plot is not None:
+        from .plot import plot
+
+        plot(doc, {name: fleet.run for name, fleet in runs.items()}, args.plot)
+    return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _tune(

@@ -21,7 +21,7 @@ import multiprocessing
 import resource
 import time
 from array import array
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -136,11 +136,14 @@ async def drive(
     log: RequestLog,
     *,
     on_second: Callable[[float], None] | None = None,
+    sessions: Iterable[int] | None = None,
 ) -> float:
     """Replay the night against ``strategy``, recording into ``log``; when it stopped.
 
     Every request ends in one outcome, recorded once, unless the hard stop cancels it
-    first: then it keeps no outcome, and the report counts it lost.
+    first: then it keeps no outcome, and the report counts it lost. ``sessions`` are the
+    indices of the sessions to replay (None: all of the model's; a process of a fleet
+    replays its share, :mod:`asyncquota.bench.fleet`).
     """
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -185,7 +188,8 @@ async def drive(
             callback(round(now(), 6))
 
     ticker = asyncio.create_task(tick(on_second)) if on_second is not None else None
-    tasks = [asyncio.create_task(converse(i)) for i in range(model.sessions)]
+    indices = range(model.sessions) if sessions is None else sessions
+    tasks = [asyncio.create_task(converse(i)) for i in indices]
     try:
         _, pending = await asyncio.wait(
             tasks, timeout=model.duration + model.max_deadline + STOP_GRACE
