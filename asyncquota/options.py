@@ -109,6 +109,27 @@ class RequestOptions:
             raise ValueError(f"cost_tokens must be an integer ≥ 0, not {cost_tokens!r}.")
         object.__setattr__(self, "cost_tokens", cost_tokens)
 
+    def narrowed(self, deadline: float | None, cost_tokens: int | None) -> RequestOptions:
+        """These options with ``deadline`` and ``cost_tokens`` replaced, checked as ``__init__``
+        checks them; the rest, checked already, is copied as it is (a Gateway narrows a
+        request's options for every model it tries: the whole ``__init__`` each time cost
+        more than the Shaper's own admission).
+
+        Raises:
+            ValueError: as ``__init__`` for a bad ``deadline`` or ``cost_tokens``.
+        """
+        if not (
+            (deadline is None or (type(deadline) is float and MIN_DEADLINE <= deadline < math.inf))
+            and (cost_tokens is None or (type(cost_tokens) is int and cost_tokens >= 0))
+        ):
+            return RequestOptions(self.priority, self.tenant, deadline, cost_tokens)  # raises
+        options = object.__new__(RequestOptions)
+        object.__setattr__(options, "priority", self.priority)
+        object.__setattr__(options, "tenant", self.tenant)
+        object.__setattr__(options, "deadline", deadline)
+        object.__setattr__(options, "cost_tokens", cost_tokens)
+        return options
+
     @classmethod
     def from_headers(cls, values: Mapping[str, Sequence[str]]) -> RequestOptions:
         """The options given in ``X-AsyncQuota-*`` headers (``OPTION_HEADERS``).

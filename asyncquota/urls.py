@@ -75,6 +75,8 @@ def redact_url(url: str) -> str:
     """
     if not isinstance(url, str):
         url = str(url)
+    if "?" not in url and "#" not in url and "@" not in url:
+        return url  # the common case (every event's path): nothing to scrub
     return _redact(url, 1)
 
 

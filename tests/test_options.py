@@ -126,3 +126,18 @@ async def test_the_options_class_and_deadline_bound_the_wait_in_line():
         assert loop.time() - started == pytest.approx(3.0)
         assert caught.value.priority == Priority.BATCH
         first.cancel()
+
+
+def test_narrowed_options_keep_the_rest_and_check_what_changes():
+    options = RequestOptions(priority="batch", tenant="acme", deadline=30.0, cost_tokens=5)
+    narrowed = options.narrowed(12.5, 900)
+    expected = RequestOptions(priority="batch", tenant="acme", deadline=12.5, cost_tokens=900)
+    assert narrowed == expected
+    assert options.narrowed(None, None) == RequestOptions(priority="batch", tenant="acme")
+    assert options.narrowed(7, 1).deadline == 7.0  # an int, as __init__ takes it
+    for deadline in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="deadline"):
+            options.narrowed(deadline, 1)
+    for cost in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="cost_tokens"):
+            options.narrowed(5.0, cost)

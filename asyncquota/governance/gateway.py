@@ -293,11 +293,7 @@ class _Plan:
     def for_model(self, left: float | None) -> RequestOptions:
         """The options one model's Shaper gets: what is left of the deadline, the tokens."""
         cost = self.options.cost_tokens
-        return replace(
-            self.options,
-            deadline=left,
-            cost_tokens=self.estimate.context if cost is None else cost,
-        )
+        return self.options.narrowed(left, self.estimate.context if cost is None else cost)
 
 
 @dataclass(frozen=True, slots=True)
