@@ -32,11 +32,11 @@ from .hooks import Admitted, Queued, logger
 if TYPE_CHECKING:
     from .admission import Admission
     from .feedback import Feedback
-    from .fleet import RedisFleet
     from .fleet.lease import Grant
     from .gates import CooldownGate, RateGate, Reservation, TokenGate
     from .hooks import Reporter
     from .limiter import ConcurrencyLimiter, Permit
+    from .sharing import Fleet
     from .ticket import Ticket
 
 __all__ = ["Dispatcher"]
@@ -80,7 +80,7 @@ class Dispatcher:
         cooldown: CooldownGate,
         feedback: Feedback,
         reporter: Reporter,
-        fleet: RedisFleet | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
         self._admission = admission
         self._fleet = fleet
@@ -222,7 +222,11 @@ class Dispatcher:
                     reservation = await self._tokens.reserve(head.item.cost)
                 if permit is None:
                     permit = await self._permit(loop)
-                if fleet is not None and (grant is None or grant.tokens < reservation.estimate):
+                if fleet is not None and (
+                    grant is None
+                    or grant.tokens < reservation.estimate
+                    or grant.expires_at <= loop.time()  # its lease ended: no longer held
+                ):
                     if grant is not None:
                         fleet.put_back(grant)
                         grant = None

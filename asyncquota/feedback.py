@@ -41,7 +41,7 @@ from .signals import parse_rate_limit_headers as _parse_quota
 from .window import SlidingCount
 
 if TYPE_CHECKING:
-    from .fleet import RedisFleet
+    from .sharing import Fleet
 
 __all__ = [
     "AMPLE_READ_INTERVAL",
@@ -361,7 +361,7 @@ class Feedback:
         self._glances: tuple[tuple[str, float], ...] = ()
         self._full_read_due = -math.inf
         self._last_date: tuple[str, float] = ("", 0.0)
-        self.fleet: RedisFleet | None = None
+        self.fleet: Fleet | None = None
         """The fleet this Shaper shares its quota with: told of closures and readings."""
 
     @property

@@ -34,7 +34,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
@@ -52,15 +52,13 @@ from .middleware import ShaperMiddleware
 from .options import RequestOptions, given_options
 from .outcomes import RequestOutcome
 from .priority import Priority, PriorityLike, coerce_priority
+from .sharing import Fleet
 from .signals import QuotaSnapshot
 from .streaming import ShapedStream
 from .ticket import Lease, Send, Ticket
 from .tokens import estimate_tokens
 from .transport import AiohttpTransport, Request, Response, Transport
 from .urls import check_headers, check_method, join_path, redact_url
-
-if TYPE_CHECKING:
-    from .fleet import RedisFleet
 
 __all__ = ["Shaper", "ShaperStatistics"]
 
@@ -240,7 +238,7 @@ class Shaper:
         shutdown_grace: float = 10.0,
         seed: int | None = None,
         wall_clock: Callable[[], float] = time.time,
-        fleet: RedisFleet | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             shown = redact_url(base_url) if isinstance(base_url, str) else type(base_url).__name__

@@ -81,9 +81,6 @@ MAX_AHEAD = 1.0
 """Seconds ahead of the refill a lease may be granted (the fleet's queue in Redis); a
 longer wait is refused, and the reply says when to ask again."""
 
-MAX_LEASE_SECONDS = 1.0
-"""The longest a lease lasts, however slowly this process spends."""
-
 SETTLED_TTL = 300.0
 """Seconds Redis remembers a settlement's id: a resend within it is a no-op."""
 
@@ -224,8 +221,9 @@ class RedisFleet:
         self._quota: _Quota | None = None
         self._attached: list[_Attached] = []
         self._pool = LeasePool()
-        # Settlements not yet acknowledged by Redis: id → (requests, tokens).
-        self._pending: dict[str, tuple[float, float]] = {}
+        # Settlements not yet acknowledged by Redis: id → (requests, tokens, the lease
+        # they come back from, if they are a lease's leftovers).
+        self._pending: dict[str, tuple[float, float, str]] = {}
         self._flush_at = math.inf  # when pending settlements or readings must go
         self._publish_until = -math.inf  # a cooldown to publish (loop time)
         self._readings: list[tuple[float, float] | None] = [None, None]  # (remaining, mark)
@@ -247,6 +245,11 @@ class RedisFleet:
         self._leases = 0
         self._spent = SlidingCount(window=1.0)  # requests granted lately: sizes leases
         self._avg_cost = 0.0
+
+    @property
+    def timeout(self) -> float:
+        """The longest any Redis call may take (seconds)."""
+        return self._timeout
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -302,11 +305,13 @@ class RedisFleet:
                 await asyncio.shield(self._exchanging)
         if self._redis is not None:
             if not self._degraded:
-                self._drain_pool()
+                self._drain_pool(self._loop.time() if self._loop else 0.0)
                 await self._round_trip(leaving=True)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self._timeout):
                     await self._redis.aclose()
+            # A Shaper still using it (it should have closed first) runs on its own share.
+            self._open_breaker(None)
 
     # ------------------------------------------------------------------ what the Shaper calls
 
@@ -363,7 +368,14 @@ class RedisFleet:
             r = requests if quota.requests_burst else 0
             t = tokens if quota.tokens_burst else 0
             if pool.take(r, t, now):
-                grant = Grant(requests, tokens, pooled=True, marks=pool.marks)
+                grant = Grant(
+                    requests,
+                    tokens,
+                    pooled=True,
+                    marks=pool.marks,
+                    lease=pool.lease_id,
+                    expires_at=pool.expires_at,
+                )
             elif self._degraded and self._fallback_take(r, t, now):
                 grant = Grant(requests, tokens, pooled=False, marks=pool.marks)
             else:
@@ -413,12 +425,13 @@ class RedisFleet:
         t = grant.tokens if quota.tokens_burst else 0.0
         if not (r or t):
             return
+        pool = self._pool
         if not grant.pooled:
             self._fallback_refund(r, t)
-        elif self._pool.lease_id:
-            self._pool.put_back(r, t)
-        else:  # its lease has gone back already: these go back on their own
-            self._pending[f"{self._id}:p{next(self._seq)}"] = (-float(r), -float(t))
+        elif grant.lease == pool.lease_id and self._loop and self._loop.time() < pool.expires_at:
+            pool.put_back(r, t)
+        else:  # its lease has ended: these go back on their own
+            self._pending[f"{self._id}:p{next(self._seq)}"] = (-float(r), -float(t), "")
             self._due_flush()
 
     def bind(self, reservation: Reservation, grant: Grant, gate: TokenGate) -> Reservation:
@@ -470,7 +483,7 @@ class RedisFleet:
             ):
                 raise ValueError(f"{label} must be a finite number, not {value!r}.")
         self._ensure_started()
-        self._pending.setdefault(request_id, (float(requests), float(tokens)))
+        self._pending.setdefault(request_id, (float(requests), float(tokens), ""))
         await self._exchange()
 
     # ------------------------------------------------------------------ the view
@@ -508,7 +521,7 @@ class RedisFleet:
         if not delta:
             return
         if grant.pooled:
-            self._pending[f"{self._id}:r{next(self._seq)}"] = (0.0, float(delta))
+            self._pending[f"{self._id}:r{next(self._seq)}"] = (0.0, float(delta), "")
             self._due_flush()
         elif self._fallback is not None:
             if delta > 0:
@@ -521,11 +534,16 @@ class RedisFleet:
             self._flush_at = self._loop.time() + FLUSH_AFTER
             self._kick.set()
 
-    def _drain_pool(self) -> None:
-        """Give back what is left of the lease (with the next round trip, by its id)."""
-        lease_id, requests, tokens = self._pool.drain()
-        if lease_id and (requests > 0 or tokens > 0):
-            self._pending[f"{lease_id}:back"] = (-requests, -tokens)
+    def _drain_pool(self, now: float) -> None:
+        """Give back what is left of the lease (with the next round trip, by its id).
+
+        A lease ended early, even empty, is given back too: until it ends, Redis counts
+        its units as held, and refills the shared bucket only up to what it leaves.
+        """
+        ends = self._pool.expires_at
+        lease, requests, tokens = self._pool.drain()
+        if lease and (requests > 0 or tokens > 0 or now < ends):
+            self._pending[f"{lease}:back"] = (-requests, -tokens, lease)
 
     # ------------------------------------------------------------------ round trips
 
@@ -577,14 +595,14 @@ class RedisFleet:
             loop = asyncio.get_running_loop()
             now = loop.time()
             pool = self._pool
-            if self._degraded and now < self._next_probe and need is None:
+            if self._closed or (self._degraded and now < self._next_probe and need is None):
                 return False
             want = (0.0, 0.0)
             if need is not None and self._quota is not None:
-                self._drain_pool()
+                self._drain_pool(now)
                 want = self._lease_wanted(need, now, backlog)
             elif pool.leftover and now >= pool.expires_at:
-                self._drain_pool()
+                self._drain_pool(now)
             return await self._round_trip(need=need or (0.0, 0.0), want=want)
         finally:
             if self._exchanging is asyncio.current_task():
@@ -641,7 +659,7 @@ class RedisFleet:
         assert redis is not None and self._loop is not None
         loop = self._loop
         quota = self._quota or _quota(None, None)
-        now = loop.time()
+        now = sent = loop.time()
         settlements = list(self._pending.items())
         readings = list(self._readings)
         publish = max(0.0, self._publish_until - now)
@@ -672,9 +690,11 @@ class RedisFleet:
             told[0],
             told[1],
             len(settlements),
+            f"{self._id}:l{next(self._seq)}",
+            self._lease_period * 1000,
         ]
-        for settlement_id, (requests, tokens) in settlements:
-            args.extend((settlement_id, requests, tokens))
+        for settlement_id, (requests, tokens, lease) in settlements:
+            args.extend((settlement_id, requests, tokens, lease))
         reply = await self._call(args)
         now = loop.time()
         if reply is None:
@@ -694,7 +714,7 @@ class RedisFleet:
             self._flush_at = math.inf
         if self._publish_until == published:
             self._publish_until = -math.inf
-        self._absorb(reply, now, want, published=publish > 0)
+        self._absorb(reply, sent, now, want, published=publish > 0)
         return True
 
     async def _call(self, args: Sequence[Any]) -> list[Any] | None:
@@ -715,14 +735,29 @@ class RedisFleet:
                         "EVAL", EXCHANGE, len(keys), *keys, *args
                     )
         except (TimeoutError, RedisError, OSError) as exc:
-            self._trip(exc)
+            self._open_breaker(exc)
+            return None
+        except Exception as exc:  # whatever the client does, the Shaper must go on
+            logger.exception("asyncquota fleet %r: the Redis client failed.", self.name)
+            self._open_breaker(exc)
             return None
         return list(reply)
 
     def _absorb(
-        self, reply: list[Any], now: float, want: tuple[float, float], *, published: bool
+        self,
+        reply: list[Any],
+        sent: float,
+        now: float,
+        want: tuple[float, float],
+        *,
+        published: bool,
     ) -> None:
-        """Take in a reply: the lease, the cooldown, the live count, the fleet's counts."""
+        """Take in a reply: the lease, the cooldown, the live count, the fleet's counts.
+
+        The lease is spent here within what Redis granted, whatever the round trip took:
+        from the reply plus the wait (Redis counted it from before), until the call's
+        start plus the wait and the lease's length (Redis ends it after).
+        """
         granted_r, granted_t, wait, retry, until, remaining = (float(x) for x in reply[:6])
         live, taken_r, taken_t = int(reply[6]), float(reply[7]), float(reply[8])
         fleet_requests, fleet_retries = int(reply[9]), int(reply[10])
@@ -732,19 +767,12 @@ class RedisFleet:
         self._heartbeat_due = now + self._heartbeat
         pool = self._pool
         if granted_r > 0 or granted_t > 0:
-            valid_from = now + wait / 1000
-            rate = self._spent.rate(now)
-            lasts = self._lease_period
-            if rate > 0 and granted_r > rate * lasts:
-                lasts = min(MAX_LEASE_SECONDS, granted_r / rate)
-            elif rate <= 0:
-                lasts = MAX_LEASE_SECONDS
             pool.fill(
-                f"{self._id}:l{next(self._seq)}",
+                _text(reply[11]),
                 granted_r,
                 granted_t,
-                valid_from=valid_from,
-                expires_at=valid_from + lasts,
+                valid_from=now + wait / 1000,
+                expires_at=sent + wait / 1000 + self._lease_period,
                 marks=(taken_r, taken_t),
             )
             self._leases += 1
@@ -780,7 +808,8 @@ class RedisFleet:
 
     # ------------------------------------------------------------------ the breaker
 
-    def _trip(self, exc: BaseException) -> None:
+    def _open_breaker(self, exc: BaseException | None) -> None:
+        """Redis failed (``exc``; None: the fleet closed): run on this process's share."""
         assert self._loop is not None
         now = self._loop.time()
         self._next_probe = now + self._probe_interval
@@ -802,6 +831,8 @@ class RedisFleet:
             bucket.take(bucket.burst, now)  # empty: the shared level was unknown
             buckets.append(bucket)
         self._fallback = (buckets[0], buckets[1])
+        if exc is None:
+            return
         logger.warning(
             "asyncquota fleet %r: Redis at %s failed (%s); running on this process's "
             "share (1/%d of the quota) until it answers.",
@@ -852,6 +883,10 @@ class RedisFleet:
         for bucket, amount in zip(self._fallback, (requests, tokens), strict=True):
             if bucket is not None and amount:
                 bucket.refund(amount, now)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _reading(reading: tuple[float, float] | None) -> tuple[float, float]:

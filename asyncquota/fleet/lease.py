@@ -61,21 +61,33 @@ def lease_size(
 class Grant:
     """One request's share of the quota: a request unit (or none) and its tokens.
 
-    ``pooled``: taken from the lease (debited in Redis: a settlement goes to Redis);
-    else from the local fallback buckets while Redis was away (settled locally).
-    ``marks``: the shared buckets' ``taken`` counters when its lease was granted, so a
-    reading of the upstream's headers for this request knows what the fleet took since.
+    ``pooled``: taken from the lease ``lease`` (debited in Redis: a settlement goes to
+    Redis); else from the local fallback buckets while Redis was away (settled locally).
+    It must be spent before ``expires_at``, its lease's end: after it Redis no longer
+    counts the lease's units as held (see ``scripts.py``), and a late send could go
+    beyond the burst. ``marks``: the shared buckets' ``taken`` counters when its lease
+    was granted, so a reading of the upstream's headers for this request knows what the
+    fleet took since.
     """
 
-    __slots__ = ("marks", "pooled", "requests", "tokens")
+    __slots__ = ("expires_at", "lease", "marks", "pooled", "requests", "tokens")
 
     def __init__(
-        self, requests: int, tokens: int, *, pooled: bool, marks: tuple[float, float]
+        self,
+        requests: int,
+        tokens: int,
+        *,
+        pooled: bool,
+        marks: tuple[float, float],
+        lease: str = "",
+        expires_at: float = math.inf,
     ) -> None:
         self.requests = requests
         self.tokens = tokens
         self.pooled = pooled
         self.marks = marks
+        self.lease = lease
+        self.expires_at = expires_at
 
     def __repr__(self) -> str:
         source = "pool" if self.pooled else "local"
@@ -87,8 +99,9 @@ class LeasePool:
 
     A lease is spendable in ``[valid_from, expires_at)``: it may start later than the
     reply that granted it (granted ahead of the refill), and it ends a short while later,
-    so units a process cannot use go back to the others. ``retry_at`` is when to ask
-    again after a refusal (the shared buckets were further in debt than one may wait).
+    so units a process cannot use go back to the others. ``lease_id`` is its name in
+    Redis. ``retry_at`` is when to ask again after a refusal (the shared buckets were
+    further in debt than one may wait).
     """
 
     __slots__ = (

@@ -20,12 +20,13 @@ heartbeat cost one call together.
 Keys share one hash tag, ``{aq:<name>}``, so a Redis Cluster keeps a quota on one slot
 (a script may only touch keys of one slot):
 
-    {aq:<name>}:requests   hash: level, stamp (ms), taken          the requests bucket
-    {aq:<name>}:tokens     hash: level, stamp (ms), taken          the tokens bucket
+    {aq:<name>}:requests   hash: level, stamp (ms), taken, held    the requests bucket
+    {aq:<name>}:tokens     hash: level, stamp (ms), taken, held    the tokens bucket
     {aq:<name>}:cooldown   string: until (ms, Redis time)
     {aq:<name>}:live       sorted set: process id → last seen (ms)
     {aq:<name>}:settled    sorted set: settlement id → when applied (ms)
     {aq:<name>}:retries    hash: "q:<slice>" / "r:<slice>" → requests / retries counted
+    {aq:<name>}:leases     sorted set: "<id>|<requests>|<tokens>" → when the lease ends (ms)
 
 **The buckets.** A bucket holds up to ``burst`` units and refills at ``rate`` units per
 millisecond. A lease is granted at once when the level covers ``need`` (up to ``want``,
@@ -39,6 +40,15 @@ by any instant never exceed ``burst + rate × elapsed``: the fleet cannot over-a
 whatever the processes do with their leases (a unit is spent once, or given back). A
 lease that would be spendable only more than ``max_ahead`` ms from now is not granted:
 the reply says when to ask again.
+
+**Held units.** A unit leased at one instant may be sent a little later (a lease lasts
+about 100 ms). Meanwhile the upstream, which has not seen it, may be full and refill
+nothing, while a bucket that had merely debited it would refill its room: then the
+fleet could send a burst plus what its leases hold. So a bucket counts what its live
+leases hold (``held``, until each lease ends or is given back) and never refills past
+``burst - held``: what is spendable, in Redis and in every lease together, never exceeds
+the burst, and over any span no more than ``burst + rate × span`` goes out, whenever
+within its lease each unit is spent.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ import hashlib
 
 __all__ = ["EXCHANGE", "EXCHANGE_SHA", "KEY_SUFFIXES", "keys_for"]
 
-KEY_SUFFIXES = ("requests", "tokens", "cooldown", "live", "settled", "retries")
+KEY_SUFFIXES = ("requests", "tokens", "cooldown", "live", "settled", "retries", "leases")
 """The keys of one quota, in the order the script takes them."""
 
 
@@ -63,37 +73,45 @@ EXCHANGE = r"""
 --   7 requests rate (/ms)   8 requests burst (0: no quota)
 --   9 tokens rate (/ms)    10 tokens burst (0: no quota)
 --  11 need requests        12 want requests   13 need tokens   14 want tokens
+--     (the lease is called ARGV[25] and lasts ARGV[26] ms from when it may be spent)
 --  15 cooldown to publish, ms from now (0: none)
 --  16 requests remaining read (-1: none)      17 the requests mark of that reading
 --  18 tokens remaining read (-1: none)        19 the tokens mark of that reading
 --  20 retry window slice (ms)                 21 slices in the window
 --  22 requests counted     23 retries counted
---  24 settlements n, then n triples: id, requests, tokens (> 0 charges, < 0 refunds)
+--  24 settlements n, then n quadruples: id, requests, tokens (> 0 charges, < 0
+--     refunds), and the lease the units come back from ("": none)
+--  25 the lease's id        26 its length (ms)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local ttl = tonumber(ARGV[3])
 
 local function load(key, rate, burst)
   if burst <= 0 then return nil end
-  local v = redis.call('HMGET', key, 'level', 'stamp', 'taken')
-  local b = {key = key, rate = rate, burst = burst,
-             level = tonumber(v[1]), stamp = tonumber(v[2]), taken = tonumber(v[3]) or 0}
+  local v = redis.call('HMGET', key, 'level', 'stamp', 'taken', 'held')
+  local b = {key = key, rate = rate, burst = burst, level = tonumber(v[1]),
+             stamp = tonumber(v[2]), taken = tonumber(v[3]) or 0, held = tonumber(v[4]) or 0}
   if b.level == nil or b.stamp == nil then
     b.level = burst
     b.stamp = now
   end
+  return b
+end
+
+-- Refill up to now, never past what the live leases leave of the burst.
+local function refill(b)
+  if b == nil then return end
+  local cap = b.burst - b.held
   if now > b.stamp then  -- time that runs backwards stands still
-    b.level = math.min(burst, b.level + (now - b.stamp) * rate)
+    if b.level < cap then b.level = math.min(cap, b.level + (now - b.stamp) * b.rate) end
     b.stamp = now
   end
-  b.level = math.min(b.level, burst)
-  return b
 end
 
 local function save(b)
   if b == nil then return end
   redis.call('HSET', b.key, 'level', tostring(b.level), 'stamp', tostring(b.stamp),
-             'taken', tostring(b.taken))
+             'taken', tostring(b.taken), 'held', tostring(math.max(0, b.held)))
   redis.call('PEXPIRE', b.key, ttl)
 end
 
@@ -103,8 +121,17 @@ local function charge(b, amount)
     b.level = b.level - amount
     b.taken = b.taken + amount
   else
-    b.level = math.min(b.burst, b.level - amount)
+    b.level = math.max(b.level, math.min(b.burst - b.held, b.level - amount))
   end
+end
+
+local req, tok  -- the two buckets, loaded below
+
+-- A lease that ended (or came back) no longer holds its units.
+local function release(member)
+  local _, r, t = string.match(member, '^(.*)|([^|]*)|([^|]*)$')
+  if req then req.held = req.held - (tonumber(r) or 0) end
+  if tok then tok.held = tok.held - (tonumber(t) or 0) end
 end
 
 -- A lease from one bucket: (granted, ms until spendable).
@@ -121,13 +148,22 @@ local function plan(b, need, want, whole)
   return want, short / b.rate
 end
 
-local req = load(KEYS[1], tonumber(ARGV[7]), tonumber(ARGV[8]))
-local tok = load(KEYS[2], tonumber(ARGV[9]), tonumber(ARGV[10]))
+req = load(KEYS[1], tonumber(ARGV[7]), tonumber(ARGV[8]))
+tok = load(KEYS[2], tonumber(ARGV[9]), tonumber(ARGV[10]))
 
--- Settlements first: returned units are there for the lease asked for below.
+-- Leases that ended let their units go (their leftovers come back as settlements).
+local ended = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now)
+for _, member in ipairs(ended) do release(member) end
+if #ended > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now) end
+refill(req)
+refill(tok)
+
+-- Settlements: returned units are there for the lease asked for below.
 local n = tonumber(ARGV[24])
 for i = 0, n - 1 do
-  local at = 25 + 3 * i
+  local at = 27 + 4 * i
+  local lease = ARGV[at + 3]
+  if lease ~= '' and redis.call('ZREM', KEYS[7], lease) == 1 then release(lease) end
   if redis.call('ZADD', KEYS[5], 'NX', now, ARGV[at]) == 1 then
     charge(req, tonumber(ARGV[at + 1]))
     charge(tok, tonumber(ARGV[at + 2]))
@@ -151,12 +187,18 @@ local gr, wr = plan(req, tonumber(ARGV[11]), tonumber(ARGV[12]), true)
 local gt, wt = plan(tok, tonumber(ARGV[13]), tonumber(ARGV[14]), false)
 local wait = math.max(wr, wt)
 local retry = 0
+local lease = ''
 if wait > max_ahead then
   retry = wait - max_ahead
   gr, gt, wait = 0, 0, 0
-else
+elseif gr > 0 or gt > 0 then
   charge(req, gr)
   charge(tok, gt)
+  lease = ARGV[25] .. '|' .. tostring(req and gr or 0) .. '|' .. tostring(tok and gt or 0)
+  redis.call('ZADD', KEYS[7], now + wait + tonumber(ARGV[26]), lease)
+  redis.call('PEXPIRE', KEYS[7], ttl)
+  if req then req.held = req.held + gr end
+  if tok then tok.held = tok.held + gt end
 end
 save(req)
 save(tok)
@@ -204,7 +246,7 @@ if #fields > 0 then redis.call('PEXPIRE', KEYS[6], ttl) end
 return {tostring(gr), tostring(gt), tostring(wait), tostring(retry), tostring(until_),
         tostring(math.max(0, until_ - now)), live,
         tostring(req and req.taken or 0), tostring(tok and tok.taken or 0),
-        requests, retries}
+        requests, retries, lease}
 """
 
 EXCHANGE_SHA = hashlib.sha1(EXCHANGE.encode()).hexdigest()
