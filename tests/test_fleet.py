@@ -153,6 +153,31 @@ async def test_a_lease_that_expires_unspent_is_returned_by_the_process_itself(re
         assert any(member.endswith(":back") for member in settled)
 
 
+async def test_a_lease_holds_its_units_so_the_bucket_never_refills_past_the_rest_of_the_burst(
+    redis_url: str,
+):
+    async with (
+        RedisFleet(redis_url, name="held", lease_period=0.5) as first,
+        RedisFleet(redis_url, name="held") as second,
+    ):
+        _attach(first, rpm=600, tpm=None)  # 10 a second, a burst of 10
+        _attach(second, rpm=600, tpm=None)
+        await first.take(1, 0)
+        await first.take(1, 0)  # a lease of several, mostly unspent
+        leased = first._pool.requests + 1
+        await asyncio.sleep(0.3)  # time enough to refill the whole burst
+        await second._exchange()
+        with _redis(redis_url) as client:
+            level, held = (float(x) for x in client.hmget("{aq:held}:requests", "level", "held"))
+        assert held == leased
+        assert level == pytest.approx(10 - held)  # not 10: the lease may still be spent
+        await first.aclose()  # its leftovers come back, and it holds nothing more
+        with _redis(redis_url) as client:
+            level, held = (float(x) for x in client.hmget("{aq:held}:requests", "level", "held"))
+        assert held == 0
+        assert level == pytest.approx(10 - 1)  # all but the unit spent from that lease
+
+
 async def test_a_settlement_applies_once_per_id_however_often_it_is_sent(redis_url: str):
     async with (
         RedisFleet(redis_url, name="settled") as first,

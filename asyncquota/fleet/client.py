@@ -7,11 +7,12 @@ together send what one would, and they share what one learns:
 
 - **Units by lease.** A process takes a small share of the shared buckets in one round
   trip (a lease: about ``lease_period`` of its own recent rate, never more than a fair
-  share of the burst) and spends it locally, without Redis; what it could not spend goes
-  back when the lease ends. Units are debited when leased, so the fleet never over-admits,
-  and a lease granted ahead of the refill says from when it may be spent, so a process
-  waits exactly that long instead of polling (see ``scripts.py``). Under saturation a
-  round trip serves six requests or more.
+  share of the burst) and spends it locally, without Redis, within ``lease_period``; what
+  it could not spend goes back when the lease ends. Units are debited when leased and
+  counted as held until their lease ends, so the fleet never over-admits, even in a
+  burst; a lease granted ahead of the refill says from when it may be spent, so a
+  process waits exactly that long instead of polling (see ``scripts.py``). Under
+  saturation a round trip serves six requests or more.
 - **Tokens settled once.** A request's token reservation comes out of the lease; its
   reconciliation with the real usage (a refund or a charge on the shared bucket) is sent
   with the next round trip, by the reservation's id, applied once however often it is
@@ -160,7 +161,7 @@ class RedisFleet:
         name: the quota's name; every process sharing the quota uses the same one. Its
             keys are ``{aq:<name>}:...``.
         timeout: the longest any Redis call may take (seconds); past it the breaker opens.
-        lease_period: about how long a lease lasts (seconds): it holds this long of the
+        lease_period: how long a lease lasts (seconds): it holds about this long of the
             process's recent rate, and every reply carries the cooldown, so the fleet
             learns of one within about this long.
         heartbeat: seconds between registrations when nothing else calls Redis.
