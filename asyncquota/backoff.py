@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Protocol
 
 from .window import SlidingCount
 
@@ -120,6 +121,17 @@ def retry_delay(
     return wait + _draw(rng) * base
 
 
+class Count(Protocol):
+    """Events over a sliding window: a ``SlidingCount``, or a fleet's shared one."""
+
+    @property
+    def counted(self) -> int: ...
+
+    def add(self, now: float, n: int = 1) -> None: ...
+
+    def total(self, now: float) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RetryBudgetStatistics:
     """A snapshot of a ``RetryBudget``.
@@ -156,6 +168,9 @@ class RetryBudget:
         ratio: retries allowed per request in the window (0.1: one retry per ten requests).
         min_per_second: retries per second always allowed, whatever the traffic.
         window: the span, in seconds, over which requests and retries are counted.
+        counts: the request and retry counts, when they are shared (a fleet's, over
+            ``window``: ``RedisFleet.retry_counts``): the ratio and the floor then hold
+            for the whole fleet. Default: this process's own.
 
     Raises:
         ValueError: ``ratio`` or ``min_per_second`` negative, or ``window`` not greater than
@@ -168,14 +183,24 @@ class RetryBudget:
     __slots__ = ("_denied", "_floor", "_ratio", "_requests", "_retries", "_window")
 
     def __init__(
-        self, *, ratio: float = 0.1, min_per_second: float = 1.0, window: float = 10.0
+        self,
+        *,
+        ratio: float = 0.1,
+        min_per_second: float = 1.0,
+        window: float = 10.0,
+        counts: tuple[Count, Count] | None = None,
     ) -> None:
         self._ratio = _check_number("ratio", ratio, positive=False)
         floor_rate = _check_number("min_per_second", min_per_second, positive=False)
         self._window = _check_number("window", window, positive=True)
         self._floor = floor_rate * self._window
-        self._requests = SlidingCount(window=self._window, slices=self.BUCKETS)
-        self._retries = SlidingCount(window=self._window, slices=self.BUCKETS)
+        self._requests: Count
+        self._retries: Count
+        if counts is not None:
+            self._requests, self._retries = counts
+        else:
+            self._requests = SlidingCount(window=self._window, slices=self.BUCKETS)
+            self._retries = SlidingCount(window=self._window, slices=self.BUCKETS)
         self._denied = 0
 
     def record_request(self, now: float) -> None:

@@ -13,6 +13,11 @@ A request's turn comes in one of two ways:
 
 The dispatcher also tells the concurrency limit when it is what holds the upstream back
 (``STALL``): long replies clock an adaptive limit's growth far too slowly otherwise.
+
+With a fleet (``asyncquota.fleet``), a grant also holds a share of the fleet's quota: a
+request unit and the reservation's tokens, taken from the process's lease (the fast
+path only when the lease holds them; the dispatcher waits for a lease if need be), and
+the reservation it carries settles the fleet's tokens too.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ from .hooks import Admitted, Queued, logger
 if TYPE_CHECKING:
     from .admission import Admission
     from .feedback import Feedback
+    from .fleet.lease import Grant
     from .gates import CooldownGate, RateGate, Reservation, TokenGate
     from .hooks import Reporter
     from .limiter import ConcurrencyLimiter, Permit
+    from .sharing import Fleet
     from .ticket import Ticket
 
 __all__ = ["Dispatcher"]
@@ -52,6 +59,7 @@ class Dispatcher:
         "_admission",
         "_cooldown",
         "_feedback",
+        "_fleet",
         "_limit_bound",
         "_limiter",
         "_rate",
@@ -72,8 +80,10 @@ class Dispatcher:
         cooldown: CooldownGate,
         feedback: Feedback,
         reporter: Reporter,
+        fleet: Fleet | None = None,
     ) -> None:
         self._admission = admission
+        self._fleet = fleet
         self._limiter = limiter
         self._rate = rate
         self._tokens = tokens
@@ -146,12 +156,19 @@ class Dispatcher:
             return False
         if not self._cooldown.settled(now):
             return False
+        fleet = self._fleet
+        grant = None if fleet is None else fleet.take_nowait(1, ticket.cost, now)
+        if fleet is not None and grant is None:
+            return False
         reservation = self._tokens._try_reserve_at(ticket.cost, now)
-        if reservation is None:
+        if reservation is None or not self._rate._try_acquire_at(now):
+            if reservation is not None:
+                reservation.cancel()
+            if fleet is not None and grant is not None:
+                fleet.put_back(grant)
             return False
-        if not self._rate._try_acquire_at(now):
-            reservation.cancel()
-            return False
+        if fleet is not None and grant is not None:
+            reservation = fleet.bind(reservation, grant, self._tokens)
         ticket.permit, ticket.reservation = limiter.acquire_nowait(), reservation
         self._grant(ticket, 0, now)
         return True
@@ -171,8 +188,10 @@ class Dispatcher:
         admission = self._admission
         queue, loop = admission.queue, asyncio.get_running_loop()
         cooldown = self._cooldown
+        fleet = self._fleet
         permit: Permit | None = None
         reservation: Reservation | None = None
+        grant: Grant | None = None  # the fleet's share held for the reservation
         rate_taken = False
         probe = 0  # the cooldown generation the dispatcher holds a probe of (0: none)
         try:
@@ -203,6 +222,15 @@ class Dispatcher:
                     reservation = await self._tokens.reserve(head.item.cost)
                 if permit is None:
                     permit = await self._permit(loop)
+                if fleet is not None and (
+                    grant is None
+                    or grant.tokens < reservation.estimate
+                    or grant.expires_at <= loop.time()  # its lease ended: no longer held
+                ):
+                    if grant is not None:
+                        fleet.put_back(grant)
+                        grant = None
+                    grant = await fleet.take(1, reservation.estimate)
                 head = queue.peek()
                 if head is None or head.item.cost > reservation.estimate:
                     continue
@@ -219,9 +247,12 @@ class Dispatcher:
                         waiter.set_exception(admission.too_late(ticket, left))
                         continue
                     ticket.permit, ticket.reservation = permit, reservation
+                    if fleet is not None and grant is not None:
+                        ticket.reservation = fleet.bind(reservation, grant, self._tokens)
                     if waiter.admit():
                         self._grant(ticket, probe if not cooldown.is_open() else 0, loop.time())
                         permit, reservation, rate_taken, probe = None, None, False, 0
+                        grant = None
                     else:  # the caller left between pop and admit: the grant goes on
                         ticket.permit = ticket.reservation = None
                 except Exception as exc:
@@ -231,6 +262,7 @@ class Dispatcher:
                     logger.exception("asyncquota could not hand a request its turn.")
                     if permit is not None and ticket.permit is permit and waiter.admitted:
                         permit, reservation, rate_taken, probe = None, None, False, 0
+                        grant = None
                     else:
                         ticket.permit = ticket.reservation = None
                         if not waiter.done():
@@ -240,6 +272,8 @@ class Dispatcher:
                 permit.ignore()
             if reservation is not None:
                 reservation.cancel()
+            if fleet is not None and grant is not None:
+                fleet.put_back(grant)
             self._feedback.lost(probe)
 
     async def _permit(self, loop: asyncio.AbstractEventLoop) -> Permit:

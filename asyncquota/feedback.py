@@ -33,12 +33,15 @@ import contextlib
 import email.utils
 import math
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .gates import CooldownGate, RateGate, TokenGate
 from .signals import QuotaSnapshot
 from .signals import parse_rate_limit_headers as _parse_quota
 from .window import SlidingCount
+
+if TYPE_CHECKING:
+    from .sharing import Fleet
 
 __all__ = [
     "AMPLE_READ_INTERVAL",
@@ -321,6 +324,7 @@ class Feedback:
         "_stated_end",
         "_tokens",
         "_wall_clock",
+        "fleet",
         "punishes",
         "quota",
     )
@@ -357,6 +361,8 @@ class Feedback:
         self._glances: tuple[tuple[str, float], ...] = ()
         self._full_read_due = -math.inf
         self._last_date: tuple[str, float] = ("", 0.0)
+        self.fleet: Fleet | None = None
+        """The fleet this Shaper shares its quota with: told of closures and readings."""
 
     @property
     def pace(self) -> float | None:
@@ -422,6 +428,21 @@ class Feedback:
         one after the request was worked on. A Retry-After beyond ``max_cooldown``
         holds that long at most.
         """
+        closed = self._cooldown.closed_until
+        self._congested(now, sent_at, retry_after, probe, rate_limited=rate_limited, rtt=rtt)
+        if self.fleet is not None and self._cooldown.closed_until != closed:
+            self.fleet.publish_cooldown(self._cooldown.remaining(now))  # the fleet stops too
+
+    def _congested(
+        self,
+        now: float,
+        sent_at: float,
+        retry_after: float | None,
+        probe: int,
+        *,
+        rate_limited: bool,
+        rtt: float,
+    ) -> None:
         if retry_after is not None:
             retry_after = min(retry_after, self._max_cooldown)
         took = now - sent_at
@@ -612,6 +633,8 @@ class Feedback:
             # A count rounded to the nearest ``rounding`` may be half of it high: the
             # anchor may raise the mirror, so it takes the count's lower bound.
             remaining = max(0, window.remaining - rounding // 2) if rounding else window.remaining
+            if self.fleet is not None:  # the fleet's shared level is lowered to it too
+                self.fleet.observed("requests" if gate is self._rate else "tokens", remaining)
             with contextlib.suppress(ValueError, TypeError):  # a reading the gate refuses
                 gate.sync(
                     remaining=remaining,

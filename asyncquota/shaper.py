@@ -52,6 +52,7 @@ from .middleware import ShaperMiddleware
 from .options import RequestOptions, given_options
 from .outcomes import RequestOutcome
 from .priority import Priority, PriorityLike, coerce_priority
+from .sharing import Fleet
 from .signals import QuotaSnapshot
 from .streaming import ShapedStream
 from .ticket import Lease, Send, Ticket
@@ -86,6 +87,9 @@ with a cap; 0.94-1.0 at 0.7)."""
 
 URL_CACHE = 1024
 """Request paths whose checked URL the Shaper remembers (most callers use a handful)."""
+
+RETRY_WINDOW = 10.0
+"""Seconds over which the retry budget counts requests and retries."""
 
 STREAM_SHUTDOWN = 1.0
 """Seconds ``aclose`` waits, past its grace, for cancelled stream readers to end them."""
@@ -199,6 +203,12 @@ class Shaper:
         seed: seeds the jitter, for reproducible runs.
         wall_clock: Unix time, used only to read HTTP-date and RFC 3339 values in replies
             that carry no ``Date`` header (everything else runs on the event loop's clock).
+        fleet: share the quota with other processes (``asyncquota.fleet.RedisFleet``,
+            extra ``redis``): every process passes the same ``rpm``/``tpm`` (the whole
+            quota) and its own fleet of the same name; together they send no more than
+            one quota, and share the cooldown, the retry budget and the upstream's
+            rate-limit headers. The Shaper does not close the fleet: open it before,
+            close it after.
 
     Raises:
         ValueError: a configuration value out of range.
@@ -228,6 +238,7 @@ class Shaper:
         shutdown_grace: float = 10.0,
         seed: int | None = None,
         wall_clock: Callable[[], float] = time.time,
+        fleet: Fleet | None = None,
     ) -> None:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             shown = redact_url(base_url) if isinstance(base_url, str) else type(base_url).__name__
@@ -297,7 +308,10 @@ class Shaper:
             cooldown=self._cooldown,
             feedback=self._feedback,
             reporter=self._reporter,
+            fleet=fleet,
         )
+        self._fleet = fleet
+        self._feedback.fleet = fleet
         self._attempts = Attempts(
             limiter=self._limiter,
             feedback=self._feedback,
@@ -308,7 +322,11 @@ class Shaper:
         self._retries = RetryPolicy(
             max_attempts=max_attempts,
             max_retry_after=float(max_retry_after),
-            budget=RetryBudget(ratio=retry_budget),
+            budget=RetryBudget(
+                ratio=retry_budget,
+                window=RETRY_WINDOW,
+                counts=None if fleet is None else fleet.retry_counts(window=RETRY_WINDOW),
+            ),
             rng=self._rng,
         )
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop start() ran on
@@ -339,6 +357,10 @@ class Shaper:
             raise ClosedError("This Shaper is closed; make a new one.")
         if self._dispatching is None:
             self._loop = asyncio.get_running_loop()
+            if self._fleet is not None:
+                self._fleet.attach(
+                    rpm=self._rpm, tpm=self._tpm, cooldown=self._cooldown, feedback=self._feedback
+                )
             self._dispatching = self._loop.create_task(
                 self._dispatcher.run(), name="asyncquota-dispatcher"
             )
@@ -393,6 +415,8 @@ class Shaper:
             with contextlib.suppress(TimeoutError):  # the readers end their streams
                 await asyncio.wait_for(self._no_leases.wait(), STREAM_SHUTDOWN)
         await self._transport.aclose()
+        if self._fleet is not None:
+            self._fleet.detach(self._cooldown)
 
     # ------------------------------------------------------------------ the public calls
 
