@@ -32,11 +32,10 @@ from .hooks import Admitted, Queued, logger
 if TYPE_CHECKING:
     from .admission import Admission
     from .feedback import Feedback
-    from .fleet.lease import Grant
     from .gates import CooldownGate, RateGate, Reservation, TokenGate
     from .hooks import Reporter
     from .limiter import ConcurrencyLimiter, Permit
-    from .sharing import Fleet
+    from .sharing import Fleet, Grant
     from .ticket import Ticket
 
 __all__ = ["Dispatcher"]

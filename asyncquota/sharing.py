@@ -10,15 +10,61 @@ and end (``attach``, ``detach``). See ``asyncquota.fleet.client`` for what each 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .backoff import Count
-    from .feedback import Feedback
-    from .fleet.lease import Grant
     from .gates import CooldownGate, Reservation, TokenGate
 
-__all__ = ["Fleet"]
+__all__ = ["Fleet", "Grant", "Learnt"]
+
+
+class Grant:
+    """One request's share of the quota: a request unit (or none) and its tokens.
+
+    ``pooled``: taken from the lease ``lease`` (debited in Redis: a settlement goes to
+    Redis); else from the local fallback buckets while Redis was away (settled locally).
+    It must be spent before ``expires_at``, its lease's end: after it Redis no longer
+    counts the lease's units as held (see ``scripts.py``), and a late send could go
+    beyond the burst. ``marks``: the shared buckets' ``taken`` counters when its lease
+    was granted, so a reading of the upstream's headers for this request knows what the
+    fleet took since.
+    """
+
+    __slots__ = ("expires_at", "lease", "marks", "pooled", "requests", "tokens")
+
+    def __init__(
+        self,
+        requests: int,
+        tokens: int,
+        *,
+        pooled: bool,
+        marks: tuple[float, float],
+        lease: str = "",
+        expires_at: float = math.inf,
+    ) -> None:
+        self.requests = requests
+        self.tokens = tokens
+        self.pooled = pooled
+        self.marks = marks
+        self.lease = lease
+        self.expires_at = expires_at
+
+    def __repr__(self) -> str:
+        source = "pool" if self.pooled else "local"
+        return f"<Grant requests={self.requests} tokens={self.tokens} from {source}>"
+
+
+class Learnt(Protocol):
+    """What the fleet reads of a Shaper's feedback (``asyncquota.feedback.Feedback``): named
+    here by its one attribute, so that the feedback, which knows the fleet, is not known
+    back (no import circle)."""
+
+    @property
+    def punishes(self) -> bool:
+        """Whether the upstream was seen to punish sends inside its Retry-After window."""
+        ...
 
 
 class Fleet(Protocol):
@@ -30,7 +76,7 @@ class Fleet(Protocol):
         rpm: float | None,
         tpm: float | None,
         cooldown: CooldownGate,
-        feedback: Feedback,
+        feedback: Learnt,
     ) -> None:
         """A Shaper starts: the quota it shapes, its cooldown gate to keep shut."""
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..gates import Reservation
+from ..sharing import Grant
 from ..window import SlidingCount
 
 if TYPE_CHECKING:
@@ -56,42 +57,6 @@ def lease_size(
         size = max(size, LEASE_MIN_UNITS)
     fair = burst / max(1, live)
     return max(need, min(size, fair))
-
-
-class Grant:
-    """One request's share of the quota: a request unit (or none) and its tokens.
-
-    ``pooled``: taken from the lease ``lease`` (debited in Redis: a settlement goes to
-    Redis); else from the local fallback buckets while Redis was away (settled locally).
-    It must be spent before ``expires_at``, its lease's end: after it Redis no longer
-    counts the lease's units as held (see ``scripts.py``), and a late send could go
-    beyond the burst. ``marks``: the shared buckets' ``taken`` counters when its lease
-    was granted, so a reading of the upstream's headers for this request knows what the
-    fleet took since.
-    """
-
-    __slots__ = ("expires_at", "lease", "marks", "pooled", "requests", "tokens")
-
-    def __init__(
-        self,
-        requests: int,
-        tokens: int,
-        *,
-        pooled: bool,
-        marks: tuple[float, float],
-        lease: str = "",
-        expires_at: float = math.inf,
-    ) -> None:
-        self.requests = requests
-        self.tokens = tokens
-        self.pooled = pooled
-        self.marks = marks
-        self.lease = lease
-        self.expires_at = expires_at
-
-    def __repr__(self) -> str:
-        source = "pool" if self.pooled else "local"
-        return f"<Grant requests={self.requests} tokens={self.tokens} from {source}>"
 
 
 class LeasePool:
