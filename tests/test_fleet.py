@@ -7,6 +7,7 @@ time), every wait short.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import socket
@@ -486,3 +487,49 @@ def test_the_core_imports_without_redis_and_the_fleet_says_what_to_install():
     )
     assert result.returncode == 0, result.stderr
     assert "pip install 'asyncquota[redis]'" in result.stdout
+
+
+async def test_a_fleet_down_from_the_start_takes_its_expected_share_not_the_whole_quota():
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0"
+    async with RedisFleet(url, name="four", timeout=0.05, processes=4) as fleet:
+        _attach(fleet, rpm=6000, tpm=None)  # 100 a second for the fleet
+        assert fleet.statistics().degraded
+        assert fleet._fallback is not None and fleet._fallback[0] is not None
+        assert fleet._fallback[0].rate == pytest.approx(25.0)  # a quarter of it
+    async with RedisFleet(url, name="alone", timeout=0.05) as fleet:
+        _attach(fleet, rpm=6000, tpm=None)
+        assert fleet._fallback is not None and fleet._fallback[0] is not None
+        assert fleet._fallback[0].rate == pytest.approx(100.0)  # told nothing: all of it
+    with pytest.raises(ValueError, match="processes must be"):
+        RedisFleet(url, name="x", processes=0)
+
+
+async def test_a_timeout_our_own_busy_loop_made_late_is_not_yet_an_outage():
+    # A Redis that accepts connections and never answers.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        fleet = RedisFleet(url, name="hung", timeout=0.05)
+        # Its client without its background task (whose heartbeats would call too).
+        fleet._loop = asyncio.get_running_loop()
+        fleet._redis = redis.asyncio.Redis.from_url(url)
+        _attach(fleet, rpm=600, tpm=None)
+        blocked = asyncio.get_running_loop().call_later(0.01, time.sleep, 0.2)  # a busy loop
+        assert await fleet._call(["x"]) is None
+        blocked.cancel()
+        assert not fleet.statistics().degraded  # the timer ran 0.2 s late: not Redis's fault
+        assert await fleet._call(["x"]) is None  # no answer on time, loop idle: an outage
+        assert fleet.statistics().degraded
+        await fleet._redis.aclose()
+    finally:
+        server.close()
+        await server.wait_closed()

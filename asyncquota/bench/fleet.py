@@ -649,6 +649,8 @@ class WorkerSpec:
         sessions: the indices of its sessions.
         base_url: the upstream process's URL.
         redis_url: the redis-server's URL (the fleet strategy only).
+        processes: how many processes the fleet runs (its share while Redis is away
+            before it ever counted them).
     """
 
     strategy: str
@@ -658,6 +660,7 @@ class WorkerSpec:
     sessions: range
     base_url: str
     redis_url: str | None = None
+    processes: int | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in FLEET_STRATEGIES:
@@ -683,7 +686,8 @@ async def _open_fleet(spec: WorkerSpec) -> AsyncIterator[Any]:
     if reason is not None:
         raise FleetUnavailable(reason)
     module = importlib.import_module(FLEET_MODULE)
-    async with module.RedisFleet(spec.redis_url, name=QUOTA_NAME) as fleet:
+    fleet_of = module.RedisFleet(spec.redis_url, name=QUOTA_NAME, processes=spec.processes)
+    async with fleet_of as fleet:
         yield fleet
 
 
@@ -894,7 +898,7 @@ def _run_one(
         specs = [
             WorkerSpec(strategy=strategy, index=index, config=config, model=model,
                        sessions=share, base_url=base_url,
-                       redis_url=None if redis is None else redis.url)
+                       redis_url=None if redis is None else redis.url, processes=len(shares))
             for index, share in enumerate(shares)
         ]
         with _spawned(specs) as spawned:

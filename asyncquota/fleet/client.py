@@ -29,12 +29,16 @@ together send what one would, and they share what one learns:
 
 **When Redis fails** (an error, or no answer within ``timeout``: every call is bounded by
 it), a breaker opens at once: the process spends what it still holds of its lease, then
-runs local buckets at ``quota / live`` (the live count last seen), empty at first (the
-shared level was unknown). Every ``probe_interval`` one round trip tries Redis again; the
-first that succeeds re-registers the process, re-reads the cooldown, resends the
-settlements not yet acknowledged, and the process is back in step. Nothing waits on a
-dead Redis longer than ``timeout``. A Redis that comes back empty (restarted) starts with
-full buckets: the fleet may then send up to one burst more than its quota, once.
+runs local buckets at ``quota / live`` (the live count last seen; before Redis ever
+counted them, the ``processes`` the fleet was told to expect), empty at first (the
+shared level was unknown). A timeout whose timer our own loop ran a whole ``timeout``
+late (a process busy with a spike of callers: the reply may have sat in the socket) is
+not yet evidence against Redis; a second in a row is. Every ``probe_interval`` one round
+trip tries Redis again; the first that succeeds re-registers the process, re-reads the
+cooldown, resends the settlements not yet acknowledged, and the process is back in step.
+Nothing waits on a dead Redis longer than ``timeout``. A Redis that comes back empty
+(restarted) starts with full buckets: the fleet may then send up to one burst more than
+its quota, once.
 
 The Shaper does not own its fleet: enter the fleet first (``async with RedisFleet(...)``)
 and close it after the Shapers that use it. Several Shapers of one process may share a
@@ -160,12 +164,17 @@ class RedisFleet:
             password: it is never shown (``repr``, errors and logs redact it).
         name: the quota's name; every process sharing the quota uses the same one. Its
             keys are ``{aq:<name>}:...``.
-        timeout: the longest any Redis call may take (seconds); past it the breaker opens.
+        timeout: the longest any Redis call may take (seconds); past it the breaker opens
+            (but for a call whose timer our own busy loop ran a whole ``timeout`` late:
+            the next call decides).
         lease_period: how long a lease lasts (seconds): it holds about this long of the
             process's recent rate, and every reply carries the cooldown, so the fleet
             learns of one within about this long.
         heartbeat: seconds between registrations when nothing else calls Redis.
         probe_interval: seconds between attempts to reach Redis while it is away.
+        processes: how many processes the fleet is expected to run: the share a process
+            takes while Redis is away before Redis ever counted the live ones (a fleet
+            that starts during an outage). None: such a process takes the whole quota.
 
     Raises:
         ValueError: a malformed URL or name, or a value out of range.
@@ -180,6 +189,7 @@ class RedisFleet:
         lease_period: float = 0.1,
         heartbeat: float = 1.0,
         probe_interval: float = 0.25,
+        processes: int | None = None,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(_SCHEMES):
             shown = redact_url(url) if isinstance(url, str) else type(url).__name__
@@ -205,8 +215,13 @@ class RedisFleet:
                 or not (math.isfinite(value) and value > 0)
             ):
                 raise ValueError(f"{label} must be a finite number of seconds > 0, not {value!r}.")
+        if processes is not None and (
+            isinstance(processes, bool) or not isinstance(processes, int) or processes < 1
+        ):
+            raise ValueError(f"processes must be a whole number ≥ 1 or None, not {processes!r}.")
         self._url = url
         self.name = name
+        self._processes = processes
         self._timeout = float(timeout)
         self._lease_period = float(lease_period)
         self._heartbeat = float(heartbeat)
@@ -232,6 +247,8 @@ class RedisFleet:
         self._retry_counts: tuple[SharedCount, SharedCount] | None = None
         self._seen_until = 0.0  # the latest shared cooldown end seen (Redis ms)
         self._live = 1
+        self._counted = False  # whether Redis has told the live count yet
+        self._late = False  # the last call timed out while our own loop held its timer
         self._exchanging: asyncio.Task[bool] | None = None
         self._heartbeat_due = -math.inf
         # The breaker.
@@ -334,6 +351,9 @@ class RedisFleet:
             )
         self._ensure_started()
         self._quota = quota
+        if self._degraded and self._loop is not None:
+            # Attached while Redis is away: its quota's local share, not no limit at all.
+            self._fallback = self._local_buckets(self._share(), self._loop.time())
         self._attached.append(_Attached(cooldown, feedback))
         self._kick.set()
 
@@ -721,8 +741,9 @@ class RedisFleet:
     async def _call(self, args: Sequence[Any]) -> list[Any] | None:
         """One script call, bounded by ``timeout``; None (and the breaker open) on failure."""
         redis = self._redis
-        assert redis is not None
+        assert redis is not None and self._loop is not None
         keys = self._keys
+        started = self._loop.time()
         try:
             async with asyncio.timeout(self._timeout):
                 self._calls += 1
@@ -735,13 +756,24 @@ class RedisFleet:
                     reply = await redis.execute_command(  # type: ignore[no-untyped-call]
                         "EVAL", EXCHANGE, len(keys), *keys, *args
                     )
-        except (TimeoutError, RedisError, OSError) as exc:
+        except TimeoutError as exc:
+            if self._loop.time() - started > 2 * self._timeout and not self._late:
+                # The timer itself ran a whole timeout late: our own loop was busy (a spike
+                # of callers), and the reply may have been waiting in the socket. Not yet
+                # evidence against Redis: the next call decides (a second such timeout
+                # in a row opens the breaker, as any failure does).
+                self._late = True
+                return None
+            self._open_breaker(exc)
+            return None
+        except (RedisError, OSError) as exc:
             self._open_breaker(exc)
             return None
         except Exception as exc:  # whatever the client does, the Shaper must go on
             logger.exception("asyncquota fleet %r: the Redis client failed.", self.name)
             self._open_breaker(exc)
             return None
+        self._late = False
         return list(reply)
 
     def _absorb(
@@ -765,6 +797,7 @@ class RedisFleet:
         if self._degraded:
             self._recover(now)
         self._live = max(1, live)
+        self._counted = True
         self._heartbeat_due = now + self._heartbeat
         pool = self._pool
         if granted_r > 0 or granted_t > 0:
@@ -816,9 +849,32 @@ class RedisFleet:
         self._next_probe = now + self._probe_interval
         if self._degraded:
             return
+        self._late = False
         self._degraded = True
         self._degraded_since = now
-        share = max(1, self._live)
+        share = self._share()
+        self._fallback = self._local_buckets(share, now)
+        if exc is None:
+            return
+        logger.warning(
+            "asyncquota fleet %r: Redis at %s failed (%s); running on this process's "
+            "share (1/%d of the quota) until it answers.",
+            self.name,
+            redact_url(self._url),
+            type(exc).__name__,
+            share,
+        )
+
+    def _share(self) -> int:
+        """How many processes split the quota while Redis is away: the live count Redis
+        gave last; never heard from, the ``processes`` the fleet was told to expect
+        (without it, this process alone: the whole quota)."""
+        return max(1, self._live if self._counted else (self._processes or 1))
+
+    def _local_buckets(
+        self, share: int, now: float
+    ) -> tuple[TokenBucket | None, TokenBucket | None]:
+        """This process's buckets while Redis is away: ``1/share`` of the quota, empty."""
         quota = self._quota
         buckets: list[TokenBucket | None] = []
         for rate, burst in (
@@ -831,17 +887,7 @@ class RedisFleet:
             bucket = TokenBucket(rate=rate * 1000 / share, burst=max(1.0, burst / share), now=now)
             bucket.take(bucket.burst, now)  # empty: the shared level was unknown
             buckets.append(bucket)
-        self._fallback = (buckets[0], buckets[1])
-        if exc is None:
-            return
-        logger.warning(
-            "asyncquota fleet %r: Redis at %s failed (%s); running on this process's "
-            "share (1/%d of the quota) until it answers.",
-            self.name,
-            redact_url(self._url),
-            type(exc).__name__,
-            share,
-        )
+        return buckets[0], buckets[1]
 
     def _recover(self, now: float) -> None:
         self._degraded = False
