@@ -591,6 +591,38 @@ class Shaper:
         now = asyncio.get_running_loop().time()
         self._admission.shed_below(rank, now + for_seconds, now)
 
+    def refusal(self, options: RequestOptions | None = None) -> QuotaError | None:
+        """The refusal a request with ``options`` would meet at the door now, or None.
+
+        What ``request`` would raise before queueing it (shed, busy, deadline unreachable,
+        a confirmed cooldown past its deadline), decided the same way, but nothing is
+        queued, counted or reported. For a router (the Gateway) to ask before it does
+        costly work for a request on this upstream (translating its body, reserving a
+        tenant's and a budget's share) that would end unsent anyway: when a spent
+        account's line moves to a fallback, thousands of requests ask at once. None too
+        while the Shaper is not open (``request`` then says why).
+        """
+        if self._state != "open":
+            return None
+        options = options or RequestOptions()
+        now = asyncio.get_running_loop().time()
+        deadline = options.deadline if options.deadline is not None else self._default_deadline
+        ticket = Ticket(
+            method="",
+            path="",
+            send=_unsendable,
+            priority=options.priority,
+            tenant=options.tenant,
+            deadline=None if deadline is None else now + deadline,
+            cost=0,
+            now=now,
+        )
+        try:
+            self._admission.refuse_early(ticket, now)
+        except QuotaError as exc:
+            return exc
+        return None
+
     def statistics(self) -> ShaperStatistics:
         """A frozen snapshot of the live state and the counters.
 
@@ -812,3 +844,7 @@ def _check(
     if not math.isfinite(value) or value < minimum or (strict and value == minimum):
         bound = f"greater than {minimum:g}" if strict else f"at least {minimum:g}"
         raise ValueError(f"{name} must be {bound}, not {value!r}.")
+
+
+async def _unsendable(_: float | None) -> Response:
+    raise AssertionError("a ticket made only to ask admission was sent")

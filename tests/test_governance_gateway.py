@@ -12,6 +12,7 @@ from asyncquota import (
     MockTransport,
     NoRouteError,
     QuotaError,
+    RejectedError,
     Request,
     Response,
     Shaper,
@@ -533,3 +534,32 @@ async def test_options_made_once_reach_the_models_shaper():
     # reserved the caller's 5 000 tokens rather than the gateway's estimate.
     assert admitted.priority == Priority.BATCH and admitted.tenant == "42"
     assert replied.reserved_tokens == 5000
+
+
+async def test_a_model_that_would_refuse_at_its_door_costs_the_tenant_and_budget_nothing():
+    # The small model's upstream sheds batch: a batch request for it is refused unsent,
+    # asked before its body is sent anywhere and before its tenant's day and the budget
+    # are touched (when a spent account's line moves, thousands ask at once).
+    class Counting(MemoryStore):
+        writes = 0
+
+        async def reserve(self, key, amount, *, limit, expires_at):
+            Counting.writes += 1
+            return await super().reserve(key, amount, limit=limit, expires_at=expires_at)
+
+        async def add(self, key, amount, *, expires_at):
+            Counting.writes += 1
+            return await super().add(key, amount, expires_at=expires_at)
+
+    store = Counting(wall_clock=wall)
+    budget = BudgetGuard(monthly=100.0, store=store, wall_clock=wall)
+    gateway, ups = make_gateway(tenants=tiers(store), budget=budget, fallbacks={})
+    async with gateway:
+        gateway.upstreams["b"].shed_below("batch", for_seconds=600)
+        with pytest.raises(RejectedError) as refused:
+            await gateway.request(chat(), tenant="corner-shop", priority="batch")
+        assert refused.value.reason == "shedding"
+        assert Counting.writes == 0  # no tier or budget share taken (and given back)
+        served = await gateway.request(chat(), tenant="corner-shop")  # interactive goes
+        assert Counting.writes > 0
+    assert served.model == "small" and len(ups["b"].seen) == 1

@@ -4,7 +4,15 @@ import asyncio
 
 import pytest
 
-from asyncquota import Fixed, MockTransport, Priority, RejectedError, Request, Response
+from asyncquota import (
+    Fixed,
+    MockTransport,
+    Priority,
+    RejectedError,
+    Request,
+    RequestOptions,
+    Response,
+)
 from asyncquota.shaper import Shaper
 
 PATIENT = {"critical": 86_400, "interactive": 86_400, "batch": 86_400}
@@ -87,3 +95,26 @@ async def test_a_bad_duration_is_refused(seconds):
     async with Shaper("http://upstream.test", transport=slow_upstream(0.1), hooks=()) as shaper:
         with pytest.raises(ValueError, match="for_seconds"):
             shaper.shed_below("batch", for_seconds=seconds)
+
+
+async def test_refusal_tells_what_the_door_would_say_and_counts_nothing():
+    transport = slow_upstream(1.0)
+    async with Shaper(
+        "http://upstream.test", transport=transport, limit=Fixed(1), hooks=()
+    ) as shaper:
+        batch = RequestOptions(priority="batch", deadline=30)
+        assert shaper.refusal(batch) is None  # nothing shed, nobody waiting
+        shaper.shed_below("batch", for_seconds=60)
+        refused = shaper.refusal(batch)
+        assert isinstance(refused, RejectedError) and refused.reason == "shedding"
+        assert refused.retry_after == pytest.approx(60)
+        assert shaper.refusal(RequestOptions(priority="interactive")) is None
+        # Asked, not refused: no request was made, none counted, nothing sent.
+        stats = shaper.statistics()
+        assert (stats.shed, stats.sent, stats.queued) == (0, 0, ())
+        # The door itself says the same.
+        with pytest.raises(RejectedError, match="batch and below"):
+            await shaper.request("GET", "/v1/models", options=batch)
+        assert shaper.statistics().shed == 1
+    assert shaper.refusal(batch) is None  # closed: request() says why
+    assert transport.calls == 0

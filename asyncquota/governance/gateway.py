@@ -1469,6 +1469,7 @@ class Gateway:
         """One model: tier, budget reservation, the Shaper, then settle with the usage."""
         model, estimate = route.model, plan.estimate
         shaper = self._upstreams[model.upstream]
+        _ask_first(shaper, plan)
         admitted = await self._admit(route, plan)
         grant, reservation = admitted.grant, admitted.reservation
         try:
@@ -1536,6 +1537,7 @@ class Gateway:
         """
         model, estimate = route.model, plan.estimate
         shaper = self._upstreams[model.upstream]
+        _ask_first(shaper, plan)
         admitted = await self._admit(route, plan)
         grant, reservation = admitted.grant, admitted.reservation
         shaped = shaper.stream(
@@ -1941,6 +1943,22 @@ def _untranslatable(exc: Exception, status: int, body: bytes | None = None) -> U
         body=body,
         reason="untranslatable_reply",
     )
+
+
+def _ask_first(shaper: Shaper, plan: _Plan) -> None:
+    """Raise the refusal ``shaper`` would give ``plan``'s request at its door, before the
+    costly part (its body translated, the tier's and the budget's share reserved).
+
+    Raises:
+        RejectedError, ThrottledError: what ``Shaper.request`` would raise unsent; the
+            chain takes it as it takes the Shaper's own (busy, shedding: the next model).
+    """
+    left = None if plan.ends is None else plan.ends - asyncio.get_running_loop().time()
+    if left is not None and left < MIN_DEADLINE:
+        return  # _admit says the deadline passed
+    refused = shaper.refusal(plan.for_model(left))
+    if refused is not None:
+        raise refused
 
 
 def _held_for(hold: _Hold) -> str:
