@@ -533,3 +533,23 @@ async def test_a_timeout_our_own_busy_loop_made_late_is_not_yet_an_outage():
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_shaper_with_a_fleet_and_no_rpm_or_tpm_is_not_held(redis_url: str):
+    # Nothing of its quota is shared (no rpm, no tpm): its requests need no lease. Before
+    # this was pinned, they waited for one that never came, in line until their max_wait.
+    upstream = SimulatedUpstream(UpstreamConfig(rps=1000, latency_base=0.0, latency_per_token=0.0))
+    async with (
+        RedisFleet(redis_url, name="unbounded") as fleet,
+        Shaper(
+            "http://upstream.test", transport=MockTransport(upstream.handle), hooks=(), fleet=fleet
+        ) as shaper,
+    ):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        replies = await asyncio.gather(
+            *(shaper.request("POST", "/v1/chat/completions", json=BODY) for _ in range(50))
+        )
+        assert all(reply.status == 200 for reply in replies)
+        assert loop.time() - started < 1.0
+        assert fleet.statistics().requests == 50 and fleet.statistics().leases == 0

@@ -636,3 +636,21 @@ def test_without_redis_py_the_package_imports_and_a_redis_store_says_what_to_ins
     )
     assert done.returncode == 0, done.stderr
     assert "pip install 'asyncquota[redis]'" in done.stdout
+
+
+async def test_gateways_on_one_redis_share_each_upstreams_quota_through_a_fleet(
+    redis_url: str, tmp_path: Path
+):
+    # With store = "redis://...", each upstream's Shaper gets a RedisFleet named after it:
+    # gateways in several processes (the proxy's workers) share its rpm, not only tiers.
+    file = governance_file(tmp_path, redis_url)
+    upstream = Upstream()
+    first, second = gateway_from(file, upstream), gateway_from(file, upstream)
+    async with first, second:
+        fleets = [gateway.upstreams["openai"]._fleet for gateway in (first, second)]
+        assert all(fleet is not None and fleet.name == "upstream:openai" for fleet in fleets)
+        for gateway in (first, second):
+            await gateway.request(chat(), tenant="acme")
+        assert all(fleet.statistics().requests == 1 for fleet in fleets)
+        assert max(fleet.statistics().live_processes for fleet in fleets) == 2
+    assert all(fleet._closed for fleet in fleets)  # the gateway closed what it made

@@ -388,7 +388,9 @@ class RedisFleet:
         else:
             r = requests if quota.requests_burst else 0
             t = tokens if quota.tokens_burst else 0
-            if pool.take(r, t, now):
+            if not r and not t:  # nothing of it is shared (no rpm, no tpm): nothing to lease
+                grant = Grant(requests, tokens, pooled=False, marks=pool.marks)
+            elif pool.take(r, t, now):
                 grant = Grant(
                     requests,
                     tokens,

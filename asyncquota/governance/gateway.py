@@ -103,6 +103,7 @@ from .config import (
     FALLBACK_CAUSES,
     ConfigError,
     GovernanceConfig,
+    RedisURL,
     load_config,
 )
 from .redis_store import RedisStore
@@ -560,6 +561,7 @@ class Gateway:
         self._config: GovernanceConfig | None = None  # what from_config and reload applied
         self._default_output = default_output_tokens
         self._store = store
+        self._fleets: list[Any] = []  # RedisFleets from_config made (closed after the Shapers)
         self._wall_clock = wall_clock
         self._watched: dict[str | None, float] = {}  # tenant → last reading (loop time)
         self._watch_sweep_at = _WATCH_SWEEP_MIN  # sweep stale entries past this size
@@ -604,6 +606,7 @@ class Gateway:
         env = os.environ if environ is None else environ
         transports = transports or {}
         store: Store
+        fleets: dict[str, Any] = {}  # upstream name → its RedisFleet (a Redis store only)
         if isinstance(config.store, Path):
             store = SQLiteStore(config.store, wall_clock=wall_clock)
         elif config.store is not None:  # a Redis URL: counters shared by a fleet
@@ -629,6 +632,15 @@ class Gateway:
                 for name in ("max_connections", "default_deadline", "timeout")
                 if (value := getattr(spec, name)) is not None
             }
+            if isinstance(config.store, RedisURL):
+                # A fleet of gateways (the proxy's processes) on one Redis shares the
+                # upstreams' quotas too, not only the tiers and budgets: one RedisFleet a
+                # upstream, named after it (its rpm/tpm is the quota every process shapes).
+                from ..fleet import RedisFleet
+
+                fleets[spec.name] = options["fleet"] = RedisFleet(
+                    str(config.store), name=f"upstream:{spec.name}"
+                )
             shapers[spec.name] = Shaper(
                 spec.base_url,
                 rpm=spec.rpm,
@@ -694,6 +706,7 @@ class Gateway:
             downgrade_at=policy.downgrade_at,
         )
         gateway._config = config
+        gateway._fleets = list(fleets.values())
         return gateway
 
     def reload(self, config: GovernanceConfig | str | os.PathLike[str]) -> None:
@@ -865,6 +878,8 @@ class Gateway:
             await self._monitor.aclose()
         if self._store is not None:
             await self._store.aclose()
+        for fleet in self._fleets:
+            await fleet.aclose()
 
     @property
     def upstreams(self) -> Mapping[str, Shaper]:
