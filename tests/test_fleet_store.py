@@ -37,6 +37,7 @@ from asyncquota.governance import (
     Routed,
     parse_config,
 )
+from asyncquota.governance.redis_store import BREAKER_OPEN
 from asyncquota.governance.store import Reservation
 from asyncquota.testing import SimulatedUpstream, UpstreamConfig
 
@@ -292,7 +293,15 @@ async def test_while_redis_is_down_requests_are_refused_unsent_and_served_again_
             assert upstream.seen == 1  # refused before anything was sent: no limit waived
         finally:
             redis_server.start()
-        routed = await gateway.request(chat(), tenant="acme")
+        # Back within the breaker's open time (and a probe's round trip).
+        back_by = loop.time() + 1.0
+        while True:
+            try:
+                routed = await gateway.request(chat(), tenant="acme")
+                break
+            except StoreUnavailableError:
+                assert loop.time() < back_by
+                await asyncio.sleep(0.05)
         assert isinstance(routed, Routed)
         assert upstream.seen == 2
 
@@ -318,16 +327,23 @@ async def test_a_redis_that_accepts_but_never_answers_fails_each_call_within_the
 
     ticker = asyncio.create_task(tick())
     try:
-        for call in (
-            store.reserve("k", 1, limit=5, expires_at=FUTURE),
-            store.add("k", 1, expires_at=FUTURE),
-            store.get(["k"]),
+        for make in (
+            lambda: store.reserve("k", 1, limit=5, expires_at=FUTURE),
+            lambda: store.add("k", 1, expires_at=FUTURE),
+            lambda: store.get(["k"]),
         ):
+            await asyncio.sleep(BREAKER_OPEN)  # the last failure's breaker has closed
             started = loop.time()
             with pytest.raises(StoreUnavailableError, match=r"did not answer within 0\.2 s") as err:
-                await call
+                await make()
             assert 0.15 <= loop.time() - started < 0.2 + 1.0
             assert "hunter2" not in str(err.value) and "hunter2" not in err.value.path
+            # Right after a failure the breaker is open: the next call fails at once,
+            # without asking Redis.
+            started = loop.time()
+            with pytest.raises(StoreUnavailableError, match="failed a moment ago"):
+                await store.get(["k"])
+            assert loop.time() - started < 0.05
         assert ticks >= 10  # the loop ran all along
         assert "hunter2" not in repr(store)
         assert "undos=1" in repr(store)  # the reservation may have run: it is to be undone

@@ -40,7 +40,9 @@ not read at all; the windows' keys (which minute, which day) come from the calle
 **Redis failing.** Every call is bounded by ``timeout`` (the wait for a connection, a
 reconnection and a script reloaded after a restart included) and fails with
 :class:`~asyncquota.errors.StoreUnavailableError` naming the URL scrubbed of its password:
-tiers and budgets then refuse the request rather than waive a limit. Nothing is kept
+tiers and budgets then refuse the request rather than waive a limit. A failure opens a
+breaker for ``BREAKER_OPEN`` seconds: calls fail at once meanwhile, then one asks Redis
+again (a dead Redis costs a request microseconds, not a whole timeout). Nothing is kept
 open across a failure: the next call connects again, so calls succeed as soon as Redis is
 back.
 
@@ -112,6 +114,12 @@ up (a long outage refuses many requests, most of which never reached Redis)."""
 
 UNDO_BATCH = 500
 """Undos sent in one pipeline."""
+
+BREAKER_OPEN = 0.25
+"""Seconds after a failed call during which calls fail at once, without asking Redis (the
+breaker is open); then one call asks (the others still fail at once until it answers),
+and its answer closes the breaker. A dead Redis then costs each request microseconds,
+not a whole ``timeout``; a Redis back is seen within ``BREAKER_OPEN`` seconds."""
 
 UNDO_RETRY = 0.5
 """Seconds between two attempts to send the undos while Redis does not answer."""
@@ -294,6 +302,8 @@ class RedisStore:
         "_given_up",
         "_lost_reply",
         "_name",
+        "_open_until",
+        "_probing",
         "_redacted",
         "_reply_error",
         "_reserve",
@@ -365,6 +375,8 @@ class RedisStore:
         self._undos: dict[str, tuple[float, tuple[Reservation, ...]]] = {}
         self._drainer: asyncio.Task[None] | None = None
         self._closed = False
+        self._open_until = -math.inf  # the breaker: loop time until which calls fail at once
+        self._probing = False  # a call is asking whether Redis is back
         self._calls = 0
         self._failures = 0
         self._given_up = 0
@@ -484,17 +496,41 @@ class RedisStore:
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
     async def _bounded(self, call: Any) -> Any:
-        """Await a redis-py call within the timeout; every failure as StoreUnavailableError."""
+        """Await a redis-py call within the timeout; every failure as StoreUnavailableError.
+
+        While the breaker is open (see ``BREAKER_OPEN``) the call is not made at all.
+        """
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now < self._open_until or self._probing:
+            if asyncio.iscoroutine(call):
+                call.close()  # never sent
+            raise self._unavailable(
+                "it failed a moment ago and is asked again "
+                + ("now" if self._probing else f"in {self._open_until - now:.2f} s")
+            )
+        probe = self._open_until > -math.inf
+        self._probing = probe
         self._calls += 1
         try:
             async with asyncio.timeout(self._timeout):
-                return await call
+                reply = await call
         except TimeoutError:
-            self._failures += 1
+            self._trip(loop)
             raise self._unavailable(f"it did not answer within {self._timeout:g} s") from None
         except self._lost_reply as exc:
-            self._failures += 1
+            if not isinstance(exc, self._reply_error):  # an error reply is an answer
+                self._trip(loop)
             raise self._unavailable(self._describe(exc)) from exc
+        finally:
+            if probe:
+                self._probing = False
+        self._open_until = -math.inf  # it answered: the breaker closes
+        return reply
+
+    def _trip(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._failures += 1
+        self._open_until = loop.time() + BREAKER_OPEN
 
     def _unavailable(self, why: str) -> StoreUnavailableError:
         return StoreUnavailableError(
