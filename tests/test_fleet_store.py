@@ -546,7 +546,7 @@ async def test_a_password_never_shows_in_repr_nor_errors(redis_server: Any):
     store = RedisStore(url, name="chatbot")
     assert repr(store) == (
         f"<RedisStore redis://***@127.0.0.1:{redis_server.port}/0 name='chatbot' open "
-        "calls=0 failures=0 undos=0 given_up=0>"
+        "calls=0 round_trips=0 failures=0 undos=0 given_up=0>"
     )
     try:
         with pytest.raises(StoreUnavailableError) as caught:
@@ -670,3 +670,34 @@ async def test_gateways_on_one_redis_share_each_upstreams_quota_through_a_fleet(
         assert all(fleet.statistics().requests == 1 for fleet in fleets)
         assert max(fleet.statistics().live_processes for fleet in fleets) == 2
     assert all(fleet._closed for fleet in fleets)  # the gateway closed what it made
+
+
+async def test_calls_of_one_turn_share_a_round_trip_and_a_flushed_script_is_sent_whole(
+    redis_url: str,
+):
+    with redis.Redis.from_url(redis_url) as raw:
+        raw.script_flush()  # as a fresh Redis: no script loaded yet
+    store = RedisStore(redis_url)
+    try:
+        # No script in Redis yet: by SHA (refused), then whole: two round trips.
+        await store.reserve("warm", 1, limit=None, expires_at=FUTURE)
+        assert store.round_trips == 2
+        # 50 reservations made together: one pipeline (a script each, each atomic).
+        replies = await asyncio.gather(
+            *(store.reserve("shared", 1, limit=30, expires_at=FUTURE) for _ in range(50))
+        )
+        assert sum(reply is not None for reply in replies) == 30  # the limit, exactly
+        assert store.round_trips == 3 and "calls=51" in repr(store)
+        # Alone, a call is a round trip of its own.
+        assert await store.get(["shared"]) == [30.0]
+        assert store.round_trips == 4
+        # Redis forgot the scripts (a restart, a SCRIPT FLUSH): the batch is resent whole.
+        with redis.Redis.from_url(redis_url) as raw:
+            raw.script_flush()
+        added = await asyncio.gather(
+            *(store.add("other", 2, expires_at=FUTURE) for _ in range(5))
+        )
+        assert sorted(added) == [2.0, 4.0, 6.0, 8.0, 10.0]
+        assert store.round_trips == 6  # by SHA (refused), then whole
+    finally:
+        await store.aclose()

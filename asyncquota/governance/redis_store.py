@@ -37,6 +37,11 @@ rounded up to the millisecond) by Redis's clock, and a live counter keeps its la
 (an earlier one never shortens it), as in the other stores. The process's wall clock is
 not read at all; the windows' keys (which minute, which day) come from the callers' clock.
 
+**Round trips.** Calls made in one turn of the event loop go to Redis together, in one
+pipeline (each still its own atomic script; a script Redis has not got, after a restart,
+is sent whole in a second one): under load the requests of a Gateway share round trips
+(a tier's reservation, a budget's, their settlements, the reads), alone a call costs one.
+
 **Redis failing.** Every call is bounded by ``timeout`` (the wait for a connection, a
 reconnection and a script reloaded after a restart included) and fails with
 :class:`~asyncquota.errors.StoreUnavailableError` naming the URL scrubbed of its password:
@@ -294,6 +299,7 @@ class RedisStore:
     __slots__ = (
         "_add",
         "_add_ttl_ms",
+        "_batch",
         "_calls",
         "_client",
         "_closed",
@@ -307,6 +313,7 @@ class RedisStore:
         "_redacted",
         "_reply_error",
         "_reserve",
+        "_round_trips",
         "_tag",
         "_timeout",
         "_undo",
@@ -378,6 +385,9 @@ class RedisStore:
         self._open_until = -math.inf  # the breaker: loop time until which calls fail at once
         self._probing = False  # a call is asking whether Redis is back
         self._calls = 0
+        self._round_trips = 0
+        # Calls made in one turn of the loop, sent together (see _send): (command, future).
+        self._batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._failures = 0
         self._given_up = 0
 
@@ -433,7 +443,7 @@ class RedisStore:
         if not keys:
             return []
         names = [self._tag + "c:" + key for key in keys]
-        values = await self._bounded(self._client.mget(names))
+        values = await self._call(("MGET", names))
         return [0.0 if value is None else float(value) for value in values]
 
     async def aclose(self) -> None:
@@ -484,7 +494,7 @@ class RedisStore:
     ) -> str:
         """One script, bounded; a reservation whose outcome is lost is undone later."""
         try:
-            reply = await self._bounded(script(keys=keys, args=args))
+            reply = await self._call(("EVALSHA", script, keys, args))
         except asyncio.CancelledError:
             if undo is not None:
                 self._undo_later(keys[0], undo)
@@ -494,6 +504,103 @@ class RedisStore:
                 self._undo_later(keys[0], undo)
             raise
         return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    @property
+    def round_trips(self) -> int:
+        """Round trips to Redis so far: calls made in one turn of the loop share one."""
+        return self._round_trips
+
+    def _refusing(self, now: float) -> StoreUnavailableError | None:
+        """The breaker's refusal while it is open (or a call is asking), else None."""
+        if now < self._open_until or self._probing:
+            return self._unavailable(
+                "it failed a moment ago and is asked again "
+                + ("now" if self._probing else f"in {self._open_until - now:.2f} s")
+            )
+        return None
+
+    async def _call(self, command: tuple[Any, ...]) -> Any:
+        """One command (a script or a read), sent with the others of this turn of the loop.
+
+        Auto-pipelining: under load, the requests of a turn (their tier and budget
+        reservations, their settlements, their reads) share one round trip, each still
+        its own atomic script; alone, a call costs one round trip as before. Bounded by
+        the timeout like every call (the batch is); every failure a StoreUnavailableError
+        whose cause is what Redis (or the connection) said.
+        """
+        loop = asyncio.get_running_loop()
+        refused = self._refusing(loop.time())
+        if refused is not None:
+            raise refused
+        future: asyncio.Future[Any] = loop.create_future()
+        self._calls += 1
+        if not self._batch:
+            loop.call_soon(self._send_batch)
+        self._batch.append((command, future))
+        return await future
+
+    def _send_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        live = [(command, future) for command, future in batch if not future.done()]
+        if not live:
+            return
+        task = asyncio.get_running_loop().create_task(self._send(live))
+        task.add_done_callback(_read_outcome)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        """One pipeline of this turn's commands (scripts by SHA; ones Redis lost, resent
+        whole): every future resolved, whatever happens."""
+        loop = asyncio.get_running_loop()
+        probe = self._open_until > -math.inf
+        self._probing = probe
+        try:
+            async with asyncio.timeout(self._timeout):
+                replies = await self._pipeline([command for command, _ in batch], by_sha=True)
+                missing = [i for i, reply in enumerate(replies) if _no_script(reply)]
+                if missing:  # a Redis restarted or flushed: the scripts whole, once more
+                    again = await self._pipeline([batch[i][0] for i in missing], by_sha=False)
+                    for i, reply in zip(missing, again, strict=True):
+                        replies[i] = reply
+        except TimeoutError:
+            self._trip(loop)
+            error = self._unavailable(f"it did not answer within {self._timeout:g} s")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(_copy(error, None))
+            return
+        except self._lost_reply as exc:
+            self._trip(loop)
+            error = self._unavailable(self._describe(exc))
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(_copy(error, exc))
+            return
+        finally:
+            if probe:
+                self._probing = False
+        self._open_until = -math.inf  # it answered: the breaker closes
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, BaseException):  # an error reply: an answer, no trip
+                future.set_exception(_copy(self._unavailable(self._describe(reply)), reply))
+            else:
+                future.set_result(reply)
+
+    async def _pipeline(self, commands: list[tuple[Any, ...]], *, by_sha: bool) -> list[Any]:
+        self._round_trips += 1
+        async with self._client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                if command[0] == "MGET":
+                    pipe.mget(command[1])
+                else:
+                    _, script, keys, args = command
+                    if by_sha:
+                        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                    else:
+                        pipe.execute_command("EVAL", script.script, len(keys), *keys, *args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     async def _bounded(self, call: Any) -> Any:
         """Await a redis-py call within the timeout; every failure as StoreUnavailableError.
@@ -611,9 +718,25 @@ class RedisStore:
         state = "closed" if self._closed else "open"
         return (
             f"<RedisStore {self._redacted} name={self._name!r} {state} "
-            f"calls={self._calls} failures={self._failures} undos={len(self._undos)} "
+            f"calls={self._calls} round_trips={self._round_trips} failures={self._failures} "
+            f"undos={len(self._undos)} "
             f"given_up={self._given_up}>"
         )
+
+
+def _copy(error: StoreUnavailableError, cause: BaseException | None) -> StoreUnavailableError:
+    """A fresh exception per caller (one raised object must not travel through several
+    tasks' tracebacks), with what Redis said as its cause."""
+    fresh = StoreUnavailableError(str(error), path=error.path)
+    fresh.__cause__ = cause
+    return fresh
+
+
+def _no_script(reply: Any) -> bool:
+    """Whether a reply says Redis does not have the script (redis-py's ``NoScriptError``)."""
+    return isinstance(reply, Exception) and any(
+        kind.__name__ == "NoScriptError" for kind in type(reply).__mro__
+    )
 
 
 def _read_outcome(done: asyncio.Future[Any]) -> None:
