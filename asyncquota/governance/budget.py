@@ -390,8 +390,19 @@ class BudgetGuard:
         )
 
     async def _add_all(self, keys: Sequence[str], delta: float, expires_at: float) -> None:
-        for key in keys:
-            await self._store.add(key, delta, expires_at=expires_at)
+        """``delta`` on every counter, together (a store that pipelines the calls of one
+        turn, as Redis's does, sends them in one round trip); each applies or fails on its
+        own, and the first failure is raised once all were tried."""
+        if len(keys) == 1:
+            await self._store.add(keys[0], delta, expires_at=expires_at)
+            return
+        outcomes = await asyncio.gather(
+            *(self._store.add(key, delta, expires_at=expires_at) for key in keys),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     def _refund_orphan(
         self, task: asyncio.Task[tuple[str, ...]], amount: float, expires_at: float
