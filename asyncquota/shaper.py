@@ -573,6 +573,17 @@ class Shaper:
         """Seconds the fleet-wide cooldown (the upstream's Retry-After) still holds; 0 if open."""
         return self._cooldown.remaining(asyncio.get_running_loop().time())
 
+    def confirmed_cooldown(self) -> float:
+        """Seconds of cooldown that evidence confirms; 0 while a probe may still end it.
+
+        A Retry-After *holds* the line and sends one probe early (it is about the request
+        that got it, and often overstates the wait): until that probe is refused, the hold
+        may end in milliseconds. Confirmed: a probe was refused, or the upstream punishes
+        early sends (its every window is honoured in full). What a router should pass a
+        model over for; ``cooldown_remaining`` is the window as stated.
+        """
+        return self._feedback.confirmed_cooldown(asyncio.get_running_loop().time())
+
     def shed_below(self, priority: PriorityLike, *, for_seconds: float) -> None:
         """Refuse the class ``priority`` and every less important one for a while.
 

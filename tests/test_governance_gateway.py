@@ -152,19 +152,44 @@ async def test_a_long_request_falls_to_a_model_whose_window_fits():
 
 async def test_while_a_model_cools_down_requests_go_to_its_fallback_and_say_why():
     gateway, ups = make_gateway(deadline=10.0)
-    ups["a"].replies.append(Response(429, {"retry-after": "30"}, b'{"error": {}}'))
+    refusal = Response(429, {"retry-after": "30"}, b'{"error": {}}')
+    ups["a"].replies.extend([refusal, refusal])
+    ups["a"].latency = 0.001  # refused at the door, as a rate limiter does
     async with gateway:
         # the upstream asks for 30 s, longer than the 10 s deadline: the next model takes it
         first = await gateway.request(chat(), model="big")
         assert first.model == "small"
         assert first.passed_over == ("big: rate limited for 30.0 s",)
+        # A Retry-After is about the request that got it: the next request for big goes
+        # to see (the hold's probe), and is refused as well: now the wait is confirmed.
         second = await gateway.request(chat(), model="big")
-        assert second.model == "small"
-        assert second.reason.startswith("fallback from big: cooling down for")
-        assert len(ups["a"].seen) == 1  # nothing more was sent to the cooling upstream
-        await asyncio.sleep(31)
+        assert second.model == "small" and len(ups["a"].seen) == 2
         third = await gateway.request(chat(), model="big")
-    assert third.model == "big"
+        assert third.model == "small"
+        assert third.reason.startswith("fallback from big: cooling down for")
+        assert len(ups["a"].seen) == 2  # nothing more was sent to the cooling upstream
+        await asyncio.sleep(31)
+        fourth = await gateway.request(chat(), model="big")
+    assert fourth.model == "big"
+
+
+async def test_a_retry_after_that_a_probe_ends_does_not_send_the_model_s_traffic_elsewhere():
+    # One 429 with a whole second's Retry-After over a bucket that refills in ms: the hold
+    # is a hint. Passed over for the whole stated second, the model's line drained onto
+    # its fallback (the real-time 2 a.m. night left its primary under-used so).
+    gateway, ups = make_gateway(deadline=10.0)
+    ups["a"].replies.append(Response(429, {"retry-after": "1"}, b'{"error": {}}'))
+    ups["a"].latency = 0.001  # refused at the door, as a rate limiter does
+    async with gateway:
+        first = asyncio.create_task(gateway.request(chat(), model="big"))
+        await asyncio.sleep(0.003)  # refused, held "for 1 s", its probe not yet out
+        assert gateway.upstreams["a"].cooldown_remaining() > 0.9
+        second = await gateway.request(chat(), model="big")
+        routed = await first
+    assert (routed.model, second.model) == ("big", "big")  # not sent elsewhere for 1 s
+    assert second.passed_over == ()
+    assert len(ups["a"].seen) == 3  # the refused one, its probe (served), the second
+    assert not ups["b"].seen
 
 
 async def test_a_model_with_more_waiting_than_it_serves_in_time_passes_the_excess_to_its_fallback():

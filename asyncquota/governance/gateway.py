@@ -1179,7 +1179,7 @@ class Gateway:
         if hold is not None:
             state: AvailabilityState = "exhausted" if now < hold.until else "probing"
             return Availability(state, account, hold.until_wall, hold.why)
-        cooling = self._upstreams[model.upstream].cooldown_remaining()
+        cooling = self._upstreams[model.upstream].confirmed_cooldown()
         if cooling > 0:
             return Availability(
                 "cooling down", account, wall + cooling, "the upstream asked to wait"
@@ -1273,7 +1273,11 @@ class Gateway:
             for shaper in self._shapers_of(self._accounts[model.upstream]):
                 shaper.shed_below(_EVERY_RANK, for_seconds=0)
             return None, True
-        cooling = self._upstreams[model.upstream].cooldown_remaining()
+        # A confirmed cooldown only: a Retry-After's hold may end at its probe in a few ms
+        # (passing the model over for the whole stated window drained its line onto the
+        # fallback, and left it under-used in the real-time night); the model's Shaper
+        # still refuses at once what a hold would keep past its deadline (``_ask_first``).
+        cooling = self._upstreams[model.upstream].confirmed_cooldown()
         if cooling > 0:
             return f"cooling down for {cooling:.1f} s", False
         return None, False
