@@ -399,11 +399,16 @@ async def test_readiness_says_why_it_cannot_serve(tmp_path, monkeypatch):
     async with proxy_over_simulated(tmp_path) as (url, proxy), aiohttp.ClientSession() as http:
         shapers = list(proxy.gateway.upstreams.values())
         # One upstream cooling down is no reason: the others serve.
-        monkeypatch.setattr(shapers[0], "cooldown_remaining", lambda: 30.0)
+        monkeypatch.setattr(shapers[0], "confirmed_cooldown", lambda: 30.0)
+        async with http.get(f"{url}/readyz") as r:
+            assert r.status == 200
+        # Every one held by a Retry-After its probe may end: still ready.
+        for shaper in shapers:
+            monkeypatch.setattr(shaper, "cooldown_remaining", lambda: 30.0)
         async with http.get(f"{url}/readyz") as r:
             assert r.status == 200
         for shaper in shapers:
-            monkeypatch.setattr(shaper, "cooldown_remaining", lambda: 30.0)
+            monkeypatch.setattr(shaper, "confirmed_cooldown", lambda: 30.0)
 
         async def unreadable(*args, **kwargs):
             raise StoreUnavailableError("the store is locked")

@@ -375,10 +375,11 @@ class Proxy:
         return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
 
     async def readyz(self, request: web.Request) -> web.Response:
-        """``GET /readyz``: 503 while every upstream cools down or the store cannot be read."""
+        """``GET /readyz``: 503 while every upstream cools down (a confirmed cooldown: not a
+        Retry-After's hold its probe may end in ms) or the store cannot be read."""
         problems = []
         upstreams = self.gateway.upstreams
-        if upstreams and all(shaper.cooldown_remaining() > 0 for shaper in upstreams.values()):
+        if upstreams and all(shaper.confirmed_cooldown() > 0 for shaper in upstreams.values()):
             problems.append("every upstream is cooling down")
         try:
             async with asyncio.timeout(READY_CHECK_TIMEOUT):
