@@ -701,3 +701,28 @@ async def test_calls_of_one_turn_share_a_round_trip_and_a_flushed_script_is_sent
         assert store.round_trips == 6  # by SHA (refused), then whole
     finally:
         await store.aclose()
+
+
+async def test_a_batch_that_breaks_in_our_own_code_fails_its_calls_instead_of_hanging_them(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+):
+    store = RedisStore(redis_url)
+
+    async def broken(self: RedisStore, commands: Any, *, by_sha: bool) -> list[Any]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(RedisStore, "_pipeline", broken)  # slots: patched on the class
+    try:
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(
+                store.get(["k"]),
+                store.reserve("k", 1, limit=5, expires_at=FUTURE),
+                return_exceptions=True,
+            ),
+            timeout=2,
+        )
+        assert all(isinstance(o, StoreUnavailableError) for o in outcomes)
+        assert "its answer was lost" in str(outcomes[0])
+    finally:
+        monkeypatch.undo()
+        await store.aclose()

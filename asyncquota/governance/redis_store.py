@@ -550,6 +550,19 @@ class RedisStore:
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         """One pipeline of this turn's commands (scripts by SHA; ones Redis lost, resent
         whole): every future resolved, whatever happens."""
+        try:
+            await self._send_pipelined(batch)
+        finally:
+            # Whatever went wrong (a bug, the store closed under it, this task cancelled),
+            # no caller waits for ever: an answer it did not get is a failed call.
+            abandoned = self._unavailable("its answer was lost")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(_copy(abandoned, None))
+
+    async def _send_pipelined(
+        self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
+    ) -> None:
         loop = asyncio.get_running_loop()
         probe = self._open_until > -math.inf
         self._probing = probe
