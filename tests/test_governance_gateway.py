@@ -588,3 +588,29 @@ async def test_a_model_that_would_refuse_at_its_door_costs_the_tenant_and_budget
         served = await gateway.request(chat(), tenant="corner-shop")  # interactive goes
         assert Counting.writes > 0
     assert served.model == "small" and len(ups["b"].seen) == 1
+
+
+async def test_a_tier_and_a_budget_on_one_store_are_reserved_in_one_step_all_or_none():
+    steps: list[list[str]] = []
+
+    class Watching(MemoryStore):
+        async def reserve_all(self, reservations):
+            steps.append([item.key for item in reservations])
+            return await super().reserve_all(reservations)
+
+    store = Watching(wall_clock=wall)
+    budget = BudgetGuard(monthly=0.005, store=store, wall_clock=wall)  # a few requests' worth
+    quotas = tiers(store)
+    gateway, ups = make_gateway(tenants=quotas, budget=budget, when_spent="reject")
+    async with gateway:
+        await gateway.request(chat(), tenant="acme")
+        [step] = steps
+        assert any(k.startswith("tier:") for k in step)
+        assert any(k.startswith("budget:") for k in step)
+        # Until the budget cannot pay: then refused whole, the tenant's minute not counted.
+        with pytest.raises(BudgetExceededError):
+            for _ in range(50):
+                await gateway.request(chat(), tenant="acme")
+        dims = {d.dimension: d for d in await quotas.status("acme", "small")}
+    assert 1 < len(ups["b"].seen) < 50
+    assert dims["rpm"].used == len(ups["b"].seen)  # only what was served counted

@@ -290,14 +290,7 @@ class BudgetGuard:
         """
         _check_dollars("amount", amount)
         now = self._wall_clock()
-        # The tenant first: its budget is the smaller one, so a refusal seldom costs a
-        # rollback of the global counter. The cap last: a request no budget can pay is
-        # refused as such, not moved to a fallback that the same budgets would refuse.
-        counters = self._counters(tenant, now)[::-1]
-        if account is not None and account in self._caps:
-            counters.append(self._cap_counter(account, now))
-        # One expiry for all the counters, the latest: a reconcile adjusts them together.
-        expires_at = max(counter.renews for counter in counters) + _KEEP_AFTER_MONTH
+        counters, expires_at = self._to_charge(tenant, account, now)
         taking = self._spawn(
             self._take(
                 counters, amount, now, overdraft=overdraft, expires_at=expires_at, tenant=tenant
@@ -310,6 +303,74 @@ class BudgetGuard:
             raise
         self._open += 1
         return BudgetReservation(self, keys, amount, tenant=tenant, expires_at=expires_at)
+
+    def ask(
+        self,
+        tenant: Hashable | None,
+        amount: float,
+        *,
+        overdraft: bool = False,
+        account: str | None = None,
+    ) -> BudgetAsk:
+        """``reserve`` up to its reservation: what to reserve on the store, for a caller that
+        reserves it with others in one ``reserve_all`` (a Gateway with its tenants' tiers
+        on the same store); then ``granted(ask)``, or ``refused(ask, i)`` with the index of
+        the refused one among ``ask.reservations``.
+
+        Raises:
+            ValueError: ``amount`` negative or not finite.
+        """
+        _check_dollars("amount", amount)
+        now = self._wall_clock()
+        counters, expires_at = self._to_charge(tenant, account, now)
+        return BudgetAsk(
+            tuple(counters),
+            self._reservations(counters, amount, overdraft, expires_at),
+            amount,
+            tenant,
+            overdraft,
+            expires_at,
+            now,
+        )
+
+    def granted(self, asked: BudgetAsk) -> BudgetReservation:
+        """The reservation of an ask whose reservations were all made."""
+        self._open += 1
+        keys = tuple(counter.key for counter in asked.counters)
+        return BudgetReservation(
+            self, keys, asked.amount, tenant=asked.tenant, expires_at=asked.expires_at
+        )
+
+    def refused(self, asked: BudgetAsk, index: int) -> BudgetExceededError:
+        """The error of an ask whose reservation ``index`` was refused (nothing reserved)."""
+        counter = asked.counters[index]
+        assert counter.limit is not None  # only a ceiling refuses
+        past = self._past(counter, asked.overdraft)
+        return self._refusal(counter, counter.limit, past, asked.amount, asked.now, asked.tenant)
+
+    def _to_charge(
+        self, tenant: Hashable | None, account: str | None, now: float
+    ) -> tuple[list[_Counter], float]:
+        """The counters a request charges, and their one expiry."""
+        # The tenant first: its budget is the smaller one, so a refusal seldom costs a
+        # rollback of the global counter. The cap last: a request no budget can pay is
+        # refused as such, not moved to a fallback that the same budgets would refuse.
+        counters = self._counters(tenant, now)[::-1]
+        if account is not None and account in self._caps:
+            counters.append(self._cap_counter(account, now))
+        # One expiry for all the counters, the latest: a reconcile adjusts them together.
+        expires_at = max(counter.renews for counter in counters) + _KEEP_AFTER_MONTH
+        return counters, expires_at
+
+    def _reservations(
+        self, counters: Sequence[_Counter], amount: float, overdraft: bool, expires_at: float
+    ) -> tuple[Reservation, ...]:
+        reservations = []
+        for counter in counters:
+            limit, past = counter.limit, self._past(counter, overdraft)
+            ceiling = None if limit is None or past is None else limit + past + SLACK
+            reservations.append(Reservation(counter.key, amount, ceiling, expires_at))
+        return tuple(reservations)
 
     def _counters(self, tenant: Hashable | None, now: float) -> list[_Counter]:
         month, renews = month_window(now, self._zone)
@@ -342,11 +403,7 @@ class BudgetGuard:
         expires_at: float,
         tenant: Hashable | None,
     ) -> tuple[str, ...]:
-        reservations: list[Reservation] = []
-        for counter in counters:
-            limit, past = counter.limit, self._past(counter, overdraft)
-            ceiling = None if limit is None or past is None else limit + past + SLACK
-            reservations.append(Reservation(counter.key, amount, ceiling, expires_at))
+        reservations = self._reservations(counters, amount, overdraft, expires_at)
         # All or none (one transaction or script where the store can): nothing to roll back.
         refused = await reserve_all(self._store, reservations)
         if refused is not None:
@@ -441,6 +498,19 @@ class _Counter:
     limit: float | None
     renews: float  # Unix time its month ends
     account: str | None = None  # a cap's account
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetAsk:
+    """A request's budget reservation asked but not yet made (see ``BudgetGuard.ask``)."""
+
+    counters: tuple[_Counter, ...]
+    reservations: tuple[Reservation, ...]
+    amount: float
+    tenant: Hashable | None
+    overdraft: bool
+    expires_at: float
+    now: float
 
 
 class BudgetReservation:

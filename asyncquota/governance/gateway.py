@@ -108,7 +108,7 @@ from .config import (
 )
 from .redis_store import RedisStore
 from .routing import Model, Route, Router
-from .store import MemoryStore, SQLiteStore, Store
+from .store import MemoryStore, SQLiteStore, Store, reserve_all
 from .tiers import DimensionStatus, TenantGrant, TenantQuotas, tenant_id
 
 __all__ = [
@@ -1454,24 +1454,30 @@ class Gateway:
         body = dict(_to_dialect(plan.json, hears) if translate and hears is not None else plan.json)
         body["model"] = model.api_name or model.name
         grant: TenantGrant | None = None
-        if self._tenants is not None:
-            grant = await self._tenants.admit(
-                tenant, model.name, estimate.context, priority=plan.rank
-            )
         cost = model.price.cost(estimate.input_tokens, estimate.output_tokens)
         reservation: BudgetReservation | None = None
-        try:
-            if self._budget is not None:
-                reservation = await self._budget.reserve(
-                    tenant,
-                    cost,
-                    overdraft=plan.overdraft,
-                    account=self._accounts[model.upstream],
+        tenants, budget = self._tenants, self._budget
+        if tenants is not None and budget is not None and tenants.store is budget.store:
+            # One store: the tier's counters and the budget's in one all-or-none step (one
+            # round trip on Redis), the tier's first, so its refusal is the one reported.
+            grant, reservation = await self._admit_together(tenants, budget, model, plan, cost)
+        else:
+            if tenants is not None:
+                grant = await tenants.admit(
+                    tenant, model.name, estimate.context, priority=plan.rank
                 )
-        except BaseException:
-            if grant is not None:
-                self._settle(grant.cancel())
-            raise
+            try:
+                if budget is not None:
+                    reservation = await budget.reserve(
+                        tenant,
+                        cost,
+                        overdraft=plan.overdraft,
+                        account=self._accounts[model.upstream],
+                    )
+            except BaseException:
+                if grant is not None:
+                    self._settle(grant.cancel())
+                raise
         left = None
         if plan.ends is not None:
             left = plan.ends - asyncio.get_running_loop().time()
@@ -1483,6 +1489,32 @@ class Gateway:
                     tenant=tenant,
                 )
         return _Admitted(body, translate, grant, reservation, cost, left)
+
+    async def _admit_together(
+        self, tenants: TenantQuotas, budget: BudgetGuard, model: Model, plan: _Plan, cost: float
+    ) -> tuple[TenantGrant, BudgetReservation]:
+        """The tier's and the budget's shares of a request, reserved in one ``reserve_all``.
+
+        Raises:
+            TenantLimitError, BudgetExceededError (UpstreamCapError), StoreUnavailableError:
+                refused; nothing was counted.
+        """
+        asked = await tenants.ask(
+            plan.tenant, model.name, plan.estimate.context, priority=plan.rank
+        )
+        owed = budget.ask(
+            plan.tenant, cost, overdraft=plan.overdraft, account=self._accounts[model.upstream]
+        )
+        tier_items = () if isinstance(asked, TenantGrant) else asked.reservations
+        # All or none; a cancelled call leaves nothing counted (the store sees to it).
+        refused = await reserve_all(tenants.store, (*tier_items, *owed.reservations))
+        if refused is not None:
+            if refused < len(tier_items):
+                assert not isinstance(asked, TenantGrant)
+                raise await tenants.refused(asked, refused)
+            raise budget.refused(owed, refused - len(tier_items))
+        grant = asked if isinstance(asked, TenantGrant) else tenants.granted(asked)
+        return grant, budget.granted(owed)
 
     async def _send(self, route: Route, plan: _Plan, passed_over: tuple[str, ...]) -> Routed:
         """One model: tier, budget reservation, the Shaper, then settle with the usage."""

@@ -292,6 +292,19 @@ SHARED_PREFIX = "tier_"
 _TOKEN_DIMENSIONS = frozenset({"tpm", SHARED_PREFIX + "tpm"})
 
 
+@dataclass(frozen=True, slots=True)
+class TierAsk:
+    """A tenant's admission asked but not yet reserved (see ``TenantQuotas.ask``)."""
+
+    tenant: str | None
+    tier: Tier
+    model: str
+    tokens: float
+    windows: tuple[_Window, ...]
+    reservations: tuple[Reservation, ...]
+    priority: Priority | int | None
+
+
 class TenantGrant:
     """A request's admission against its tenant's tier (from ``TenantQuotas.admit``):
     settle it once, when the request ends.
@@ -608,6 +621,33 @@ class TenantQuotas:
             ValueError: ``tokens`` not a finite number >= 0, or the empty tenant.
             TypeError: ``tenant`` is neither a str, an int nor None.
         """
+        asked = await self.ask(tenant, model, tokens, priority=priority)
+        if isinstance(asked, TenantGrant):
+            return asked
+        # All or none; a cancelled admission leaves nothing counted (the store sees to it).
+        refused = await reserve_all(self._store, asked.reservations)
+        if refused is not None:
+            raise await self.refused(asked, refused)
+        return self.granted(asked)
+
+    async def ask(
+        self,
+        tenant: Hashable | None,
+        model: str,
+        tokens: float,
+        *,
+        priority: Priority | int | None = None,
+    ) -> TenantGrant | TierAsk:
+        """``admit`` up to its reservation: what to reserve on the store (a ``TierAsk``),
+        or at once a grant that changes nothing (no limit applies: no store call).
+
+        For a caller that reserves these with others in one ``reserve_all`` (a Gateway
+        with its budget on the same store): then ``granted(ask)``, or ``refused(ask, i)``
+        with the index of the refused reservation among ``ask.reservations``.
+
+        Raises:
+            ValueError, TypeError: as ``admit``.
+        """
         _check_tokens(tokens, "tokens")
         who = tenant_id(tenant)
         plan = self._plan
@@ -618,7 +658,7 @@ class TenantQuotas:
             return TenantGrant(self, who, model, tokens, (), ())
         keys = [w.previous_key for w in windows if w.previous_key is not None]
         previous = dict(zip(keys, await self._store.get(keys), strict=True))
-        reservations = [
+        reservations = tuple(
             Reservation(
                 window.key,
                 window.amount,
@@ -626,21 +666,28 @@ class TenantQuotas:
                 window.expires_at,
             )
             for window in windows
-        ]
-        # All or none; a cancelled admission leaves nothing counted (the store sees to it).
-        refused = await reserve_all(self._store, reservations)
-        if refused is not None:
-            self._refused += 1
-            raise await self._refusal(who, tier, model, windows, windows[refused], priority)
+        )
+        return TierAsk(who, tier, model, tokens, tuple(windows), reservations, priority)
+
+    def granted(self, asked: TierAsk) -> TenantGrant:
+        """The grant of an ask whose reservations were all made."""
         self._admitted += 1
         self._open += 1
-        taken = tuple((item.key, item.amount, item.expires_at) for item in reservations)
+        taken = tuple((item.key, item.amount, item.expires_at) for item in asked.reservations)
         tpm = tuple(
             charge
-            for charge, window in zip(taken, windows, strict=True)
+            for charge, window in zip(taken, asked.windows, strict=True)
             if window.dimension in _TOKEN_DIMENSIONS
         )
-        return TenantGrant(self, who, model, tokens, taken, tpm)
+        return TenantGrant(self, asked.tenant, asked.model, asked.tokens, taken, tpm)
+
+    async def refused(self, asked: TierAsk, index: int) -> TenantLimitError:
+        """The error of an ask whose reservation ``index`` was refused (nothing counted)."""
+        self._refused += 1
+        windows = asked.windows
+        return await self._refusal(
+            asked.tenant, asked.tier, asked.model, windows, windows[index], asked.priority
+        )
 
     async def status(self, tenant: Hashable | None, model: str) -> list[DimensionStatus]:
         """Used, limit, remaining and reset time of each limited dimension on ``model``.
