@@ -4,9 +4,10 @@ A Gateway built from a TOML file with ``store = "redis://..."`` (a throwaway red
 on loopback), one upstream answered in process at once, a tier (per-minute and per-day
 requests) and a monthly budget: each request makes five store calls (the budget read for
 its policy, the tier's previous minute, one reservation of the tier's and the budget's
-counters together, two settlements). Calls made in one turn of the event loop share one pipeline, so concurrent
-callers share round trips. Prints store calls and round trips per request for 1, 16 and 64
-concurrent callers, plus the upstream Shapers' fleet round trips (the rate units).
+counters together, two settlements). Calls made in one turn of the event loop share one
+pipeline, so concurrent callers share round trips. Prints store calls and round trips per
+request for 1, 16 and 64 concurrent callers, plus the upstream Shapers' fleet round trips
+(the rate units).
 
 Needs redis-server and the ``redis`` extra. Run: ``python benchmarks/gateway_store.py
 [--requests 400] [--json PATH]``.
