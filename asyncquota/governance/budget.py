@@ -288,21 +288,16 @@ class BudgetGuard:
         Under cancellation nothing leaks: a reservation the caller did not live to receive
         is refunded in the background.
         """
-        _check_dollars("amount", amount)
-        now = self._wall_clock()
-        counters, expires_at = self._to_charge(tenant, account, now)
-        taking = self._spawn(
-            self._take(
-                counters, amount, now, overdraft=overdraft, expires_at=expires_at, tenant=tenant
-            )
-        )
+        asked = self.ask(tenant, amount, overdraft=overdraft, account=account)
+        taking = self._spawn(self._take(asked))
         try:
-            keys = await asyncio.shield(taking)
+            await asyncio.shield(taking)
         except asyncio.CancelledError:
-            taking.add_done_callback(lambda task: self._refund_orphan(task, amount, expires_at))
+            taking.add_done_callback(
+                lambda task: self._refund_orphan(task, amount, asked.expires_at)
+            )
             raise
-        self._open += 1
-        return BudgetReservation(self, keys, amount, tenant=tenant, expires_at=expires_at)
+        return self.granted(asked)
 
     def ask(
         self,
@@ -393,25 +388,12 @@ class BudgetGuard:
             "upstream_cap", f"cap:{month}:{account}", self._caps[account], renews, account
         )
 
-    async def _take(
-        self,
-        counters: list[_Counter],
-        amount: float,
-        now: float,
-        *,
-        overdraft: bool,
-        expires_at: float,
-        tenant: Hashable | None,
-    ) -> tuple[str, ...]:
-        reservations = self._reservations(counters, amount, overdraft, expires_at)
+    async def _take(self, asked: BudgetAsk) -> tuple[str, ...]:
         # All or none (one transaction or script where the store can): nothing to roll back.
-        refused = await reserve_all(self._store, reservations)
+        refused = await reserve_all(self._store, asked.reservations)
         if refused is not None:
-            counter = counters[refused]
-            assert counter.limit is not None  # only a ceiling refuses
-            past = self._past(counter, overdraft)
-            raise self._refusal(counter, counter.limit, past, amount, now, tenant)
-        return tuple(counter.key for counter in counters)
+            raise self.refused(asked, refused)
+        return tuple(counter.key for counter in asked.counters)
 
     def _past(self, counter: _Counter, overdraft: bool) -> float | None:
         """Dollars ``counter`` may go past its limit (None: no ceiling; a cap: never past)."""
