@@ -615,39 +615,6 @@ class RedisStore:
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
 
-    async def _bounded(self, call: Any) -> Any:
-        """Await a redis-py call within the timeout; every failure as StoreUnavailableError.
-
-        While the breaker is open (see ``BREAKER_OPEN``) the call is not made at all.
-        """
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if now < self._open_until or self._probing:
-            if asyncio.iscoroutine(call):
-                call.close()  # never sent
-            raise self._unavailable(
-                "it failed a moment ago and is asked again "
-                + ("now" if self._probing else f"in {self._open_until - now:.2f} s")
-            )
-        probe = self._open_until > -math.inf
-        self._probing = probe
-        self._calls += 1
-        try:
-            async with asyncio.timeout(self._timeout):
-                reply = await call
-        except TimeoutError:
-            self._trip(loop)
-            raise self._unavailable(f"it did not answer within {self._timeout:g} s") from None
-        except self._lost_reply as exc:
-            if not isinstance(exc, self._reply_error):  # an error reply is an answer
-                self._trip(loop)
-            raise self._unavailable(self._describe(exc)) from exc
-        finally:
-            if probe:
-                self._probing = False
-        self._open_until = -math.inf  # it answered: the breaker closes
-        return reply
-
     def _trip(self, loop: asyncio.AbstractEventLoop) -> None:
         self._failures += 1
         self._open_until = loop.time() + BREAKER_OPEN
@@ -704,18 +671,23 @@ class RedisStore:
                 self._drainer = None
 
     async def _flush(self) -> None:
-        """One pipeline of up to ``UNDO_BATCH`` undos, bounded by the timeout."""
+        """Up to ``UNDO_BATCH`` undos, sent together (one pipeline, see ``_call``); the ones
+        Redis answered are done, the first failure is raised for the rest."""
         batch = list(itertools.islice(self._undos.items(), UNDO_BATCH))
-        async with self._client.pipeline(transaction=False) as pipe:
-            for operation, (_, reservations) in batch:
-                keys = [operation, *(self._tag + "c:" + item.key for item in reservations)]
-                args = [_TTL_MS]
-                for item in reservations:
-                    args += (_number(item.amount), _ms(item.expires_at))
-                await self._undo(keys=keys, args=args, client=pipe)
-            await self._bounded(pipe.execute())
-        for operation, _ in batch:
-            self._undos.pop(operation, None)
+        calls = []
+        for operation, (_, reservations) in batch:
+            keys = [operation, *(self._tag + "c:" + item.key for item in reservations)]
+            args = [_TTL_MS]
+            for item in reservations:
+                args += (_number(item.amount), _ms(item.expires_at))
+            calls.append(self._call(("EVALSHA", self._undo, keys, args)))
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        for (operation, _), outcome in zip(batch, outcomes, strict=True):
+            if not isinstance(outcome, BaseException):
+                self._undos.pop(operation, None)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     def _give_up(self, count: int, why: str) -> None:
         self._given_up += count
