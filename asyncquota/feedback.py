@@ -69,6 +69,14 @@ on its last millisecond costs a whole extension."""
 
 PUNISHED_MARGIN_MIN = 0.005
 
+PUNISHED_RESERVE = 0.1
+"""On an upstream that punishes early sends, the seconds of its refill our mirrors keep
+unspent (at most half the bucket). A send that finds the bucket empty costs everyone a
+second or more, and sends timed one by one reach the upstream in clumps (a loop busy for
+30 ms let 15 writes out within 2 ms, all refused, each extending the window by a second:
+the real-time penalty rows lost 10 s at once). The reserve costs its units once, not the
+rate."""
+
 PUNISHED_DRIFT = 0.01
 """How much later, per refused probe, than the closure's first stated end a whole-second
 window may end (beyond its rounding) without proving that our probes extend it: a refusal
@@ -189,6 +197,7 @@ class Pace:
         "_resumed",
         "_sent",
         "_step_start",
+        "careful",
         "rate",
     )
 
@@ -205,6 +214,9 @@ class Pace:
         self._step_start = -math.inf
         self._sent = 0
         self._idle_since = math.inf
+        self.careful = False
+        """No refusal is borne as chance (an upstream that punishes each one): every
+        episode of refusals at the door cuts the pace."""
 
     def sent(self, now: float) -> None:
         """Count one send."""
@@ -226,7 +238,9 @@ class Pace:
             return False
         refused = self._recent_refused.total(now)
         sent_count = self._recent_sent.total(now)
-        if refused < PACE_MIN_REFUSED or refused <= PACE_TOLERANCE * sent_count:
+        if not self.careful and (
+            refused < PACE_MIN_REFUSED or refused <= PACE_TOLERANCE * sent_count
+        ):
             return False  # sporadic refusals, not a rate: borne
         if self.rate is None:
             # What we were sending when the refusals came: the first level found too high.
@@ -488,7 +502,7 @@ class Feedback:
                 self._first_end = end
                 self._probe_refused(now, end)
             elif end - doubt > self._first_end:
-                self.punishes = True
+                self._punished()
                 self._honour(end, retry_after)
             else:
                 self._probe_refused(now, end)
@@ -502,6 +516,13 @@ class Feedback:
         else:
             self._stated_end = max(self._stated_end, end)
             cooldown.hold(end, probe_at=None)
+
+    def _punished(self) -> None:
+        """The upstream punishes early sends: from now on its bucket is never run dry."""
+        self.punishes = True
+        self._pace.careful = True
+        self._rate.hold_back(PUNISHED_RESERVE)
+        self._tokens.hold_back(PUNISHED_RESERVE)
 
     def _honour(self, end: float, retry_after: float) -> None:
         """Hold a punishing upstream's window in full; the first send after it goes alone.

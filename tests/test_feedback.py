@@ -58,6 +58,16 @@ def test_no_pace_until_a_wall_of_refusals_then_a_little_under_what_we_sent():
     assert pace.rate == pytest.approx(PACE_BETA * 150 * 0.9)
 
 
+def test_a_careful_pace_bears_no_refusal_as_chance():
+    # An upstream that punishes each refusal (a second of them for everyone): even one
+    # refusal at the door, among 150 sends, is an episode that cuts the pace.
+    pace = Pace()
+    pace.careful = True
+    t = sent(pace, 150, 0.0, 150.0)
+    assert pace.congested(t, sent_at=t - 0.01)
+    assert pace.rate == pytest.approx(PACE_BETA * 150 * 0.9)
+
+
 def test_one_cut_per_episode_echoes_of_requests_sent_before_it_are_ignored():
     pace = Pace()
     t = sent(pace, 100, 0.0, 100.0)

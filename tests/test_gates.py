@@ -246,6 +246,79 @@ def test_a_send_must_fit_our_own_bucket_as_well_as_the_mirror():
     assert sends(bucket, 3) == [0.0, 1.0, 2.0]
 
 
+def test_a_reserve_keeps_seconds_of_the_refill_unspent_then_sends_go_at_the_rate():
+    # 100 a second, a bucket of 100, 50 left: a tenth of a second of refill (10) is kept.
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=50, reset_after=0.5, limit=100, now=0.0)
+    assert bucket.mirror(0.0).rate == pytest.approx(98.0)  # (100 - 50 - 1) / 0.5
+    bucket.hold_back(10 / 98)
+    times = sends(bucket, 45)
+    assert times[:40] == [0.0] * 40  # 50 - 10 go at once
+    # then one a refill: the rate is untouched, only the last units stay put
+    assert times[40:] == pytest.approx([(k + 1) / 98 for k in range(5)])
+    assert bucket.mirror(times[-1]).level == pytest.approx(10.0)
+
+
+def test_a_reserve_never_exceeds_half_the_bucket():
+    # Anthropic's per-minute ``limit`` over a bucket of a second's worth: the mirror's
+    # burst says 6 000 while ``remaining`` never shows more than 100. A reserve read as a
+    # share of that burst would keep every send back; as seconds of refill it does not.
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=5_000, reset_after=10.0, limit=6_000, now=0.0)  # ~100 a second
+    bucket.sync(remaining=100, reset_after=59.0, limit=6_000, now=0.0)
+    bucket.hold_back(0.1)
+    assert bucket.time_until(1, 0.0) == 0.0
+    # a tiny bucket (4) refilling fast: half of it at most, 2 of 4
+    small = TokenBucket(now=0.0, **UNBOUNDED)
+    small.sync(remaining=0, reset_after=0.04, limit=4, now=0.0)  # 75 a second
+    small.hold_back(1.0)
+    assert small.time_until(1, 0.0) == pytest.approx(3 / 75)  # 1 + 2 held back
+    with pytest.raises(ValueError):
+        small.hold_back(-0.1)
+
+
+def per_minute_bucket(*, reserve: float) -> TokenBucket:
+    """Anthropic's ``limit`` per minute (6 000) over a bucket of 100 a second; two fast
+    replies 1 s apart have measured the refill (the rate is bounded by twice it)."""
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.hold_back(reserve)
+    bucket.sync(remaining=0, reset_after=1.0, limit=6_000, now=0.0, sent_mark=bucket.taken)
+    bucket.take(100, 0.5)
+    bucket.sync(remaining=0, reset_after=1.0, limit=6_000, now=1.0, sent_mark=bucket.taken)
+    assert bucket.mirror(1.0).rate == pytest.approx(200.0)
+    return bucket
+
+
+def slow_reply_with_a_doubled_quota(bucket: TokenBucket) -> None:
+    bucket.sync(
+        remaining=150,
+        reset_after=0.3,
+        limit=12_000,
+        now=20.0,
+        sent_mark=bucket.taken,
+        sent_age=10.0,
+    )
+
+
+def test_held_back_a_quota_that_doubles_lifts_the_refill_bound_off_slow_replies_alone():
+    # A punishing upstream's bucket is never run dry: no refusal comes back fast to
+    # measure the refill, and every success takes seconds (long answers). The bound
+    # scales with the limit instead of holding the pace at the old quota.
+    bucket = per_minute_bucket(reserve=0.1)
+    slow_reply_with_a_doubled_quota(bucket)
+    assert bucket.mirror(20.0).rate == pytest.approx(400.0)
+
+
+def test_without_a_reserve_only_a_fast_reply_rescales_the_refill_bound():
+    # Refusals at the edge go on measuring; a bound scaled off a slow reply would be
+    # twice the refill until they do.
+    bucket = per_minute_bucket(reserve=0.0)
+    slow_reply_with_a_doubled_quota(bucket)
+    assert bucket.mirror(20.0).rate == pytest.approx(200.0)
+    bucket.sync(remaining=0, reset_after=0.3, limit=12_000, now=21.0, sent_mark=bucket.taken)
+    assert bucket.mirror(21.0).rate == pytest.approx(400.0)
+
+
 def test_a_negative_remaining_says_nothing_and_is_ignored():
     bucket = TokenBucket(rate=1.0, burst=10.0, now=0.0)
     bucket.sync(remaining=-1, reset_after=5.0, limit=None, now=0.0)

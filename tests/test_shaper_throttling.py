@@ -150,13 +150,16 @@ async def test_an_upstream_that_punishes_early_sends_is_learnt_and_then_honoured
     ) as shaper:
         first = await outcome(shaper.request("GET", "/v1/models", deadline=60))
         learnt = shaper._feedback.punishes
+        # From now on no refusal is borne as chance, and its bucket is never run dry.
+        careful = shaper._feedback._pace.careful
+        reserve = shaper._rate._bucket._reserve
         # Later windows are honoured in full: no probe knocks inside them.
         window_end = now() + 5.0
         sends.clear()
         window_start = now()
         second = await outcome(shaper.request("GET", "/v1/models", deadline=60))
 
-    assert learnt
+    assert learnt and careful and reserve > 0
     assert first[0] == "ok"
     assert second[0] == "ok"
     # The second request's first send found the window; it was then held out in full.
