@@ -469,6 +469,13 @@ class TokenBucket:
             slow = sent_age > ANCHOR_REFILL_AFTER
             refilled = self._mirror_rate * sent_age if slow else 0.0
             anchored = remaining - since + refilled
+            if slow:
+                # Below zero the reading contradicts itself: we sent more over its seconds
+                # than it had left plus what the mirror's rate refills, and the upstream
+                # took it. The rate was learnt too low (a per-minute ``limit`` over long
+                # replies: seconds of sends at the true rate, less seconds of a lower
+                # refill, held the real-time matrix's row 14 for 5 s and more at a time).
+                anchored = max(anchored, 0.0)
             burst = self._mirror_burst
             if (
                 slow

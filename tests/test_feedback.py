@@ -232,6 +232,24 @@ def test_a_slow_replys_reading_puts_right_a_mirror_left_low():
     assert bucket.mirror(21.8).level == pytest.approx(80 - 30)
 
 
+def test_a_slow_reply_never_anchors_the_mirror_below_empty():
+    # A rate learnt at half the truth (10 a second of 20). Over a 20 s reply we sent 400,
+    # all taken: anchored as "at the send", the mirror would owe 400 - 10 * 20 - 5 = 195
+    # units, 20 s of holding every send. The upstream never owes: its bucket ran no lower
+    # than empty, so the mirror stands at empty and sends go on at its rate.
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=0, reset_after=10.1, limit=102, now=0.0)  # 10 a second
+    mark = bucket.taken
+    for step in range(400):
+        bucket.take(1, step * 0.05)
+    bucket.sync(
+        remaining=5, reset_after=5.0, limit=102, now=20.0, sent_mark=mark, sent_age=20.0
+    )
+    mirror = bucket.mirror(20.0)
+    assert mirror.level == 0.0
+    assert bucket.time_until(1, 20.0) == pytest.approx(1 / mirror.rate)
+
+
 def test_a_one_unit_deficit_teaches_no_rate():
     # "remaining 99 of 100, full again at 22:40:05Z", the reset rounded up to the second:
     # 0.07 s away says nothing of the rate (one unit may take 1 ms or 0.07 s to come back).
