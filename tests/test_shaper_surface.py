@@ -94,3 +94,40 @@ async def test_closing_the_shaper_ends_the_open_leases_telling_their_holders_fir
     assert told == ["b"]
     assert not quiet.open and not watched.open
     assert shaper.statistics().inflight == 0
+
+
+# -- events nobody hears are not made ----------------------------------------------------
+
+
+async def test_a_logging_hook_gets_only_the_events_its_logger_would_log():
+    import logging
+
+    from asyncquota import LoggingHook, RejectedError
+    from asyncquota.hooks import Completed, Shed
+
+    heard: list[object] = []
+
+    class Recording(LoggingHook):
+        def on_event(self, event) -> None:
+            heard.append(event)
+            super().on_event(event)
+
+    log = logging.getLogger("asyncquota.test.quiet")
+
+    async def upstream(request: Request) -> Response:
+        return Response(200, {}, b"{}")
+
+    async with Shaper(
+        "http://upstream.test", transport=MockTransport(upstream), hooks=(Recording(log),)
+    ) as shaper:
+        shaper.shed_below("interactive", for_seconds=60)  # refused at once
+        for level, expected in (
+            (logging.WARNING, []),  # neither the Shed (INFO) nor Completed (DEBUG) is made
+            (logging.INFO, [Shed]),
+            (logging.DEBUG, [Shed, Completed]),
+        ):
+            log.setLevel(level)
+            heard.clear()
+            with pytest.raises(RejectedError):
+                await shaper.request("GET", "/v1/models")
+            assert [type(event) for event in heard] == expected, level
