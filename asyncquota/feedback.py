@@ -272,6 +272,14 @@ class Pace:
         self._idle_since = math.inf
         return True
 
+    def recent_sent(self, now: float) -> int:
+        """Sends over the last ``PACE_WINDOW``."""
+        return int(self._recent_sent.total(now))
+
+    def recent_refused(self, now: float) -> int:
+        """Refusals at the door over the last ``PACE_WINDOW``."""
+        return int(self._recent_refused.total(now))
+
     def starved(self, now: float) -> bool:
         """Whether nearly everything sent over the last window was refused."""
         refused = self._recent_refused.total(now)
@@ -664,6 +672,17 @@ class Feedback:
                     sent_mark=mark,
                     sent_age=age,
                 )
+        requests = snapshot.requests
+        if requests.limit and requests.remaining is not None:
+            # What the upstream took over the last window, less what it may have held
+            # then (a full bucket) and still holds, it refilled: a floor under its rate,
+            # from our sends alone, long before a slow reply could raise a rate learnt too
+            # low (a reset rounded to the second reads 100 a second as 50).
+            pace = self._pace
+            accepted = pace.recent_sent(now) - pace.recent_refused(now)
+            floor = (accepted - requests.limit + requests.remaining) / PACE_WINDOW
+            if floor > 0:
+                self._rate.at_least(floor)
 
     def reply_time(self, headers: Mapping[str, str]) -> float:
         """Unix time of a reply: its ``Date`` header, else the wall clock (dates only)."""

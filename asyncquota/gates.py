@@ -261,6 +261,18 @@ class TokenBucket:
         """
         self._reserve = _check_amount("seconds", seconds)
 
+    def at_least(self, rate: float, now: float) -> None:
+        """The upstream refilled at least ``rate`` units a second: a mirror's rate learnt
+        below it was learnt too low, and is raised to it (within the refill bound)."""
+        if self._mirror_burst is None or self._mirror_until != math.inf:
+            return
+        rate = min(rate, self._rate_cap)
+        if rate > self._learnt_rate:
+            self._settle(now)
+            self._learnt_rate = self._mirror_rate = rate
+            self._learnt_at = now
+            self._recent_best = 0.0
+
     def level(self, now: float) -> float:
         """The units in the bucket at ``now`` (negative while in debt)."""
         self._advance(now)
@@ -773,6 +785,11 @@ class _BucketGate:
     def mirror_ample(self) -> bool:
         """Whether the mirror of the upstream's bucket, if any, is at least half full."""
         return self._bucket.mirror_ample()
+
+    def at_least(self, rate: float) -> None:
+        """The upstream refilled at least ``rate`` units a second; see ``TokenBucket.at_least``."""
+        self._bucket.at_least(rate, self._now())
+        self._wake()
 
     def hold_back(self, seconds: float) -> None:
         """Keep ``seconds`` of the upstream's refill unspent; see ``TokenBucket.hold_back``.

@@ -397,6 +397,43 @@ async def test_an_anthropic_limit_stated_as_the_bucket_with_seconds_resets_fills
     assert sum(ok[2:]) >= 0.95 * 100 * 18, ok
 
 
+async def test_resets_rounded_to_the_second_over_long_replies_do_not_halve_the_first_seconds():
+    # Anthropic's resets are instants to the second: the first refusal's "empty, full in
+    # 2 s" reads 100 a second as 50, and no reply comes back to say otherwise for 5 s.
+    # What the upstream took without refusing over the last second says it refills at
+    # least that much faster.
+    upstream = upstream_of(
+        headers_style="anthropic",
+        limit_header="bucket",
+        retry_after_style="seconds",
+        reply_seconds=(5.0, 30.0),
+        max_concurrency=3000,
+    )
+    async with Shaper(
+        URL,
+        transport=MockTransport(upstream.handle),
+        hooks=(),
+        seed=1,
+        max_connections=3000,
+    ) as shaper:
+
+        async def one() -> None:
+            with contextlib.suppress(QuotaError):
+                await shaper.request("POST", CHAT, json=BODY, deadline=40)
+
+        calls = []
+        for _ in range(12 * 200):
+            calls.append(asyncio.create_task(one()))
+            await asyncio.sleep(1 / 200)
+        await asyncio.gather(*calls)
+    stats = upstream.stats()
+    totals = stats["totals"]
+    assert totals["429"] <= 0.02 * totals["requests"]
+    # Without the floor: 345 in the first ten seconds (69, 119, 64, then nothing).
+    admitted = [second["admitted_ok"] for second in stats["timeline"][:10]]
+    assert sum(admitted) >= 0.85 * (100 + 100 * 10), admitted
+
+
 @pytest.mark.parametrize("headers", ["openai", "none"])
 async def test_capacity_that_halves_and_returns_is_followed_within_three_seconds(headers):
     upstream = upstream_of(

@@ -319,6 +319,28 @@ def test_without_a_reserve_only_a_fast_reply_rescales_the_refill_bound():
     assert bucket.mirror(21.0).rate == pytest.approx(400.0)
 
 
+def test_a_rate_the_upstream_was_seen_to_refill_at_least_raises_one_learnt_lower():
+    # "0 of 100 left, full again in 2 s" (a reset rounded up to the second): 49.5 a second.
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=0, reset_after=2.0, limit=100, now=0.0)
+    assert bucket.mirror(0.0).rate == pytest.approx(49.5)
+    bucket.at_least(77.0, 0.0)  # it took 77 a second more than its bucket held
+    assert bucket.mirror(0.0).rate == pytest.approx(77.0)
+    bucket.at_least(60.0, 0.0)  # a lower floor lowers nothing
+    assert bucket.mirror(0.0).rate == pytest.approx(77.0)
+    assert bucket.time_until(1, 0.0) == pytest.approx(1 / 77)
+
+
+def test_a_floor_raises_no_fixed_window_and_no_rate_past_the_measured_bound():
+    window = TokenBucket(now=0.0, **UNBOUNDED)
+    window.sync(remaining=2, reset_after=3.0, limit=None, now=0.0)
+    window.at_least(100.0, 0.0)
+    assert window.mirror(0.0).rate == 0.0  # what is left until the reset, as before
+    bounded = per_minute_bucket(reserve=0.0)  # refill measured: at most 200 a second
+    bounded.at_least(1_000.0, 1.0)
+    assert bounded.mirror(1.0).rate == pytest.approx(200.0)
+
+
 def test_a_negative_remaining_says_nothing_and_is_ignored():
     bucket = TokenBucket(rate=1.0, burst=10.0, now=0.0)
     bucket.sync(remaining=-1, reset_after=5.0, limit=None, now=0.0)
