@@ -261,17 +261,23 @@ class TokenBucket:
         """
         self._reserve = _check_amount("seconds", seconds)
 
-    def at_least(self, rate: float, now: float) -> None:
+    def at_least(self, rate: float, now: float) -> bool:
         """The upstream refilled at least ``rate`` units a second: a mirror's rate learnt
-        below it was learnt too low, and is raised to it (within the refill bound)."""
+        below it was learnt too low, and is raised to it (within the refill bound).
+
+        Returns:
+            Whether the mirror's rate was raised.
+        """
         if self._mirror_burst is None or self._mirror_until != math.inf:
-            return
+            return False
         rate = min(rate, self._rate_cap)
-        if rate > self._learnt_rate:
-            self._settle(now)
-            self._learnt_rate = self._mirror_rate = rate
-            self._learnt_at = now
-            self._recent_best = 0.0
+        if rate <= self._learnt_rate:
+            return False
+        self._settle(now)
+        self._learnt_rate = self._mirror_rate = rate
+        self._learnt_at = now
+        self._recent_best = 0.0
+        return True
 
     def level(self, now: float) -> float:
         """The units in the bucket at ``now`` (negative while in debt)."""
@@ -788,8 +794,8 @@ class _BucketGate:
 
     def at_least(self, rate: float) -> None:
         """The upstream refilled at least ``rate`` units a second; see ``TokenBucket.at_least``."""
-        self._bucket.at_least(rate, self._now())
-        self._wake()
+        if self._bucket.at_least(rate, self._now()):
+            self._wake()
 
     def hold_back(self, seconds: float) -> None:
         """Keep ``seconds`` of the upstream's refill unspent; see ``TokenBucket.hold_back``.

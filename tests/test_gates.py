@@ -324,9 +324,9 @@ def test_a_rate_the_upstream_was_seen_to_refill_at_least_raises_one_learnt_lower
     bucket = TokenBucket(now=0.0, **UNBOUNDED)
     bucket.sync(remaining=0, reset_after=2.0, limit=100, now=0.0)
     assert bucket.mirror(0.0).rate == pytest.approx(49.5)
-    bucket.at_least(77.0, 0.0)  # it took 77 a second more than its bucket held
+    assert bucket.at_least(77.0, 0.0)  # it took 77 a second more than its bucket held
     assert bucket.mirror(0.0).rate == pytest.approx(77.0)
-    bucket.at_least(60.0, 0.0)  # a lower floor lowers nothing
+    assert not bucket.at_least(60.0, 0.0)  # a lower floor lowers nothing
     assert bucket.mirror(0.0).rate == pytest.approx(77.0)
     assert bucket.time_until(1, 0.0) == pytest.approx(1 / 77)
 
