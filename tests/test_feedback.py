@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+from typing import Any
 
 import pytest
 
@@ -349,12 +350,9 @@ async def test_an_upstream_that_slows_near_its_concurrency_cap_is_kept_full_not_
     assert totals["max_inflight"] <= 48
 
 
-async def test_long_replies_fill_the_upstream_within_seconds_without_a_burst_of_429s():
-    # Answers of 5-30 s (streamed, as chat answers take): nothing comes back for seconds,
-    # so the limit doubles on stalls of half a second, handed out one slot at a time;
-    # the first refusals (at the door, at once) stop it. 100 requests/s need ~1 750 in
-    # flight, and the first ten seconds are served as fully as the rest.
-    upstream = upstream_of(reply_seconds=(5.0, 30.0), max_concurrency=3000)
+async def long_replies(upstream: SimulatedUpstream, *, seconds: int) -> dict[str, Any]:
+    """200 requests a second for ``seconds`` through a Shaper with a pool of 3 000 (replies
+    that take seconds need that many in flight); the upstream's ``stats()`` after."""
     async with Shaper(
         URL,
         transport=MockTransport(upstream.handle),
@@ -368,11 +366,20 @@ async def test_long_replies_fill_the_upstream_within_seconds_without_a_burst_of_
                 await shaper.request("POST", CHAT, json=BODY, deadline=40)
 
         calls = []
-        for _ in range(20 * 200):
+        for _ in range(seconds * 200):
             calls.append(asyncio.create_task(one()))
             await asyncio.sleep(1 / 200)
         await asyncio.gather(*calls)
-    stats = upstream.stats()
+    return upstream.stats()
+
+
+async def test_long_replies_fill_the_upstream_within_seconds_without_a_burst_of_429s():
+    # Answers of 5-30 s (streamed, as chat answers take): nothing comes back for seconds,
+    # so the limit doubles on stalls of half a second, handed out one slot at a time;
+    # the first refusals (at the door, at once) stop it. 100 requests/s need ~1 750 in
+    # flight, and the first ten seconds are served as fully as the rest.
+    upstream = upstream_of(reply_seconds=(5.0, 30.0), max_concurrency=3000)
+    stats = await long_replies(upstream, seconds=20)
     totals = stats["totals"]
     assert totals["429"] <= 0.02 * totals["requests"]
     # Admitted (and answered) per second of sending: full from the third second on.
@@ -409,24 +416,7 @@ async def test_resets_rounded_to_the_second_over_long_replies_do_not_halve_the_f
         reply_seconds=(5.0, 30.0),
         max_concurrency=3000,
     )
-    async with Shaper(
-        URL,
-        transport=MockTransport(upstream.handle),
-        hooks=(),
-        seed=1,
-        max_connections=3000,
-    ) as shaper:
-
-        async def one() -> None:
-            with contextlib.suppress(QuotaError):
-                await shaper.request("POST", CHAT, json=BODY, deadline=40)
-
-        calls = []
-        for _ in range(12 * 200):
-            calls.append(asyncio.create_task(one()))
-            await asyncio.sleep(1 / 200)
-        await asyncio.gather(*calls)
-    stats = upstream.stats()
+    stats = await long_replies(upstream, seconds=12)
     totals = stats["totals"]
     assert totals["429"] <= 0.02 * totals["requests"]
     # Without the floor: 345 in the first ten seconds (69, 119, 64, then nothing).
