@@ -135,6 +135,10 @@ class Dispatcher:
         except QueueFullError as exc:
             exc.retry_after = admission.estimate_wait(ticket, loop.time())
             raise
+        finally:
+            # The future keeps the refusal it ended with, and the refusal's traceback
+            # this frame: no reference cycle through it.
+            del waiter
         if reporter.tracing():
             now = loop.time()
             reporter.emit(Admitted, ticket, now, waited=now - ticket.enqueued_at)

@@ -1044,75 +1044,78 @@ class Gateway:
         passed_over: list[str] = []
         last: QuotaError | None = None
         self._counts["requests"] += 1
-        while route is not None:
-            current = route.model
-            hold = self._holds.get(self._accounts[current.upstream])
-            why, probe = self._availability(current, hold, loop.time())
-            if hold is not None and why is not None:
-                follow = route.chain[0].name if route.chain else None
-                self._report_exhausted(current, hold, follow)
-                if follow is None or "exhausted" not in self._policy.fallback_on:
-                    raise self._held_error(current, hold, rank, tenant, loop.time())
-            if why is None or not route.chain:  # the last one is tried whatever its state
-                follow = route.chain[0].name if route.chain else None
-                try:
-                    served = await attempt(route, plan, tuple(passed_over))
-                except DialectError as exc:
-                    why = f"cannot take it in its dialect ({exc})"
-                    last = NoRouteError(
-                        f"No model could take the request: {current.name} cannot say it in "
-                        f"its dialect ({exc}); it was not sent.",
-                        priority=rank,
-                        tenant=tenant,
-                    )
-                except QuotaExhaustedError as exc:
-                    why, last = self._exhaust(current, exc, follow, probe), exc
-                    if "exhausted" not in self._policy.fallback_on:
-                        raise
-                except UpstreamCapError as exc:
-                    # Our mirror of the provider's cap: its exhaustion, seen before sending.
-                    if "exhausted" not in self._policy.fallback_on:
-                        raise
-                    why, last = self._cap_reached(current, exc, follow), exc
-                except OverloadedError as exc:
-                    if "overloaded" not in self._policy.fallback_on:
-                        raise
-                    status = "an error event" if exc.status == 200 else f"HTTP {exc.status}"
-                    why, last = f"overloaded ({status})", exc
-                    self._fall_back(current, why, follow)
-                except TransportError as exc:
-                    if "transport" not in self._policy.fallback_on:
-                        raise
-                    why, last = "unreachable (no usable reply)", exc
-                    self._fall_back(current, why, follow)
-                except (QueueFullError, DeadlineUnreachableError) as exc:
-                    why, last = "shedding", exc
-                except BusyError as exc:
-                    # More waits on it than it serves within the class's max_wait: the
-                    # capacity of the next model is as good as its own.
-                    why, last = "busy (more waits than it serves in time)", exc
-                except RejectedError as exc:
-                    # Queued when its account's quota went: refused at once to move on.
-                    hold = self._holds.get(self._accounts[current.upstream])
-                    if exc.reason != "shedding" or hold is None:
-                        raise
-                    why, last = _held_for(hold), exc
-                except ThrottledError as exc:
-                    if exc.retry_after is None:
-                        raise
-                    why, last = f"rate limited for {exc.retry_after:.1f} s", exc
-                else:
-                    self._served(current, probe)
-                    return served
-                finally:
-                    if probe:
-                        self._probe_over(current)
-            passed_over.append(f"{current.name}: {why}")
-            route = route.fallback(why)
-            if route is not None:
-                self._counts["fallbacks"] += 1
-        assert last is not None
-        raise last
+        try:
+            while route is not None:
+                current = route.model
+                hold = self._holds.get(self._accounts[current.upstream])
+                why, probe = self._availability(current, hold, loop.time())
+                if hold is not None and why is not None:
+                    follow = route.chain[0].name if route.chain else None
+                    self._report_exhausted(current, hold, follow)
+                    if follow is None or "exhausted" not in self._policy.fallback_on:
+                        raise self._held_error(current, hold, rank, tenant, loop.time())
+                if why is None or not route.chain:  # the last one is tried whatever its state
+                    follow = route.chain[0].name if route.chain else None
+                    try:
+                        served = await attempt(route, plan, tuple(passed_over))
+                    except DialectError as exc:
+                        why = f"cannot take it in its dialect ({exc})"
+                        last = NoRouteError(
+                            f"No model could take the request: {current.name} cannot say it in "
+                            f"its dialect ({exc}); it was not sent.",
+                            priority=rank,
+                            tenant=tenant,
+                        )
+                    except QuotaExhaustedError as exc:
+                        why, last = self._exhaust(current, exc, follow, probe), exc
+                        if "exhausted" not in self._policy.fallback_on:
+                            raise
+                    except UpstreamCapError as exc:
+                        # Our mirror of the provider's cap: its exhaustion, seen before sending.
+                        if "exhausted" not in self._policy.fallback_on:
+                            raise
+                        why, last = self._cap_reached(current, exc, follow), exc
+                    except OverloadedError as exc:
+                        if "overloaded" not in self._policy.fallback_on:
+                            raise
+                        status = "an error event" if exc.status == 200 else f"HTTP {exc.status}"
+                        why, last = f"overloaded ({status})", exc
+                        self._fall_back(current, why, follow)
+                    except TransportError as exc:
+                        if "transport" not in self._policy.fallback_on:
+                            raise
+                        why, last = "unreachable (no usable reply)", exc
+                        self._fall_back(current, why, follow)
+                    except (QueueFullError, DeadlineUnreachableError) as exc:
+                        why, last = "shedding", exc
+                    except BusyError as exc:
+                        # More waits on it than it serves within the class's max_wait: the
+                        # capacity of the next model is as good as its own.
+                        why, last = "busy (more waits than it serves in time)", exc
+                    except RejectedError as exc:
+                        # Queued when its account's quota went: refused at once to move on.
+                        hold = self._holds.get(self._accounts[current.upstream])
+                        if exc.reason != "shedding" or hold is None:
+                            raise
+                        why, last = _held_for(hold), exc
+                    except ThrottledError as exc:
+                        if exc.retry_after is None:
+                            raise
+                        why, last = f"rate limited for {exc.retry_after:.1f} s", exc
+                    else:
+                        self._served(current, probe)
+                        return served
+                    finally:
+                        if probe:
+                            self._probe_over(current)
+                passed_over.append(f"{current.name}: {why}")
+                route = route.fallback(why)
+                if route is not None:
+                    self._counts["fallbacks"] += 1
+            assert last is not None
+            raise last
+        finally:
+            last = None  # its traceback holds this frame: no reference cycle through it
 
     async def quota_status(
         self, tenant: Hashable | None = None, model: str | None = None
@@ -2009,7 +2012,10 @@ def _ask_first(shaper: Shaper, plan: _Plan) -> None:
         return  # _admit says the deadline passed
     refused = shaper.refusal(plan.for_model(left))
     if refused is not None:
-        raise refused
+        try:
+            raise refused
+        finally:
+            refused = None  # its traceback holds this frame: no reference cycle through it
 
 
 def _held_for(hold: _Hold) -> str:
