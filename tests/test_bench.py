@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import math
 import statistics
@@ -311,6 +312,27 @@ async def test_every_session_speaks_until_the_duration_and_every_request_ends_on
     assert log.ok == expected and log.open == 0
     assert stopped < model.duration + 0.5
     assert seconds[:3] == [1.0, 2.0, 3.0]
+
+
+async def test_a_session_is_made_when_its_first_message_is_due_and_starts_then():
+    model = SessionModel(sessions=200, duration=10.0, spike=5.0, think_mean=5.0, seed=3)
+    log = RequestLog()
+    alive: list[tuple[float, int]] = []
+
+    def count(t: float) -> None:
+        alive.append((t, len(asyncio.all_tasks())))
+
+    await drive(_HalfSecond(_target()), model, log, on_second=count)
+    firsts = sorted(model.session(i).first_at for i in range(model.sessions))
+    # Each session's first request starts at its first message's time.
+    starts = sorted(log.starts)
+    for first in firsts:
+        at = bisect.bisect_left(starts, first - 1e-5)
+        assert starts[at] == pytest.approx(first, abs=1e-5)
+    # Only the sessions that began are tasks (plus the driver's own few), not all from 0 s.
+    for t, tasks in alive[:4]:
+        begun = sum(first <= t for first in firsts)
+        assert tasks <= begun + 4, (t, tasks, begun)
 
 
 async def test_a_request_still_open_at_the_hard_stop_is_lost_not_counted():

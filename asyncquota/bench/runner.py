@@ -167,9 +167,6 @@ async def drive(
 
     async def converse(index: int) -> None:
         session = model.session(index)
-        if session.first_at >= model.duration:
-            return
-        await asyncio.sleep(max(0.0, session.first_at - now()))
         class_code = _CLASS_CODES[session.priority]
         tenant_code = NO_TENANT if session.tenant is None else tenant_codes[session.tenant]
         number = 0
@@ -187,16 +184,38 @@ async def drive(
             await asyncio.sleep(1.0 - now() % 1.0)
             callback(round(now(), 6))
 
-    ticker = asyncio.create_task(tick(on_second)) if on_second is not None else None
     indices = range(model.sessions) if sessions is None else sessions
-    tasks = [asyncio.create_task(converse(i)) for i in indices]
-    try:
-        _, pending = await asyncio.wait(
-            tasks, timeout=model.duration + model.max_deadline + STOP_GRACE
+    tasks: list[asyncio.Task[None]] = []
+
+    async def launch() -> None:
+        # Each session's task is made when its first message is due, not all at the start:
+        # 30 000 coroutines asleep from the first instant are no server's load, and
+        # making them grew the heap by half a million objects in the night's first
+        # second, the collector's full passes stalling every strategy's loop meanwhile.
+        firsts = sorted(
+            (session.first_at, session.index)
+            for session in map(model.session, indices)
+            if session.first_at < model.duration
         )
+        for first_at, index in firsts:
+            if first_at > now():
+                await asyncio.sleep(first_at - now())
+            tasks.append(asyncio.create_task(converse(index)))
+
+    ticker = asyncio.create_task(tick(on_second)) if on_second is not None else None
+    stop_at = model.duration + model.max_deadline + STOP_GRACE
+    launcher = asyncio.create_task(launch())
+    try:
+        await asyncio.wait((launcher,), timeout=stop_at)
+        pending: set[asyncio.Task[None]] = {launcher} if not launcher.done() else set()
+        if tasks:
+            _, pending_calls = await asyncio.wait(tasks, timeout=max(0.0, stop_at - now()))
+            pending |= pending_calls
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        if launcher.done() and not launcher.cancelled():
+            launcher.result()  # the plan itself broke: say so
     finally:
         if ticker is not None:
             ticker.cancel()
