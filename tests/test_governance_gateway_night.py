@@ -351,6 +351,39 @@ async def test_the_hold_ends_at_the_stated_regain_with_one_probe_not_a_stampede(
     assert (stats.probes, stats.recoveries, stats.held) == (1, 1, ())
 
 
+async def test_a_regain_stated_to_the_second_is_probed_in_its_last_second(caplog):
+    caplog.set_level(logging.WARNING)
+    got: list[Alert] = []
+    gateway, ups = build(config(alerts={"log": False}), sinks=[CallbackSink(got.append)])
+    ups["anthropic"].capped = True
+    loop_regain = REGAIN - EPOCH  # the loop time of the stated regain
+    served: list[tuple[float, str]] = []
+
+    async def ask() -> None:
+        routed = await gateway.request(chat())
+        served.append((asyncio.get_running_loop().time(), routed.model))
+
+    async with gateway:
+        await gateway.request(chat())
+        await asyncio.sleep(loop_regain - 1.5 - asyncio.get_running_loop().time())
+        # The account is back 0.4 s into the stated time's last second; a caller every 20 ms.
+        asyncio.get_running_loop().call_later(1.1, setattr, ups["anthropic"], "capped", False)
+        for _ in range(100):
+            asyncio.create_task(ask())
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(1)
+    first_back = min(t for t, model in served if model == "claude")
+    assert loop_regain - 0.4 < first_back < loop_regain - 0.1  # not a second late
+    # Probes one at a time, 0.1 s apart from a second before, each refused but the last.
+    refused = len(ups["anthropic"].seen) - 1 - sum(model == "claude" for _, model in served)
+    assert 3 <= refused <= 5
+    # Refused early probes say nothing new: one hold, one alarm, one recovery.
+    assert [a.kind for a in got] == ["exhausted", "recovered"]
+    holds = [r for r in caplog.records if "out of quota until" in r.getMessage()]
+    assert len(holds) == 1  # the hold, said when it began; not again for each probe
+    assert gateway.statistics().recoveries == 1
+
+
 async def test_a_refused_probe_holds_the_account_again_for_the_configured_hold():
     gateway, ups = build(config(gateway={"exhausted_hold": 120.0}))
     ups["anthropic"].capped = True

@@ -143,9 +143,15 @@ _T = TypeVar("_T")
 _RELOADABLE_UPSTREAM_FIELDS = frozenset({"monthly_cap"})
 """What of an upstream's table a reload applies: the rest is its Shaper's, built once."""
 
-_LATER_WORD = 1.0
+_STATED_TO = 1.0
+"""Regain times are stated to the second: the account may be back up to that much before."""
+
+_LATER_WORD = _STATED_TO
 """Seconds by which an account's new refusal must name a later end than its hold's to
-start a new one: regain times are stated to the second."""
+start a new one: the same second read on two clocks a little apart is the same word."""
+
+_EARLY_PROBES_EVERY = 0.1
+"""Seconds between the probes of a stated regain time's last second, while each is refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,12 +235,17 @@ class GatewayStatistics:
 
 @dataclass(slots=True)
 class _Hold:
-    """An account whose quota is gone: passed over until ``until``, then probed once."""
+    """An account whose quota is gone: passed over until ``until``, then probed once.
+
+    A regain time the provider stated is probed from a second before it (it is stated to
+    the second), one probe at a time, ``_EARLY_PROBES_EVERY`` apart while they are refused.
+    """
 
     until: float  # loop time
     until_wall: float  # the same instant, Unix time
     regain_at: float | None  # what the provider said, if it said
     why: str
+    probe_at: float  # loop time the next probe may go (a stated time's second, early)
     models: set[str] = field(default_factory=set)  # the models reported exhausted
     probing: bool = False
 
@@ -1180,7 +1191,7 @@ class Gateway:
         account = self._accounts[model.upstream]
         hold = self._holds.get(account)
         if hold is not None:
-            state: AvailabilityState = "exhausted" if now < hold.until else "probing"
+            state: AvailabilityState = "exhausted" if now < hold.probe_at else "probing"
             return Availability(state, account, hold.until_wall, hold.why)
         cooling = self._upstreams[model.upstream].confirmed_cooldown()
         if cooling > 0:
@@ -1269,7 +1280,7 @@ class Gateway:
         """Why ``model`` should be passed over right now (None: it may be sent to), and
         whether this request is the one probe of its account's ended hold."""
         if hold is not None:
-            if now < hold.until or hold.probing:
+            if now < hold.probe_at or hold.probing:
                 return _held_for(hold), False
             hold.probing = True  # this request, and only it, goes to see
             self._counts["probes"] += 1
@@ -1298,7 +1309,15 @@ class Gateway:
         seconds = self._policy.hold if regain is None else regain - wall
         why = exc.why or "out of quota"
         hold = self._holds.get(account)
-        renewed = hold is None or probe or now + seconds > hold.until + _LATER_WORD
+        later = hold is None or now + seconds > hold.until + _LATER_WORD
+        if hold is not None and probe and not later and hold.regain_at is not None:
+            # A probe of the stated time's last second, refused: the same word, said
+            # again. Nothing to restate; the next probe goes a moment later.
+            hold.probe_at = min(hold.until, now + _EARLY_PROBES_EVERY)
+            for shaper in self._shapers_of(account):
+                shaper.shed_below(_EVERY_RANK, for_seconds=max(0.0, hold.until - now))
+            return _held_for(hold)
+        renewed = later or probe
         if renewed:
             # A new hold, a failed probe's, or a later word; a refusal of a request sent
             # before the hold began never shortens it, nor restates it: the same regain
@@ -1310,6 +1329,7 @@ class Gateway:
                 until_wall=wall + seconds,
                 regain_at=regain,
                 why=why,
+                probe_at=now + seconds - (0.0 if regain is None else _STATED_TO),
                 models=set() if hold is None else hold.models,
             )
             self._holds[account] = hold
