@@ -368,10 +368,11 @@ async def test_a_regain_stated_to_the_second_is_probed_in_its_last_second(caplog
         await asyncio.sleep(loop_regain - 1.5 - asyncio.get_running_loop().time())
         # The account is back 0.4 s into the stated time's last second; a caller every 20 ms.
         asyncio.get_running_loop().call_later(1.1, setattr, ups["anthropic"], "capped", False)
+        callers = []
         for _ in range(100):
-            asyncio.create_task(ask())
+            callers.append(asyncio.create_task(ask()))
             await asyncio.sleep(0.02)
-        await asyncio.sleep(1)
+        await asyncio.gather(*callers)
     first_back = min(t for t, model in served if model == "claude")
     assert loop_regain - 0.4 < first_back < loop_regain - 0.1  # not a second late
     # Probes one at a time, 0.1 s apart from a second before, each refused but the last.
