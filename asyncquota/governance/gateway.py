@@ -1284,8 +1284,7 @@ class Gateway:
                 return _held_for(hold), False
             hold.probing = True  # this request, and only it, goes to see
             self._counts["probes"] += 1
-            for shaper in self._shapers_of(self._accounts[model.upstream]):
-                shaper.shed_below(_EVERY_RANK, for_seconds=0)
+            self._shed_account(self._accounts[model.upstream], 0.0)
             return None, True
         # A confirmed cooldown only: a Retry-After's hold may end at its probe in a few ms
         # (passing the model over for the whole stated window drained its line onto the
@@ -1296,8 +1295,11 @@ class Gateway:
             return f"cooling down for {cooling:.1f} s", False
         return None, False
 
-    def _shapers_of(self, account: str) -> list[Shaper]:
-        return [self._upstreams[name] for name, of in self._accounts.items() if of == account]
+    def _shed_account(self, account: str, seconds: float) -> None:
+        """Every class on ``account``'s Shapers refused for ``seconds`` (0: no longer)."""
+        for name, of in self._accounts.items():
+            if of == account:
+                self._upstreams[name].shed_below(_EVERY_RANK, for_seconds=seconds)
 
     def _exhaust(
         self, model: Model, exc: QuotaExhaustedError, follow: str | None, probe: bool
@@ -1314,8 +1316,7 @@ class Gateway:
             # A probe of the stated time's last second, refused: the same word, said
             # again. Nothing to restate; the next probe goes a moment later.
             hold.probe_at = min(hold.until, now + _EARLY_PROBES_EVERY)
-            for shaper in self._shapers_of(account):
-                shaper.shed_below(_EVERY_RANK, for_seconds=max(0.0, hold.until - now))
+            self._shed_account(account, max(0.0, hold.until - now))
             return _held_for(hold)
         renewed = later or probe
         if renewed:
@@ -1349,8 +1350,7 @@ class Gateway:
         if renewed:
             # Queued requests of the account leave now, for their fallbacks; new ones are
             # kept away by the gateway, and by the Shapers should anyone call them directly.
-            for shaper in self._shapers_of(account):
-                shaper.shed_below(_EVERY_RANK, for_seconds=seconds)
+            self._shed_account(account, seconds)
         return _held_for(hold)
 
     def _report_exhausted(
