@@ -170,6 +170,8 @@ class TokenBucket:
         "_stamp",
         "_synced_at",
         "_taken",
+        "_top_limit",
+        "_top_seen",
     )
 
     def __init__(self, *, rate: float, burst: float, now: float) -> None:
@@ -200,6 +202,10 @@ class TokenBucket:
         self._ledger: deque[tuple[float, float]] = deque(maxlen=_LEDGER_SIZE)
         self._taken = 0.0  # every unit ever taken (refunds not subtracted): see ``taken``
         self._reserve = 0.0  # seconds of the mirror's refill held back (see ``hold_back``)
+        # The most the upstream said it had left under the limit it stated last: the
+        # bucket's size as seen, which a per-minute ``limit`` does not name.
+        self._top_seen = 0.0
+        self._top_limit: float | None = None
 
     @property
     def taken(self) -> float:
@@ -252,9 +258,16 @@ class TokenBucket:
         refusals, or more, for everyone): our mirror is a close estimate, not the
         upstream's ledger, and a send timed on the last unit lands early as often as
         late. The reserve is that many seconds of the mirror's rate, and never more than
-        half its burst (a ``limit`` that names a per-minute figure while the bucket
-        behind it holds a second's worth would otherwise keep every send back). It costs
-        its units once, not the rate: the pace stays the refill's.
+        half the most the upstream has said it had left under its current ``limit``
+        (half the burst while no reading showed anything left): a
+        ``limit`` that names a per-minute figure while the bucket behind it holds a
+        second's worth is not a bucket size, and a rate read off it is 60 times the
+        refill until a measurement bounds it (none comes while the reserve keeps
+        refusals away). Half the burst was the bound once: 0.1 s of 11 830 a second,
+        1 183 units against readings of 200 at most, let sends out only in the gaps
+        between readings (the real-time matrix's row 14: 13-70 sends a second of 200,
+        fewer the more replies came back). It costs its units once, not the rate: the
+        pace stays the refill's.
 
         Raises:
             ValueError: ``seconds`` is negative or not finite.
@@ -315,7 +328,11 @@ class TokenBucket:
         if self._mirror_burst is not None:
             if self._mirror_until == math.inf:
                 burst, rate = self._mirror_burst, self._mirror_rate
-                reserve = min(self._reserve * rate, burst / 2) if self._reserve else 0.0
+                reserve = (
+                    min(self._reserve * rate, min(self._top_seen or burst, burst) / 2)
+                    if self._reserve
+                    else 0.0
+                )
                 mirror = _shortfall(amount + reserve, self._mirror_level, burst, rate)
             else:  # a fixed window supplies what it has left, then nothing until it lapses
                 enough = amount - self._mirror_level <= _EPSILON * max(1.0, amount)
@@ -450,6 +467,10 @@ class TokenBucket:
         remaining = float(remaining)
         self._settle(now)
         self._synced_at = now
+        if limit != self._top_limit:
+            self._top_limit, self._top_seen = limit, remaining
+        elif remaining > self._top_seen:
+            self._top_seen = remaining
         if limit is not None:
             measures = sent_mark is not None and sent_age <= _MEASURE_AGE
             if measures or self._reserve:

@@ -277,6 +277,30 @@ def test_a_reserve_never_exceeds_half_the_bucket():
         small.hold_back(-0.1)
 
 
+def test_a_reserve_is_at_most_half_of_what_the_upstream_showed_it_holds():
+    # A per-minute ``limit`` (12 000) over a bucket of 200 a second, and only slow
+    # replies (long streamed answers; a reserve keeps refusals, the fast ones, away): no
+    # measurement bounds the rate read off the limit, 11 899 a second. A tenth of a
+    # second of that, 1 190 units, against readings of 200 at most let sends out only
+    # in the gaps between readings (the real-time matrix's row 14: 13-70 a second of
+    # 200). Half the most the upstream said it had left under this limit is the bound.
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.hold_back(0.1)
+    bucket.sync(remaining=100, reset_after=1.0, limit=12_000, now=0.0)
+    bucket.sync(remaining=199, reset_after=1.0, limit=12_000, now=1.0)
+    assert bucket.mirror(1.0).rate == pytest.approx(11_899.0)
+    slow = {"limit": 12_000, "reset_after": 1.0, "now": 20.0, "sent_age": 10.0}
+    bucket.sync(remaining=150, sent_mark=bucket.taken, **slow)
+    assert bucket.time_until(1, 20.0) == 0.0
+    bucket.take(50, 20.0)  # 100 left, 99.5 of them held back: one more is half a unit short
+    assert bucket.time_until(1, 20.0) == pytest.approx(0.5 / bucket.mirror(20.0).rate)
+    # a new limit (the quota doubled) forgets the old bucket's top: the next reading is it
+    bucket.sync(remaining=40, sent_mark=bucket.taken, **{**slow, "limit": 24_000})
+    assert bucket.time_until(1, 20.0) == 0.0
+    bucket.take(20, 20.0)  # 20 left, 20 held back
+    assert bucket.time_until(1, 20.0) == pytest.approx(1 / bucket.mirror(20.0).rate)
+
+
 def per_minute_bucket(*, reserve: float) -> TokenBucket:
     """Anthropic's ``limit`` per minute (6 000) over a bucket of 100 a second; two fast
     replies 1 s apart have measured the refill (the rate is bounded by twice it)."""
