@@ -286,8 +286,15 @@ class Pace:
         sent = self._recent_sent.total(now)
         return refused >= PACE_MIN_REFUSED and refused >= PACE_STARVED * sent
 
-    def step(self, now: float) -> bool:
-        """Grow (or lift) the pace if a step has passed; whether ``rate`` changed."""
+    def step(self, now: float, *, confirmed: bool = True) -> bool:
+        """Grow (or lift) the pace if a step has passed; whether ``rate`` changed.
+
+        ``confirmed``: called on a success (the upstream served something sent at this
+        pace). Unconfirmed (on a send, when no reply has come back for a step: replies
+        that take seconds), only the silence of the door vouches for the pace, a
+        refusal coming back in milliseconds: the pace grows back towards the level last
+        found too high, and beyond it by the first step only, without speeding up.
+        """
         rate = self.rate
         elapsed = now - self._step_start
         if rate is None or elapsed < PACE_STEP:
@@ -306,6 +313,8 @@ class Pace:
         if rate < self._held:
             # Back towards the level last found too high quickly: half the gap a step.
             self.rate = max(rate * (1 + PACE_FIRST_GROWTH), (rate + self._held) / 2)
+        elif not confirmed:
+            self.rate = rate * (1 + PACE_FIRST_GROWTH)
         else:
             self.rate = rate * (1 + self._growth)
             self._growth = min(PACE_MAX_GROWTH, 2 * self._growth)
@@ -344,6 +353,7 @@ class Feedback:
         "_rpm",
         "_rpm_burst",
         "_stated_end",
+        "_succeeded_at",
         "_tokens",
         "_wall_clock",
         "fleet",
@@ -379,6 +389,7 @@ class Feedback:
         self._first_end = -math.inf  # the end the closure's first refusal stated
         self._failed_probes = 0  # in the current closure
         self._reopened_at = -math.inf
+        self._succeeded_at = -math.inf  # the last success (see ``sent``)
         self._refusal_time = 0.0  # smoothed seconds from a send to its congestion reply
         self._glances: tuple[tuple[str, float], ...] = ()
         self._full_read_due = -math.inf
@@ -411,6 +422,9 @@ class Feedback:
         as the model writes).
         """
         self._pace.sent(now)
+        # No reply for a step (they take seconds): the door's silence clocks the pace.
+        if now - self._succeeded_at > PACE_STEP and self._pace.step(now, confirmed=False):
+            self._apply_pace()
         if probe:
             wait = max(PROBE_SILENCE_MIN, PROBE_SILENCE * self._refusal_time)
             asyncio.get_running_loop().call_at(
@@ -430,6 +444,7 @@ class Feedback:
             self._first_end = -math.inf
             self._interval = PROBE_FIRST
             self._failed_probes = 0
+        self._succeeded_at = now
         self._step(now)
 
     def congested(

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from asyncquota import MockTransport, QuotaError, Shaper, TokenBucket
-from asyncquota.feedback import PACE_BETA, Pace
+from asyncquota.feedback import PACE_BETA, PACE_FIRST_GROWTH, Feedback, Pace
+from asyncquota.gates import CooldownGate, RateGate, TokenGate
 from asyncquota.hooks import Admitted, Event
 from asyncquota.testing import SimulatedUpstream, UpstreamConfig
 
@@ -145,6 +146,78 @@ def test_a_binding_pace_grows_back_to_the_level_it_was_cut_from_then_beyond():
     # faster: twice as much within six seconds.
     assert rates[2] is not None and rates[2] >= 0.95 * 90
     assert rates[-1] is not None and rates[-1] > 2 * 100
+
+
+def test_an_unconfirmed_step_grows_back_to_the_cut_level_then_beyond_by_the_first_step():
+    # Steps clocked by sends alone (replies take seconds; only the door's silence vouches
+    # for the pace) return towards the level last found too high as fast as confirmed
+    # ones, and past it by PACE_FIRST_GROWTH a step, never faster.
+    pace = Pace()
+    t = sent(pace, 100, 0.0, 100.0)
+    for _ in range(20):
+        pace.congested(t, sent_at=t - 0.01)
+    cut = pace.rate
+    assert cut is not None
+    rates = [cut]
+    for _ in range(10):
+        t = sent(pace, math.ceil(rates[-1] * 0.5), t, rates[-1])
+        assert pace.step(t, confirmed=False)
+        assert pace.rate is not None
+        rates.append(pace.rate)
+    assert rates[2] >= 0.95 * 90  # back near the level it was cut from within a second
+    beyond = [b / a for a, b in itertools.pairwise(rates) if a >= 90]
+    assert len(beyond) >= 6
+    assert beyond == pytest.approx([1 + PACE_FIRST_GROWTH] * len(beyond))
+    # A confirmed step after them speeds up again from the first step.
+    t = sent(pace, math.ceil(rates[-1] * 0.5), t, rates[-1])
+    assert pace.step(t)
+    assert pace.rate == pytest.approx(rates[-1] * (1 + PACE_FIRST_GROWTH))
+    t = sent(pace, math.ceil(pace.rate * 0.5), t, pace.rate)
+    before = pace.rate
+    assert pace.step(t)
+    assert pace.rate == pytest.approx(before * (1 + 2 * PACE_FIRST_GROWTH))
+
+
+async def test_with_no_reply_for_a_step_the_sends_clock_the_pace():
+    # Replies that take seconds: after the first refusals cut the pace, no success
+    # comes back for five seconds to clock its growth, and it sat under the quota (the
+    # matrix's row 15, virtual: 0.86 of it in the first 10 s). The sends clock it then;
+    # while successes come back, they do, as before.
+    def feedback() -> Feedback:
+        return Feedback(
+            cooldown=CooldownGate(),
+            rate=RateGate(per_minute=1e12),
+            tokens=TokenGate(per_minute=1e12),
+            rpm=1e12,
+            wall_clock=frozen_wall_clock,
+        )
+
+    def cut(fb: Feedback, t: float) -> float:
+        for _ in range(100):  # 100 a second for a second, then a wall of refusals
+            fb.sent(t, 0)
+            t += 0.01
+        for _ in range(20):
+            fb.congested(t, t - 0.01, None, 0)
+        assert fb.pace is not None
+        return t
+
+    t0 = asyncio.get_running_loop().time()
+    silent, answered = feedback(), feedback()
+    t = cut(silent, t0)
+    cut(answered, t0)
+    paced = silent.pace
+    assert paced is not None and answered.pace == paced
+    for k in range(55):  # 0.55 s of sending at the pace; four answered, 0.1 s apart
+        now = t + k * 0.01
+        silent.sent(now, 0)
+        answered.sent(now, 0)
+        if k % 10 == 0 and 0 < k < 50:
+            answered.succeeded(now, 0)
+    # A step has passed: the silent one's sends grew it; the other waits for a success.
+    assert silent.pace is not None and silent.pace > paced
+    assert answered.pace == paced
+    answered.succeeded(t + 0.55, 0)
+    assert answered.pace == silent.pace
 
 
 def test_a_pace_that_never_binds_is_lifted():
