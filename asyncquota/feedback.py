@@ -18,6 +18,9 @@ attempt to :class:`Feedback`, which turns it into three controls:
   one from the rate we were sending at); while it binds and nothing is refused it grows,
   quickly back towards the level last found too high, then beyond it slowly at first
   and faster while nothing pushes back, so capacity that returns is found in seconds.
+  Successes clock that growth; while none has come back for a step (replies that take
+  seconds), the sends do, the door's silence vouching for the pace: back towards the
+  level last found too high, and past it by the first step only.
 - **The mirrors** of the upstream's buckets (``TokenBucket.sync``): every read of the
   rate-limit headers re-anchors them at ``remaining`` less what was sent since the
   request went out, up or down, so a wrong learnt rate or level costs one reply.
