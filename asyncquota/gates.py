@@ -72,6 +72,10 @@ marks of slower ones say too little about which of our sends the upstream had co
 _MEASURE_ROOM = 2.0
 """A rate more than this many times the refill measured (or what we sent) is refuted."""
 
+_TOP_MIN = 10.0
+"""The fewest units the most ``remaining`` seen under a limit must be for a reading at it
+to count as a full bucket (fewer say too little of a bucket to call one full)."""
+
 _RATE_MEMORY = 10.0
 """How many full refills of the upstream's bucket a learnt rate is trusted for."""
 
@@ -516,11 +520,14 @@ class TokenBucket:
                 # refill, held the real-time matrix's row 14 for 5 s and more at a time).
                 anchored = max(anchored, 0.0)
             burst = self._mirror_burst
+            # Full is the most the upstream has shown under this limit, when that is a
+            # bucket's worth: a per-minute ``limit`` over a second's bucket never is.
+            top = min(burst, self._top_seen) if self._top_seen >= _TOP_MIN else burst
             if (
                 slow
                 and self._mirror_rate > 0
                 and since >= refilled
-                and remaining >= burst - 1
+                and remaining >= top - 1
                 and now - self._raised_at >= _MEASURE_SPAN
             ):
                 # We sent at least the mirror's rate over the reply's seconds and the
@@ -530,10 +537,13 @@ class TokenBucket:
                 # low (a reset rounded up to the second halves it), and a slow reply's
                 # anchor (less all we sent, plus a refill at that rate) never lets the
                 # pace past it. Raise it; raised too far, the readings fall under half
-                # and stop it, and refusals cut the pace.
-                self._learnt_rate = self._mirror_rate = min(
-                    self._mirror_rate * _RATE_RAISE, self._rate_cap
-                )
+                # and stop it, and refusals cut the pace. A refill bound measured once
+                # (twice the refill between two fast readings, scaled with the limit) is
+                # refuted by it too: measured in a cooldown's wake, the real-time row
+                # 14's held the pace at 89 a second of 200 all night, its bucket full.
+                raised = self._mirror_rate * _RATE_RAISE
+                self._rate_cap = max(self._rate_cap, raised)
+                self._learnt_rate = self._mirror_rate = raised
                 self._learnt_at = self._raised_at = now
                 anchored = remaining - since + self._mirror_rate * sent_age
             self._mirror_level = min(burst, remaining, anchored)

@@ -313,6 +313,34 @@ def per_minute_bucket(*, reserve: float) -> TokenBucket:
     return bucket
 
 
+def test_a_slow_reply_at_the_top_the_upstream_has_shown_raises_a_measured_rate():
+    # A per-minute ``limit`` (6 000) over a bucket of 100: two fast readings bounded the
+    # rate at twice the refill they measured, 200 a second. Measured in a cooldown's
+    # wake it can be low for good: the real-time row 14 held the pace at 89 a second of
+    # 200 all night while every reading showed its bucket full. The mirror's burst (the
+    # limit) is never full; the most ``remaining`` the upstream has shown is.
+    def sent_a_while(remaining: float) -> TokenBucket:
+        bucket = per_minute_bucket(reserve=0.0)
+        bucket.sync(remaining=100, reset_after=0.1, limit=6_000, now=1.0)  # its top: 100
+        mark = bucket.taken
+        for second in range(2, 12):  # sent at the mirror's rate for the reply's 10 s
+            bucket.take(200, float(second))
+        bucket.sync(
+            remaining=remaining,
+            reset_after=0.1,
+            limit=6_000,
+            now=11.0,
+            sent_mark=mark,
+            sent_age=10.0,
+        )
+        return bucket
+
+    # Still at its top after all that: it refilled faster, the measured bound is refuted.
+    assert sent_a_while(99).mirror(11.0).rate == pytest.approx(250.0)
+    # Under its top, a level held steady proves only the rate we sent at.
+    assert sent_a_while(60).mirror(11.0).rate == pytest.approx(200.0)
+
+
 def slow_reply_with_a_doubled_quota(bucket: TokenBucket) -> None:
     bucket.sync(
         remaining=150,
