@@ -333,7 +333,7 @@ class TokenBucket:
             if self._mirror_until == math.inf:
                 burst, rate = self._mirror_burst, self._mirror_rate
                 reserve = (
-                    min(self._reserve * rate, min(self._top_seen or burst, burst) / 2)
+                    min(self._reserve * rate, (self._top_seen or burst) / 2, burst / 2)
                     if self._reserve
                     else 0.0
                 )

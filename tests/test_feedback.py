@@ -42,6 +42,15 @@ def sent(pace: Pace, n: int, start: float, per_second: float) -> float:
     return t
 
 
+def cut_from_100(pace: Pace) -> float:
+    """100 sends a second for a second, then a wall of refusals: the pace is cut. The time
+    after the last send."""
+    t = sent(pace, 100, 0.0, 100.0)
+    for _ in range(20):
+        pace.congested(t, sent_at=t - 0.01)
+    return t
+
+
 def test_no_pace_until_a_wall_of_refusals_then_a_little_under_what_we_sent():
     pace = Pace()
     t = sent(pace, 150, 0.0, 150.0)  # 150 a second for a second
@@ -131,9 +140,7 @@ def test_a_starved_upstream_halves_the_pace_once_per_episode():
 
 def test_a_binding_pace_grows_back_to_the_level_it_was_cut_from_then_beyond():
     pace = Pace()
-    t = sent(pace, 100, 0.0, 100.0)
-    for _ in range(20):
-        pace.congested(t, sent_at=t - 0.01)
+    t = cut_from_100(pace)
     rates = [pace.rate]
     for _ in range(12):  # sending all it allows, nothing refused
         assert pace.rate is not None
@@ -153,9 +160,7 @@ def test_an_unconfirmed_step_grows_back_to_the_cut_level_then_beyond_by_the_firs
     # for the pace) return towards the level last found too high as fast as confirmed
     # ones, and past it by PACE_FIRST_GROWTH a step, never faster.
     pace = Pace()
-    t = sent(pace, 100, 0.0, 100.0)
-    for _ in range(20):
-        pace.congested(t, sent_at=t - 0.01)
+    t = cut_from_100(pace)
     cut = pace.rate
     assert cut is not None
     rates = [cut]
@@ -222,9 +227,7 @@ async def test_with_no_reply_for_a_step_the_sends_clock_the_pace():
 
 def test_a_pace_that_never_binds_is_lifted():
     pace = Pace()
-    t = sent(pace, 100, 0.0, 100.0)
-    for _ in range(20):
-        pace.congested(t, sent_at=t - 0.01)
+    t = cut_from_100(pace)
     for _ in range(25):  # 12.5 s of sending one a second: far under the pace
         t = sent(pace, 1, t, 2.0) + 0.0
         t += 0.5
