@@ -148,7 +148,7 @@ class Attempts:
                     else min(used, USAGE_CEILING * reservation.estimate + 1024)
                 )
             if not feedback.ample(reply.headers, now):
-                feedback.observe(reply.headers, now, sent_at, ticket.rate_mark, ticket.token_mark)
+                feedback.observe(reply.headers, now, sent_at, ticket)
             feedback.succeeded(now, probe)
             if reporter.tracing():
                 self._replied(ticket, reply.status, now, sent_at, reservation.estimate, used)
@@ -156,7 +156,7 @@ class Attempts:
         if reporter.tracing():
             self._replied(ticket, reply.status, now, sent_at, reservation.estimate, None)
         reservation.cancel()
-        feedback.observe(reply.headers, now, sent_at, ticket.rate_mark, ticket.token_mark)
+        feedback.observe(reply.headers, now, sent_at, ticket)
         if verdict.congestion:
             limiter = self._limiter
             kind = feedback.refusal(verdict.retry_after)

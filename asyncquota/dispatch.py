@@ -182,8 +182,13 @@ class Dispatcher:
         # The marks leave out the request's own units: an upstream that counts a request
         # in the ``remaining`` of its own reply and one that does not are both read right
         # (the first one unit low, which is safe).
-        ticket.rate_mark = self._rate.taken - 1.0
-        ticket.token_mark = self._tokens.taken - ticket.cost
+        rate, tokens = self._rate, self._tokens
+        ticket.rate_mark = rate.taken - 1.0
+        ticket.token_mark = tokens.taken - ticket.cost
+        level = rate.mirror_level
+        ticket.rate_level = None if level is None else level + 1.0
+        level = tokens.mirror_level
+        ticket.token_level = None if level is None else level + ticket.cost
         self._admission.served(now)
 
     async def run(self) -> None:

@@ -36,7 +36,7 @@ import contextlib
 import email.utils
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from .gates import CooldownGate, RateGate, TokenGate
 from .signals import QuotaSnapshot
@@ -172,6 +172,17 @@ _REMAINING_HEADERS = {
 }
 
 _MAX_COUNT_DIGITS = 15
+
+class Marks(Protocol):
+    """Where the gates stood when a request was granted (a ticket): ``taken`` and the
+    mirrors' levels (None: no mirror), the request's own units left out of ``taken`` and
+    left in the levels."""
+
+    rate_mark: float
+    token_mark: float
+    rate_level: float | None
+    token_level: float | None
+
 
 Refusal = Literal["rate", "crowd", "unknown"]
 """What a congestion reply names: a rate limit, a cap on how many are in flight, or either."""
@@ -637,17 +648,12 @@ class Feedback:
         return True
 
     def observe(
-        self,
-        headers: Mapping[str, str],
-        now: float,
-        sent_at: float,
-        rate_mark: float,
-        token_mark: float,
+        self, headers: Mapping[str, str], now: float, sent_at: float, marks: Marks
     ) -> None:
         """Let the gates pace by what the upstream says is left (``x-ratelimit-*``).
 
-        ``rate_mark`` and ``token_mark`` are the gates' ``taken`` when the request went
-        out (at ``sent_at``, its own units left out): the mirrors are re-anchored at
+        ``marks`` are the gates' ``taken`` when the request went out (at ``sent_at``,
+        its own units left out), and their mirrors' levels then: the mirrors are re-anchored at
         ``remaining`` less what went out since, plus what the mirror's rate refilled
         meanwhile, and no higher than ``remaining`` (``TokenBucket.sync``). The reading was
         taken somewhere between the send and the reply, and that bound holds either way:
@@ -671,9 +677,9 @@ class Feedback:
         self._full_read_due = now + AMPLE_READ_INTERVAL
         age = now - sent_at
         token_rounding = _TOKEN_ROUNDING.get(snapshot.provider or "", 0)
-        for gate, window, mark, rounding in (
-            (self._rate, snapshot.requests, rate_mark, 0),
-            (self._tokens, tokens, token_mark, token_rounding),
+        for gate, window, mark, level, rounding in (
+            (self._rate, snapshot.requests, marks.rate_mark, marks.rate_level, 0),
+            (self._tokens, tokens, marks.token_mark, marks.token_level, token_rounding),
         ):
             if window.remaining is None:
                 continue
@@ -689,6 +695,7 @@ class Feedback:
                     limit=window.limit or None,
                     sent_mark=mark,
                     sent_age=age,
+                    sent_level=level,
                 )
         requests = snapshot.requests
         if requests.limit and requests.remaining is not None:

@@ -175,6 +175,7 @@ class TokenBucket:
         "_synced_at",
         "_taken",
         "_top_limit",
+        "_top_scaled",
         "_top_seen",
     )
 
@@ -210,6 +211,10 @@ class TokenBucket:
         # bucket's size as seen, which a per-minute ``limit`` does not name.
         self._top_seen = 0.0
         self._top_limit: float | None = None
+        # Under a new limit, the top seen under the old ones, scaled to it: a first
+        # reading alone is no top (the real-time row 9's, 11 of a bucket doubled to 200,
+        # read as full, raised the rate and bought 3 s of penalty).
+        self._top_scaled = 0.0
 
     @property
     def taken(self) -> float:
@@ -394,6 +399,7 @@ class TokenBucket:
         now: float,
         sent_mark: float | None = None,
         sent_age: float = 0.0,
+        sent_level: float | None = None,
     ) -> None:
         """Fold what the upstream says in its rate-limit headers into the mirror.
 
@@ -454,6 +460,8 @@ class TokenBucket:
             now: the current time.
             sent_mark: ``taken`` when the request carrying the headers was sent, if known.
             sent_age: seconds since that send.
+            sent_level: the mirror's level at that send (None: there was none), which a
+                slow reply's reading must contradict to raise the rate (see below).
 
         Raises:
             ValueError: ``reset_after`` is negative or not finite, or ``limit`` is not a
@@ -472,7 +480,13 @@ class TokenBucket:
         self._settle(now)
         self._synced_at = now
         if limit != self._top_limit:
-            self._top_limit, self._top_seen = limit, remaining
+            old, self._top_limit = self._top_limit, limit
+            # The bucket seen under the old quota, scaled as the limit was (the rate's
+            # bound is too, see ``_rescale``): no fuller than that is "full" under the
+            # new one until a reading shows more (see the raise below).
+            top = max(self._top_seen, self._top_scaled)
+            self._top_scaled = top * limit / old if old and limit else 0.0
+            self._top_seen = remaining
         elif remaining > self._top_seen:
             self._top_seen = remaining
         if limit is not None:
@@ -522,18 +536,26 @@ class TokenBucket:
             burst = self._mirror_burst
             # Full is the most the upstream has shown under this limit, when that is a
             # bucket's worth: a per-minute ``limit`` over a second's bucket never is.
-            top = min(burst, self._top_seen) if self._top_seen >= _TOP_MIN else burst
+            seen = max(self._top_seen, self._top_scaled)
+            top = min(burst, seen) if seen >= _TOP_MIN else burst
             if (
                 slow
                 and self._mirror_rate > 0
                 and since >= refilled
                 and remaining >= top - 1
+                and sent_level is not None
+                and 2 * sent_level <= top
                 and now - self._raised_at >= _MEASURE_SPAN
             ):
-                # We sent at least the mirror's rate over the reply's seconds and the
-                # upstream still shows its bucket full (a refill beyond that rate, the
-                # surplus spilt; a level merely steady under the top proves only that
-                # rate): the rate was learnt too
+                # We sent at least the mirror's rate over the reply's seconds, the mirror
+                # stood at half or less at the send, and the upstream shows its bucket
+                # full (a level merely steady under the top proves only that rate). Read
+                # at the reply, that is a refill beyond the mirror's rate, the surplus
+                # spilt; read at the send (a streamed reply's headers leave at its start),
+                # a mirror that had fallen behind the upstream. A mirror full at the send
+                # contradicts nothing: the real-time row 9 raised 95 a second to 119 (of
+                # 100) off readings taken at the night's first sends, ran its bucket dry
+                # and bought 4 s of penalty. Either way the rate was learnt too
                 # low (a reset rounded up to the second halves it), and a slow reply's
                 # anchor (less all we sent, plus a refill at that rate) never lets the
                 # pace past it. Raise it; raised too far, the readings fall under half
@@ -823,6 +845,13 @@ class _BucketGate:
         """Whether the mirror of the upstream's bucket, if any, is at least half full."""
         return self._bucket.mirror_ample()
 
+    @property
+    def mirror_level(self) -> float | None:
+        """The mirror's level as of the last take or settle (None: no mirror): read it
+        right after a grant, it is where the mirror stood then (``sync``'s ``sent_level``)."""
+        bucket = self._bucket
+        return None if bucket._mirror_burst is None else bucket._mirror_level
+
     def at_least(self, rate: float) -> None:
         """The upstream refilled at least ``rate`` units a second; see ``TokenBucket.at_least``."""
         if self._bucket.at_least(rate, self._now()):
@@ -845,6 +874,7 @@ class _BucketGate:
         limit: float | None = None,
         sent_mark: float | None = None,
         sent_age: float = 0.0,
+        sent_level: float | None = None,
     ) -> None:
         """Fold the upstream's rate-limit headers into the mirror; see ``TokenBucket.sync``.
 
@@ -861,6 +891,7 @@ class _BucketGate:
             now=self._now(),
             sent_mark=sent_mark,
             sent_age=sent_age,
+            sent_level=sent_level,
         )
         if self._waiters:
             asyncio.get_running_loop().call_soon(self._wake)

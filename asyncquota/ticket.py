@@ -39,12 +39,14 @@ class Ticket:
         "permit",
         "priority",
         "probe",
+        "rate_level",
         "rate_mark",
         "reservation",
         "send",
         "sent",
         "started",
         "tenant",
+        "token_level",
         "token_mark",
     )
 
@@ -77,6 +79,9 @@ class Ticket:
         self.hold = hold  # a stream: keep the grant past a 2xx, as a Lease
         self.probe = 0  # the cooldown generation this attempt probes (0: not a probe)
         self.rate_mark = self.token_mark = 0.0  # the gates' ``taken`` when it was granted
+        # Their mirrors' levels then (None: no mirror), this request's units left in.
+        self.rate_level: float | None = None
+        self.token_level: float | None = None
 
 
 class Failure:

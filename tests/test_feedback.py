@@ -243,18 +243,19 @@ def test_a_slow_reply_showing_a_full_bucket_raises_a_rate_learnt_too_low():
     # Empty, full again "in 2 s" (a one-second refill rounded up): learnt at 49.5 a second.
     bucket.sync(remaining=0, reset_after=2.0, limit=100, now=0.0)
     assert bucket.mirror(0.0).rate == pytest.approx(49.5)
-    mark = bucket.taken
+    mark, level = bucket.taken, bucket.mirror(0.0).level  # the mirror empty at the send
     for second in range(1, 6):  # sent at that rate for the 5 s a streamed reply took
         bucket.take(49.5, float(second))
     # Its headers show the bucket full: the upstream took all that and more. The anchor
     # alone (remaining less what went out, plus a refill at 49.5) would leave the mirror
     # near empty and the pace at half the quota; the rate grows instead.
-    bucket.sync(remaining=100, reset_after=0.0, limit=100, now=5.0, sent_mark=mark, sent_age=5.0)
+    reading = {"remaining": 100, "reset_after": 0.0, "limit": 100, "now": 5.0}
+    bucket.sync(**reading, sent_mark=mark, sent_age=5.0, sent_level=level)
     mirror = bucket.mirror(5.0)
     assert mirror.rate == pytest.approx(49.5 * 1.25)
     assert mirror.level > 50
     # Once per half second at most: a second reading at the same instant does not compound.
-    bucket.sync(remaining=100, reset_after=0.0, limit=100, now=5.0, sent_mark=mark, sent_age=5.0)
+    bucket.sync(**reading, sent_mark=mark, sent_age=5.0, sent_level=level)
     assert bucket.mirror(5.0).rate == pytest.approx(49.5 * 1.25)
 
 

@@ -319,10 +319,14 @@ def test_a_slow_reply_at_the_top_the_upstream_has_shown_raises_a_measured_rate()
     # wake it can be low for good: the real-time row 14 held the pace at 89 a second of
     # 200 all night while every reading showed its bucket full. The mirror's burst (the
     # limit) is never full; the most ``remaining`` the upstream has shown is.
-    def sent_a_while(remaining: float) -> TokenBucket:
+    def sent_a_while(remaining: float, *, drained: bool = True) -> TokenBucket:
         bucket = per_minute_bucket(reserve=0.0)
-        bucket.sync(remaining=100, reset_after=0.1, limit=6_000, now=1.0)  # its top: 100
-        mark = bucket.taken
+        bucket.sync(  # its top: 100, and the mirror's level
+            remaining=100, reset_after=0.1, limit=6_000, now=1.0, sent_mark=bucket.taken
+        )
+        if drained:
+            bucket.take(100, 1.0)  # the mirror had nothing left when the request went
+        mark, level = bucket.taken, bucket.mirror(1.0).level + 1
         for second in range(2, 12):  # sent at the mirror's rate for the reply's 10 s
             bucket.take(200, float(second))
         bucket.sync(
@@ -332,6 +336,7 @@ def test_a_slow_reply_at_the_top_the_upstream_has_shown_raises_a_measured_rate()
             now=11.0,
             sent_mark=mark,
             sent_age=10.0,
+            sent_level=level,
         )
         return bucket
 
@@ -339,6 +344,40 @@ def test_a_slow_reply_at_the_top_the_upstream_has_shown_raises_a_measured_rate()
     assert sent_a_while(99).mirror(11.0).rate == pytest.approx(250.0)
     # Under its top, a level held steady proves only the rate we sent at.
     assert sent_a_while(60).mirror(11.0).rate == pytest.approx(200.0)
+    # A mirror full at the send agreed with a reading taken then (a streamed reply's
+    # headers leave at its start): no evidence. The real-time row 9 raised 95 a second
+    # to 119 of 100 so, ran its bucket dry and bought 4 s of penalty.
+    assert sent_a_while(99, drained=False).mirror(11.0).rate == pytest.approx(200.0)
+
+
+def test_under_a_new_limit_a_first_reading_is_no_top_the_old_one_scaled_is():
+    # A bucket of 100 seen full, then the quota doubles (limit 200). A slow reply's
+    # reading of 11 under the new limit, its request sent at an empty mirror, is not a
+    # full bucket: the old top scaled to the new limit (200) is what full means. Read as
+    # full, it raised the rate a quarter (the real-time row 9: 94 to 117.5 a second, a
+    # drained bucket run dry by sends the mirror let out, 3 s of penalty bought).
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=99, reset_after=0.01, limit=100, now=0.0, sent_mark=bucket.taken)
+    bucket.sync(remaining=0, reset_after=1.0, limit=100, now=1.0, sent_mark=bucket.taken)
+    mark, level = bucket.taken, bucket.mirror(1.0).level + 1
+    for second in range(2, 9):
+        bucket.take(150, float(second))  # more than the mirror's rate, for the reply's 7 s
+
+    def slow_reading(remaining: float, now: float) -> float:
+        bucket.sync(
+            remaining=remaining,
+            reset_after=2.0,  # 189 short, full again "in 2 s": 94 a second learnt
+            limit=200,
+            now=now,
+            sent_mark=mark,
+            sent_age=now - 1.0,
+            sent_level=level,
+        )
+        return bucket.mirror(now).rate
+
+    assert slow_reading(11, 8.0) == pytest.approx(94.0)
+    # the old bucket's top, scaled to the new limit: full, and the rate is raised
+    assert slow_reading(199, 8.5) == pytest.approx(1.25 * 94.0)
 
 
 def slow_reply_with_a_doubled_quota(bucket: TokenBucket) -> None:
