@@ -201,6 +201,7 @@ class Reporter:
 
     __slots__ = (
         "_listening",
+        "_loggers",
         "_logging",
         "cancelled",
         "deadline",
@@ -219,12 +220,22 @@ class Reporter:
         # a LoggingHook only while its logger takes DEBUG records.
         self._logging = tuple(hook for hook in self.hooks if isinstance(hook, LoggingHook))
         self._listening = len(self._logging) < len(self.hooks)
+        # Their loggers, asked directly (what ``debug_enabled`` asks): ``tracing`` is asked
+        # three times a request, and the hop through each hook cost more than the answer.
+        self._loggers = tuple(hook._logger for hook in self._logging)
         self.sent = self.ok = self.throttled = self.retried = 0
         self.shed = self.deadline = self.failed = self.cancelled = 0
 
     def tracing(self) -> bool:
         """Whether the frequent events (queued, admitted, ok) have anyone to hear them."""
-        return self._listening or any(hook.debug_enabled for hook in self._logging)
+        if self._listening:
+            return True
+        # A plain loop: asked three times a request, and twice as fast as any() over a
+        # generator.
+        for logger_ in self._loggers:  # noqa: SIM110
+            if logger_.isEnabledFor(logging.DEBUG):
+                return True
+        return False
 
     def failed_with(self, ticket: Ticket, exc: QuotaError, now: float) -> None:
         """The request ended in ``exc``: count it (deadline, shed unsent, or failed) and tell."""
