@@ -55,6 +55,7 @@ _USAGE_PAIRS = (
     ("prompt_tokens", "completion_tokens"),  # OpenAI chat completions
     ("input_tokens", "output_tokens"),  # Anthropic messages, OpenAI responses
 )
+_BINARY = (bytes, bytearray, memoryview)
 _ANTHROPIC_CACHE_KEYS = ("cache_creation_input_tokens", "cache_read_input_tokens")
 
 
@@ -78,7 +79,7 @@ def prompt_tokens(body_size: int) -> int:
 
 def output_allowance(payload: Any, *, default_output_tokens: int) -> int:
     """The output tokens a request may use: its ``max_tokens`` (or a synonym), else the default."""
-    if isinstance(payload, Mapping):
+    if type(payload) is dict or isinstance(payload, Mapping):  # a dict: the fast test
         for key in _OUTPUT_KEYS:
             value = payload.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -102,10 +103,13 @@ def reply_usage(body: bytes) -> tuple[int, int] | None:
     The body may be bytes or str; anything else, or a body that is not JSON, gives None.
     Cheap on replies without usage (a substring test before any decoding); never raises.
     """
-    if isinstance(body, str):
+    if type(body) is bytes:  # the usual body: the fast test
+        if b'"usage"' not in body:
+            return None
+    elif isinstance(body, str):
         if '"usage"' not in body:
             return None
-    elif not isinstance(body, bytes | bytearray | memoryview) or b'"usage"' not in body:
+    elif not isinstance(body, _BINARY) or b'"usage"' not in body:
         return None
     try:
         document = orjson.loads(body)
@@ -151,6 +155,8 @@ def usage_split(usage: Mapping[str, Any]) -> tuple[int, int] | None:
 
 def _count(value: Any) -> int | None:
     """A whole number of tokens ≥ 0 (absent: 0), or None for garbage."""
+    if type(value) is int:  # the usual reading: the fast test (a bool is not one)
+        return value if 0 <= value <= MAX_USAGE_TOKENS else None
     if value is None:
         return 0
     if isinstance(value, bool):
