@@ -153,6 +153,10 @@ class RequestOptions:
         )
 
 
+_INTERACTIVE = Priority.INTERACTIVE
+_DEFAULT = RequestOptions()
+
+
 def given_options(
     options: RequestOptions | None,
     priority: PriorityLike,
@@ -170,6 +174,8 @@ def given_options(
         TypeError: ``options`` is not a RequestOptions, or a keyword is malformed.
     """
     if options is None:
+        if priority is _INTERACTIVE and tenant is None and deadline is None and cost_tokens is None:
+            return _DEFAULT  # the usual call: frozen, so one made once serves every time
         return RequestOptions(priority, tenant, deadline, cost_tokens)
     if not isinstance(options, RequestOptions):
         raise TypeError(f"options must be a RequestOptions, not {type(options).__name__}.")
