@@ -39,7 +39,9 @@ class SlidingCount:
 
     def add(self, now: float, n: int = 1) -> None:
         """Count ``n`` events at ``now``."""
-        index = self._advance(now)  # first: it may replace the list of counts
+        epoch = math.floor(now / self._width)
+        # Usually still in the newest slice; else _advance first: it may replace the counts.
+        index = epoch % self._slices if epoch == self._epoch else self._advance(now)
         self._counts[index] += n
         self._total += n
 
