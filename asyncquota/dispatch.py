@@ -94,22 +94,36 @@ class Dispatcher:
         self._stall_check_at = -math.inf
         self._stall_returned = 0  # permits ended by the last stall check
 
-    async def wait_turn(self, ticket: Ticket) -> None:
-        """Return once ``ticket`` holds a grant to send (refused early, or by the line).
+    def turn_now(self, ticket: Ticket) -> bool:
+        """Refuse ``ticket`` early, or take its turn at once; whether it holds a grant.
+
+        A plain call, not a coroutine: with room to spare it is the whole turn (the fast
+        path). Else ``wait_in_line`` waits for it.
 
         Raises:
-            RejectedError, ThrottledError: refused (see ``Admission.refuse_early``), shed
-                from a full line (QueueFullError), or left the line unserved (BusyError).
+            RejectedError, ThrottledError: refused (see ``Admission.refuse_early``).
+        """
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._admission.refuse_early(ticket, now)
+        if not self._take_turn_now(ticket, now):
+            return False
+        reporter = self._reporter
+        if reporter.tracing():
+            now = loop.time()
+            reporter.emit(Admitted, ticket, now, waited=now - ticket.enqueued_at)
+        return True
+
+    async def wait_in_line(self, ticket: Ticket) -> None:
+        """Return once ``ticket``, which ``turn_now`` could not serve, holds a grant to send.
+
+        Raises:
+            RejectedError: shed from a full line (QueueFullError), or left the line
+                unserved (BusyError).
             DeadlineExceededError: the deadline passed in line.
         """
         admission, reporter = self._admission, self._reporter
         loop = asyncio.get_running_loop()
-        admission.refuse_early(ticket, loop.time())
-        if self._take_turn_now(ticket, loop.time()):
-            if reporter.tracing():
-                now = loop.time()
-                reporter.emit(Admitted, ticket, now, waited=now - ticket.enqueued_at)
-            return
         queue = admission.queue
         try:
             waiter = queue.push(

@@ -782,9 +782,11 @@ class Shaper:
         reporter = self._reporter
         self._retries.record_request(ticket.started)
         loop = asyncio.get_running_loop()
+        dispatcher = self._dispatcher
         try:
             while True:
-                await self._dispatcher.wait_turn(ticket)
+                if not dispatcher.turn_now(ticket):
+                    await dispatcher.wait_in_line(ticket)
                 result = await self._attempts.send(ticket)
                 if isinstance(result, Response):
                     result.attempts = ticket.attempt
