@@ -422,9 +422,10 @@ class Feedback:
         What a newcomer may be refused for: a closure honoured in full (a punishing
         upstream), or one a probe has already found to be real.
         """
-        if self.punishes or self._failed_probes or not self._cooldown.probing:
-            return self._cooldown.remaining(now)
-        return 0.0
+        remaining = self._cooldown.remaining(now)  # asked of every request: open is 0 at once
+        if remaining and not (self.punishes or self._failed_probes) and self._cooldown.probing:
+            return 0.0
+        return remaining
 
     # ------------------------------------------------------------------ outcomes
 
