@@ -46,6 +46,7 @@ _URLISH = re.compile(r"\S*(?:\?|://)\S*|/\S*#\S*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # a tab is allowed in a value
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 _BASE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*)([^?#]*)")
 # Percent-encoded characters that some servers decode before they normalise a path.
 _ENCODED_SEPARATOR = re.compile(r"%(?:2[eEfF]|5[cC])")
@@ -236,6 +237,8 @@ def check_method(method: str) -> str:
         ValueError: not a string, empty, or holding anything but token characters (a
             space, CR, LF, NUL, ...): it would split the request line.
     """
+    if type(method) is str and method in _METHODS:  # the usual ones: tokens, no regex
+        return method
     if not isinstance(method, str) or not _TOKEN.fullmatch(method):
         shown = repr(method) if isinstance(method, str) else type(method).__name__
         raise ValueError(
