@@ -465,14 +465,13 @@ class Shaper:
             ValueError, TypeError: the arguments are malformed.
         """
         options = given_options(options, priority, tenant, deadline, cost_tokens)
-        prepared, cost = self._prepare(method, path, json, headers, options)
+        method, url, merged, body, cost = self._prepare(method, path, json, headers, options)
         transport = self._transport
-        method, url, merged, body = prepared.method, prepared.url, prepared.headers, prepared.body
 
         def send(timeout: float | None) -> Awaitable[Response]:
             return transport.send(Request(method, url, merged, body, timeout))
 
-        return await self._run(self._ticket(prepared.method, path, send, options, cost))
+        return await self._run(self._ticket(method, path, send, options, cost))
 
     def stream(
         self,
@@ -496,8 +495,13 @@ class Shaper:
         :mod:`asyncquota.streaming`.
         """
         options = given_options(options, priority, tenant, deadline, cost_tokens)
-        prepared, cost = self._prepare(method, path, json, headers, options)
-        return ShapedStream(self, prepared, path=path, options=replace(options, cost_tokens=cost))
+        method, url, merged, body, cost = self._prepare(method, path, json, headers, options)
+        return ShapedStream(
+            self,
+            Request(method, url, merged, body),
+            path=path,
+            options=replace(options, cost_tokens=cost),
+        )
 
     async def shape(
         self, send: Send, *, method: str, path: str, options: RequestOptions
@@ -698,8 +702,12 @@ class Shaper:
         payload: Any,
         headers: Mapping[str, str] | None,
         options: RequestOptions,
-    ) -> tuple[Request, int]:
-        """The request to send (under ``base_url``, with the Shaper's headers) and its cost."""
+    ) -> tuple[str, str, dict[str, str], bytes | None, int]:
+        """The request to send (under ``base_url``, with the Shaper's headers) and its cost.
+
+        Its method, URL, headers and body, not yet a :class:`Request`: each attempt makes
+        its own, with its timeout.
+        """
         method = check_method(method).upper()
         urls = self._urls
         url = urls.get(path)
@@ -722,7 +730,7 @@ class Shaper:
             cost = estimate_tokens(
                 len(body or b""), payload, default_output_tokens=self.default_output_tokens
             )
-        return Request(method, url, merged, body), cost
+        return method, url, merged, body, cost
 
     def _sender_ticket(
         self, send: Send, method: str, path: str, options: RequestOptions, *, hold: bool
