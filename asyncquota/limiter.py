@@ -296,7 +296,8 @@ class ConcurrencyLimiter:
                 self._succeeded += 1
             now = permit._loop.time()
             capacity = self._limit.on_sample(now, now - permit.acquired_at, inflight, dropped)
-            capacity = self._ramped(capacity)
+            if self._ramp is not None:  # a growth being spread (rare: no call otherwise)
+                capacity = self._ramped(capacity)
             if capacity != self._capacity:
                 self._resize(capacity)
         finally:
