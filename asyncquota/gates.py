@@ -839,7 +839,7 @@ class _BucketGate:
     @property
     def taken(self) -> float:
         """Every unit taken so far: the mark for ``sync`` (see ``TokenBucket.taken``)."""
-        return self._bucket.taken
+        return self._bucket._taken  # read for every request: no second property
 
     def mirror_ample(self) -> bool:
         """Whether the mirror of the upstream's bucket, if any, is at least half full."""
@@ -897,7 +897,7 @@ class _BucketGate:
             asyncio.get_running_loop().call_soon(self._wake)
 
     def _now(self) -> float:
-        return _loop_time(self._bucket.stamp)
+        return _loop_time(self._bucket._stamp)  # on every settle: no property
 
     def _try_take(self, amount: float) -> bool:
         return self._take_if_free(_check_amount("amount", amount), self._now())
