@@ -799,9 +799,10 @@ class Shaper:
                 if isinstance(result, Response):
                     result.attempts = ticket.attempt
                     reporter.ok += 1
-                    reporter.completed(
-                        ticket, RequestOutcome.OK, "ok", result.status, loop.time()
-                    )
+                    if reporter.tracing():  # a success's Completed is a frequent event
+                        reporter.completed(
+                            ticket, RequestOutcome.OK, "ok", result.status, loop.time()
+                        )
                     return result
                 if result.probe and result.retryable:
                     continue  # back in line: the cooldown holds it until it opens
