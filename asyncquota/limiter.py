@@ -301,7 +301,8 @@ class ConcurrencyLimiter:
             if capacity != self._capacity:
                 self._resize(capacity)
         finally:
-            self._wake()
+            if self._waiters:  # else nobody to wake and nothing to sweep
+                self._wake()
 
     def __repr__(self) -> str:
         return (
