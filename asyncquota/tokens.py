@@ -82,7 +82,9 @@ def output_allowance(payload: Any, *, default_output_tokens: int) -> int:
     if type(payload) is dict or isinstance(payload, Mapping):  # a dict: the fast test
         for key in _OUTPUT_KEYS:
             value = payload.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            if (
+                type(value) is int or (isinstance(value, int) and not isinstance(value, bool))
+            ) and value >= 0:
                 return value
     return default_output_tokens
 
