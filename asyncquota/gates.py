@@ -1345,23 +1345,25 @@ class CooldownGate:
         self._probe_out = False
         self._extend(t, now)
 
-    def hold(self, t: float, *, probe_at: float | None) -> None:
+    def hold(self, t: float, *, probe_at: float | None, lead: float = 0.0) -> None:
         """Close the gate until ``t`` at most; from ``probe_at`` one probe may pass.
 
         Extends the closure like ``close_until`` (never earlier), and sets when the next
         probe may pass (a probe out is then forgotten: its answer is not awaited).
         ``probe_at=None`` only extends, leaving the probing as it is (a closure honoured
-        in full stays so).
+        in full stays so). ``lead`` as for ``close_until``, should the closure end
+        without a probe's success.
 
         Raises:
-            ValueError: ``t`` or ``probe_at`` is not finite.
+            ValueError: ``t`` or ``probe_at`` is not finite, or ``lead`` negative or not
+                finite.
         """
         t = _check_time(t)
         now = _loop_time(-math.inf)
         self._extend(t, now)
         if probe_at is None or self.is_open(now):
             return
-        self._lead = 0.0
+        self._lead = _check_amount("lead", lead)
         self._probe_at = min(_check_time(probe_at), self._until)
         self._probe_out = False
         self._poke()

@@ -225,6 +225,44 @@ async def test_with_no_reply_for_a_step_the_sends_clock_the_pace():
     assert answered.pace == silent.pace
 
 
+async def test_after_a_window_of_milliseconds_the_first_send_goes_alone():
+    # "Retry after 4 ms": no probe could go before it ends. At its end the bucket holds
+    # about the one unit it waited for, and a send right behind the first is refused (on
+    # an upstream that punishes sends inside a window, buys a second: the real-time row
+    # 14 lost 2 s to the second of two sends 0.2 ms apart). The first goes alone, the
+    # rest a refusal's time (here 10 ms, three times over) behind it.
+    loop = asyncio.get_running_loop()
+    cooldown = CooldownGate(ramp=0.0)
+    fb = Feedback(
+        cooldown=cooldown,
+        rate=RateGate(per_minute=1e12),
+        tokens=TokenGate(per_minute=1e12),
+        rpm=1e12,
+        wall_clock=frozen_wall_clock,
+    )
+    t0 = loop.time()
+    fb.congested(t0, t0 - 0.08, 0.004, 0)  # refused after 80 ms, smoothed: 10 ms
+    assert not cooldown.is_open(t0)
+    assert await cooldown.wait(spread=10) == 0  # no probe: the window is waited out
+    first = loop.time()
+    assert first == pytest.approx(t0 + 0.004)
+    await cooldown.wait(spread=10)
+    assert loop.time() == pytest.approx(first + 3 * 0.01)
+    # A longer window is probed PROBE_FIRST after its refusal, as before.
+    cooldown = CooldownGate(ramp=0.0)
+    fb = Feedback(
+        cooldown=cooldown,
+        rate=RateGate(per_minute=1e12),
+        tokens=TokenGate(per_minute=1e12),
+        rpm=1e12,
+        wall_clock=frozen_wall_clock,
+    )
+    t0 = loop.time()
+    fb.congested(t0, t0, 1.0, 0)
+    assert await cooldown.wait(spread=10) == cooldown.generation  # a probe
+    assert loop.time() == pytest.approx(t0 + 0.01)
+
+
 def test_a_pace_that_never_binds_is_lifted():
     pace = Pace()
     t = cut_from_100(pace)
