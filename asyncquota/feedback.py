@@ -174,6 +174,7 @@ _REMAINING_HEADERS = {
 
 _MAX_COUNT_DIGITS = 15
 
+
 class Marks(Protocol):
     """Where the gates stood when a request was granted (a ticket): ``taken`` and the
     mirrors' levels (None: no mirror), the request's own units left out of ``taken`` and
@@ -665,11 +666,12 @@ class Feedback:
         """Let the gates pace by what the upstream says is left (``x-ratelimit-*``).
 
         ``marks`` are the gates' ``taken`` when the request went out (at ``sent_at``,
-        its own units left out), and their mirrors' levels then: the mirrors are re-anchored at
-        ``remaining`` less what went out since, plus what the mirror's rate refilled
-        meanwhile, and no higher than ``remaining`` (``TokenBucket.sync``). The reading was
-        taken somewhere between the send and the reply, and that bound holds either way:
-        a reply 20 s long (a streamed answer) still puts right a mirror that was wrong.
+        its own units left out), and their mirrors' levels then (see ``Marks``): the
+        mirrors are re-anchored at ``remaining`` less what went out since, plus what the
+        mirror's rate refilled meanwhile, and no higher than ``remaining``
+        (``TokenBucket.sync``). The reading was taken somewhere between the send and the
+        reply, and that bound holds either way: a reply 20 s long (a streamed answer)
+        still puts right a mirror that was wrong.
         """
         snapshot = _parse_quota(headers, now=self.reply_time(headers))
         if snapshot.is_empty:
