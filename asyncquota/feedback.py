@@ -72,7 +72,6 @@ on its last millisecond costs a whole extension."""
 
 PUNISHED_MARGIN_MIN = 0.005
 
-
 PUNISHED_RESERVE = 0.1
 """On an upstream that punishes early sends, the seconds of its refill our mirrors keep
 unspent (at most half the bucket). A send that finds the bucket empty costs everyone a

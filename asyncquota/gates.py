@@ -1359,11 +1359,12 @@ class CooldownGate:
                 finite.
         """
         t = _check_time(t)
+        lead = _check_amount("lead", lead)
         now = _loop_time(-math.inf)
         self._extend(t, now)
         if probe_at is None or self.is_open(now):
             return
-        self._lead = _check_amount("lead", lead)
+        self._lead = lead
         self._probe_at = min(_check_time(probe_at), self._until)
         self._probe_out = False
         self._poke()
