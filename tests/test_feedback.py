@@ -42,6 +42,17 @@ def sent(pace: Pace, n: int, start: float, per_second: float) -> float:
     return t
 
 
+def unbounded_feedback(cooldown: CooldownGate) -> Feedback:
+    """Feedback over gates that never bind: only the cooldown and the pace act."""
+    return Feedback(
+        cooldown=cooldown,
+        rate=RateGate(per_minute=1e12),
+        tokens=TokenGate(per_minute=1e12),
+        rpm=1e12,
+        wall_clock=frozen_wall_clock,
+    )
+
+
 def cut_from_100(pace: Pace) -> float:
     """100 sends a second for a second, then a wall of refusals: the pace is cut. The time
     after the last send."""
@@ -188,15 +199,6 @@ async def test_with_no_reply_for_a_step_the_sends_clock_the_pace():
     # comes back for five seconds to clock its growth, and it sat under the quota (the
     # matrix's row 15, virtual: 0.86 of it in the first 10 s). The sends clock it then;
     # while successes come back, they do, as before.
-    def feedback() -> Feedback:
-        return Feedback(
-            cooldown=CooldownGate(),
-            rate=RateGate(per_minute=1e12),
-            tokens=TokenGate(per_minute=1e12),
-            rpm=1e12,
-            wall_clock=frozen_wall_clock,
-        )
-
     def cut(fb: Feedback, t: float) -> float:
         for _ in range(100):  # 100 a second for a second, then a wall of refusals
             fb.sent(t, 0)
@@ -207,7 +209,7 @@ async def test_with_no_reply_for_a_step_the_sends_clock_the_pace():
         return t
 
     t0 = asyncio.get_running_loop().time()
-    silent, answered = feedback(), feedback()
+    silent, answered = unbounded_feedback(CooldownGate()), unbounded_feedback(CooldownGate())
     t = cut(silent, t0)
     cut(answered, t0)
     paced = silent.pace
@@ -233,13 +235,7 @@ async def test_after_a_window_of_milliseconds_the_first_send_goes_alone():
     # rest a refusal's time (here 10 ms, three times over) behind it.
     loop = asyncio.get_running_loop()
     cooldown = CooldownGate(ramp=0.0)
-    fb = Feedback(
-        cooldown=cooldown,
-        rate=RateGate(per_minute=1e12),
-        tokens=TokenGate(per_minute=1e12),
-        rpm=1e12,
-        wall_clock=frozen_wall_clock,
-    )
+    fb = unbounded_feedback(cooldown)
     t0 = loop.time()
     fb.congested(t0, t0 - 0.08, 0.004, 0)  # refused after 80 ms, smoothed: 10 ms
     assert not cooldown.is_open(t0)
@@ -250,13 +246,7 @@ async def test_after_a_window_of_milliseconds_the_first_send_goes_alone():
     assert loop.time() == pytest.approx(first + 3 * 0.01)
     # A longer window is probed PROBE_FIRST after its refusal, as before.
     cooldown = CooldownGate(ramp=0.0)
-    fb = Feedback(
-        cooldown=cooldown,
-        rate=RateGate(per_minute=1e12),
-        tokens=TokenGate(per_minute=1e12),
-        rpm=1e12,
-        wall_clock=frozen_wall_clock,
-    )
+    fb = unbounded_feedback(cooldown)
     t0 = loop.time()
     fb.congested(t0, t0, 1.0, 0)
     assert await cooldown.wait(spread=10) == cooldown.generation  # a probe
