@@ -33,6 +33,21 @@ def close_the_loop_looptime_opens_for_a_sync_test(request: pytest.FixtureRequest
         policy.set_event_loop(None)
 
 
+@pytest.fixture
+def refusing_port():
+    """A loopback port that refuses every connection for the whole test.
+
+    The socket stays bound (never listening) until the test ends. A port bound and closed at
+    once is free again: the kernel may then hand it to a client as its own source port, and a
+    connect to it reaches itself (TCP's simultaneous open) and "succeeds".
+    """
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
 @pytest.fixture(scope="session")
 def redis_server():
     """A ``redis-server`` on a free loopback port for the whole run (nothing persisted).

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
-import socket
 import subprocess
 import sys
 import time
@@ -363,10 +362,8 @@ async def test_redis_killed_mid_use_the_shaper_serves_its_share_then_falls_back_
     assert "answers again" in caplog.text
 
 
-async def test_a_fleet_whose_redis_is_down_from_the_start_runs_on_its_own():
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+async def test_a_fleet_whose_redis_is_down_from_the_start_runs_on_its_own(refusing_port: int):
+    port = refusing_port  # bound, never listening: every connect is refused
     async with RedisFleet(f"redis://127.0.0.1:{port}/0", name="alone", timeout=0.05) as fleet:
         _attach(fleet, rpm=600, tpm=None)
         assert fleet.statistics().degraded
@@ -489,10 +486,10 @@ def test_the_core_imports_without_redis_and_the_fleet_says_what_to_install():
     assert "pip install 'asyncquota[redis]'" in result.stdout
 
 
-async def test_a_fleet_down_from_the_start_takes_its_expected_share_not_the_whole_quota():
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+async def test_a_fleet_down_from_the_start_takes_its_expected_share_not_the_whole_quota(
+    refusing_port: int,
+):
+    port = refusing_port  # bound, never listening: every connect is refused
     url = f"redis://127.0.0.1:{port}/0"
     async with RedisFleet(url, name="four", timeout=0.05, processes=4) as fleet:
         _attach(fleet, rpm=6000, tpm=None)  # 100 a second for the fleet

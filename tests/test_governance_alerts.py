@@ -10,7 +10,6 @@ import hmac
 import logging
 import random
 import re
-import socket
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -870,10 +869,8 @@ async def test_a_wecom_or_dingtalk_refusal_inside_a_200_is_a_failure():
 
 
 @real_time
-async def test_an_unreachable_webhook_raises_a_transport_error_without_the_key():
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+async def test_an_unreachable_webhook_raises_a_transport_error_without_the_key(refusing_port: int):
+    port = refusing_port  # bound, never listening: every connect is refused
     url = f"http://user:{SECRET}@127.0.0.1:{port}/hook/{SECRET}?access_token={SECRET}"
     sink = WebhookSink(url, format="dingtalk")
     try:
@@ -1531,10 +1528,10 @@ async def test_a_robots_success_reply_counts_sent(format: str, reply: object):
 
 
 @real_time
-async def test_an_unreachable_signed_robot_fails_without_its_secret_or_signed_url():
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+async def test_an_unreachable_signed_robot_fails_without_its_secret_or_signed_url(
+    refusing_port: int,
+):
+    port = refusing_port  # bound, never listening: every connect is refused
     sink = WebhookSink(
         f"http://127.0.0.1:{port}/robot/send?access_token={SECRET}",
         format="dingtalk",

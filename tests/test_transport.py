@@ -762,10 +762,8 @@ def test_an_sse_parser_with_a_cap_refuses_a_line_or_an_event_that_never_ends():
 
 
 @real_time
-async def test_aiohttp_a_failure_never_shows_a_password_or_a_query_key():
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+async def test_aiohttp_a_failure_never_shows_a_password_or_a_query_key(refusing_port: int):
+    port = refusing_port  # bound, never listening: every connect is refused
     transport = AiohttpTransport()
     url = f"http://me:hunter22@127.0.0.1:{port}/v1/x?key=AIza-SECRET&alt=sse"
     for call in (transport.send, transport.open_stream):
