@@ -361,12 +361,14 @@ class Feedback:
         "_last_date",
         "_last_reading",
         "_max_cooldown",
+        "_mirror_probe",
         "_pace",
         "_rate",
         "_refusal_time",
         "_reopened_at",
         "_rpm",
         "_rpm_burst",
+        "_sends",
         "_stated_end",
         "_succeeded_at",
         "_tokens",
@@ -409,6 +411,8 @@ class Feedback:
         self._glances: tuple[tuple[str, float], ...] = ()
         self._full_read_due = -math.inf
         self._last_date: tuple[str, float] = ("", 0.0)
+        self._sends = 0  # every send, to measure what went between two looks at the mirror
+        self._mirror_probe = (-math.inf, 0)  # the last look at the mirror, and sends then
         self.fleet: Fleet | None = None
         """The fleet this Shaper shares its quota with: told of closures and readings."""
 
@@ -437,10 +441,19 @@ class Feedback:
         in: the gate reopens then, without waiting for its reply (which may take as long
         as the model writes).
         """
-        self._pace.sent(now)
+        pace = self._pace
+        pace.sent(now)
         # No reply for a step (they take seconds): the door's silence clocks the pace.
-        if now - self._succeeded_at > PACE_STEP and self._pace.step(now, confirmed=False):
+        if now - self._succeeded_at > PACE_STEP and pace.step(now, confirmed=False):
             self._apply_pace()
+        self._sends += 1
+        due, sends = self._mirror_probe
+        if now >= due + PACE_STEP:
+            # And a mirror no reading has verified for a while (see ``TokenBucket.probe``),
+            # judged by what we sent since the last look.
+            self._mirror_probe = (now, self._sends)
+            if not self.punishes and not pace.recent_refused(now):
+                self._rate.probe((self._sends - sends) / (now - due))
         if probe:
             wait = max(PROBE_SILENCE_MIN, PROBE_SILENCE * self._refusal_time)
             asyncio.get_running_loop().call_at(
@@ -509,6 +522,8 @@ class Feedback:
             and self.refusal(retry_after) != "crowd"
             and (not rtt or now - sent_at < AT_THE_DOOR * rtt)
         )
+        if at_the_door:
+            self._rate.probe_refuted()
         if not own_probe and at_the_door and self._pace.congested(now, sent_at):
             self._apply_pace()
         if retry_after is None:

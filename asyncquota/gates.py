@@ -14,7 +14,10 @@ rate-limit headers (``sync``): its size (``limit``), its refill rate (about
 ``(limit - remaining) / reset``) and a level that every grant debits at once and each
 sync only lowers. A send must fit our bucket and the mirror, so the upstream is kept
 full at its own pace, even when no quota of ours is configured, and a grant the
-upstream has not seen yet is never counted twice as available.
+upstream has not seen yet is never counted twice as available. A mirror's rate that no
+reading has checked for a while, and that holds our sends back while the upstream
+refuses none, is probed upwards (``TokenBucket.probe``) until a reading or a refusal
+says where it stands.
 
 Normally only one task (the dispatcher) waits on a gate, but every gate stays correct and
 cancellation-safe with many: waiters are futures served first come, first served, woken by
@@ -83,6 +86,19 @@ _RATE_RAISE = 1.25
 """How much a learnt rate grows (at most once per ``_MEASURE_SPAN``) when a slow reply
 shows the upstream's bucket full (but for our own request) although we sent at least that
 rate meanwhile: the rate was learnt too low (see ``TokenBucket.sync``)."""
+
+_PROBE_QUIET = 0.5
+"""Seconds without a reading after which a mirror's rate is unverified: sends at its rate
+with no refusal at the door may raise it (see ``TokenBucket.probe``)."""
+
+_PROBE_RAISE = 1.1
+"""How much one probe raises an unverified mirror's rate."""
+
+_PROBE_REACH = 2.0
+"""How far probes may raise a rate in all: a reset rounded up to the second halves it."""
+
+_PROBE_BINDING = 0.9
+"""A mirror binds when we sent at least this share of its rate since the last probe."""
 
 _MIRROR_TRUST = 60.0
 """Seconds a reading of the upstream's headers may hold sends back: "nothing left, full
@@ -165,6 +181,8 @@ class TokenBucket:
         "_mirror_until",
         "_pending",
         "_pending_fresh",
+        "_probe_base",
+        "_probe_prev",
         "_raised_at",
         "_rate",
         "_rate_cap",
@@ -197,6 +215,11 @@ class TokenBucket:
         self._learnt_limit = math.nan
         self._recent_best = 0.0  # the best half-empty reading since _learnt_at
         self._raised_at = -math.inf  # when a slow reply last raised the learnt rate
+        # The rate before the last probe raised it (0: none since a fast reading; -1: a
+        # refusal refuted a probe, none until the next fast reading), and the rate probing
+        # started from (0: none since a fast reading). See ``probe``.
+        self._probe_prev = 0.0
+        self._probe_base = 0.0
         # The refill measured between readings bounds the rate (see ``_measure``).
         self._rate_cap = math.inf
         self._reading: tuple[float, float, float, float] | None = None
@@ -297,6 +320,66 @@ class TokenBucket:
             return False
         self._settle(now)
         self._learnt_rate = self._mirror_rate = rate
+        self._learnt_at = now
+        self._recent_best = 0.0
+        return True
+
+    def probe(self, sending: float, now: float) -> bool:
+        """Raise an unverified mirror's rate: we sent at it and the upstream refused none.
+
+        Replies that take seconds (streamed answers) bring no reading for seconds, and a
+        rate learnt from the night's first readings is a lower bound, half the true one
+        when resets are rounded up to the second: the mirror then holds the pace at half
+        the quota until the first long replies return (matrix rows 5 and 9: 0.88 of
+        the quota in the first 10 s). With no reading for ``_PROBE_QUIET`` s, ``sending``
+        (units a second since the caller last asked) at least ``_PROBE_BINDING`` of the
+        mirror's rate and no refusal at the door (the caller's to check), the door's
+        silence is the evidence: the rate grows by ``_PROBE_RAISE``, within the refill
+        bound measured and ``_PROBE_REACH`` times where probing began. The next fast
+        reading, or a refusal (``probe_refuted``), corrects it. Only a bucket mirror is
+        probed: a fixed window states its own end.
+
+        Returns:
+            Whether the mirror's rate was raised.
+        """
+        rate = self._mirror_rate
+        if (
+            self._mirror_burst is None
+            or self._mirror_until != math.inf
+            or rate <= 0
+            or now - self._synced_at < _PROBE_QUIET
+            or self._probe_prev < 0
+            or sending < _PROBE_BINDING * rate
+        ):
+            return False
+        if not self._probe_base:
+            self._probe_base = rate
+        raised = min(rate * _PROBE_RAISE, self._rate_cap, self._probe_base * _PROBE_REACH)
+        if raised <= rate:
+            return False
+        self._settle(now)
+        self._probe_prev = rate
+        self._learnt_rate = self._mirror_rate = raised
+        self._learnt_at = now
+        self._recent_best = 0.0
+        return True
+
+    def probe_refuted(self, now: float) -> bool:
+        """A refusal at the door after a probe: back to the rate before it, and no more
+        probes until a fast reading shows room (a reading that shows the bucket empty
+        refutes a probe too, see ``sync``).
+
+        Returns:
+            Whether the mirror's rate was lowered.
+        """
+        previous = self._probe_prev
+        if previous <= 0 or self._mirror_burst is None:
+            return False
+        self._settle(now)
+        self._probe_prev = -1.0
+        if self._mirror_rate <= previous:
+            return False
+        self._learnt_rate = self._mirror_rate = previous
         self._learnt_at = now
         self._recent_best = 0.0
         return True
@@ -479,6 +562,14 @@ class TokenBucket:
         remaining = float(remaining)
         self._settle(now)
         self._synced_at = now
+        if sent_age <= _MEASURE_AGE:
+            # A fast reading: what a probe raised stands or falls by it now (a slow one,
+            # a streamed reply's, may have been taken before the probe). Empty, it falls
+            # (a 429's headers are read before its refusal is); with room, it stands.
+            if remaining < 1:
+                self.probe_refuted(now)
+            else:
+                self._probe_prev = self._probe_base = 0.0
         if limit != self._top_limit:
             old, self._top_limit = self._top_limit, limit
             # The bucket seen under the old quota, scaled as the limit was (the rate's
@@ -856,6 +947,15 @@ class _BucketGate:
         """The upstream refilled at least ``rate`` units a second; see ``TokenBucket.at_least``."""
         if self._bucket.at_least(rate, self._now()):
             self._wake()
+
+    def probe(self, sending: float) -> None:
+        """Raise an unverified mirror's rate; see ``TokenBucket.probe``."""
+        if self._bucket.probe(sending, self._now()):
+            self._wake()
+
+    def probe_refuted(self) -> None:
+        """A refusal at the door refutes the last probe; see ``TokenBucket.probe_refuted``."""
+        self._bucket.probe_refuted(self._now())
 
     def hold_back(self, seconds: float) -> None:
         """Keep ``seconds`` of the upstream's refill unspent; see ``TokenBucket.hold_back``.

@@ -529,6 +529,26 @@ async def test_resets_rounded_to_the_second_over_long_replies_do_not_halve_the_f
     assert sum(admitted) >= 0.85 * (100 + 100 * 10), admitted
 
 
+async def test_a_rate_learnt_at_half_is_probed_up_before_the_first_long_reply_returns():
+    # OpenAI's resets rounded up to the second: the first refusals' "full again in 1 s"
+    # teach a rate under the true 100 a second, and no reply says otherwise for 5 s. With
+    # no reading for half a second and no refusal at the door while we send at the
+    # mirror's rate, its rate is raised a tenth a step (up to twice where it began).
+    upstream = upstream_of(
+        headers_style="openai",
+        reset_resolution="s",
+        retry_after_style="seconds",
+        reply_seconds=(5.0, 30.0),
+        max_concurrency=3000,
+    )
+    stats = await long_replies(upstream, seconds=12)
+    totals = stats["totals"]
+    assert totals["429"] <= 0.02 * totals["requests"]
+    # Without the probe: 73, 73, 86 in seconds 3-5, held by the mirror.
+    admitted = [second["admitted_ok"] for second in stats["timeline"][:12]]
+    assert sum(admitted[3:6]) >= 0.9 * 100 * 3, admitted
+
+
 @pytest.mark.parametrize("headers", ["openai", "none"])
 async def test_capacity_that_halves_and_returns_is_followed_within_three_seconds(headers):
     upstream = upstream_of(

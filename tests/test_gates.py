@@ -380,6 +380,68 @@ def test_under_a_new_limit_a_first_reading_is_no_top_the_old_one_scaled_is():
     assert slow_reading(199, 8.5) == pytest.approx(1.25 * 94.0)
 
 
+def learnt_at_half() -> TokenBucket:
+    """A mirror that learnt 49 a second off one refusal's reading: half empty, "full in
+    1 s" (a reset rounded up to the second, over a bucket refilling at 100)."""
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=50, reset_after=1.0, limit=100, now=0.0, sent_mark=bucket.taken)
+    assert bucket.mirror(0.0).rate == pytest.approx(49.0)
+    return bucket
+
+
+def test_a_mirror_no_reading_verifies_is_probed_while_we_send_at_its_rate():
+    # Replies that take seconds bring no reading: the door's silence is the evidence.
+    bucket = learnt_at_half()
+    assert not bucket.probe(49.0, 0.4)  # a reading less than half a second old
+    assert not bucket.probe(40.0, 0.6)  # we sent under its rate: it held nothing back
+    assert bucket.probe(49.0, 0.6)
+    assert bucket.mirror(0.6).rate == pytest.approx(49.0 * 1.1)
+    rates = []
+    for step in range(2, 12):
+        bucket.probe(bucket.mirror(0.0).rate, 0.6 + 0.5 * step)
+        rates.append(bucket.mirror(0.0).rate)
+    # Never beyond twice where probing began: a rounded reset halves a rate, no more.
+    assert rates[-1] == pytest.approx(98.0)
+    assert rates == sorted(rates)
+
+
+def test_a_refusal_after_a_probe_takes_it_back_until_a_fast_reading():
+    bucket = learnt_at_half()
+    assert bucket.probe(49.0, 0.6)
+    assert bucket.probe(53.9, 1.1)
+    assert bucket.probe_refuted(1.2)
+    assert bucket.mirror(1.2).rate == pytest.approx(53.9)  # the last rate that was silent
+    assert not bucket.probe_refuted(1.3)
+    assert not bucket.probe(60.0, 2.0)  # no more probing on the door's word alone
+    # A slow reading (a streamed reply's headers, maybe from before the probe) is none.
+    bucket.sync(
+        remaining=80, reset_after=1.0, limit=100, now=3.0, sent_mark=bucket.taken, sent_age=5.0
+    )
+    assert not bucket.probe(60.0, 3.6)
+    bucket.sync(remaining=80, reset_after=1.0, limit=100, now=4.0, sent_mark=bucket.taken)
+    assert bucket.probe(60.0, 4.6)
+    assert bucket.mirror(4.6).rate == pytest.approx(53.9 * 1.1)
+    # A fast reading that shows the bucket empty (a 429's) refutes it as a refusal would.
+    bucket.sync(remaining=0, reset_after=2.0, limit=100, now=4.7, sent_mark=bucket.taken)
+    assert bucket.mirror(4.7).rate == pytest.approx(53.9)
+    assert not bucket.probe(60.0, 5.3)
+
+
+def test_a_fixed_window_or_a_measured_bound_is_not_probed_past():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=5, reset_after=3.0, limit=None, now=0.0)  # a fixed window
+    assert not bucket.probe(100.0, 1.0)
+    # Two fast readings half a second apart measured a refill of 20 a second: the rate
+    # is bounded at twice that, and the door's silence does not outweigh a measurement.
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=10, reset_after=1.0, limit=100, now=0.0, sent_mark=bucket.taken)
+    bucket.take(10, 0.25)
+    bucket.sync(remaining=10, reset_after=1.0, limit=100, now=0.5, sent_mark=bucket.taken)
+    assert bucket.mirror(0.5).rate == pytest.approx(40.0)
+    assert not bucket.probe(40.0, 1.1)
+    assert bucket.mirror(1.1).rate == pytest.approx(40.0)
+
+
 def slow_reply_with_a_doubled_quota(bucket: TokenBucket) -> None:
     bucket.sync(
         remaining=150,
