@@ -149,7 +149,7 @@ class Attempts:
                 )
             if not feedback.ample(reply.headers, now):
                 feedback.observe(reply.headers, now, sent_at, ticket)
-            feedback.succeeded(now, probe)
+            feedback.succeeded(now, probe, sent_at)
             if reporter.tracing():
                 self._replied(ticket, reply.status, now, sent_at, reservation.estimate, used)
             return reply

@@ -227,6 +227,43 @@ async def test_with_no_reply_for_a_step_the_sends_clock_the_pace():
     assert answered.pace == silent.pace
 
 
+async def test_only_a_reply_to_the_current_pace_speeds_its_growth_where_no_mirror_holds():
+    # Without rate-limit headers nothing else keeps the sends within the upstream's bucket,
+    # and a streamed answer 10 s long vouches for the pace of 10 s ago. Taken as word for
+    # the current one, it sped the pace's growth to a quarter a step: twice the quota in
+    # 2 s while the upstream's bucket hid the overshoot (the matrix's row 18, virtual: 2.0
+    # to 2.6 % of 429s). Fast replies still speed it up; so do long ones where a mirror of
+    # the upstream's bucket (its headers) keeps the sends within it.
+    t0 = asyncio.get_running_loop().time()
+
+    def growth(reply_seconds: float, *, headers: bool) -> list[float]:
+        fb = unbounded_feedback(CooldownGate())
+        if headers:
+            fb._rate.sync(remaining=1e6, reset_after=1.0, limit=2e6)
+        t = t0
+        for _ in range(100):  # 100 a second for a second, then a wall of refusals
+            fb.sent(t, 0)
+            t += 0.01
+        for _ in range(20):
+            fb.congested(t, t - 0.01, None, 0)
+        rates = [fb.pace]
+        for _ in range(10):  # a step of sends at the pace, then a success
+            rate = rates[-1]
+            assert rate is not None
+            for _ in range(math.ceil(rate / 2)):
+                fb.sent(t, 0)
+                t += 1 / rate
+            fb.succeeded(t, 0, t - reply_seconds)
+            rates.append(fb.pace)
+        return [b / a for a, b in itertools.pairwise(rates) if a >= 90]  # type: ignore[operator]
+
+    slow = growth(10.0, headers=False)
+    assert len(slow) >= 4
+    assert slow == pytest.approx([1 + PACE_FIRST_GROWTH] * len(slow))
+    for fast in (growth(0.3, headers=False), growth(10.0, headers=True)):
+        assert fast[:3] == pytest.approx([1 + PACE_FIRST_GROWTH * 2**k for k in range(3)])
+
+
 async def test_after_a_window_of_milliseconds_the_first_send_goes_alone():
     # "Retry after 4 ms": no probe could go before it ends. At its end the bucket holds
     # about the one unit it waited for, and a send right behind the first is refused (on
