@@ -445,6 +445,10 @@ class TokenBucket:
     def _debit(self, amount: float, now: float) -> None:
         """``take`` for an amount known to be valid."""
         self._settle(now)
+        self._remove(amount, now)
+
+    def _remove(self, amount: float, now: float) -> None:
+        """``_debit`` for a bucket settled at ``now`` already (as ``_wait_for`` leaves it)."""
         self._level -= amount
         self._taken += amount
         if self._mirror_burst is not None:
@@ -764,7 +768,10 @@ class TokenBucket:
 
     def _settle(self, now: float) -> None:
         """Advance to ``now`` and fold in the last reported remaining (see ``sync``)."""
-        self._advance(now)
+        # Settled several times a request at one ``now``: when time has not moved and no
+        # mirror lapses, ``_advance`` would change nothing.
+        if now > self._stamp or now >= self._mirror_until:
+            self._advance(now)
         if self._pending is not None:
             if self._mirror_burst is not None:
                 self._mirror_level = min(self._mirror_level, self._pending)
@@ -1006,7 +1013,7 @@ class _BucketGate:
         # FIFO: a newcomer may not pass tasks already waiting, even if it would fit.
         if self._waiters or self._bucket._wait_for(amount, now) > 0:
             return False
-        self._bucket._debit(amount, now)
+        self._bucket._remove(amount, now)  # settled at ``now`` by ``_wait_for``
         return True
 
     async def _take(self, amount: float) -> None:
@@ -1507,6 +1514,10 @@ class CooldownGate:
 
     def settled(self, now: float) -> bool:
         """Open, and past the ramp that follows a reopening: nothing to spread any more."""
+        # Asked for every request: past the longest ramp and lead, no need to work out
+        # the one that applies (``_settling`` is at most their maximum).
+        if now + _TIMER_SLACK >= self._until + max(self._ramp, self._lead):
+            return True
         return now + _TIMER_SLACK >= self._until + self._settling()
 
     def _settling(self) -> float:
