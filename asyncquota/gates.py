@@ -430,8 +430,14 @@ class TokenBucket:
                 enough = amount - self._mirror_level <= _EPSILON * max(1.0, amount)
                 mirror = 0.0 if enough else self._mirror_until - now
             # A reading holds sends back for _MIRROR_TRUST at most: evidence goes stale.
-            mirror = min(mirror, max(0.0, self._synced_at + _MIRROR_TRUST - now))
-            wait = max(wait, mirror)
+            # (Comparisons, not min() and max(), on this path of every request: the same
+            # values as ``wait = max(wait, min(mirror, max(0.0, trusted)))``.)
+            trusted = self._synced_at + _MIRROR_TRUST - now
+            trusted = trusted if trusted > 0.0 else 0.0
+            if trusted < mirror:
+                mirror = trusted
+            if mirror > wait:
+                wait = mirror
         return wait
 
     def take(self, amount: float, now: float) -> None:
@@ -809,9 +815,11 @@ class TokenBucket:
 
 def _shortfall(amount: float, level: float, burst: float, rate: float) -> float:
     """Seconds until a bucket refilling at ``rate`` holds ``min(amount, burst)`` (inf: never)."""
-    need = min(amount, burst)
+    # Asked four times a request: comparisons, not min() and max(), whose calls cost
+    # more than the answer (same values: ``min(amount, burst)``, ``max(1.0, need)``).
+    need = burst if burst < amount else amount
     short = need - level
-    if short <= _EPSILON * max(1.0, need):
+    if short <= _EPSILON * (need if need > 1.0 else 1.0):
         return 0.0
     return short / rate if rate > 0 else math.inf
 
