@@ -727,16 +727,23 @@ class AiohttpTransport:
         timeout = aiohttp.ClientTimeout(total=request.timeout, sock_connect=self._connect_timeout)
         self._counters.begin()
         try:
-            async with session.request(
+            reply = await session.request(
                 request.method,
                 request.url,
                 headers=request.headers,
                 data=request.body,
                 timeout=timeout,
                 allow_redirects=False,
-            ) as reply:
+            )
+            try:
                 body = await self._read_capped(reply, request)
-                return Response(reply.status, reply.headers, body)
+            finally:
+                # What ``async with`` on the request would do on leaving (aiohttp's
+                # ``ClientResponse.__aexit__``), without the four coroutines of its two
+                # context managers: give the connection back, wait for the writer.
+                reply.release()
+                await reply.wait_for_close()
+            return Response(reply.status, reply.headers, body)
         except TransportError:
             self._counters.failures += 1
             raise
@@ -752,7 +759,10 @@ class AiohttpTransport:
         parts: list[bytes] = []
         size = 0
         if declared is None or declared <= cap:
-            async for chunk in reply.content.iter_any():
+            # ``iter_any`` without its iterator: ``readany`` gives b"" at the end, and an
+            # iterator's StopAsyncIteration costs more than the chunk it ends on.
+            content = reply.content
+            while chunk := await content.readany():
                 size += len(chunk)
                 if size > cap:
                     break
