@@ -477,9 +477,13 @@ class TokenBucket:
             self._settle(now)
         self._pending_fresh = False
         self._advance(now)
-        self._level = min(self._burst, self._level + amount)
-        if self._mirror_burst is not None:
-            self._mirror_level = min(self._mirror_burst, self._mirror_level + amount)
+        # Capped by comparisons, not min() (as in ``_advance``): once a request.
+        level = self._level + amount
+        self._level = level if level < self._burst else self._burst
+        mirror_burst = self._mirror_burst
+        if mirror_burst is not None:
+            level = self._mirror_level + amount
+            self._mirror_level = level if level < mirror_burst else mirror_burst
         else:
             self._ledger.append((now, -amount))
 
@@ -786,11 +790,15 @@ class TokenBucket:
     def _advance(self, now: float) -> None:
         if now > self._stamp:
             elapsed = now - self._stamp
-            self._level = min(self._burst, self._level + self._rate * elapsed)
-            if self._mirror_burst is not None:
-                self._mirror_level = min(
-                    self._mirror_burst, self._mirror_level + self._mirror_rate * elapsed
-                )
+            # Capped by comparisons, not min(): at every new ``now``, twice a request or
+            # more, and the builtin's call costs more than the arithmetic (same values:
+            # ``min(burst, level)`` is ``level`` only when it is below).
+            level = self._level + self._rate * elapsed
+            self._level = level if level < self._burst else self._burst
+            mirror_burst = self._mirror_burst
+            if mirror_burst is not None:
+                level = self._mirror_level + self._mirror_rate * elapsed
+                self._mirror_level = level if level < mirror_burst else mirror_burst
                 if self._pending is not None:
                     self._pending += self._mirror_rate * elapsed
             self._stamp = now
