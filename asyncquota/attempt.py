@@ -97,7 +97,9 @@ class Attempts:
         now = loop.time()
         timeout = self._timeout
         if ticket.deadline is not None:
-            timeout = min(timeout, ticket.deadline - now)
+            left = ticket.deadline - now
+            if left < timeout:  # min(), without the builtin's call: once a request
+                timeout = left
             if timeout <= 0 or timeout < admission.rtt:
                 permit.ignore()
                 reservation.cancel()
@@ -142,11 +144,11 @@ class Attempts:
                 used = usage_tokens(reply.body)
                 # One reply may not charge more than a request could plausibly use: a
                 # usage of 5e7 tokens would hold the token gate for minutes.
-                reservation.reconcile(
-                    reservation.estimate
-                    if used is None
-                    else min(used, USAGE_CEILING * reservation.estimate + 1024)
-                )
+                charged = reservation.estimate
+                if used is not None:
+                    ceiling = USAGE_CEILING * charged + 1024
+                    charged = ceiling if ceiling < used else used  # min(used, ceiling)
+                reservation.reconcile(charged)
             if not feedback.ample(reply.headers, now):
                 feedback.observe(reply.headers, now, sent_at, ticket)
             feedback.succeeded(now, probe, sent_at)

@@ -94,16 +94,16 @@ class Dispatcher:
         self._stall_check_at = -math.inf
         self._stall_returned = 0  # permits ended by the last stall check
 
-    def turn_now(self, ticket: Ticket) -> bool:
+    def turn_now(self, ticket: Ticket, loop: asyncio.AbstractEventLoop) -> bool:
         """Refuse ``ticket`` early, or take its turn at once; whether it holds a grant.
 
         A plain call, not a coroutine: with room to spare it is the whole turn (the fast
-        path). Else ``wait_in_line`` waits for it.
+        path). Else ``wait_in_line`` waits for it. ``loop``: the running loop (the
+        caller has it at hand).
 
         Raises:
             RejectedError, ThrottledError: refused (see ``Admission.refuse_early``).
         """
-        loop = asyncio.get_running_loop()
         now = loop.time()
         self._admission.refuse_early(ticket, now)
         if not self._take_turn_now(ticket, now):

@@ -784,16 +784,16 @@ class Shaper:
 
     async def _run(self, ticket: Ticket) -> Response:
         """Wait a turn, send, retry by the policy: until the request ends, exactly once."""
-        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None
         self._active.add(task)
         reporter = self._reporter
         self._retries.record_request(ticket.started)
-        loop = asyncio.get_running_loop()
         dispatcher = self._dispatcher
         try:
             while True:
-                if not dispatcher.turn_now(ticket):
+                if not dispatcher.turn_now(ticket, loop):
                     await dispatcher.wait_in_line(ticket)
                 result = await self._attempts.send(ticket)
                 if isinstance(result, Response):
