@@ -1448,7 +1448,8 @@ class CooldownGate:
         """Seconds until the gate opens (0 if open), at ``now``, default the loop's time."""
         if now is None:
             now = _loop_time(-math.inf)
-        return max(0.0, self._until - now)
+        left = self._until - now
+        return left if left > 0.0 else 0.0  # max(0.0, left): asked for every request
 
     def close_until(self, t: float, *, lead: float = 0.0) -> None:
         """Close the gate until loop time ``t``, honoured in full: no probe passes.
@@ -1532,7 +1533,8 @@ class CooldownGate:
         """Open, and past the ramp that follows a reopening: nothing to spread any more."""
         # Asked for every request: past the longest ramp and lead, no need to work out
         # the one that applies (``_settling`` is at most their maximum).
-        if now + _TIMER_SLACK >= self._until + max(self._ramp, self._lead):
+        ramp, lead = self._ramp, self._lead
+        if now + _TIMER_SLACK >= self._until + (lead if lead > ramp else ramp):
             return True
         return now + _TIMER_SLACK >= self._until + self._settling()
 
