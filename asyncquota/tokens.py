@@ -140,17 +140,17 @@ def usage_split(usage: Mapping[str, Any]) -> tuple[int, int] | None:
         return None
     for input_key, output_key in _USAGE_PAIRS:
         if input_key in usage or output_key in usage:
-            keys = [input_key]
-            if input_key == "input_tokens":  # Anthropic's cache reads and writes, if any
-                keys.extend(_ANTHROPIC_CACHE_KEYS)
-            read = 0
-            for key in keys:
-                count = _count(usage.get(key))
-                if count is None:
-                    return None
-                read += count
+            read = _count(usage.get(input_key))
             written = _count(usage.get(output_key))
-            if written is None or read + written > MAX_USAGE_TOKENS:
+            if read is None or written is None:
+                return None
+            if input_key == "input_tokens":  # Anthropic's cache reads and writes, if any
+                for key in _ANTHROPIC_CACHE_KEYS:
+                    count = _count(usage.get(key))
+                    if count is None:
+                        return None
+                    read += count
+            if read + written > MAX_USAGE_TOKENS:
                 return None
             return read, written
     return None
