@@ -51,6 +51,10 @@ tokens): more than any real request uses (the estimate counts 4 bytes a token an
 whole ``max_tokens``), little enough that garbage cannot freeze the token gate."""
 
 
+_SUCCESS = Outcome.SUCCESS
+"""Looked up once: an enum member read through its class costs as much as a call."""
+
+
 class Attempts:
     """Sends granted tickets once each and feeds each outcome back.
 
@@ -134,7 +138,7 @@ class Attempts:
         # The reservation is settled before the headers are read: they re-anchor the
         # mirrors at what the upstream counted, this request's own usage included.
         reporter = self._reporter
-        if verdict.kind is Outcome.SUCCESS:
+        if verdict.kind is _SUCCESS:
             admission.replied(now - sent_at)
             used: int | None = None
             if ticket.hold:
