@@ -770,16 +770,16 @@ class Shaper:
         if deadline is None:
             deadline = self._default_deadline
         now = loop.time()
-        return Ticket(
-            method=method,
-            path=path,
-            send=send,
-            priority=options.priority,
-            tenant=options.tenant,
-            deadline=None if deadline is None else now + deadline,
-            cost=cost,
-            now=now,
-            hold=hold,
+        return Ticket(  # positionally: once a request (see Ticket.__init__)
+            method,
+            path,
+            send,
+            options.priority,
+            options.tenant,
+            None if deadline is None else now + deadline,  # its deadline, in loop time
+            cost,
+            now,
+            hold,
         )
 
     async def _run(self, ticket: Ticket) -> Response:

@@ -52,7 +52,6 @@ class Ticket:
 
     def __init__(
         self,
-        *,
         method: str,
         path: str,
         send: Send,
@@ -63,6 +62,8 @@ class Ticket:
         now: float,
         hold: bool = False,
     ) -> None:
+        # Not keyword-only: the Shaper makes a ticket for every request, and a call that
+        # names its nine arguments costs more than all the rest of this method does.
         self.method = method
         self.path = path  # shown in errors, events and logs only (scrubbed by the maker)
         self.send = send
