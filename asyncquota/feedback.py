@@ -20,10 +20,14 @@ attempt to :class:`Feedback`, which turns it into three controls:
   and faster while nothing pushes back, so capacity that returns is found in seconds.
   Successes clock that growth; while none has come back for a step (replies that take
   seconds), the sends do, the door's silence vouching for the pace: back towards the
-  level last found too high, and past it by the first step only.
+  level last found too high, and past it by the first step only. Only a success sent
+  under the current pace (``PACE_CONFIRMS``), or one with a mirror keeping the sends
+  within the upstream's bucket, speeds the growth up.
 - **The mirrors** of the upstream's buckets (``TokenBucket.sync``): every read of the
   rate-limit headers re-anchors them at ``remaining`` less what was sent since the
-  request went out, up or down, so a wrong learnt rate or level costs one reply.
+  request went out, up or down, so a wrong learnt rate or level costs one reply. A
+  request mirror no reading has checked for a while is probed upwards while the door
+  stays silent (``TokenBucket.probe``).
 
 Pure parts take ``now``; nothing here waits (a probe's silence is timed by one
 ``call_at``).
