@@ -318,11 +318,15 @@ class TokenBucket:
         rate = min(rate, self._rate_cap)
         if rate <= self._learnt_rate:
             return False
+        self._relearn(rate, now)
+        return True
+
+    def _relearn(self, rate: float, now: float) -> None:
+        """The mirror's rate set to ``rate`` at ``now``, as if a reading had taught it."""
         self._settle(now)
         self._learnt_rate = self._mirror_rate = rate
         self._learnt_at = now
         self._recent_best = 0.0
-        return True
 
     def probe(self, sending: float, now: float) -> bool:
         """Raise an unverified mirror's rate: we sent at it and the upstream refused none.
@@ -357,11 +361,8 @@ class TokenBucket:
         raised = min(rate * _PROBE_RAISE, self._rate_cap, self._probe_base * _PROBE_REACH)
         if raised <= rate:
             return False
-        self._settle(now)
         self._probe_prev = rate
-        self._learnt_rate = self._mirror_rate = raised
-        self._learnt_at = now
-        self._recent_best = 0.0
+        self._relearn(raised, now)
         return True
 
     def probe_refuted(self, now: float) -> bool:
@@ -375,13 +376,10 @@ class TokenBucket:
         previous = self._probe_prev
         if previous <= 0 or self._mirror_burst is None:
             return False
-        self._settle(now)
         self._probe_prev = -1.0
         if self._mirror_rate <= previous:
             return False
-        self._learnt_rate = self._mirror_rate = previous
-        self._learnt_at = now
-        self._recent_best = 0.0
+        self._relearn(previous, now)
         return True
 
     def level(self, now: float) -> float:
