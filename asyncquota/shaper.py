@@ -46,6 +46,7 @@ from .errors import ClosedError, QuotaError
 from .feedback import Feedback
 from .gates import CooldownGate, RateGate, TokenGate
 from .hooks import Hook, LoggingHook, Reporter, Retried
+from .http1 import HttpTransport
 from .limiter import ConcurrencyLimiter
 from .limits import AIMD, Limit
 from .middleware import ShaperMiddleware
@@ -57,7 +58,7 @@ from .signals import QuotaSnapshot
 from .streaming import ShapedStream
 from .ticket import Lease, Send, Ticket
 from .tokens import estimate_tokens
-from .transport import AiohttpTransport, Request, Response, Transport
+from .transport import Request, Response, Transport
 from .urls import check_headers, check_method, join_path, redact_url
 
 __all__ = ["Shaper", "ShaperStatistics"]
@@ -194,7 +195,8 @@ class Shaper:
         timeout: the longest one attempt may take, in seconds.
         max_connections: the connection pool's bound (default transport only); also
             the most requests in flight.
-        transport: how attempts are sent (default: a pooled aiohttp transport).
+        transport: how attempts are sent (default: an :class:`~asyncquota.http1.HttpTransport`
+            of ``max_connections`` keep-alive connections).
         headers: headers added to every request (credentials go here; never logged).
         hooks: instrumentation hooks (default: one LoggingHook).
         cooldown_ramp: seconds over which waiters resume after a cooldown (jitter).
@@ -267,7 +269,7 @@ class Shaper:
         self._typed = any(k.lower() == "content-type" for k in self._headers)
         self._urls: dict[str, str] = {}  # path → its checked URL (see URL_CACHE)
         self._rng = random.Random(seed)
-        self._transport: Transport = transport or AiohttpTransport(max_connections=max_connections)
+        self._transport: Transport = transport or HttpTransport(max_connections=max_connections)
         self._rpm = rpm
         self._tpm = tpm
         # A transport with a bounded pool says how many it sends at once: more in flight

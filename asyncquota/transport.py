@@ -623,6 +623,30 @@ def _pool_counts(connector: aiohttp.BaseConnector | None) -> tuple[int, int]:
     return idle + in_use, in_use
 
 
+def check_pool_settings(
+    max_connections: int, connect_timeout: float, keepalive: float, max_body_bytes: int
+) -> None:
+    """Refuse, in a sentence, a connection pool's setting that cannot work.
+
+    Raises:
+        ValueError: a non-integer or non-positive limit, a non-positive duration.
+    """
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int):
+        raise ValueError(f"max_body_bytes must be an integer, not {type(max_body_bytes).__name__}.")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be at least 1, not {max_body_bytes}.")
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+        raise ValueError(
+            f"max_connections must be an integer, not {type(max_connections).__name__}."
+        )
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be at least 1, not {max_connections}.")
+    if not connect_timeout > 0:
+        raise ValueError(f"connect_timeout must be positive, not {connect_timeout}.")
+    if not keepalive > 0:
+        raise ValueError(f"keepalive must be positive, not {keepalive}.")
+
+
 class AiohttpTransport:
     """Sends attempts over one pooled aiohttp session with a bounded number of sockets.
 
@@ -674,22 +698,7 @@ class AiohttpTransport:
         session: aiohttp.ClientSession | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
-        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int):
-            raise ValueError(
-                f"max_body_bytes must be an integer, not {type(max_body_bytes).__name__}."
-            )
-        if max_body_bytes < 1:
-            raise ValueError(f"max_body_bytes must be at least 1, not {max_body_bytes}.")
-        if isinstance(max_connections, bool) or not isinstance(max_connections, int):
-            raise ValueError(
-                f"max_connections must be an integer, not {type(max_connections).__name__}."
-            )
-        if max_connections < 1:
-            raise ValueError(f"max_connections must be at least 1, not {max_connections}.")
-        if not connect_timeout > 0:
-            raise ValueError(f"connect_timeout must be positive, not {connect_timeout}.")
-        if not keepalive > 0:
-            raise ValueError(f"keepalive must be positive, not {keepalive}.")
+        check_pool_settings(max_connections, connect_timeout, keepalive, max_body_bytes)
         self._max_connections = max_connections
         self._max_body = max_body_bytes
         self._connect_timeout = connect_timeout

@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from asyncquota import ThrottledError, TransportError
+from asyncquota.http1 import HttpTransport
 from asyncquota.transport import (
     AiohttpTransport,
     MockTransport,
@@ -388,6 +389,12 @@ def test_an_unused_transport_opens_nothing_and_says_so():
 real_time = pytest.mark.looptime(False)
 
 
+@pytest.fixture(params=[AiohttpTransport, HttpTransport], ids=["aiohttp", "http1"])
+def make(request: pytest.FixtureRequest) -> type[AiohttpTransport | HttpTransport]:
+    """Each pool the library ships: the same behaviour is asked of both."""
+    return request.param  # type: ignore[no-any-return]
+
+
 @contextlib.asynccontextmanager
 async def serving(routes: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]):
     """An aiohttp server on 127.0.0.1 (a free port); yields its base URL."""
@@ -431,7 +438,7 @@ async def raw_server(reply: bytes, *, reset: bool = False):
 
 
 @real_time
-async def test_aiohttp_round_trips_json_with_case_insensitive_headers_over_one_kept_connection():
+async def test_a_pool_round_trips_json_with_case_insensitive_headers_over_one_kept_connection(make):
     async def echo(request: web.Request) -> web.Response:
         payload = await request.json()
         return web.json_response(
@@ -440,7 +447,7 @@ async def test_aiohttp_round_trips_json_with_case_insensitive_headers_over_one_k
         )
 
     async with serving({"/v1/chat": echo}) as url:
-        transport = AiohttpTransport(max_connections=4)
+        transport = make(max_connections=4)
         request = Request(
             "POST",
             f"{url}/v1/chat",
@@ -466,13 +473,13 @@ async def test_aiohttp_round_trips_json_with_case_insensitive_headers_over_one_k
 
 
 @real_time
-async def test_aiohttp_a_hanging_upstream_fails_at_the_attempt_timeout():
+async def test_a_pool_a_hanging_upstream_fails_at_the_attempt_timeout(make):
     async def hang(request: web.Request) -> web.Response:
         await asyncio.sleep(30)
         return web.Response()
 
     async with serving({"/": hang}) as url:
-        transport = AiohttpTransport()
+        transport = make()
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(TransportError) as caught:
@@ -504,33 +511,35 @@ async def test_aiohttp_a_hanging_upstream_fails_at_the_attempt_timeout():
     ],
     ids=["closed-mid-body", "reset-mid-body", "reset-before-reply", "hung-up", "not-http"],
 )
-async def test_aiohttp_a_broken_reply_is_a_transport_error(reply, reset, reason):
+async def test_a_pool_a_broken_reply_is_a_transport_error(make, reply, reset, reason):
     async with raw_server(reply, reset=reset) as url:
-        transport = AiohttpTransport()
+        transport = make()
         with pytest.raises(TransportError) as caught:
             await transport.send(Request("GET", f"{url}/?key=secret", timeout=2))
         assert caught.value.reason == reason
-        assert isinstance(caught.value.__cause__, aiohttp.ClientError)
+        if make is AiohttpTransport:
+            assert isinstance(caught.value.__cause__, aiohttp.ClientError)
         assert "secret" not in str(caught.value)
         assert transport.statistics().failures == 1
         await transport.aclose()
 
 
 @real_time
-async def test_aiohttp_a_refused_connection_is_a_transport_error():
+async def test_a_pool_a_refused_connection_is_a_transport_error(make):
     with socket.socket() as bound_not_listening:
         bound_not_listening.bind(("127.0.0.1", 0))
         port = bound_not_listening.getsockname()[1]
-        transport = AiohttpTransport()
+        transport = make()
         with pytest.raises(TransportError) as caught:
             await transport.send(Request("GET", f"http://127.0.0.1:{port}/", timeout=2))
         await transport.aclose()
     assert caught.value.reason == "connect_failed"
-    assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorError)
+    cause = aiohttp.ClientConnectorError if make is AiohttpTransport else ConnectionRefusedError
+    assert isinstance(caught.value.__cause__, cause)
 
 
 @real_time
-async def test_aiohttp_cancelling_the_caller_cancels_the_upstream_request_and_frees_the_socket():
+async def test_a_pool_cancelling_the_caller_cancels_the_upstream_request_and_frees_the_socket(make):
     entered = asyncio.Event()
     disconnected = asyncio.Event()
 
@@ -544,7 +553,7 @@ async def test_aiohttp_cancelling_the_caller_cancels_the_upstream_request_and_fr
         return web.Response()
 
     async with serving({"/": slow}) as url:
-        transport = AiohttpTransport()
+        transport = make()
         caller = asyncio.create_task(transport.send(Request("GET", f"{url}/", timeout=10)))
         await asyncio.wait_for(entered.wait(), 2)
         assert transport.statistics().connections_in_use == 1
@@ -558,7 +567,7 @@ async def test_aiohttp_cancelling_the_caller_cancels_the_upstream_request_and_fr
 
 
 @real_time
-async def test_aiohttp_fifty_callers_never_open_more_than_max_connections():
+async def test_a_pool_fifty_callers_never_open_more_than_max_connections(make):
     active = peak = 0
 
     async def slow(request: web.Request) -> web.Response:
@@ -570,7 +579,7 @@ async def test_aiohttp_fifty_callers_never_open_more_than_max_connections():
         return web.Response(text="ok")
 
     async with serving({"/": slow}) as url:
-        transport = AiohttpTransport(max_connections=4)
+        transport = make(max_connections=4)
         request = Request("GET", f"{url}/", timeout=5)
         responses = await asyncio.gather(*(transport.send(request) for _ in range(50)))
         assert [r.body for r in responses] == [b"ok"] * 50
@@ -599,9 +608,9 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
 
 
 @real_time
-async def test_aiohttp_streams_sse_events_with_an_in_stream_error_then_releases_the_socket():
+async def test_a_pool_streams_sse_events_with_an_in_stream_error_then_releases_the_socket(make):
     async with serving({"/": sse_handler}) as url:
-        transport = AiohttpTransport()
+        transport = make()
         async with await transport.open_stream(Request("POST", f"{url}/", timeout=2)) as stream:
             assert stream.ok
             assert stream.headers["content-type"] == "text/event-stream"
@@ -622,9 +631,9 @@ async def test_aiohttp_streams_sse_events_with_an_in_stream_error_then_releases_
 
 
 @real_time
-async def test_aiohttp_leaving_a_stream_early_drops_its_connection():
+async def test_a_pool_leaving_a_stream_early_drops_its_connection(make):
     async with serving({"/": sse_handler}) as url:
-        transport = AiohttpTransport()
+        transport = make()
         request = Request("GET", f"{url}/?endless=1", timeout=2)
         async with await transport.open_stream(request) as stream:
             async for event in stream.events():
@@ -637,11 +646,11 @@ async def test_aiohttp_leaving_a_stream_early_drops_its_connection():
 
 
 @real_time
-async def test_aiohttp_a_stream_cut_off_mid_body_is_a_transport_error_and_frees_the_socket():
+async def test_a_pool_a_stream_cut_off_mid_body_is_a_transport_error_and_frees_the_socket(make):
     head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
     cut = head + b"\r\nf\r\ndata: partial\n\n\r\n8\r\ndata"
     async with raw_server(cut, reset=True) as url:
-        transport = AiohttpTransport()
+        transport = make()
         stream = await transport.open_stream(Request("POST", f"{url}/", timeout=2))
         received = []
         with pytest.raises(TransportError) as caught:
@@ -668,13 +677,13 @@ async def test_aiohttp_a_session_passed_in_is_used_and_left_open_for_its_owner()
         assert not session.closed
 
 
-def test_aiohttp_round_trip_on_uvloop():
+def test_a_pool_round_trip_on_uvloop(make):
     async def main() -> tuple[int, bytes, bool]:
         async def ok(request: web.Request) -> web.Response:
             return web.json_response({"loop": type(asyncio.get_running_loop()).__module__})
 
         async with serving({"/": ok}) as url:
-            transport = AiohttpTransport(max_connections=2)
+            transport = make(max_connections=2)
             response = await transport.send(Request("GET", f"{url}/", timeout=2))
             await transport.aclose()
         return response.status, response.body, isinstance(asyncio.get_running_loop(), uvloop.Loop)
@@ -703,11 +712,11 @@ async def endless_body(request: web.Request) -> web.StreamResponse:
 
 @real_time
 @pytest.mark.parametrize("query", ["", "?declared=1"], ids=["chunked", "content-length"])
-async def test_aiohttp_a_body_past_the_cap_is_a_transport_error_and_its_connection_is_dropped(
-    query,
+async def test_a_pool_a_body_past_the_cap_is_a_transport_error_and_its_connection_is_dropped(
+    make, query
 ):
     async with serving({"/": endless_body, "/ok": _ok}) as url:
-        transport = AiohttpTransport(max_body_bytes=100_000)
+        transport = make(max_body_bytes=100_000)
         with pytest.raises(TransportError) as caught:
             await transport.send(Request("GET", f"{url}/{query}", timeout=5))
         assert caught.value.reason == "body_too_large"
@@ -726,9 +735,9 @@ async def _ok(request: web.Request) -> web.Response:
 
 
 @real_time
-async def test_aiohttp_a_streamed_event_or_body_past_the_cap_fails_and_drops_the_socket():
+async def test_a_pool_a_streamed_event_or_body_past_the_cap_fails_and_drops_the_socket(make):
     async with serving({"/": endless_body}) as url:
-        transport = AiohttpTransport(max_body_bytes=100_000)
+        transport = make(max_body_bytes=100_000)
         stream = await transport.open_stream(Request("GET", f"{url}/?sse=1", timeout=5))
         with pytest.raises(TransportError) as caught:
             async for _ in stream.events():
@@ -762,9 +771,9 @@ def test_an_sse_parser_with_a_cap_refuses_a_line_or_an_event_that_never_ends():
 
 
 @real_time
-async def test_aiohttp_a_failure_never_shows_a_password_or_a_query_key(refusing_port: int):
+async def test_a_pool_a_failure_never_shows_a_password_or_a_query_key(make, refusing_port: int):
     port = refusing_port  # bound, never listening: every connect is refused
-    transport = AiohttpTransport()
+    transport = make()
     url = f"http://me:hunter22@127.0.0.1:{port}/v1/x?key=AIza-SECRET&alt=sse"
     for call in (transport.send, transport.open_stream):
         with pytest.raises(TransportError) as caught:

@@ -20,10 +20,10 @@ from typing import ClassVar, Self
 
 import orjson
 
+from ...http1 import HttpTransport
 from ...testing import UpstreamConfig
 from ...testing.replies import CHAT_PATH
 from ...transport import (
-    AiohttpTransport,
     MockHandler,
     MockTransport,
     Request,
@@ -153,11 +153,11 @@ class Target:
         """True when the upstream is in process, on virtual time."""
         return self.handler is not None
 
-    def transport(self, *, max_connections: int) -> AiohttpTransport | PooledTransport:
-        """A pooled transport: one aiohttp session for real, or its stand-in in process."""
+    def transport(self, *, max_connections: int) -> HttpTransport | PooledTransport:
+        """A pooled transport: the Shaper's default for real, or its stand-in in process."""
         if self.handler is not None:
             return PooledTransport(self.handler, max_connections=max_connections)
-        return AiohttpTransport(max_connections=max_connections)
+        return HttpTransport(max_connections=max_connections)
 
 
 class Strategy(abc.ABC):
