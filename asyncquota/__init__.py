@@ -32,6 +32,7 @@ from .errors import (
 )
 from .gates import CooldownGate, RateGate, Reservation, TokenBucket, TokenGate
 from .hooks import Admitted, Completed, Event, Hook, LoggingHook, Queued, Retried, Shed, Throttled
+from .http1 import HttpTransport
 from .limiter import ConcurrencyLimiter, LimiterStatistics, Permit
 from .limits import AIMD, Fixed, Gradient, Limit
 from .options import RequestOptions
@@ -78,6 +79,7 @@ __all__ = [
     "Fixed",
     "Gradient",
     "Hook",
+    "HttpTransport",
     "Lease",
     "Limit",
     "LimiterStatistics",

@@ -284,8 +284,10 @@ class _Connection(asyncio.Protocol):
         if self._state is _IDLE or self._state is _DONE:
             # Bytes nobody asked for: whatever the socket carries next cannot be trusted.
             self.reusable = False
-            if self._state is _IDLE:
+            if self._state is _IDLE:  # idle in the pool: out of it, its slot freed
                 self.abort()
+                if self._lost_hook is not None:
+                    self._lost_hook(self)
             return
         if self._buffer:
             data = self._buffer + data
