@@ -170,7 +170,6 @@ class _Connection(asyncio.Protocol):
         "_buffer",
         "_buffered",
         "_cap",
-        "_chunked",
         "_decoder",
         "_failure",
         "_head_only",
@@ -210,7 +209,6 @@ class _Connection(asyncio.Protocol):
         self._cap = 0
         self._size = 0
         self._remaining = 0
-        self._chunked = False
         self._decoder: Any = None
         self._body: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -229,6 +227,8 @@ class _Connection(asyncio.Protocol):
         self._streaming = streaming
         self._size = 0
         self._failure = None
+        self._decoder = None
+        self._buffer = b""
         self.reusable = False
         self._body.clear()
         self._buffered = 0

@@ -619,7 +619,7 @@ class FleetShaperStrategy(ShaperStrategy):
         self._gateway = None
         self._shaper = Shaper(
             target.base_url,
-            transport=target.transport(max_connections=DEFAULT_MAX_CONNECTIONS),
+            transport=target.shaper_transport(max_connections=DEFAULT_MAX_CONNECTIONS),
             wall_clock=config.wall_clock,
             hooks=(LoggingHook(), self._waits),
             seed=config.seed * 1_000 + index,

@@ -24,6 +24,7 @@ from ...http1 import HttpTransport
 from ...testing import UpstreamConfig
 from ...testing.replies import CHAT_PATH
 from ...transport import (
+    AiohttpTransport,
     MockHandler,
     MockTransport,
     Request,
@@ -153,8 +154,16 @@ class Target:
         """True when the upstream is in process, on virtual time."""
         return self.handler is not None
 
-    def transport(self, *, max_connections: int) -> HttpTransport | PooledTransport:
-        """A pooled transport: the Shaper's default for real, or its stand-in in process."""
+    def transport(self, *, max_connections: int) -> AiohttpTransport | PooledTransport:
+        """A pooled transport as the peers use: one aiohttp session for real (what people
+        use today), or its stand-in in process."""
+        if self.handler is not None:
+            return PooledTransport(self.handler, max_connections=max_connections)
+        return AiohttpTransport(max_connections=max_connections)
+
+    def shaper_transport(self, *, max_connections: int) -> HttpTransport | PooledTransport:
+        """The Shaper's own pool (its default, :class:`HttpTransport`) for real, or the
+        same stand-in as the peers' in process."""
         if self.handler is not None:
             return PooledTransport(self.handler, max_connections=max_connections)
         return HttpTransport(max_connections=max_connections)

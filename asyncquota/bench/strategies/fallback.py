@@ -128,7 +128,7 @@ class FallbackStrategy(Strategy):
         shapers = {
             name: Shaper(
                 target.base_url,
-                transport=target.transport(max_connections=DEFAULT_MAX_CONNECTIONS),
+                transport=target.shaper_transport(max_connections=DEFAULT_MAX_CONNECTIONS),
                 wall_clock=wall_clock,
                 seed=target.config.seed,
                 hooks=(LoggingHook(), self._waits),

@@ -255,7 +255,7 @@ class ShaperStrategy(Strategy):
         # The same pool as the Shaper's default transport, in a virtual run too (where it
         # stands in for the aiohttp connector), so virtual and real runs bound alike.
         connections = arguments.pop("max_connections", DEFAULT_MAX_CONNECTIONS)
-        transport = target.transport(max_connections=connections)
+        transport = target.shaper_transport(max_connections=connections)
         # The default hook, and one keeping the queue waits (the frequent events are then
         # made: a few per request, the price of the measurement).
         self._waits = QueueWaits()
