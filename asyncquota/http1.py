@@ -851,13 +851,16 @@ class HttpTransport:
     async def _acquire(self, target: _Target, deadline: float | None) -> _Connection:
         """A connection to ``target``: a free one, a new one, or one given back (waiting)."""
         assert self._loop is not None
-        if self._open >= self._max_connections and not self._waiters:
+        waiters = self._waiters
+        while waiters and waiters[0][1].done():  # callers who left: timed out, cancelled
+            waiters.popleft()
+        if self._open >= self._max_connections and not waiters:
             self._evict_idle()
-        if self._open < self._max_connections and not self._waiters:
+        if self._open < self._max_connections and not waiters:
             self._open += 1
             return await self._connect(target, deadline)
         waiter: asyncio.Future[_Connection | None] = self._loop.create_future()
-        self._waiters.append((target.key, waiter))
+        waiters.append((target.key, waiter))
         timer = None if deadline is None else self._loop.call_at(deadline, _time_out, waiter)
         try:
             conn = await waiter

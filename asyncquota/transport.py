@@ -4,11 +4,14 @@ A transport knows nothing of queues, limits or retries: it sends exactly one att
 returns what came back, or raises :class:`~asyncquota.errors.TransportError` when nothing
 usable came back (third-party exceptions are mapped here, at the boundary, and nowhere else).
 
-Two implementations ship: :class:`AiohttpTransport` (one pooled ``aiohttp`` session with a
-bounded connector, for real runs) and :class:`MockTransport` (a function answers, for tests
-and the simulator). Both also open streams: :meth:`Transport.open_stream` returns a
-:class:`StreamResponse` once the reply headers are in, and its body arrives chunk by chunk
-(Server-Sent Events are parsed by :class:`SSEParser`).
+Three implementations ship: :class:`~asyncquota.http1.HttpTransport` (the Shaper's
+default: its own bounded pool of HTTP/1.1 keep-alive connections, in :mod:`asyncquota.http1`),
+:class:`AiohttpTransport` (one pooled ``aiohttp`` session with a bounded connector, or a
+session of your own with its proxies and middlewares) and :class:`MockTransport` (a function
+answers, for tests and the simulator). All three also open streams:
+:meth:`Transport.open_stream` returns a :class:`StreamResponse` once the reply headers are
+in, and its body arrives chunk by chunk (Server-Sent Events are parsed by
+:class:`SSEParser`).
 
 A ``TransportError`` says what happened in its message and, for code, in its ``reason``::
 
