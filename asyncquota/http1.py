@@ -45,12 +45,12 @@ from .transport import (
     Request,
     Response,
     StreamResponse,
+    TransportCounters,
     TransportStatistics,
-    _closed_error,
-    _Counters,
-    _failure,
-    _opened,
+    bind_stream,
     check_pool_settings,
+    closed_error,
+    count_failure,
 )
 from .urls import redact_text, redact_url
 
@@ -640,7 +640,7 @@ class HttpTransport:
         self._keepalive = keepalive
         self._max_body = max_body_bytes
         self._ssl = ssl_context
-        self._counters = _Counters()
+        self._counters = TransportCounters()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._targets: dict[str, _Target] = {}
@@ -675,7 +675,7 @@ class HttpTransport:
                 reasons).
         """
         if self._closed:
-            raise _closed_error("transport")
+            raise closed_error("transport")
         counters = self._counters
         counters.sent += 1
         counters.in_flight += 1
@@ -714,7 +714,7 @@ class HttpTransport:
             counters.failures += 1
             raise
         except Exception as exc:
-            raise _failure(exc, request, counters) from exc
+            raise count_failure(exc, request, counters) from exc
         finally:
             counters.in_flight -= 1
 
@@ -725,7 +725,7 @@ class HttpTransport:
             TransportError: no reply headers (see :mod:`asyncquota.transport`).
         """
         if self._closed:
-            raise _closed_error("transport")
+            raise closed_error("transport")
         counters = self._counters
         counters.begin()
         try:
@@ -760,7 +760,7 @@ class HttpTransport:
                 counters.failures += 1
                 raise
             if isinstance(exc, Exception):
-                raise _failure(exc, request, counters) from exc
+                raise count_failure(exc, request, counters) from exc
             raise
 
         async def on_close(finished: bool) -> None:
@@ -770,7 +770,7 @@ class HttpTransport:
 
         headers = conn.headers or _NO_HEADERS
         stream = StreamResponse(conn.status, headers, _StreamBody(conn, request, self._max_body))
-        return _opened(stream, request, counters, on_close, self._max_body)
+        return bind_stream(stream, request, counters, on_close, self._max_body)
 
     async def aclose(self) -> None:
         """Close every connection; the transport sends nothing afterwards.

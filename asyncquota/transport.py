@@ -273,7 +273,7 @@ class SSEParser:
             self._last_id = value or None
 
 
-class _Counters:
+class TransportCounters:
     """What a transport has done so far; shared with the streams it opened."""
 
     __slots__ = ("failures", "in_flight", "sent")
@@ -373,7 +373,7 @@ class StreamResponse:
         )
         self._source = _async_chunks(chunks)
         self._request: Request | None = None
-        self._counters: _Counters | None = None
+        self._counters: TransportCounters | None = None
         self._on_close: Callable[[bool], Awaitable[None]] | None = None
         self._max_bytes: int | None = None
         self._finished = False
@@ -469,7 +469,7 @@ class StreamResponse:
             raise
         except Exception as exc:
             await self.aclose()
-            raise _failure(exc, self._request, self._counters, streaming=True) from exc
+            raise count_failure(exc, self._request, self._counters, streaming=True) from exc
         return chunk
 
 
@@ -508,10 +508,10 @@ class _EventIterator:
         return self._pending.popleft()
 
 
-def _opened(
+def bind_stream(
     stream: StreamResponse,
     request: Request,
-    counters: _Counters,
+    counters: TransportCounters,
     on_close: Callable[[bool], Awaitable[None]] | None = None,
     max_bytes: int | None = None,
 ) -> StreamResponse:
@@ -595,8 +595,12 @@ def transport_error(
     return TransportError(message, reason=reason)
 
 
-def _failure(
-    exc: Exception, request: Request | None, counters: _Counters | None, *, streaming: bool = False
+def count_failure(
+    exc: Exception,
+    request: Request | None,
+    counters: TransportCounters | None,
+    *,
+    streaming: bool = False,
 ) -> TransportError:
     """Count a failed attempt and name it as a TransportError (raise it ``from exc``)."""
     if counters is not None:
@@ -604,7 +608,7 @@ def _failure(
     return transport_error(exc, request, streaming=streaming)
 
 
-def _closed_error(name: str) -> TransportError:
+def closed_error(name: str) -> TransportError:
     return TransportError(f"The {name} is closed and sends nothing more.", reason="closed")
 
 
@@ -708,7 +712,7 @@ class AiohttpTransport:
         self._keepalive = keepalive
         self._session = session
         self._owns_session = session is None
-        self._counters = _Counters()
+        self._counters = TransportCounters()
         self._closed = False
 
     @property
@@ -760,7 +764,7 @@ class AiohttpTransport:
             self._counters.failures += 1
             raise
         except Exception as exc:
-            raise _failure(exc, request, self._counters) from exc
+            raise count_failure(exc, request, self._counters) from exc
         finally:
             self._counters.in_flight -= 1
 
@@ -817,7 +821,7 @@ class AiohttpTransport:
         except BaseException as exc:
             self._counters.in_flight -= 1
             if isinstance(exc, Exception):
-                raise _failure(exc, request, self._counters) from exc
+                raise count_failure(exc, request, self._counters) from exc
             raise
 
         async def on_close(finished: bool) -> None:
@@ -827,7 +831,7 @@ class AiohttpTransport:
                 reply.close()
 
         stream = StreamResponse(reply.status, reply.headers, reply.content.iter_any())
-        return _opened(stream, request, self._counters, on_close, self._max_body)
+        return bind_stream(stream, request, self._counters, on_close, self._max_body)
 
     async def aclose(self) -> None:
         """Close the session this transport created (never one it was given)."""
@@ -866,7 +870,7 @@ class AiohttpTransport:
 
     def _ready_session(self) -> aiohttp.ClientSession:
         if self._closed:
-            raise _closed_error("transport")
+            raise closed_error("transport")
         if self._session is None:
             connector = aiohttp.TCPConnector(
                 limit=self._max_connections,
@@ -907,7 +911,7 @@ class MockTransport:
         if not callable(handler):
             raise ValueError(f"The handler must be callable, not {type(handler).__name__}.")
         self._handler = handler
-        self._counters = _Counters()
+        self._counters = TransportCounters()
         self._closed = False
 
     @property
@@ -928,7 +932,7 @@ class MockTransport:
                 the transport is closed.
         """
         if self._closed:
-            raise _closed_error("mock transport")
+            raise closed_error("mock transport")
         self._counters.begin()
         try:
             async with asyncio.timeout(request.timeout):
@@ -944,7 +948,7 @@ class MockTransport:
             self._counters.failures += 1
             raise
         except Exception as exc:
-            raise _failure(exc, request, self._counters) from exc
+            raise count_failure(exc, request, self._counters) from exc
         finally:
             self._counters.in_flight -= 1
 
@@ -956,7 +960,7 @@ class MockTransport:
                 the transport is closed.
         """
         if self._closed:
-            raise _closed_error("mock transport")
+            raise closed_error("mock transport")
         self._counters.begin()
         try:
             async with asyncio.timeout(request.timeout):
@@ -966,11 +970,11 @@ class MockTransport:
             if isinstance(exc, QuotaError):
                 self._counters.failures += 1
             elif isinstance(exc, Exception):
-                raise _failure(exc, request, self._counters) from exc
+                raise count_failure(exc, request, self._counters) from exc
             raise
         if isinstance(reply, Response):
             reply = StreamResponse(reply.status, reply.headers, [reply.body])
-        return _opened(reply, request, self._counters)
+        return bind_stream(reply, request, self._counters)
 
     async def aclose(self) -> None:
         """Refuse further attempts (they raise TransportError with reason ``"closed"``)."""
