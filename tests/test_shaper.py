@@ -11,6 +11,7 @@ from asyncquota import (
     AiohttpTransport,
     ClosedError,
     Fixed,
+    HttpTransport,
     MockTransport,
     QuotaError,
     Request,
@@ -379,5 +380,9 @@ async def test_no_more_requests_are_in_flight_than_the_transport_has_connections
     assert peak == 8  # the pool is used, never overrun (slow start reached it)
 
 
-def test_the_aiohttp_transport_tells_its_pool_size():
+def test_both_pools_tell_their_size_and_the_shaper_sends_through_its_own_by_default():
     assert AiohttpTransport(max_connections=12).max_connections == 12
+    assert HttpTransport(max_connections=12).max_connections == 12
+    shaper = Shaper("http://upstream.test", max_connections=12, hooks=())
+    assert isinstance(shaper.transport, HttpTransport)
+    assert shaper.transport.max_connections == 12
