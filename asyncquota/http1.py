@@ -18,7 +18,9 @@ not hex, ``Content-Length`` values that disagree or come with ``Transfer-Encodin
 transfer or content coding it cannot decode, a head over 64 KiB. It follows no redirect
 and no proxy (use ``AiohttpTransport`` with a session for those).
 
-The pool: at most ``max_connections`` sockets, open or opening, to all hosts together;
+A host's addresses are connected to as aiohttp does (happy eyeballs: the next address is
+tried a quarter second into a connect that has not answered). The pool: at most
+``max_connections`` sockets, open or opening, to all hosts together;
 an idle socket is reused last-in first-out and closed after ``keepalive`` seconds, or at
 once when the upstream closes it. Callers beyond the bound wait first-in first-out, within
 their own timeout. A connection is reused only after a complete reply that did not say
@@ -32,11 +34,13 @@ import asyncio
 import base64
 import collections
 import re
+import socket
 import ssl as ssl_module
 import zlib
 from typing import Any, Final, Self
 from urllib.parse import quote, unquote, urlsplit
 
+import aiohappyeyeballs
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .errors import TransportError
@@ -61,6 +65,10 @@ MAX_HEAD_BYTES: Final = 64 * 1024
 
 MAX_LINE_BYTES: Final = 8 * 1024
 """The longest chunk-size or trailer line read."""
+
+HAPPY_EYEBALLS_DELAY: Final = 0.25
+"""Seconds one address of a host has to connect before the next is tried as well
+(aiohttp's default, and RFC 8305's recommendation)."""
 
 STREAM_HIGH: Final = 1024 * 1024
 """A stream stops reading from its socket while this much is buffered and unread..."""
@@ -897,13 +905,7 @@ class HttpTransport:
         key = target.key
         try:
             async with asyncio.timeout_at(deadline if by_deadline else connect_by):
-                sock, conn = await loop.create_connection(
-                    lambda: _Connection(key),
-                    target.host,
-                    target.port,
-                    ssl=ssl_context,
-                    server_hostname=target.server_hostname,
-                )
+                sock, conn = await _open_socket(loop, target, key, ssl_context)
         except BaseException as exc:
             if self._closed:
                 if isinstance(exc, Exception):
@@ -924,7 +926,7 @@ class HttpTransport:
             conn.abort()
             raise _Failed("closed", "the transport was closed")
         if conn.transport is None:  # uvloop may call connection_made a step later
-            conn.transport = sock
+            conn.transport = sock  # type: ignore[assignment]  # uvloop's is not a subclass
         conn._lost_hook = self._idle_lost
         self._conns.add(conn)
         self._in_use += 1
@@ -1019,6 +1021,39 @@ class HttpTransport:
                 soonest = expiry if soonest is None or expiry < soonest else soonest
         if soonest is not None:
             self._sweep = self._loop.call_at(soonest, self._sweep_idle)
+
+
+async def _open_socket(
+    loop: asyncio.AbstractEventLoop,
+    target: _Target,
+    key: tuple[str, str, int],
+    ssl_context: ssl_module.SSLContext | None,
+) -> tuple[asyncio.BaseTransport, _Connection]:
+    """A connected socket to ``target``, its protocol a fresh :class:`_Connection`.
+
+    The host's addresses are tried as aiohttp tries them (RFC 8305's happy eyeballs, with
+    aiohttp's own ``aiohappyeyeballs``): the next starts when the last has not connected
+    within ``HAPPY_EYEBALLS_DELAY``, so an address that swallows its connects (a broken
+    IPv6 route) costs a quarter second, not the connect timeout. uvloop's
+    ``create_connection`` tries them one after another.
+    """
+    infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"no address found for {target.host}")
+    sock = await aiohappyeyeballs.start_connection(
+        infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=loop
+    )
+    try:
+        transport, conn = await loop.create_connection(
+            lambda: _Connection(key),
+            sock=sock,
+            ssl=ssl_context,
+            server_hostname=target.server_hostname,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    return transport, conn
 
 
 class _StreamBody:

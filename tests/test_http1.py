@@ -804,6 +804,62 @@ async def test_a_refused_connection_is_connect_failed(
     assert pool(transport) == idle(0, failures=2)
 
 
+@contextlib.contextmanager
+def swallowing_port() -> Any:
+    """A loopback port whose connects hang: it listens, never accepts, its queue full.
+
+    Linux drops a SYN to a full accept queue and the client keeps retrying it, as a
+    broken route (an IPv6 address with no way there) does with every connect.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):  # the queue holds backlog + 1; one more to be sure
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+async def test_a_host_address_that_swallows_connects_is_passed_over_for_the_next(
+    make: MakeTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The host resolves to two addresses, as a name with IPv6 and IPv4 does; the first
+    # swallows every connect. Tried one after another, the request would run out of its
+    # time (LIMIT) inside the first connect (its timeout is ten times that).
+    async with upstream(replying(reply(b"second address"))) as up:
+        good = int(up.url.rsplit(":", 1)[1])
+        with swallowing_port() as bad:
+            loop = asyncio.get_running_loop()
+            resolved = [
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", bad)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", good)),
+            ]
+            asked: list[tuple[object, object]] = []
+
+            async def getaddrinfo(host: object, port: object, **_: object) -> list[Any]:
+                asked.append((host, port))
+                return resolved
+
+            monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+            transport = make(connect_timeout=10 * LIMIT)
+            response = await asyncio.wait_for(
+                transport.send(request(f"http://llm.example:{good}")), LIMIT
+            )
+        assert response.body == b"second address"
+        assert asked == [("llm.example", good)]
+        assert up.requests[0].headers["Host"] == f"llm.example:{good}"
+
+
 @pytest.mark.parametrize(
     "sent",
     [
