@@ -8,7 +8,7 @@ import asyncio
 import threading
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from asyncquota import MockTransport, QuotaError, Request, Response, Shaper
@@ -109,6 +109,7 @@ HEADER_TEXT = st.one_of(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(remaining=HEADER_TEXT, limit=HEADER_TEXT, reset=HEADER_TEXT)
+@example(remaining="0", limit="", reset="1")  # honest headers that hold the line (found)
 def test_no_rate_limit_header_an_upstream_sends_can_fail_a_request_or_leak_a_permit(
     remaining, limit, reset
 ):
@@ -126,8 +127,18 @@ def test_no_rate_limit_header_an_upstream_sends_can_fail_a_request_or_leak_a_per
                 *(shaper.request("GET", "/models") for _ in range(6)), return_exceptions=True
             )
             stats = shaper.statistics()
-        assert all(not isinstance(r, BaseException) or isinstance(r, QuotaError) for r in replies)
-        assert [getattr(r, "status", None) for r in replies] == [200] * 6
+        # Every request ends once: served, or (headers that do parse, e.g. "0 left, reset in
+        # 1 s", may hold the line past the 2 s an interactive request waits) told "busy,
+        # retry in N s". Never an untyped error, never a leaked permit or reservation.
+        served = [r for r in replies if not isinstance(r, BaseException)]
+        refused = [r for r in replies if isinstance(r, BaseException)]
+        assert [r.status for r in served] == [200] * len(served)
+        assert len(served) >= 2  # the first two go out before any header is read
+        assert all(isinstance(r, QuotaError) and r.retry_after is not None for r in refused)
+        left = remaining.strip()
+        digits = left.lstrip("0")
+        if not (left.isascii() and left.isdigit() and len(digits) <= 1 and int(digits or 0) < 6):
+            assert not refused  # only a count showing less than the six may hold any back
         assert stats.inflight == 0 and stats.open_reservations == 0
 
     asyncio.run(main())
