@@ -4,10 +4,11 @@ Why not aiohttp's ``ClientSession`` here: measured with ``benchmarks/overhead.py
 layers (request and response objects, header multidicts built twice, timers, traces, a
 writer and a reader stream per reply) cost about three times what one exchange needs,
 and that cost is paid on every request the Shaper sends. :class:`HttpTransport` does one
-exchange in one frame: the request head is one string written with its body; the reply is
-parsed where it lands (``data_received``), and the caller's future gets the status, the
-headers and the whole body at once. aiohttp still serves everything else (the proxy, the
-simulator, :class:`~asyncquota.transport.AiohttpTransport` for a session of one's own).
+exchange with one write and one parse: the request head is one string written with its
+body; the reply is parsed where it lands (``data_received``), and the caller's future gets
+the status, the headers and the whole body at once. aiohttp still serves everything else
+(the proxy, the simulator, :class:`~asyncquota.transport.AiohttpTransport` for a session
+of one's own).
 
 What it speaks: HTTP/1.1 over TCP or TLS, one request at a time on a connection
 (no pipelining), bodies framed by ``Content-Length``, chunked or read until the close;
@@ -684,47 +685,17 @@ class HttpTransport:
         """
         if self._closed:
             raise closed_error("transport")
-        counters = self._counters
-        counters.sent += 1
-        counters.in_flight += 1
+        self._counters.begin()
         try:
-            loop = asyncio.get_running_loop()
-            if loop is not self._loop:
-                self._bind(loop)
-            target = self._targets.get(request.url) or self._target(request.url)
-            data = _encode(request, target)
-            deadline = None if request.timeout is None else loop.time() + request.timeout
-            conn = self._take_idle(target.key, loop) or await self._acquire(target, deadline)
-            try:
-                waiter = conn.begin(
-                    data, head_only=request.method == "HEAD", cap=self._max_body, streaming=False
-                )
-                if deadline is None:
-                    await waiter
-                else:
-                    timer = loop.call_at(deadline, conn.expire)
-                    try:
-                        await waiter
-                    finally:
-                        timer.cancel()
-            except BaseException:
-                conn.abort()
-                self._give_back(conn)
-                raise
+            conn = await self._exchange(request, streaming=False)
             reply = Response(conn.status, conn.headers or _NO_HEADERS, conn.body())
             self._give_back(conn)
             return reply
-        except _Failed as failure:
-            counters.failures += 1
-            error = _error(failure, request, self._max_body)
-            raise error from error.__cause__
-        except TransportError:
-            counters.failures += 1
-            raise
         except Exception as exc:
-            raise count_failure(exc, request, counters) from exc
+            error = self._failed(exc, request)
+            raise error from error.__cause__
         finally:
-            counters.in_flight -= 1
+            self._counters.in_flight -= 1
 
     async def open_stream(self, request: Request) -> StreamResponse:
         """Send ``request`` once; return a stream as soon as the reply headers are in.
@@ -737,38 +708,12 @@ class HttpTransport:
         counters = self._counters
         counters.begin()
         try:
-            loop = asyncio.get_running_loop()
-            if loop is not self._loop:
-                self._bind(loop)
-            target = self._targets.get(request.url) or self._target(request.url)
-            data = _encode(request, target)
-            deadline = None if request.timeout is None else loop.time() + request.timeout
-            conn = self._take_idle(target.key, loop) or await self._acquire(target, deadline)
-            try:
-                waiter = conn.begin(
-                    data, head_only=request.method == "HEAD", cap=self._max_body, streaming=True
-                )
-                timer = None if deadline is None else loop.call_at(deadline, conn.expire)
-                try:
-                    await waiter
-                finally:
-                    if timer is not None:
-                        timer.cancel()
-            except BaseException:
-                conn.abort()
-                self._give_back(conn)
-                raise
+            conn = await self._exchange(request, streaming=True)
         except BaseException as exc:
-            counters.in_flight -= 1
-            if isinstance(exc, _Failed):
-                counters.failures += 1
-                error = _error(exc, request, self._max_body)
-                raise error from error.__cause__
-            if isinstance(exc, TransportError):
-                counters.failures += 1
-                raise
+            counters.in_flight -= 1  # an open stream counts until it is closed
             if isinstance(exc, Exception):
-                raise count_failure(exc, request, counters) from exc
+                error = self._failed(exc, request)
+                raise error from error.__cause__
             raise
 
         async def on_close(finished: bool) -> None:
@@ -779,6 +724,49 @@ class HttpTransport:
         headers = conn.headers or _NO_HEADERS
         stream = StreamResponse(conn.status, headers, _StreamBody(conn, request, self._max_body))
         return bind_stream(stream, request, counters, on_close, self._max_body)
+
+    async def _exchange(self, request: Request, *, streaming: bool) -> _Connection:
+        """Write ``request`` on a connection (idle, new or given back) and wait for the
+        whole reply, or only its head when ``streaming``, within the request's timeout.
+
+        The connection is the caller's to give back; on failure it is dropped here.
+        """
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._bind(loop)
+        target = self._targets.get(request.url) or self._target(request.url)
+        data = _encode(request, target)
+        deadline = None if request.timeout is None else loop.time() + request.timeout
+        conn = self._take_idle(target.key, loop) or await self._acquire(target, deadline)
+        try:
+            waiter = conn.begin(
+                data, head_only=request.method == "HEAD", cap=self._max_body, streaming=streaming
+            )
+            if deadline is None:
+                await waiter
+            else:
+                timer = loop.call_at(deadline, conn.expire)
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
+        except BaseException:
+            conn.abort()
+            self._give_back(conn)
+            raise
+        return conn
+
+    def _failed(self, exc: Exception, request: Request) -> TransportError:
+        """Count a failed attempt; the TransportError to raise ``from`` its ``__cause__``."""
+        if isinstance(exc, _Failed):
+            self._counters.failures += 1
+            return _error(exc, request, self._max_body)
+        if isinstance(exc, TransportError):
+            self._counters.failures += 1
+            return exc
+        error = count_failure(exc, request, self._counters)
+        error.__cause__ = exc
+        return error
 
     async def aclose(self) -> None:
         """Close every connection; the transport sends nothing afterwards.
