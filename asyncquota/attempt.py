@@ -30,7 +30,7 @@ from .errors import (
 )
 from .hooks import Replied, Throttled
 from .priority import describe_priority
-from .signals import Classification, Outcome, classify_error_body
+from .signals import Classification, Outcome, classify_error_body, retry_after_form
 from .ticket import Failure
 from .tokens import usage_tokens
 from .transport import Response
@@ -133,7 +133,7 @@ class Attempts:
             reply.status,
             reply.body,
             None if ok else reply.headers,
-            now=None if ok else feedback.reply_time(reply.headers),
+            now=None if ok else feedback.reply_time(reply.headers, now - sent_at),
         )
         # The reservation is settled before the headers are read: they re-anchor the
         # mirrors at what the upstream counted, this request's own usage included.
@@ -182,6 +182,7 @@ class Attempts:
                 probe,
                 rate_limited=verdict.kind is Outcome.THROTTLED,
                 rtt=admission.rtt,
+                form=retry_after_form(reply.headers),
             )
             admission.end_outlasted(now)
             if reporter.hooks:

@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from .gates import CooldownGate, RateGate, TokenGate
-from .signals import QuotaSnapshot
+from .signals import QuotaSnapshot, RetryAfterForm
 from .signals import parse_rate_limit_headers as _parse_quota
+from .upstream_clock import UpstreamClock
 from .window import SlidingCount
 
 if TYPE_CHECKING:
@@ -370,7 +370,6 @@ class Feedback:
         "_full_read_due",
         "_glances",
         "_interval",
-        "_last_date",
         "_last_reading",
         "_max_cooldown",
         "_mirror_probe",
@@ -384,7 +383,7 @@ class Feedback:
         "_stated_end",
         "_succeeded_at",
         "_tokens",
-        "_wall_clock",
+        "_upstream_clock",
         "fleet",
         "punishes",
         "quota",
@@ -406,7 +405,7 @@ class Feedback:
         self._rpm = rpm
         self._max_cooldown = max_cooldown
         self._rpm_burst = rate.statistics().burst if rate.per_minute == rpm else None
-        self._wall_clock = wall_clock
+        self._upstream_clock = UpstreamClock(wall_clock)
         self._pace = Pace()
         self.punishes = False
         """Whether this upstream was seen to punish sends inside its Retry-After window."""
@@ -422,7 +421,6 @@ class Feedback:
         self._refusal_time = 0.0  # smoothed seconds from a send to its congestion reply
         self._glances: tuple[tuple[str, float], ...] = ()
         self._full_read_due = -math.inf
-        self._last_date: tuple[str, float] = ("", 0.0)
         self._sends = 0  # every send, to measure what went between two looks at the mirror
         self._mirror_probe = (-math.inf, 0)  # the last look at the mirror, and sends then
         self.fleet: Fleet | None = None
@@ -493,7 +491,7 @@ class Feedback:
             self._failed_probes = 0
         self._succeeded_at = now
         confirmed = (
-            now - sent_at <= PACE_CONFIRMS * PACE_STEP or self._rate.mirror_level is not None
+            now - sent_at <= PACE_CONFIRMS * PACE_STEP or self._rate.mirror_bounds()
         )
         if self._pace.step(now, confirmed=confirmed):
             self._apply_pace()
@@ -507,17 +505,22 @@ class Feedback:
         *,
         rate_limited: bool = True,
         rtt: float = 0.0,
+        form: RetryAfterForm | None = None,
     ) -> None:
         """A congestion reply (429, 503, 529) to a request sent at ``sent_at``.
 
         ``rate_limited``: a 429 (a limit on us), not an overloaded service (503, 529),
         which says nothing of a rate to keep. ``rtt`` is the smoothed reply time of
         successes (0: none yet), to tell a refusal at the door (a rate limiter's) from
-        one after the request was worked on. A Retry-After beyond ``max_cooldown``
-        holds that long at most.
+        one after the request was worked on. ``form``: how the Retry-After was stated
+        (``signals.retry_after_form``; None: not known, judged by its value), and so
+        how much two of them may differ with nothing moved. A Retry-After beyond
+        ``max_cooldown`` holds that long at most.
         """
         closed = self._cooldown.closed_until
-        self._congested(now, sent_at, retry_after, probe, rate_limited=rate_limited, rtt=rtt)
+        self._congested(
+            now, sent_at, retry_after, probe, rate_limited=rate_limited, rtt=rtt, form=form
+        )
         if self.fleet is not None and self._cooldown.closed_until != closed:
             self.fleet.publish_cooldown(self._cooldown.remaining(now))  # the fleet stops too
 
@@ -530,6 +533,7 @@ class Feedback:
         *,
         rate_limited: bool,
         rtt: float,
+        form: RetryAfterForm | None,
     ) -> None:
         if retry_after is not None:
             retry_after = min(retry_after, self._max_cooldown)
@@ -572,8 +576,9 @@ class Feedback:
             # second, however the values round). A whole-second window that only drifts
             # (refusals counted against a fast bucket) stays within PUNISHED_DRIFT a
             # refused probe of it.
-            whole = retry_after == int(retry_after)
-            doubt = 1.0 + PUNISHED_DRIFT * (self._failed_probes + 1) if whole else 1e-3
+            doubt = self._resolution(retry_after, form)
+            if doubt >= 1.0:
+                doubt += PUNISHED_DRIFT * (self._failed_probes + 1)
             if self._first_end == -math.inf:  # held without a stated end (starved)
                 self._first_end = end
                 self._probe_refused(now, end)
@@ -602,6 +607,22 @@ class Feedback:
         else:
             self._stated_end = max(self._stated_end, end)
             cooldown.hold(end, probe_at=None)
+
+    def _resolution(self, retry_after: float, form: RetryAfterForm | None) -> float:
+        """Seconds by which two Retry-Afters of one window may differ with nothing moved.
+
+        A value in ms: a millisecond. Whole seconds: a second (each is rounded up). An
+        HTTP date: a second, and as much again as the upstream's clock, read from its
+        ``Date`` (truncated to the second), may still be off (``UpstreamClock``): two
+        refusals of one window, each read against its own truncated ``Date``, stated ends
+        two seconds apart (the real-time matrix's row 15, taken for a punishing upstream
+        in half its runs).
+        """
+        if form is None:
+            form = "whole-seconds" if retry_after == int(retry_after) else "seconds"
+        if form == "date":
+            return 1.0 + self._upstream_clock.uncertainty
+        return 1.0 if form == "whole-seconds" else 1e-3
 
     def _punished(self) -> None:
         """The upstream punishes early sends: from now on its bucket is never run dry."""
@@ -705,7 +726,7 @@ class Feedback:
         reply, and that bound holds either way: a reply 20 s long (a streamed answer)
         still puts right a mirror that was wrong.
         """
-        snapshot = _parse_quota(headers, now=self.reply_time(headers))
+        snapshot = _parse_quota(headers, now=self.reply_time(headers, now - sent_at))
         if snapshot.is_empty:
             self._last_reading = None
             return
@@ -755,18 +776,14 @@ class Feedback:
             if floor > 0:
                 self._rate.at_least(floor)
 
-    def reply_time(self, headers: Mapping[str, str]) -> float:
-        """Unix time of a reply: its ``Date`` header, else the wall clock (dates only)."""
-        date = headers.get("date")
-        if date:
-            if date == self._last_date[0]:  # replies within one second share a Date
-                return self._last_date[1]
-            with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
-                parsed = email.utils.parsedate_to_datetime(date).timestamp()
-                if math.isfinite(parsed):
-                    self._last_date = (date, parsed)
-                    return parsed
-        return self._wall_clock()
+    def reply_time(self, headers: Mapping[str, str], elapsed: float) -> float:
+        """Unix time of a reply on the upstream's clock (dates in it are read against it).
+
+        Its ``Date``, to within an exchange's time once a few replies have bounded the
+        upstream's clock (``UpstreamClock``), else our wall clock. ``elapsed``: seconds
+        since its request went out.
+        """
+        return self._upstream_clock.read(headers.get("date"), elapsed)
 
     def __repr__(self) -> str:
         return (

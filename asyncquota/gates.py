@@ -253,6 +253,16 @@ class TokenBucket:
         burst = self._mirror_burst
         return burst is None or 2 * self._mirror_level >= burst
 
+    def mirror_bounds(self) -> bool:
+        """Whether a mirror keeps our sends within the upstream's bucket.
+
+        Its rate is then a reading's lower bound of the refill. Where the refill measured
+        between readings bounds it instead (at ``_MEASURE_ROOM`` times that refill: the
+        readings overstate the rate, as a per-minute ``limit`` over a second's bucket
+        does), it paces nothing.
+        """
+        return self._mirror_burst is not None and self._mirror_rate < self._rate_cap
+
     @property
     def rate(self) -> float:
         """Units added per second."""
@@ -956,6 +966,11 @@ class _BucketGate:
     def mirror_ample(self) -> bool:
         """Whether the mirror of the upstream's bucket, if any, is at least half full."""
         return self._bucket.mirror_ample()
+
+    def mirror_bounds(self) -> bool:
+        """Whether a mirror of the upstream's bucket keeps our sends within it (see
+        ``TokenBucket.mirror_bounds``)."""
+        return self._bucket.mirror_bounds()
 
     @property
     def mirror_level(self) -> float | None:

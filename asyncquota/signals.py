@@ -60,6 +60,7 @@ __all__ = [
     "Provider",
     "QuotaSnapshot",
     "QuotaWindow",
+    "RetryAfterForm",
     "classify_error_body",
     "classify_stream_event",
     "format_duration",
@@ -68,6 +69,7 @@ __all__ = [
     "parse_http_date",
     "parse_rate_limit_headers",
     "parse_retry_after",
+    "retry_after_form",
 ]
 
 MAX_RETRY_AFTER = 86_400.0
@@ -325,6 +327,32 @@ def parse_retry_after(headers: HeadersLike, *, now: float) -> float | None:
         now: the current time in Unix seconds, used only to resolve an HTTP date.
     """
     return _retry_after(_lower_view(headers), now)
+
+
+RetryAfterForm: TypeAlias = Literal["ms", "seconds", "whole-seconds", "date"]
+"""How a reply stated its Retry-After, and so how finely: in milliseconds (or a fraction of
+a second), in whole seconds (rounded up: the wait lies within a second below), or as an
+HTTP date (to the second, on the upstream's clock)."""
+
+
+def retry_after_form(headers: HeadersLike) -> RetryAfterForm | None:
+    """The form of the Retry-After that :func:`parse_retry_after` reads, or None if none.
+
+    By the same rules, in the same order: a ``retry-after-ms`` that reads is ``"ms"``; a
+    ``retry-after`` number ``"seconds"`` if it has a fraction, ``"whole-seconds"`` if not;
+    a ``retry-after`` date ``"date"``. Never raises.
+    """
+    view = _lower_view(headers)
+    text = view.get("retry-after-ms")
+    if text is not None and _non_negative_number(text) is not None:
+        return "ms"
+    text = view.get("retry-after")
+    if text is None:
+        return None
+    seconds = _non_negative_number(text)
+    if seconds is not None:
+        return "whole-seconds" if math.isinf(seconds) or seconds == int(seconds) else "seconds"
+    return "date" if _http_date(text) is not None else None
 
 
 @dataclass(frozen=True, slots=True)

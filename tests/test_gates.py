@@ -313,6 +313,16 @@ def per_minute_bucket(*, reserve: float) -> TokenBucket:
     return bucket
 
 
+def test_a_mirror_bounds_the_sends_while_a_reading_not_the_measured_refill_sets_its_rate():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    assert not bucket.mirror_bounds()  # no mirror yet
+    bucket.sync(remaining=40, reset_after=0.6, limit=100, now=0.0)
+    assert bucket.mirror_bounds()  # 59 / 0.6 a second: a reading's lower bound of the refill
+    # 6 000 a minute over a second's bucket: the readings say ~6 000 a second, and twice
+    # the refill measured between two of them (200) is all that holds the mirror's rate.
+    assert not per_minute_bucket(reserve=0.0).mirror_bounds()
+
+
 def test_a_slow_reply_at_the_top_the_upstream_has_shown_raises_a_measured_rate():
     # A per-minute ``limit`` (6 000) over a bucket of 100: two fast readings bounded the
     # rate at twice the refill they measured, 200 a second. Measured in a cooldown's

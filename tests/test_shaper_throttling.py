@@ -22,7 +22,7 @@ from asyncquota import (
 )
 from asyncquota.testing import SimulatedUpstream, UpstreamConfig
 from asyncquota.testing.buckets import ScheduledBucket
-from asyncquota.testing.replies import rate_limit_headers
+from asyncquota.testing.replies import date_header, http_date, rate_limit_headers
 
 URL = "http://upstream.test"
 CHAT = "/v1/chat/completions"
@@ -241,6 +241,69 @@ async def test_a_punishing_upstream_in_whole_seconds_is_learnt_by_the_third_refu
     assert refused_probes == 2, sends
     # Once learnt, the window is waited out in full: the answered send comes after it.
     assert sends[-1] >= window_end
+
+
+EPOCH = 1_800_000_000.0
+
+
+def dated(headers: dict[str, str]) -> dict[str, str]:
+    """The headers with a ``Date`` as servers send it: the upstream's time, truncated."""
+    return {**headers, "date": date_header(EPOCH + now())}
+
+
+@pytest.mark.parametrize("punishes", [False, True])
+async def test_dates_read_against_a_truncated_date_header_tell_a_punishing_upstream_apart(
+    punishes: bool,
+):
+    # Retry-After as an HTTP date (rounded up to the second) and every reply's Date
+    # truncated to its second, as aiohttp and nginx send it. Each refused request counts
+    # against the quota and moves the window's end 4 ms later: the end crosses a whole
+    # second (1.994 s to 2.002 s) while the probes knock. Read against its own truncated
+    # Date, the first refusal (at 1.001 s, early in its second) stated an end at 2.001 s
+    # and the second probe's (at 1.031 s) one at 3.031 s: more than the second of
+    # rounding apart, taken for a punishing upstream (the real-time row 15, in half its
+    # runs). A clock learnt from the Dates of the replies before reads both ends to the
+    # second the upstream meant. An upstream that does punish (a second per knock) is
+    # still told by the second refused probe.
+    window_end = 1.990
+    sends: list[float] = []
+
+    async def upstream(request: Request) -> Response:
+        nonlocal window_end
+        t = now()
+        sends.append(t)
+        if 1.0 <= t < window_end:
+            window_end += 1.0 if punishes and len(sends) > 5 else 0.004
+            return Response(
+                429, dated({"retry-after": http_date(EPOCH + window_end)}), RATE_LIMITED
+            )
+        return Response(200, dated({}), b"{}")
+
+    async with Shaper(
+        URL,
+        transport=MockTransport(upstream),
+        hooks=(),
+        cooldown_ramp=0.0,
+        limit=1,
+        wall_clock=lambda: EPOCH + now(),
+    ) as shaper:
+        for at in (0.0, 0.3, 0.6, 0.9):  # replies at several phases of the second
+            await asyncio.sleep(at - now())
+            await shaper.request("GET", "/v1/models")
+        await asyncio.sleep(1.001 - now())
+        result = await outcome(shaper.request("GET", "/v1/models", deadline=60))
+        learnt = shaper._feedback.punishes
+
+    assert result[0] == "ok"
+    assert learnt is punishes
+    refused = [t for t in sends if t >= 1.0][:-1]
+    if punishes:
+        assert len(refused) == 3  # the first send and two probes; then the window in full
+        assert sends[-1] >= window_end
+    else:
+        # Probed until the window ended, 10 ms after the first refusal and then twice as
+        # far apart each time: never held for the window's stated whole second or more.
+        assert sends[-1] < window_end + 0.7, sends
 
 
 async def test_a_retry_after_of_200_s_is_probed_and_honoured_while_the_probes_are_refused():

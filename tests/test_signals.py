@@ -26,6 +26,7 @@ from asyncquota.signals import (
     parse_http_date,
     parse_rate_limit_headers,
     parse_retry_after,
+    retry_after_form,
 )
 
 # 2026-11-27T22:40:00Z, the "now" every timestamp below is read against.
@@ -665,6 +666,27 @@ def test_a_retry_after_date_needs_now_but_seconds_do_not():
     assert classify_error_body(503, b"", headers, now=NOW).retry_after == 12.0
     assert classify_error_body(503, b"", headers).retry_after is None
     assert classify_error_body(503, b"", {"Retry-After": "12"}).retry_after == 12.0
+
+
+@pytest.mark.parametrize(
+    ("headers", "form"),
+    [
+        ({"retry-after-ms": "250", "retry-after": "1"}, "ms"),
+        ({"retry-after-ms": "soon", "retry-after": "1"}, "whole-seconds"),  # ms unreadable
+        ({"Retry-After": "7"}, "whole-seconds"),
+        ({"retry-after": "1e999"}, "whole-seconds"),  # clamped to a day by the parser
+        ({"retry-after": "0.25"}, "seconds"),
+        ({"retry-after": "Fri, 27 Nov 2026 22:40:12 GMT"}, "date"),
+        ({"retry-after": "-3"}, None),
+        ({"retry-after": "next tuesday"}, None),
+        ({}, None),
+        (None, None),
+    ],
+)
+def test_the_form_of_a_retry_after_says_how_finely_it_was_stated(headers, form):
+    assert retry_after_form(headers) == form
+    # Always the value parse_retry_after reads: a form only where a value is.
+    assert (parse_retry_after(headers or {}, now=NOW) is None) is (form is None)
 
 
 def test_anthropic_529_with_headers():
