@@ -72,8 +72,15 @@ _MEASURE_AGE = 1.0
 """Only readings from replies this fast (seconds from the send) measure a refill: the
 marks of slower ones say too little about which of our sends the upstream had counted."""
 
-_MEASURE_ROOM = 2.0
-"""A rate more than this many times the refill measured (or what we sent) is refuted."""
+_MEASURE_ROOM = 1.25
+"""A rate more than this many times the refill measured (or what we sent) is refuted.
+
+The room is what the mirror may send beyond the evidence. It paces alone where the
+readings overstate the rate (a per-minute ``limit``), and at twice the refill it let
+through two sends a unit at an empty bucket: on an upstream that counts refusals, a debt
+each time (virtual row 15: 3.0-3.9 % of 429s, 1.1-1.2 % at 1.25 times). A quota that grew
+is still found: each measurement may raise the bound this much again, and a slow reply
+that shows the bucket at its top raises it too (``_RATE_RAISE``)."""
 
 _TOP_MIN = 10.0
 """The fewest units the most ``remaining`` seen under a limit must be for a reading at it
@@ -673,9 +680,10 @@ class TokenBucket:
                 # anchor (less all we sent, plus a refill at that rate) never lets the
                 # pace past it. Raise it; raised too far, the readings fall under half
                 # and stop it, and refusals cut the pace. A refill bound measured once
-                # (twice the refill between two fast readings, scaled with the limit) is
-                # refuted by it too: measured in a cooldown's wake, the real-time row
-                # 14's held the pace at 89 a second of 200 all night, its bucket full.
+                # (a little over the refill between two fast readings, scaled with the
+                # limit) is refuted by it too: measured in a cooldown's wake, the
+                # real-time row 14's held the pace at 89 a second of 200 all night, its
+                # bucket full.
                 raised = self._mirror_rate * _RATE_RAISE
                 self._rate_cap = max(self._rate_cap, raised)
                 self._learnt_rate = self._mirror_rate = raised
@@ -697,7 +705,7 @@ class TokenBucket:
         upstream's bucket is never run dry), a quota that doubled would else stay
         bounded by what was measured under the old one (the real-time matrix's row 14:
         0.54-0.74 of the quota). Without a reserve the refusals at the edge go on
-        measuring, and a bound scaled off a slow reply, twice the refill measured,
+        measuring, and a bound scaled off a slow reply, above the refill measured,
         overshoots until they do (row 15 on virtual time: 6 % of 429s instead of 1 %).
         """
         previous = self._reading
@@ -716,8 +724,9 @@ class TokenBucket:
         (6 000 for 100 a second), so ``(limit - remaining) / reset`` reads 6 000 a second
         off a bucket of 100, and a mirror refilling that fast paces nothing. A rate more
         than ``_MEASURE_ROOM`` times the refill measured is refuted until the next
-        measurement; the bound never falls under twice what we sent, so sending more is
-        never held back by it for long (each measurement may double it).
+        measurement; the bound never falls under that share more than we sent, so
+        sending more is never held back by it for long (each measurement may raise it
+        by that much again).
         """
         previous = self._reading
         if previous is None:
