@@ -8,6 +8,7 @@ import pytest
 
 from asyncquota.errors import QuotaError
 from asyncquota.gates import _MEASURE_ROOM as ROOM  # how far past a measured refill
+from asyncquota.gates import _MEASURE_ROOM_HELD as ROOM_HELD  # the same, a reserve held
 from asyncquota.gates import (
     CooldownGate,
     GateStatistics,
@@ -310,7 +311,7 @@ def per_minute_bucket(*, reserve: float) -> TokenBucket:
     bucket.sync(remaining=0, reset_after=1.0, limit=6_000, now=0.0, sent_mark=bucket.taken)
     bucket.take(100, 0.5)
     bucket.sync(remaining=0, reset_after=1.0, limit=6_000, now=1.0, sent_mark=bucket.taken)
-    assert bucket.mirror(1.0).rate == pytest.approx(ROOM * 100.0)
+    assert bucket.mirror(1.0).rate == pytest.approx((ROOM_HELD if reserve else ROOM) * 100.0)
     return bucket
 
 
@@ -322,6 +323,35 @@ def test_a_mirror_bounds_the_sends_while_a_reading_not_the_measured_refill_sets_
     # 6 000 a minute over a second's bucket: the readings say ~6 000 a second, and a
     # little over the refill measured between two of them is all that holds the mirror.
     assert not per_minute_bucket(reserve=0.0).mirror_bounds()
+
+
+def test_a_held_reserve_gives_a_measured_refill_twice_the_room():
+    # Kept from running its bucket dry (an upstream that punishes), a mirror costs no
+    # refusal for sending past the refill measured, and refusals, which measure, are rare.
+    bucket = per_minute_bucket(reserve=0.0)
+    assert bucket.mirror(1.0).rate == pytest.approx(ROOM * 100.0)
+    bucket.hold_back(0.1)
+    bucket.sync(remaining=0, reset_after=1.0, limit=6_000, now=1.2)  # the next reading
+    assert bucket.mirror(1.2).rate == pytest.approx(ROOM_HELD * 100.0)
+    bucket.hold_back(0.0)
+    bucket.sync(remaining=0, reset_after=1.0, limit=6_000, now=1.3)
+    assert bucket.mirror(1.3).rate <= ROOM * 100.0 + 1e-6
+    per_minute_bucket(reserve=0.1)  # measured while held: ROOM_HELD times (it asserts)
+
+
+def test_a_reading_shows_room_when_the_bucket_behind_the_limit_is_full():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    assert not bucket.shows_room()  # no reading yet
+    bucket.sync(remaining=99, reset_after=0.01, limit=100, now=0.0)
+    assert bucket.shows_room()
+    bucket.sync(remaining=60, reset_after=0.4, limit=100, now=0.1)
+    assert not bucket.shows_room()  # room, but not a full bucket: it may be draining
+    # A per-minute limit (6 000) over a bucket of 100: full is the most it has shown.
+    minute = per_minute_bucket(reserve=0.0)
+    minute.sync(remaining=100, reset_after=0.01, limit=6_000, now=1.5)
+    assert minute.shows_room()
+    minute.sync(remaining=70, reset_after=0.3, limit=6_000, now=1.6)
+    assert not minute.shows_room()
 
 
 def test_a_slow_reply_at_the_top_the_upstream_has_shown_raises_a_measured_rate():
@@ -470,7 +500,7 @@ def test_held_back_a_quota_that_doubles_lifts_the_refill_bound_off_slow_replies_
     # scales with the limit instead of holding the pace at the old quota.
     bucket = per_minute_bucket(reserve=0.1)
     slow_reply_with_a_doubled_quota(bucket)
-    assert bucket.mirror(20.0).rate == pytest.approx(ROOM * 200.0)
+    assert bucket.mirror(20.0).rate == pytest.approx(ROOM_HELD * 200.0)
 
 
 def test_without_a_reserve_only_a_fast_reply_rescales_the_refill_bound():
