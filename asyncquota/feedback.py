@@ -490,11 +490,8 @@ class Feedback:
             self._interval = PROBE_FIRST
             self._failed_probes = 0
         self._succeeded_at = now
-        rate = self._rate
         confirmed = (
-            now - sent_at <= PACE_CONFIRMS * PACE_STEP
-            or rate.mirror_bounds()
-            or (self.punishes and rate.shows_room())
+            now - sent_at <= PACE_CONFIRMS * PACE_STEP or self._rate.mirror_bounds()
         )
         if self._pace.step(now, confirmed=confirmed):
             self._apply_pace()

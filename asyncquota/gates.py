@@ -84,9 +84,10 @@ that shows the bucket at its top raises it too (``_RATE_RAISE``)."""
 
 _MEASURE_ROOM_HELD = 2.0
 """The room while a reserve is held back (an upstream that punishes): its bucket is never
-run dry, so the room costs no refusal there, and its refusals, which measure, are rare. At
-1.25 times the refill the real-time rows 2, 9 and 14 (punishing, long replies) lost 0.02
-to 0.03 of the quota, row 14 its first 10 s (0.86)."""
+run dry, so the room costs no refusal there, and its refusals, which measure, are rare.
+One real-time run at 1.25 times everywhere gave the punishing long rows 2, 9 and 14
+0.953, 0.950 and 0.958 (row 14's first 10 s 0.86; they swing by 0.03 from run to run):
+the old room is kept where the new one buys nothing."""
 
 _TOP_MIN = 10.0
 """The fewest units the most ``remaining`` seen under a limit must be for a reading at it
@@ -183,7 +184,6 @@ class TokenBucket:
 
     __slots__ = (
         "_burst",
-        "_last_remaining",
         "_learnt_at",
         "_learnt_limit",
         "_learnt_rate",
@@ -247,7 +247,6 @@ class TokenBucket:
         # The most the upstream said it had left under the limit it stated last: the
         # bucket's size as seen, which a per-minute ``limit`` does not name.
         self._top_seen = 0.0
-        self._last_remaining: float | None = None  # the last reading's, for ``shows_room``
         self._top_limit: float | None = None
         # Under a new limit, the top seen under the old ones, scaled to it: a first
         # reading alone is no top (the real-time row 9's, 11 of a bucket doubled to 200,
@@ -277,20 +276,6 @@ class TokenBucket:
         does), it paces nothing.
         """
         return self._mirror_burst is not None and self._mirror_rate < self._rate_cap
-
-    def shows_room(self) -> bool:
-        """Whether the upstream's last reading showed its bucket full (within a unit).
-
-        Full is the most it has shown under this limit, when that is a bucket's worth
-        (``_TOP_MIN``), else the limit: a per-minute ``limit`` over a second's bucket is
-        never full, the bucket behind it is.
-        """
-        remaining, burst = self._last_remaining, self._mirror_burst
-        if remaining is None or burst is None:
-            return False
-        seen = max(self._top_seen, self._top_scaled)
-        top = min(burst, seen) if seen >= _TOP_MIN else burst
-        return remaining >= top - 1
 
     @property
     def rate(self) -> float:
@@ -640,7 +625,6 @@ class TokenBucket:
             self._top_seen = remaining
         elif remaining > self._top_seen:
             self._top_seen = remaining
-        self._last_remaining = remaining
         if limit is not None:
             measures = sent_mark is not None and sent_age <= _MEASURE_AGE
             if measures or self._reserve:
@@ -1013,11 +997,6 @@ class _BucketGate:
         """Whether a mirror of the upstream's bucket keeps our sends within it (see
         ``TokenBucket.mirror_bounds``)."""
         return self._bucket.mirror_bounds()
-
-    def shows_room(self) -> bool:
-        """Whether the upstream's last reading showed its bucket full (see
-        ``TokenBucket.shows_room``)."""
-        return self._bucket.shows_room()
 
     @property
     def mirror_level(self) -> float | None:

@@ -339,21 +339,6 @@ def test_a_held_reserve_gives_a_measured_refill_twice_the_room():
     per_minute_bucket(reserve=0.1)  # measured while held: ROOM_HELD times (it asserts)
 
 
-def test_a_reading_shows_room_when_the_bucket_behind_the_limit_is_full():
-    bucket = TokenBucket(now=0.0, **UNBOUNDED)
-    assert not bucket.shows_room()  # no reading yet
-    bucket.sync(remaining=99, reset_after=0.01, limit=100, now=0.0)
-    assert bucket.shows_room()
-    bucket.sync(remaining=60, reset_after=0.4, limit=100, now=0.1)
-    assert not bucket.shows_room()  # room, but not a full bucket: it may be draining
-    # A per-minute limit (6 000) over a bucket of 100: full is the most it has shown.
-    minute = per_minute_bucket(reserve=0.0)
-    minute.sync(remaining=100, reset_after=0.01, limit=6_000, now=1.5)
-    assert minute.shows_room()
-    minute.sync(remaining=70, reset_after=0.3, limit=6_000, now=1.6)
-    assert not minute.shows_room()
-
-
 def test_a_slow_reply_at_the_top_the_upstream_has_shown_raises_a_measured_rate():
     # A per-minute ``limit`` (6 000) over a bucket of 100: two fast readings bounded the
     # rate at a little over the refill they measured, 100 a second. Measured in a cooldown's
