@@ -22,7 +22,10 @@ attempt to :class:`Feedback`, which turns it into three controls:
   seconds), the sends do, the door's silence vouching for the pace: back towards the
   level last found too high, and past it by the first step only. Only a success sent
   under the current pace (``PACE_CONFIRMS``), or one with a mirror keeping the sends
-  within the upstream's bucket, speeds the growth up.
+  within the upstream's bucket or standing full at a rate the pace is under, speeds the
+  growth up. While a request mirror refilling slower than the pace stands under half,
+  the pace does not grow at all: the sends are already outrunning what the upstream
+  said it refills.
 - **The mirrors** of the upstream's buckets (``TokenBucket.sync``): every read of the
   rate-limit headers re-anchors them at ``remaining`` less what was sent since the
   request went out, up or down, so a wrong learnt rate or level costs one reply. A
@@ -160,7 +163,12 @@ this many steps, or a mirror of the upstream's bucket (its rate-limit headers) k
 sends within it. A streamed answer 20 s long vouches for the pace of 20 s ago: taken as
 word for the current one where nothing else holds the sends, it sped the growth to a
 quarter a step, past the quota while the upstream's bucket hid the overshoot (the
-matrix's row 18, virtual: 2.0-2.6 % of 429s; 1.5-1.6 % since)."""
+matrix's row 18, virtual: 2.0-2.6 % of 429s; 1.5-1.6 % since). A mirror that refills at
+least at the pace and stands full (``RateGate.mirror_vouches``) confirms it too: every
+reading says the upstream's bucket is full while we send at the pace, so the pace is
+under what it takes. Without that, a capacity that returned over replies of 5-30 s was
+found at 4 % a step, the door's silence alone (50 to 100 a second in 9 s, the matrix's
+row 2, with readings of a full bucket all along)."""
 
 PACE_MAX_GROWTH = 0.25
 """The largest single step of growth (a share of the pace)."""
@@ -313,7 +321,11 @@ class Pace:
         sent = self._recent_sent.total(now)
         return refused >= PACE_MIN_REFUSED and refused >= PACE_STARVED * sent
 
-    def step(self, now: float, *, confirmed: bool = True) -> bool:
+    def due(self, now: float) -> bool:
+        """Whether a step has passed since the last (``step`` would look at growth)."""
+        return self.rate is not None and now - self._step_start >= PACE_STEP
+
+    def step(self, now: float, *, confirmed: bool = True, grow: bool = True) -> bool:
         """Grow (or lift) the pace if a step has passed; whether ``rate`` changed.
 
         ``confirmed``: called on a success (the upstream served something sent at this
@@ -321,6 +333,8 @@ class Pace:
         that take seconds), only the silence of the door vouches for the pace, a
         refusal coming back in milliseconds: the pace grows back towards the level last
         found too high, and beyond it by the first step only, without speeding up.
+        ``grow``: False holds the pace where it is and starts its growth over (a mirror
+        says the sends outrun the upstream's refill already).
         """
         rate = self.rate
         elapsed = now - self._step_start
@@ -337,6 +351,9 @@ class Pace:
                 return True
             return False
         self._idle_since = math.inf
+        if not grow:
+            self._growth = PACE_FIRST_GROWTH
+            return False
         if rate < self._held:
             # Back towards the level last found too high quickly: half the gap a step.
             self.rate = max(rate * (1 + PACE_FIRST_GROWTH), (rate + self._held) / 2)
@@ -454,7 +471,11 @@ class Feedback:
         pace = self._pace
         pace.sent(now)
         # No reply for a step (they take seconds): the door's silence clocks the pace.
-        if now - self._succeeded_at > PACE_STEP and pace.step(now, confirmed=False):
+        if (
+            now - self._succeeded_at > PACE_STEP
+            and pace.due(now)
+            and pace.step(now, confirmed=False, grow=self._may_grow())
+        ):
             self._apply_pace()
         self._sends += 1
         due, sends = self._mirror_probe
@@ -470,6 +491,14 @@ class Feedback:
                 now + wait, self._probe_let_in, probe, self._cooldown.probes
             )
 
+    def _may_grow(self) -> bool:
+        """Whether the pace may grow: not while a request mirror refilling slower than the
+        pace stands under half (``RateGate.mirror_vouches`` says False). Its bucket hides
+        an overshoot until it is empty, and the door stays silent until then: growth by
+        that silence alone went on to 1.4 times the quota over long replies."""
+        rate = self._pace.rate
+        return rate is None or self._rate.mirror_vouches(rate) is not False
+
     def _probe_let_in(self, probe: int, number: int) -> None:
         cooldown = self._cooldown
         if cooldown.probe_out and cooldown.probes == number:  # that very probe, unanswered
@@ -481,7 +510,7 @@ class Feedback:
         ``sent_at``: when its request went out (unknown: the success confirms nothing).
         A reply slower than ``PACE_CONFIRMS`` steps confirms a pace from before the last
         steps of growth, not the current one (see ``Pace.step``), unless a mirror of the
-        upstream's bucket keeps the sends within it.
+        upstream's bucket keeps the sends within it or vouches for the pace.
         """
         if probe and probe == self._cooldown.generation and not self._cooldown.is_open(now):
             self._cooldown.reopen()
@@ -490,10 +519,15 @@ class Feedback:
             self._interval = PROBE_FIRST
             self._failed_probes = 0
         self._succeeded_at = now
+        pace = self._pace
+        if pace.rate is None or not pace.due(now):
+            return
         confirmed = (
-            now - sent_at <= PACE_CONFIRMS * PACE_STEP or self._rate.mirror_bounds()
+            now - sent_at <= PACE_CONFIRMS * PACE_STEP
+            or self._rate.mirror_bounds()
+            or self._rate.mirror_vouches(pace.rate) is True
         )
-        if self._pace.step(now, confirmed=confirmed):
+        if pace.step(now, confirmed=confirmed, grow=self._may_grow()):
             self._apply_pace()
 
     def congested(

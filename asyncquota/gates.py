@@ -277,6 +277,21 @@ class TokenBucket:
         """
         return self._mirror_burst is not None and self._mirror_rate < self._rate_cap
 
+    def mirror_vouches(self, rate: float, now: float) -> bool | None:
+        """What a bucket mirror says at ``now`` of sending at ``rate``: True if it refills
+        at least that fast and stands at the most the upstream has shown it holds (sends
+        at ``rate`` leave it full); False if it refills slower and stands under half of
+        that (sends at ``rate`` are draining it); None otherwise, or with no mirror."""
+        self._settle(now)
+        burst = self._mirror_burst
+        if burst is None or self._mirror_until != math.inf:
+            return None
+        seen = max(self._top_seen, self._top_scaled)
+        top = min(burst, seen) if seen >= _TOP_MIN else burst
+        if rate <= self._mirror_rate:
+            return True if self._mirror_level >= top - 1 else None
+        return False if 2 * self._mirror_level < top else None
+
     @property
     def rate(self) -> float:
         """Units added per second."""
@@ -997,6 +1012,10 @@ class _BucketGate:
         """Whether a mirror of the upstream's bucket keeps our sends within it (see
         ``TokenBucket.mirror_bounds``)."""
         return self._bucket.mirror_bounds()
+
+    def mirror_vouches(self, rate: float) -> bool | None:
+        """What the mirror says of sending at ``rate``; see ``TokenBucket.mirror_vouches``."""
+        return self._bucket.mirror_vouches(rate, self._now())
 
     @property
     def mirror_level(self) -> float | None:

@@ -339,6 +339,39 @@ def test_a_slow_reply_showing_a_full_bucket_raises_a_rate_learnt_too_low():
     assert bucket.mirror(5.0).rate == pytest.approx(49.5 * 1.25)
 
 
+def test_a_full_mirror_vouches_for_a_pace_under_its_rate_and_a_draining_one_stops_growth():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    assert bucket.mirror_vouches(50.0, 0.0) is None  # no mirror: it says nothing
+    bucket.sync(remaining=0, reset_after=1.0, limit=100, now=0.0)  # learnt at 99 a second
+    bucket.sync(remaining=100, reset_after=0.0, limit=100, now=2.0)  # full again
+    assert bucket.mirror_vouches(80.0, 2.0) is True
+    assert bucket.mirror_vouches(120.0, 2.0) is None  # full, but sends at 120 outrun its refill
+    bucket.take(60, 2.0)
+    assert bucket.mirror_vouches(80.0, 2.0) is None  # 40 left: neither full nor draining
+    assert bucket.mirror_vouches(120.0, 2.0) is False  # under half while we outrun it
+    # A fixed-window mirror (no limit stated) states its own end and vouches nothing.
+    window = TokenBucket(now=0.0, **UNBOUNDED)
+    window.sync(remaining=10, reset_after=1.0, limit=None, now=0.0)
+    assert window.mirror_vouches(1.0, 0.0) is None
+
+
+def test_a_step_that_may_not_grow_holds_the_pace_and_starts_its_growth_over():
+    pace = Pace()
+    t = cut_from_100(pace)
+    for _ in range(8):  # grown well past the cut level, its growth sped up
+        assert pace.rate is not None
+        t = sent(pace, math.ceil(pace.rate * 0.5), t, pace.rate)
+        pace.step(t)
+    before = pace.rate
+    assert before is not None and before > 100
+    t = sent(pace, math.ceil(before * 0.5), t, before)
+    assert not pace.step(t, grow=False)
+    assert pace.rate == before
+    t = sent(pace, math.ceil(before * 0.5), t, before)
+    assert pace.step(t)  # growth starts over at its first step, not where it had got to
+    assert pace.rate == pytest.approx(before * (1 + PACE_FIRST_GROWTH))
+
+
 def test_a_reading_raises_a_mirror_left_too_low_less_what_went_out_since():
     bucket = TokenBucket(now=0.0, **UNBOUNDED)
     bucket.sync(remaining=0, reset_after=10.0, limit=100, now=0.0)  # a rate learnt low
@@ -609,6 +642,25 @@ async def test_capacity_that_halves_and_returns_is_followed_within_three_seconds
     assert sum(ok[23:30]) >= 0.95 * 100 * 7, ok
     totals = upstream.stats()["totals"]
     assert totals["429"] <= 0.05 * totals["requests"]
+
+
+async def test_over_long_replies_capacity_that_returns_is_found_within_three_seconds():
+    # Replies of 5-30 s: nothing answers the sends of the last seconds, so the pace grew
+    # back by the door's silence alone, 4 % a step (50 to 100 a second took 9 s), while
+    # every reading said the upstream's bucket was full. A mirror refilling at least at
+    # the pace and standing full vouches for it: the growth speeds up as a fast reply's
+    # would.
+    upstream = upstream_of(
+        headers_style="openai", schedule=((10.0, 0.5), (20.0, 1.0)), count_rejected=False,
+        reply_seconds=(5.0, 30.0), max_concurrency=3000,
+    )
+    stats = await long_replies(upstream, seconds=30)
+    admitted = [second["admitted_ok"] for second in stats["timeline"][:30]]
+    # Admitted a second from the return (20 s): 55, 59, 64, 69, 75, 79, 87, 93, 100 before;
+    # 56, 72, 89, 96, 103 now.
+    assert sum(admitted[23:30]) >= 0.95 * 100 * 7, admitted
+    totals = stats["totals"]
+    assert totals["429"] <= 0.02 * totals["requests"]
 
 
 async def test_capacity_that_doubles_is_found_within_a_few_seconds_without_headers():
