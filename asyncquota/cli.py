@@ -25,7 +25,7 @@ from .bench.cli import BENCH_DURATION, BENCH_SESSIONS
 from .bench.exhaustion import SCENARIO as EXHAUSTION
 from .bench.fleet import DEFAULT_PROCESSES, FLEET, FLEET_STRATEGIES, MAX_PROCESSES
 from .bench.fleet import SCENARIO as FLEET_SCENARIO
-from .bench.matrix import DURATION, SESSIONS
+from .bench.matrix import DURATION, MAX_REPEAT, SESSIONS
 from .bench.strategies import STRATEGIES
 from .bench.tune import METRICS, PARAMETERS, Objective, parse_objective, parse_param
 from .testing import PRESETS
@@ -137,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--rows", type=_rows, metavar="N,M,...",
         help="with --matrix: only these rows (their numbers in the full table)",
+    )
+    bench.add_argument(
+        "--repeat", type=int, metavar="N",
+        help=f"with --matrix: run every row N times (seeds --seed to --seed + N - 1, at most "
+        f"{MAX_REPEAT}) and report the medians and how many runs met every target",
     )
     bench.add_argument(
         "--processes", type=int, metavar="N",

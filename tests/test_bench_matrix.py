@@ -12,6 +12,7 @@ from asyncquota.bench.matrix import (
     TARGETS,
     matrix_rows,
     matrix_table,
+    repeated_document,
     row_figures,
 )
 from asyncquota.bench.metrics import queue_wait_ms
@@ -146,6 +147,66 @@ def test_a_row_names_every_target_it_misses():
         "misses"] == []
 
 
+def figures_of(goodput: float, share_429: float, lost: int = 0) -> dict:
+    """A strategy's row figures as ``row_figures`` gives them, the bench's result left out."""
+    waits = {"interactive": {"p50": 400.0 * goodput, "p99": 900.0}, "batch": {
+        "p50": 1_000.0, "p99": 9_000.0}}
+    figures = {"goodput": goodput, "goodput_10s": 0.95, "share_429": share_429,
+               "deadline_share": 0.0, "queue_wait_ms": waits, "refusal_p99_ms": 500.0,
+               "cpu_s": 3.0, "lost": lost, "bench": {"timeline": []}}
+    comparisons = {name: value for name, value in figures.items() if name in TARGETS}
+    figures["misses"] = [name for name, (op, bound) in TARGETS.items() if not (
+        comparisons[name] >= bound if op == ">=" else comparisons[name] <= bound)]
+    return figures
+
+
+def entries_of(*figures: dict) -> list[dict]:
+    behaviour = {name: values[0] for name, values in DIMENSIONS.items()}
+    return [{"row": number, "behaviour": behaviour, "label": f"row {number}", "upstream": {},
+             "model": {}, "shaper_options": [], "results": {"asyncquota": f}}
+            for number, f in enumerate(figures, start=1)]
+
+
+def test_repeated_runs_fold_into_medians_judged_on_the_targets_and_a_count_of_runs_met():
+    runs = [
+        entries_of(figures_of(0.99, 0.010), figures_of(0.93, 0.030)),
+        entries_of(figures_of(0.94, 0.012), figures_of(0.96, 0.010)),
+        entries_of(figures_of(0.97, 0.025, lost=1), figures_of(0.92, 0.031)),
+    ]
+    doc = repeated_document(runs, virtual=False, seeds=[0, 1, 2])
+    assert (doc["mode"], doc["seed"], doc["seeds"], doc["repeat"]) == ("real", 0, [0, 1, 2], 3)
+    assert doc["runs"] == runs  # every run whole, the bench's results with it
+    first, second = (entry["results"]["asyncquota"] for entry in doc["rows"])
+    # Row 1: medians 0.97 of the quota and 1.2 % of 429s; the most any run lost is 1.
+    assert (first["goodput"], first["share_429"], first["lost"]) == (0.97, 0.012, 1)
+    assert first["misses"] == ["lost"]
+    assert first["met"] == 1  # only the second run met every target
+    assert first["queue_wait_ms"]["interactive"] == {"p50": 388.0, "p99": 900.0}
+    assert [run["goodput"] for run in first["runs"]] == [0.99, 0.94, 0.97]
+    assert all("bench" not in run for run in first["runs"])
+    # Row 2: one run of three met every target; its medians miss two.
+    assert (second["goodput"], second["share_429"]) == (0.93, 0.03)
+    assert second["misses"] == ["goodput", "share_429"] and second["met"] == 1
+    # An even count: the mean of the two middle values.
+    even = repeated_document(runs[:2], virtual=True, seeds=[5, 6])
+    assert even["rows"][0]["results"]["asyncquota"]["goodput"] == 0.965
+    table = matrix_table(even)
+    assert "medians of 2 runs, seeds 5-6" in table
+    assert table.splitlines()[1].split()[-1] == "met"
+    assert table.splitlines()[3].split()[-1] == "1/2"
+
+
+def test_repeated_runs_must_be_of_the_same_rows_one_per_seed():
+    one = entries_of(figures_of(0.99, 0.01))
+    two = entries_of(figures_of(0.99, 0.01), figures_of(0.99, 0.01))
+    with pytest.raises(ValueError, match="one run per seed"):
+        repeated_document([one, one], virtual=True, seeds=[0])
+    with pytest.raises(ValueError, match="one run per seed"):
+        repeated_document([], virtual=True, seeds=[])
+    with pytest.raises(ValueError, match="same rows"):
+        repeated_document([one, two], virtual=True, seeds=[0, 1])
+
+
 def test_the_queue_wait_hook_keeps_first_attempts_admissions_by_class():
     hook = QueueWaits()
     common = {"at": 1.0, "method": "POST", "path": "/v1/chat/completions", "tenant": None}
@@ -196,11 +257,32 @@ def test_a_small_virtual_matrix_through_the_command(tmp_path: Path, capsys):
     assert capsys.readouterr().out.strip() == matrix_table(doc)
 
 
+def test_a_small_virtual_matrix_repeated_through_the_command(tmp_path: Path, capsys):
+    out = tmp_path / "matrix.json"
+    status = main([
+        "bench", "--matrix", "--virtual", "--rows", "3", "--sessions", "60",
+        "--duration", "4", "--repeat", "3", "--seed", "4", "--json", str(out),
+    ])
+    assert status == 0
+    doc = orjson.loads(out.read_bytes())
+    assert (doc["repeat"], doc["seeds"]) == (3, [4, 5, 6])
+    assert [[entry["upstream"]["seed"] for entry in run] for run in doc["runs"]] == [
+        [4], [5], [6]]
+    figures = doc["rows"][0]["results"]["asyncquota"]
+    goodputs = sorted(run["goodput"] for run in figures["runs"])
+    assert figures["goodput"] == goodputs[1]
+    assert 0 <= figures["met"] <= 3
+    assert figures["met"] == sum(1 for run in figures["runs"] if not run["misses"])
+    assert capsys.readouterr().out.strip() == matrix_table(doc)
+
+
 def test_the_matrix_refuses_what_it_does_not_take(capsys):
     for argv, message in [
         (["--rows", "21"], "no row 21"),
         (["--scenario", "crisis"], "drop --scenario"),
         (["--rows", "x"], "--rows takes row numbers"),
+        (["--repeat", "0"], "--repeat must be between 1 and 10"),
+        (["--repeat", "11"], "--repeat must be between 1 and 10"),
     ]:
         with pytest.raises(SystemExit):
             main(["bench", "--matrix", "--virtual", *argv])
@@ -208,4 +290,7 @@ def test_the_matrix_refuses_what_it_does_not_take(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--virtual", "--rows", "1"])
     assert "--rows goes with --matrix" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--virtual", "--repeat", "2"])
+    assert "--repeat goes with --matrix" in capsys.readouterr().err
 

@@ -5,6 +5,7 @@
         --strategies naive,openai-sdk,tenacity,cookbook --json out.json --plot out.png
     asyncquota bench --virtual ...      # in process, on virtual time
     asyncquota bench --matrix [--virtual] [--json PATH] [--strategies a,b] [--rows 1,5]
+        [--repeat 3]
     asyncquota bench --scenario exhaustion [--virtual] [--json PATH]
     asyncquota bench --scenario fleet --processes 4 [--kill-redis-at 20 --restore-redis-at 25]
     asyncquota tune --scenario crisis --param limit.initial=20,64 \\
@@ -12,7 +13,9 @@
 
 ``--matrix`` replays a 30 s night once per upstream behaviour of the robustness matrix
 (:mod:`asyncquota.bench.matrix`: a covering set of behaviours, asyncquota alone unless
-``--strategies`` says otherwise) and prints a row per behaviour and strategy.
+``--strategies`` says otherwise) and prints a row per behaviour and strategy;
+``--repeat N`` runs them N times (seeds ``--seed`` on, round after round) and prints the
+medians and how many runs met every target.
 
 ``--scenario exhaustion`` is the 2 a.m. night (:mod:`asyncquota.bench.exhaustion`): the
 primary's quota dies at 20 s and returns at 45 s, asyncquota runs as a Gateway with a
@@ -54,11 +57,13 @@ from .fleet import (
 from .fleet import SCENARIO as FLEET_SCENARIO
 from .matrix import (
     DURATION,
+    MAX_REPEAT,
     SESSIONS,
     MatrixRow,
     matrix_document,
     matrix_rows,
     matrix_table,
+    repeated_document,
     run_matrix,
 )
 from .report import document, table
@@ -103,6 +108,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _matrix(parser, args)
     if args.command == "bench" and args.rows is not None:
         parser.error("--rows goes with --matrix.")
+    if args.command == "bench" and args.repeat is not None:
+        parser.error("--repeat goes with --matrix.")
     args.scenario = args.scenario or "crisis"
     if fleet:
         return _fleet(parser, args)
@@ -166,16 +173,33 @@ def _matrix(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     def done(row: MatrixRow, strategy: str, result: Mapping[str, Any]) -> None:
         print(
-            f"[row {row.number}] {row.label} {strategy}: goodput {result['goodput']:.3f}, "
+            f"[row {row.number}, seed {row.config.seed}] {row.label} {strategy}: "
+            f"goodput {result['goodput']:.3f}, "
             f"first 10 s {result['goodput_10s']:.2f}, {result['bench']['wall_s']:.1f} s wall",
             file=sys.stderr,
         )
 
-    entries = run_matrix(
-        rows, args.strategies or ["asyncquota"], virtual=args.virtual,
-        progress=sys.stderr.isatty(), on_done=done,
-    )
-    doc = matrix_document(entries, virtual=args.virtual, seed=args.seed)
+    repeat = 1 if args.repeat is None else args.repeat
+    if not 1 <= repeat <= MAX_REPEAT:
+        parser.error(f"--repeat must be between 1 and {MAX_REPEAT}.")
+    seeds = [args.seed + run for run in range(repeat)]
+    runs = []
+    for seed in seeds:  # round after round: a machine's drift falls on every row alike
+        if seed != args.seed:
+            numbers = {row.number for row in rows}
+            rows = [
+                row
+                for row in matrix_rows(seed=seed, sessions=args.sessions, duration=args.duration)
+                if row.number in numbers
+            ]
+        runs.append(run_matrix(
+            rows, args.strategies or ["asyncquota"], virtual=args.virtual,
+            progress=sys.stderr.isatty(), on_done=done,
+        ))
+    if repeat == 1:
+        doc = matrix_document(runs[0], virtual=args.virtual, seed=args.seed)
+    else:
+        doc = repeated_document(runs, virtual=args.virtual, seeds=seeds)
     print(matrix_table(doc))
     if args.json is not None:
         args.json.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))

@@ -56,6 +56,14 @@ Figures per row and strategy (:func:`row_figures`):
   share included) and requests that never ended.
 
 :data:`TARGETS` are those the issue sets for every row; ``misses`` names those a row fails.
+
+One run a row is one draw: in real time the same row swings from run to run by as much as
+a change being measured (row 2 read 0.93 and 0.99 of the quota in two runs of the same
+code on this project's machine). :func:`repeated_document` folds several runs of every
+row (``asyncquota bench --matrix --repeat N``: seeds ``seed`` to ``seed + N - 1``, run
+round after round so that a machine's drift falls on every row alike) into the median of
+each figure, the targets judged on the medians, and ``met``: in how many runs the row met
+every target.
 """
 
 from __future__ import annotations
@@ -76,12 +84,14 @@ from .strategies.shaper import Options
 __all__ = [
     "DIMENSIONS",
     "DURATION",
+    "MAX_REPEAT",
     "SESSIONS",
     "TARGETS",
     "MatrixRow",
     "matrix_document",
     "matrix_rows",
     "matrix_table",
+    "repeated_document",
     "row_config",
     "row_figures",
     "row_model",
@@ -138,6 +148,14 @@ TARGETS: Mapping[str, tuple[str, float]] = MappingProxyType(
     }
 )
 """What the request path is to reach in every row: figure → (comparison, bound)."""
+
+MAX_REPEAT = 10
+"""The most runs of every row ``--repeat`` takes (a real-time run of the matrix takes about
+20 minutes)."""
+
+_MEDIAN_FIGURES = (
+    "goodput", "goodput_10s", "share_429", "deadline_share", "refusal_p99_ms", "cpu_s",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +362,84 @@ def matrix_document(
     }
 
 
+def repeated_document(
+    runs: Sequence[Sequence[Mapping[str, Any]]], *, virtual: bool, seeds: Sequence[int]
+) -> dict[str, Any]:
+    """Several runs of the same rows (one list of :func:`run_matrix` entries per run, in the
+    order of ``seeds``) as one document: ``rows`` as in :func:`matrix_document`, each
+    strategy's figures the medians over the runs (``lost`` the most any run lost), its
+    ``misses`` judged on them, ``met`` the runs that met every target and ``runs`` each
+    run's own figures; ``runs`` at the top holds every run's whole entries (with the
+    bench's results).
+
+    Raises:
+        ValueError: no run, seeds not one per run, or runs of different rows.
+    """
+    if not runs or len(runs) != len(seeds):
+        raise ValueError(
+            f"{len(runs)} runs for {len(seeds)} seeds: one run per seed, at least one."
+        )
+    numbers = [entry["row"] for entry in runs[0]]
+    for other in runs[1:]:
+        if [entry["row"] for entry in other] != numbers:
+            raise ValueError("Every run must be of the same rows, in the same order.")
+    rows = []
+    for index, first in enumerate(runs[0]):
+        results = {}
+        for name in first["results"]:
+            each = [
+                {key: value for key, value in run[index]["results"][name].items() if key != "bench"}
+                for run in runs
+            ]
+            results[name] = _median_figures(each)
+        rows.append({
+            **{key: value for key, value in first.items() if key != "results"},
+            "results": results,
+        })
+    return {
+        "mode": "virtual" if virtual else "real",
+        "seed": seeds[0],
+        "seeds": list(seeds),
+        "repeat": len(runs),
+        "dimensions": {name: list(values) for name, values in DIMENSIONS.items()},
+        "targets": {name: list(target) for name, target in TARGETS.items()},
+        "rows": rows,
+        "runs": [list(run) for run in runs],
+    }
+
+
+def _median_figures(each: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One strategy's figures over several runs of a row (see :func:`repeated_document`)."""
+    figures: dict[str, Any] = {
+        name: _median([run[name] for run in each]) for name in _MEDIAN_FIGURES
+    }
+    waits = [run["queue_wait_ms"] for run in each]
+    figures["queue_wait_ms"] = (
+        None
+        if any(wait is None for wait in waits)
+        else {
+            cls: {q: _median([wait[cls][q] for wait in waits]) for q in ("p50", "p99")}
+            for cls in waits[0]
+        }
+    )
+    figures["lost"] = max(run["lost"] for run in each)
+    figures["misses"] = [name for name in TARGETS if not _meets(name, figures[name])]
+    figures["met"] = sum(1 for run in each if not run["misses"])
+    figures["runs"] = list(each)
+    return figures
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    """The median of the values given (None: none was given, as a class with no waits)."""
+    known = sorted(value for value in values if value is not None)
+    if not known:
+        return None
+    middle = len(known) // 2
+    if len(known) % 2:
+        return known[middle]
+    return round((known[middle - 1] + known[middle]) / 2, 4)
+
+
 _COLUMNS = (
     ("#", ">2"), ("headers", "<20"), ("retry-after", "<11"), ("capacity", "<8"),
     ("refused", "<7"), ("penalty", "<7"), ("replies", "<7"), ("skew", "<4"),
@@ -358,10 +454,21 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def matrix_table(doc: Mapping[str, Any]) -> str:
-    """The matrix as a fixed-width table: a line per row and strategy, waits in ms."""
-    header = " ".join(format(title, spec) for title, spec in _COLUMNS)
+    """The matrix as a fixed-width table: a line per row and strategy, waits in ms.
+
+    For a :func:`repeated_document`, the medians, and a last column ``met``: the runs in
+    which the row met every target.
+    """
+    repeat = doc.get("repeat", 1)
+    columns = (*_COLUMNS, ("met", "<0")) if repeat > 1 else _COLUMNS
+    header = " ".join(format(title, spec) for title, spec in columns)
+    runs = (
+        f"medians of {repeat} runs, seeds {doc['seeds'][0]}-{doc['seeds'][-1]}"
+        if repeat > 1
+        else f"seed {doc['seed']}"
+    )
     lines = [
-        f"robustness matrix: {len(doc['rows'])} rows, {doc['mode']} time, seed {doc['seed']} "
+        f"robustness matrix: {len(doc['rows'])} rows, {doc['mode']} time, {runs} "
         "(goodput, 10 s: ratios of the quota; 429 %: of sends; dl %: deadline expiries; "
         "wait: interactive queue wait; rej99: refusal p99)",
         header,
@@ -379,8 +486,10 @@ def matrix_table(doc: Mapping[str, Any]) -> str:
                 _fmt(r["refusal_p99_ms"], ".0f"), _fmt(r["cpu_s"], ".1f"), r["lost"],
                 ",".join(r["misses"]) or "-",
             )
+            if repeat > 1:
+                cells = (*cells, f"{r['met']}/{repeat}")
             lines.append(
-                " ".join(format(c, spec) for c, (_, spec) in zip(cells, _COLUMNS, strict=True))
+                " ".join(format(c, spec) for c, (_, spec) in zip(cells, columns, strict=True))
             )
     return "\n".join(lines)
 
