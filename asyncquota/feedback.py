@@ -474,7 +474,7 @@ class Feedback:
         if (
             now - self._succeeded_at > PACE_STEP
             and pace.due(now)
-            and pace.step(now, confirmed=False, grow=self._may_grow())
+            and pace.step(now, confirmed=False, grow=self._mirror_vouches() is not False)
         ):
             self._apply_pace()
         self._sends += 1
@@ -491,13 +491,14 @@ class Feedback:
                 now + wait, self._probe_let_in, probe, self._cooldown.probes
             )
 
-    def _may_grow(self) -> bool:
-        """Whether the pace may grow: not while a request mirror refilling slower than the
-        pace stands under half (``RateGate.mirror_vouches`` says False). Its bucket hides
-        an overshoot until it is empty, and the door stays silent until then: growth by
-        that silence alone went on to 1.4 times the quota over long replies."""
+    def _mirror_vouches(self) -> bool | None:
+        """What the request mirror says of the pace (``RateGate.mirror_vouches``). True
+        confirms it; False stops its growth: a mirror refilling slower than the pace
+        stands under half, and its bucket hides an overshoot until it is empty while the
+        door stays silent (growth by that silence alone went on to 1.4 times the quota
+        over long replies)."""
         rate = self._pace.rate
-        return rate is None or self._rate.mirror_vouches(rate) is not False
+        return None if rate is None else self._rate.mirror_vouches(rate)
 
     def _probe_let_in(self, probe: int, number: int) -> None:
         cooldown = self._cooldown
@@ -520,14 +521,15 @@ class Feedback:
             self._failed_probes = 0
         self._succeeded_at = now
         pace = self._pace
-        if pace.rate is None or not pace.due(now):
+        if not pace.due(now):
             return
+        vouches = self._mirror_vouches()
         confirmed = (
             now - sent_at <= PACE_CONFIRMS * PACE_STEP
             or self._rate.mirror_bounds()
-            or self._rate.mirror_vouches(pace.rate) is True
+            or vouches is True
         )
-        if pace.step(now, confirmed=confirmed, grow=self._may_grow()):
+        if pace.step(now, confirmed=confirmed, grow=vouches is not False):
             self._apply_pace()
 
     def congested(

@@ -286,11 +286,17 @@ class TokenBucket:
         burst = self._mirror_burst
         if burst is None or self._mirror_until != math.inf:
             return None
-        seen = max(self._top_seen, self._top_scaled)
-        top = min(burst, seen) if seen >= _TOP_MIN else burst
+        top = self._top(burst)
         if rate <= self._mirror_rate:
             return True if self._mirror_level >= top - 1 else None
         return False if 2 * self._mirror_level < top else None
+
+    def _top(self, burst: float) -> float:
+        """Full: the most the upstream has shown under its current limit, when that is a
+        bucket's worth (``_TOP_MIN``), else the mirror's ``burst``: a per-minute
+        ``limit`` over a second's bucket never is one."""
+        seen = max(self._top_seen, self._top_scaled)
+        return min(burst, seen) if seen >= _TOP_MIN else burst
 
     @property
     def rate(self) -> float:
@@ -685,10 +691,7 @@ class TokenBucket:
                 # refill, held the real-time matrix's row 14 for 5 s and more at a time).
                 anchored = max(anchored, 0.0)
             burst = self._mirror_burst
-            # Full is the most the upstream has shown under this limit, when that is a
-            # bucket's worth: a per-minute ``limit`` over a second's bucket never is.
-            seen = max(self._top_seen, self._top_scaled)
-            top = min(burst, seen) if seen >= _TOP_MIN else burst
+            top = self._top(burst)
             if (
                 slow
                 and self._mirror_rate > 0

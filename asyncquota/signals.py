@@ -288,21 +288,36 @@ _cached_duration = functools.lru_cache(maxsize=4096)(_read_duration)
 
 def _retry_after(view: Mapping[str, str], now: float | None) -> float | None:
     """The rules of :func:`parse_retry_after`, on an already lowercased view."""
+    stated = _stated_retry_after(view, dates=now is not None)
+    if stated is None:
+        return None
+    form, value = stated
+    if form == "date":
+        assert now is not None
+        return _until(value, now)
+    return _clamp(value)
+
+
+def _stated_retry_after(
+    view: Mapping[str, str], *, dates: bool
+) -> tuple[RetryAfterForm, float] | None:
+    """The Retry-After a lowercased view states, by the rules of :func:`parse_retry_after`
+    in their order: its form and its seconds (a date's Unix time; dates only if
+    ``dates``), or None."""
     text = view.get("retry-after-ms")
     if text is not None:
         millis = _non_negative_number(text)
         if millis is not None:
-            return _clamp(millis / 1000.0)
+            return "ms", millis / 1000.0
     text = view.get("retry-after")
     if text is None:
         return None
     seconds = _non_negative_number(text)
     if seconds is not None:
-        return _clamp(seconds)
-    if now is None:
-        return None
-    timestamp = _http_date(text)
-    return None if timestamp is None else _until(timestamp, now)
+        whole = math.isinf(seconds) or seconds == int(seconds)
+        return ("whole-seconds" if whole else "seconds"), seconds
+    timestamp = _http_date(text) if dates else None
+    return None if timestamp is None else ("date", timestamp)
 
 
 def parse_retry_after(headers: HeadersLike, *, now: float) -> float | None:
@@ -342,17 +357,8 @@ def retry_after_form(headers: HeadersLike) -> RetryAfterForm | None:
     ``retry-after`` number ``"seconds"`` if it has a fraction, ``"whole-seconds"`` if not;
     a ``retry-after`` date ``"date"``. Never raises.
     """
-    view = _lower_view(headers)
-    text = view.get("retry-after-ms")
-    if text is not None and _non_negative_number(text) is not None:
-        return "ms"
-    text = view.get("retry-after")
-    if text is None:
-        return None
-    seconds = _non_negative_number(text)
-    if seconds is not None:
-        return "whole-seconds" if math.isinf(seconds) or seconds == int(seconds) else "seconds"
-    return "date" if _http_date(text) is not None else None
+    stated = _stated_retry_after(_lower_view(headers), dates=True)
+    return None if stated is None else stated[0]
 
 
 @dataclass(frozen=True, slots=True)
