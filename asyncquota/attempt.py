@@ -165,7 +165,7 @@ class Attempts:
         feedback.observe(reply.headers, now, sent_at, ticket)
         if verdict.congestion:
             limiter = self._limiter
-            kind = feedback.refusal(verdict.retry_after)
+            kind = feedback.refusal(verdict.retry_after, verdict.message)
             if kind == "rate" or (kind == "unknown" and 2 * limiter.inflight < limiter.capacity):
                 # A refusal that names a rate (a Retry-After, nothing left in a window),
                 # or one that may while few were in flight, is not a sign of too many in
@@ -183,6 +183,7 @@ class Attempts:
                 rate_limited=verdict.kind is Outcome.THROTTLED,
                 rtt=admission.rtt,
                 form=retry_after_form(reply.headers),
+                message=verdict.message,
             )
             admission.end_outlasted(now)
             if reporter.hooks:

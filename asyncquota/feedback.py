@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from .gates import CooldownGate, RateGate, TokenGate
-from .signals import QuotaSnapshot, RetryAfterForm
+from .signals import QuotaSnapshot, RetryAfterForm, names_concurrency
 from .signals import parse_rate_limit_headers as _parse_quota
 from .upstream_clock import UpstreamClock
 from .window import SlidingCount
@@ -113,6 +113,14 @@ low is only found again slowly."""
 PACE_WINDOW = 1.0
 """Seconds of sends and refusals behind the sending rate and the refused share."""
 
+PACE_ACCEPTED_WINDOW = 5.0
+"""Seconds of sends and refusals behind the accepted rate that bounds a cut (see
+``Pace.congested``). A rate refused after a bucket's burst ran out is above the refill by
+whatever drained it, and a tenth off it was still above (the matrix's rows 17 and 20,
+no headers, refusals counted: cut after cut down to 0.7 of the quota, every 5-10 s).
+What the upstream accepted over this window overstates its refill by at most its burst
+spread over the window: a fifth, for a burst of a second's refill."""
+
 PACE_GAP = 0.1
 """Seconds without a send that break a window of sending (a hold, a lull): the sending
 rate is measured only over a whole window sent without such a break."""
@@ -132,6 +140,14 @@ PACE_CUT_SPACING = 0.1
 PACE_STARVED = 0.75
 """Share of the sends over the last window refused from which the upstream is starved:
 no rate would do, only a pause (a probing hold of the cooldown)."""
+
+SWAMP_WINDOW = 0.2
+"""Seconds over which nearly every send refused (``PACE_STARVED``) says the upstream's
+bucket is empty right now (``Pace.swamped``): a second's window still holds the second
+of successes before the wall. Where refusals count against the quota, each further send
+at the rate that emptied it digs a debt that refuses everything after it (the matrix's
+row 20: 0.5 s of sends all refused, 61 refusals, while cut after cut came down a tenth
+at a time)."""
 
 PACE_MIN_REFUSED = 3
 """Refusals at the door over the last window below which the pace is neither cut nor the
@@ -170,8 +186,25 @@ under what it takes. Without that, a capacity that returned over replies of 5-30
 found at 4 % a step, the door's silence alone (50 to 100 a second in 9 s, the matrix's
 row 2, with readings of a full bucket all along)."""
 
+PACE_STEADY = 1.25
+"""The most the last window's sending rate may exceed the accepted window's for the
+accepted rate to bound a cut: beyond, the sends were climbing, and the accepted window's
+first seconds, sent under the refill, say nothing of it (a capacity that returned, found
+at 1.7 times the rate of five seconds before, was cut to 0.85 of it)."""
+
 PACE_MAX_GROWTH = 0.25
 """The largest single step of growth (a share of the pace)."""
+
+PACE_PLATEAU = 3.0
+"""Seconds after the pace passes the level last found too high during which it grows by
+``PACE_PLATEAU_GROWTH`` a step only (CUBIC's plateau about its last maximum), unless a
+mirror standing full vouches for it. An upstream's burst hides an overshoot until it is
+spent, so growth doubling from the first step beyond that level overshot by a third
+within two seconds, and each overshoot ended in a wall of refusals: every 3-5 s with no
+rate-limit headers (the matrix's rows 17 and 20, virtual: 2.0-2.5 % of 429s)."""
+
+PACE_PLATEAU_GROWTH = 0.02
+"""Growth a step on the plateau (a share of the pace)."""
 
 PACE_BINDING = 0.8
 """The pace binds when a step sent at least this share of what it allowed."""
@@ -221,16 +254,21 @@ class Pace:
     """
 
     __slots__ = (
+        "_accepted_refused",
+        "_accepted_sent",
         "_first",
         "_growth",
         "_held",
         "_idle_since",
         "_last_cut",
         "_last_sent",
+        "_passed_held",
         "_recent_refused",
         "_recent_sent",
         "_resumed",
         "_sent",
+        "_short_refused",
+        "_short_sent",
         "_step_start",
         "careful",
         "rate",
@@ -240,11 +278,16 @@ class Pace:
         self.rate: float | None = None
         self._recent_sent = SlidingCount(window=PACE_WINDOW)
         self._recent_refused = SlidingCount(window=PACE_WINDOW)
+        self._short_sent = SlidingCount(window=SWAMP_WINDOW, slices=4)
+        self._short_refused = SlidingCount(window=SWAMP_WINDOW, slices=4)
+        self._accepted_sent = SlidingCount(window=PACE_ACCEPTED_WINDOW)
+        self._accepted_refused = SlidingCount(window=PACE_ACCEPTED_WINDOW)
         self._first = math.inf
         self._resumed = math.inf  # the first send after the last break (PACE_GAP)
         self._last_sent = -math.inf
         self._last_cut = -math.inf
         self._held = 0.0  # the pace the last cut found too high: growth returns near it fast
+        self._passed_held = math.inf  # when growth last passed it (the plateau's start)
         self._growth = PACE_FIRST_GROWTH
         self._step_start = -math.inf
         self._sent = 0
@@ -257,6 +300,8 @@ class Pace:
         """Count one send."""
         self._sent += 1
         self._recent_sent.add(now)
+        self._short_sent.add(now)
+        self._accepted_sent.add(now)
         if self._first == math.inf:
             self._first = now
         if now - self._last_sent > PACE_GAP:
@@ -269,6 +314,8 @@ class Pace:
         Replies to requests sent before the last cut echo the episode it answered.
         """
         self._recent_refused.add(now)
+        self._short_refused.add(now)
+        self._accepted_refused.add(now)
         if sent_at <= self._last_cut or now - self._last_cut < PACE_CUT_SPACING:
             return False
         refused = self._recent_refused.total(now)
@@ -292,6 +339,15 @@ class Pace:
                 # below it) was not what the upstream refused: the rate we sent at was.
                 # A window broken by a hold or a lull says nothing of that rate.
                 base = sending
+        if now - self._first >= PACE_ACCEPTED_WINDOW:
+            # What the upstream accepted lately bounds its refill from above, by less than
+            # the rate refused after its burst ran out does (PACE_ACCEPTED_WINDOW); not
+            # after a climb, whose first seconds were sent under the refill.
+            sent_long = self._accepted_sent.total(now)
+            accepted = (sent_long - self._accepted_refused.total(now)) / PACE_ACCEPTED_WINDOW
+            steady = sent_count / PACE_WINDOW <= PACE_STEADY * sent_long / PACE_ACCEPTED_WINDOW
+            if steady and 0 < accepted < base:
+                base = accepted
         self._held = base
         if self.starved(now):
             # Nearly everything refused: a debt to the upstream (refusals counted against
@@ -301,6 +357,7 @@ class Pace:
             return False
         self.rate = max(PACE_FLOOR, PACE_BETA * base)
         self._last_cut = now
+        self._passed_held = math.inf
         self._growth = PACE_FIRST_GROWTH
         self._step_start = now
         self._sent = 0
@@ -321,11 +378,20 @@ class Pace:
         sent = self._recent_sent.total(now)
         return refused >= PACE_MIN_REFUSED and refused >= PACE_STARVED * sent
 
+    def swamped(self, now: float) -> bool:
+        """Whether nearly everything sent over the last ``SWAMP_WINDOW`` was refused."""
+        refused = self._short_refused.total(now)
+        return refused >= PACE_MIN_REFUSED and refused >= PACE_STARVED * self._short_sent.total(
+            now
+        )
+
     def due(self, now: float) -> bool:
         """Whether a step has passed since the last (``step`` would look at growth)."""
         return self.rate is not None and now - self._step_start >= PACE_STEP
 
-    def step(self, now: float, *, confirmed: bool = True, grow: bool = True) -> bool:
+    def step(
+        self, now: float, *, confirmed: bool = True, grow: bool = True, vouched: bool = False
+    ) -> bool:
         """Grow (or lift) the pace if a step has passed; whether ``rate`` changed.
 
         ``confirmed``: called on a success (the upstream served something sent at this
@@ -334,7 +400,10 @@ class Pace:
         refusal coming back in milliseconds: the pace grows back towards the level last
         found too high, and beyond it by the first step only, without speeding up.
         ``grow``: False holds the pace where it is and starts its growth over (a mirror
-        says the sends outrun the upstream's refill already).
+        says the sends outrun the upstream's refill already). Confirmed growth beyond the
+        level last found too high keeps to ``PACE_PLATEAU_GROWTH`` a step for
+        ``PACE_PLATEAU`` seconds, unless ``vouched`` (a mirror standing full says there
+        is room: ``RateGate.mirror_vouches``).
         """
         rate = self.rate
         elapsed = now - self._step_start
@@ -357,11 +426,17 @@ class Pace:
         if rate < self._held:
             # Back towards the level last found too high quickly: half the gap a step.
             self.rate = max(rate * (1 + PACE_FIRST_GROWTH), (rate + self._held) / 2)
-        elif not confirmed:
+            return True
+        if self._passed_held == math.inf:
+            self._passed_held = now
+        if not confirmed:
             self.rate = rate * (1 + PACE_FIRST_GROWTH)
         else:
-            self.rate = rate * (1 + self._growth)
-            self._growth = min(PACE_MAX_GROWTH, 2 * self._growth)
+            if not vouched and now - self._passed_held < PACE_PLATEAU:
+                self.rate = rate * (1 + PACE_PLATEAU_GROWTH)
+            else:
+                self.rate = rate * (1 + self._growth)
+                self._growth = min(PACE_MAX_GROWTH, 2 * self._growth)
         return True
 
     def __repr__(self) -> str:
@@ -516,6 +591,13 @@ class Feedback:
         if probe and probe == self._cooldown.generation and not self._cooldown.is_open(now):
             self._cooldown.reopen()
             self._reopened_at = now
+            if self._pace.rate is not None:
+                # One unit was there for the probe, nothing says more is: the sends resume
+                # spread at the pace, not as the burst the pace earned while shut (each
+                # reopening let a burst through, half of it refused; the gate flickered
+                # shut and open every 40 ms, 15-46 refusals a time in the matrix's rows 17
+                # and 19).
+                self._rate.drain()
             self._first_end = -math.inf
             self._interval = PROBE_FIRST
             self._failed_probes = 0
@@ -529,7 +611,7 @@ class Feedback:
             or self._rate.mirror_bounds()
             or vouches is True
         )
-        if pace.step(now, confirmed=confirmed, grow=vouches is not False):
+        if pace.step(now, confirmed=confirmed, grow=vouches is not False, vouched=vouches is True):
             self._apply_pace()
 
     def congested(
@@ -542,6 +624,7 @@ class Feedback:
         rate_limited: bool = True,
         rtt: float = 0.0,
         form: RetryAfterForm | None = None,
+        message: str | None = None,
     ) -> None:
         """A congestion reply (429, 503, 529) to a request sent at ``sent_at``.
 
@@ -551,11 +634,19 @@ class Feedback:
         one after the request was worked on. ``form``: how the Retry-After was stated
         (``signals.retry_after_form``; None: not known, judged by its value), and so
         how much two of them may differ with nothing moved. A Retry-After beyond
-        ``max_cooldown`` holds that long at most.
+        ``max_cooldown`` holds that long at most. ``message``: the error body's message,
+        which may name the limit (``refusal``).
         """
         closed = self._cooldown.closed_until
         self._congested(
-            now, sent_at, retry_after, probe, rate_limited=rate_limited, rtt=rtt, form=form
+            now,
+            sent_at,
+            retry_after,
+            probe,
+            rate_limited=rate_limited,
+            rtt=rtt,
+            form=form,
+            crowd=self.refusal(retry_after, message) == "crowd",
         )
         if self.fleet is not None and self._cooldown.closed_until != closed:
             self.fleet.publish_cooldown(self._cooldown.remaining(now))  # the fleet stops too
@@ -570,6 +661,7 @@ class Feedback:
         rate_limited: bool,
         rtt: float,
         form: RetryAfterForm | None,
+        crowd: bool,
     ) -> None:
         if retry_after is not None:
             retry_after = min(retry_after, self._max_cooldown)
@@ -580,9 +672,7 @@ class Feedback:
         # A refused probe was expected to be refused: it says the closure is real, and
         # nothing of the pace to resume at.
         at_the_door = (
-            rate_limited
-            and self.refusal(retry_after) != "crowd"
-            and (not rtt or now - sent_at < AT_THE_DOOR * rtt)
+            rate_limited and not crowd and (not rtt or now - sent_at < AT_THE_DOOR * rtt)
         )
         if at_the_door:
             self._rate.probe_refuted()
@@ -595,7 +685,7 @@ class Feedback:
                 at_the_door
                 and cooldown.is_open(now)
                 and sent_at >= self._reopened_at
-                and self._pace.starved(now)
+                and (self._pace.starved(now) or self._pace.swamped(now))
             ):
                 self._interval = STARVED_PROBE
                 self._failed_probes = 0
@@ -695,14 +785,18 @@ class Feedback:
         # for every send inside it would take a whole queue's worth of extensions).
         cooldown.hold(now + 2 * self._interval, probe_at=now + self._interval)
 
-    def refusal(self, retry_after: float | None) -> Refusal:
+    def refusal(self, retry_after: float | None, message: str | None = None) -> Refusal:
         """What a congestion reply just observed names: a rate, a crowd, or it cannot tell.
 
-        A concurrency cap cannot say when a slot frees up (DeepSeek sends no
-        Retry-After); a rate limiter can, and its headers then show a window with
-        nothing left. Headers that show room in every window, with no Retry-After, name
-        a crowd: too many in flight. Call after ``observe`` with the reply's headers.
+        A body's ``message`` naming concurrency says it outright: a crowd
+        (``signals.names_concurrency``). Else a concurrency cap cannot say when a slot
+        frees up (DeepSeek sends no Retry-After); a rate limiter can, and its headers
+        then show a window with nothing left. Headers that show room in every window,
+        with no Retry-After, name a crowd: too many in flight. Call after ``observe``
+        with the reply's headers.
         """
+        if names_concurrency(message):
+            return "crowd"
         if retry_after is not None:
             return "rate"
         quota = self._last_reading

@@ -328,6 +328,13 @@ class TokenBucket:
         self._burst = burst
         self._level = min(self._level, burst)
 
+    def drain(self, now: float) -> None:
+        """Bring the bucket's level down to nothing if it is above (a debt stays); the
+        mirror is left as it is."""
+        self._advance(now)
+        if self._level > 0:
+            self._level = 0.0
+
     def hold_back(self, seconds: float) -> None:
         """Keep ``seconds`` of the upstream's refill unspent in the mirror from now on.
 
@@ -1040,6 +1047,11 @@ class _BucketGate:
     def probe_refuted(self) -> None:
         """A refusal at the door refutes the last probe; see ``TokenBucket.probe_refuted``."""
         self._bucket.probe_refuted(self._now())
+
+    def drain(self) -> None:
+        """Spend the burst earned so far (the mirror keeps its level): the next units go
+        one by one at the rate, none at once."""
+        self._bucket.drain(self._now())
 
     def hold_back(self, seconds: float) -> None:
         """Keep ``seconds`` of the upstream's refill unspent; see ``TokenBucket.hold_back``.

@@ -64,6 +64,7 @@ __all__ = [
     "classify_error_body",
     "classify_stream_event",
     "format_duration",
+    "names_concurrency",
     "parse_count",
     "parse_duration",
     "parse_http_date",
@@ -693,6 +694,20 @@ _REGAIN = re.compile(
 # OpenAI answers a single request larger than the whole TPM window with a 429
 # rate_limit_exceeded that no amount of waiting will cure.
 _TOO_LARGE = re.compile(r"\s*request too large", re.IGNORECASE)
+# A refusal for too many requests in flight, not for a rate: Anthropic's "Number of
+# concurrent connections has exceeded your rate limit", a gateway's "Too many concurrent
+# requests", "concurrency limit reached".
+_CONCURRENCY = re.compile(r"\bconcurren(?:t|cy)\b", re.IGNORECASE)
+
+
+def names_concurrency(message: str | None) -> bool:
+    """Whether an error message says the refusal is for too many requests in flight.
+
+    Such a 429 says nothing of a rate: waiting for a slot helps, pacing slower does not
+    (a concurrency limit's signal, as a refusal that comes after the request was worked
+    on is). ``message`` is a body's message (``Classification.message``); None: no.
+    """
+    return message is not None and _CONCURRENCY.search(message) is not None
 
 
 @dataclass(frozen=True, slots=True)

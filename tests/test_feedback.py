@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 
 from asyncquota import MockTransport, QuotaError, Shaper, TokenBucket
-from asyncquota.feedback import PACE_BETA, PACE_FIRST_GROWTH, Feedback, Pace
+from asyncquota.feedback import (
+    PACE_BETA,
+    PACE_FIRST_GROWTH,
+    PACE_PLATEAU,
+    PACE_PLATEAU_GROWTH,
+    PACE_STEP,
+    Feedback,
+    Pace,
+)
 from asyncquota.gates import CooldownGate, RateGate, TokenGate
 from asyncquota.hooks import Admitted, Event
 from asyncquota.testing import SimulatedUpstream, UpstreamConfig
@@ -153,16 +161,21 @@ def test_a_binding_pace_grows_back_to_the_level_it_was_cut_from_then_beyond():
     pace = Pace()
     t = cut_from_100(pace)
     rates = [pace.rate]
-    for _ in range(12):  # sending all it allows, nothing refused
+    for _ in range(16):  # sending all it allows, nothing refused
         assert pace.rate is not None
         t = sent(pace, math.ceil(pace.rate * 0.5), t, pace.rate)
         pace.step(t)
         rates.append(pace.rate)
     assert all(b is not None and a is not None and b > a for a, b in itertools.pairwise(rates))
     # Back near the level it was cut from (what the last second's window counted, 90 of
-    # the 100 sent: its oldest slice had left) within a second, then beyond, faster and
-    # faster: twice as much within six seconds.
+    # the 100 sent: its oldest slice had left) within a second; beyond it, slowly for
+    # PACE_PLATEAU seconds (an upstream's burst hides an overshoot until it is spent),
+    # then faster and faster: twice as much within eight seconds.
     assert rates[2] is not None and rates[2] >= 0.95 * 90
+    beyond = [b / a for a, b in itertools.pairwise(rates) if a is not None and b and a >= 90]
+    plateau = round(PACE_PLATEAU / PACE_STEP)
+    assert beyond[:plateau] == pytest.approx([1 + PACE_PLATEAU_GROWTH] * plateau)
+    assert beyond[plateau] == pytest.approx(1 + PACE_FIRST_GROWTH)
     assert rates[-1] is not None and rates[-1] > 2 * 100
 
 
@@ -192,6 +205,143 @@ def test_an_unconfirmed_step_grows_back_to_the_cut_level_then_beyond_by_the_firs
     before = pace.rate
     assert pace.step(t)
     assert pace.rate == pytest.approx(before * (1 + 2 * PACE_FIRST_GROWTH))
+
+
+def test_a_mirror_standing_full_lets_growth_beyond_the_level_speed_up_at_once():
+    # The plateau waits out a burst that may hide an overshoot; readings of a full bucket
+    # refilling faster than the pace are evidence of room, and growth need not wait.
+    pace = Pace()
+    t = cut_from_100(pace)
+    rates = [pace.rate]
+    for _ in range(6):
+        assert pace.rate is not None
+        t = sent(pace, math.ceil(pace.rate * 0.5), t, pace.rate)
+        pace.step(t, vouched=True)
+        rates.append(pace.rate)
+    beyond = [b / a for a, b in itertools.pairwise(rates) if a is not None and b and a >= 90]
+    assert beyond[:2] == pytest.approx([1 + PACE_FIRST_GROWTH, 1 + 2 * PACE_FIRST_GROWTH])
+
+
+def test_a_cut_at_a_peak_is_bounded_by_what_the_upstream_accepted_lately():
+    # A wall comes at a peak: five seconds at 100 a second (the refill), then a second at
+    # 120 that spent the upstream's burst. A tenth off the peak (~108) is still above the
+    # refill, and the cuts after it came down a tenth at a time (the matrix's rows 17 and
+    # 20, refusals counted); what the upstream accepted over the last five seconds bounds
+    # the cut instead.
+    pace = Pace()
+    t = sent(pace, 500, 0.0, 100.0)
+    t = sent(pace, 120, t, 120.0)
+    for _ in range(10):
+        pace.congested(t, sent_at=t - 0.01)
+    assert pace.rate is not None
+    refused = 4  # the cut comes at the fourth refusal (over 3 % of the last second's sends)
+    accepted = (400 + 120 - refused) / 5  # the five-second window: its slices are 0.5 s
+    assert pace.rate == pytest.approx(PACE_BETA * accepted, rel=0.02)
+    assert pace.rate < 0.95 * 100
+
+
+def test_a_cut_after_a_climb_is_from_the_rate_refused_not_the_climbs_average():
+    # Four seconds at 50 a second, then two climbing to 150 (a capacity that returned):
+    # the five seconds' accepted rate (~90) holds seconds sent under the refill and says
+    # nothing of it; the cut is from what was sent when the refusals came.
+    pace = Pace()
+    t = sent(pace, 200, 0.0, 50.0)
+    t = sent(pace, 300, t, 150.0)
+    for _ in range(20):
+        pace.congested(t, sent_at=t - 0.01)
+    assert pace.rate is not None
+    assert pace.rate >= PACE_BETA * 150 * 0.9
+
+
+def test_nearly_all_of_the_last_fifth_of_a_second_refused_is_a_swamped_upstream():
+    pace = Pace()
+    t = sent(pace, 100, 0.0, 100.0)  # a second of sends, none refused
+    assert not pace.swamped(t)
+    for _ in range(20):  # then 20 sends in 0.2 s, all refused
+        pace.sent(t)
+        pace.congested(t + 0.001, sent_at=t)
+        t += 0.01
+    # Over the last second a sixth was refused: not starved. Over the last 0.2 s, nearly all.
+    assert not pace.starved(t)
+    assert pace.swamped(t)
+    # Two refused among twenty are not.
+    calm = Pace()
+    t = sent(calm, 20, 0.0, 100.0)
+    calm.congested(t, sent_at=t - 0.01)
+    calm.congested(t, sent_at=t - 0.01)
+    assert not calm.swamped(t)
+
+
+async def test_a_swamped_upstream_with_no_retry_after_is_held_and_probed():
+    # Where refusals count against the quota, each send at the rate that emptied the
+    # bucket digs a debt that refuses everything after it: cutting a tenth at a time let
+    # half a second of sends through, all refused. Nearly all of the last 0.2 s refused,
+    # with no Retry-After: the gate holds, and a probe finds the end.
+    cooldown = CooldownGate()
+    fb = unbounded_feedback(cooldown)
+    t = asyncio.get_running_loop().time()
+    for _ in range(100):  # a second of sends at 100 a second, served
+        fb.sent(t, 0)
+        t += 0.01
+    for _ in range(20):  # then every send refused at once
+        fb.sent(t, 0)
+        fb.congested(t + 0.001, t, None, 0, rtt=0.3)
+        t += 0.01
+    assert not fb._pace.starved(t)
+    assert not cooldown.is_open(t)
+    assert cooldown.probing
+
+
+def test_a_message_naming_concurrency_is_a_crowd():
+    fb = unbounded_feedback(CooldownGate())
+    assert fb.refusal(None, "Too many concurrent requests: the limit of 48 is reached.") == "crowd"
+    # Anthropic's, with a Retry-After: the body names the limit more closely than the header.
+    assert (
+        fb.refusal(2.0, "Number of concurrent connections has exceeded your rate limit.")
+        == "crowd"
+    )
+    assert fb.refusal(None, "Rate limit reached for requests.") == "unknown"
+    assert fb.refusal(2.0, "Rate limit reached for requests.") == "rate"
+    assert fb.refusal(None, None) == "unknown"
+
+
+async def test_refusals_for_a_crowd_teach_the_pace_nothing():
+    # A concurrency cap's 429s at the door said nothing of a rate, yet set a pace under
+    # the quota (the matrix's rows 17 and 20 started at 0.94 of it in their first 10 s).
+    async def wall(message: str | None) -> float | None:
+        fb = unbounded_feedback(CooldownGate())
+        t = asyncio.get_running_loop().time()
+        for _ in range(100):
+            fb.sent(t, 0)
+            t += 0.01
+        for _ in range(20):
+            fb.congested(t, t - 0.001, None, 0, message=message)
+        return fb.pace
+
+    assert await wall("Rate limit reached for requests.") is not None
+    assert await wall("Too many concurrent requests: the limit of 48 is reached.") is None
+
+
+async def test_a_probes_success_resumes_the_sends_at_the_pace_not_in_a_burst():
+    # A probe found one unit; the pace's burst earned while shut would let several go at
+    # once, most refused: the gate flickered shut and open every 40 ms (the matrix's rows
+    # 17 and 19). After the probe's success the next send waits a unit of the pace.
+    cooldown = CooldownGate()
+    fb = unbounded_feedback(cooldown)
+    loop = asyncio.get_running_loop()
+    t = loop.time()
+    for _ in range(100):
+        fb.sent(t, 0)
+        t += 0.01
+    for _ in range(20):  # a wall with a Retry-After: a pace, and a probing hold
+        fb.congested(t, t - 0.001, 1.0, 0)
+    pace = fb.pace
+    assert pace is not None and not cooldown.is_open(t)
+    await asyncio.sleep(t + 0.5 - loop.time())  # the pace's burst fills while shut
+    assert fb._rate.time_until(1) == 0
+    fb.succeeded(loop.time(), cooldown.generation)
+    assert cooldown.is_open()
+    assert fb._rate.time_until(1) == pytest.approx(1 / pace)
 
 
 async def test_with_no_reply_for_a_step_the_sends_clock_the_pace():
@@ -237,7 +387,7 @@ async def test_only_a_reply_to_the_current_pace_speeds_its_growth_where_no_mirro
     # rate the refill measured between readings bounds (Anthropic's per-minute ``limit``
     # over a second's bucket reads 6 000 a second): it paces nothing, and taken for one
     # it sped the growth past the quota (virtual row 14: 2.4 % of 429s with seed 1).
-    async def growth(reply_seconds: float, *, headers: str | None) -> list[float]:
+    async def growth(reply_seconds: float, *, headers: str | None, steps: int) -> list[float]:
         fb = unbounded_feedback(CooldownGate())
         if headers == "bucket":
             fb._rate.sync(remaining=1e6, reset_after=1.0, limit=2e6)
@@ -257,7 +407,7 @@ async def test_only_a_reply_to_the_current_pace_speeds_its_growth_where_no_mirro
         for _ in range(20):
             fb.congested(t, t - 0.01, None, 0)
         rates = [fb.pace]
-        for _ in range(10):  # a step of sends at the pace, then a success
+        for _ in range(steps):  # a step of sends at the pace, then a success
             rate = rates[-1]
             assert rate is not None
             for _ in range(math.ceil(rate / 2)):
@@ -269,14 +419,20 @@ async def test_only_a_reply_to_the_current_pace_speeds_its_growth_where_no_mirro
         return [b / a for a, b in itertools.pairwise(rates) if a >= held]  # type: ignore[operator]
 
     for headers in (None, "per-minute"):
-        slow = await growth(10.0, headers=headers)
+        slow = await growth(10.0, headers=headers, steps=10)
         assert len(slow) >= 4
         assert slow == pytest.approx([1 + PACE_FIRST_GROWTH] * len(slow))
-    for fast in (
-        await growth(0.3, headers=None),
-        await growth(10.0, headers="bucket"),
-    ):
-        assert fast[:3] == pytest.approx([1 + PACE_FIRST_GROWTH * 2**k for k in range(3)])
+    speeding = [1 + PACE_FIRST_GROWTH * 2**k for k in range(3)]
+    # Fast replies with no headers: on the plateau beyond the level first (a burst may
+    # hide an overshoot), then faster and faster.
+    plateau = round(PACE_PLATEAU / PACE_STEP)
+    fast = await growth(0.3, headers=None, steps=16)
+    assert fast[:plateau] == pytest.approx([1 + PACE_PLATEAU_GROWTH] * plateau)
+    assert fast[plateau : plateau + 3] == pytest.approx(speeding)
+    # A mirror of a bucket standing full at a refill above the pace vouches for it: no
+    # plateau to wait out.
+    vouched = await growth(10.0, headers="bucket", steps=16)
+    assert vouched[:3] == pytest.approx(speeding)
 
 
 async def test_after_a_window_of_milliseconds_the_first_send_goes_alone():

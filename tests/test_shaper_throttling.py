@@ -89,10 +89,12 @@ async def test_a_429_with_retry_after_7_holds_every_waiter_until_a_probe_gets_th
     assert during.cooldown_until == pytest.approx(7.1)
     # Then one probe at a time, 10 ms after the 429 and twice as long after each refusal
     # (each answered 0.1 s after it went): 0.11, 0.23, 0.37, 0.55, 0.81 are refused; 1.23
-    # gets through and reopens the gate at 1.33.
+    # gets through and reopens the gate at 1.33. The sends resume spread at the pace the
+    # wall set (20 sent at once, read over the shortest window, 0.1 s: 200 a second, a
+    # tenth off: 180), none in a burst: the first a unit of it after the reopening.
     assert sends[20:26] == pytest.approx([0.11, 0.23, 0.37, 0.55, 0.81, 1.23])
     resumed = sends[26:]
-    assert min(resumed) == pytest.approx(1.33)
+    assert min(resumed) == pytest.approx(1.33 + 1 / 180)
     assert max(resumed) < 7.1  # nobody waited out the whole Retry-After
     assert [name for name, _, _ in results] == ["ok"] * 50
     assert after.throttled == 25 and after.retried == 20  # refused probes cost no attempt

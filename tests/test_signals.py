@@ -21,6 +21,7 @@ from asyncquota.signals import (
     QuotaWindow,
     classify_error_body,
     classify_stream_event,
+    names_concurrency,
     parse_count,
     parse_duration,
     parse_http_date,
@@ -1233,3 +1234,19 @@ def test_deep_huge_or_undecodable_bodies_leave_the_status_to_decide(body):
     assert classify_error_body(503, body).kind is Outcome.OVERLOADED
     assert classify_error_body(200, body).kind is Outcome.SUCCESS
     assert classify_stream_event(body) is None
+
+
+@pytest.mark.parametrize(
+    ("message", "named"),
+    [
+        ("Number of concurrent connections has exceeded your rate limit.", True),  # Anthropic
+        ("Too many concurrent requests: the concurrency limit of 48 is reached.", True),
+        ("CONCURRENCY limit reached", True),
+        ("Rate limit reached for gpt-4o on requests per min (RPM): Limit 3, Used 3.", False),
+        ("nonconcurrent wording", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_a_message_naming_concurrency_is_told_from_a_rate(message: str | None, named: bool):
+    assert names_concurrency(message) is named
