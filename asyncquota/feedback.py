@@ -8,16 +8,23 @@ attempt to :class:`Feedback`, which turns it into three controls:
   request that got it: "1" in whole seconds over a bucket that refills every few
   milliseconds overstates the wait up to 100×. So a Retry-After *holds* the fleet and
   sends one probe early (``PROBE_FIRST`` after the 429, then twice as long after each
-  refused probe); the probe's success reopens the gate, its refusal keeps it shut. Only
+  refused probe); the probe's success reopens the gate (the sends resume spread at the
+  pace, not in a burst: the probe found one unit), its refusal keeps it shut. Only
   on an upstream seen to punish early sends (a probe refused with a window provably
   later than the one it probed: the window grew because we knocked) is every window
   honoured in full, from then on.
 - **The pace** (:class:`Pace`): a requests-per-second ceiling learnt from congestion
   alone, for upstreams whose 429s come back at once (a concurrency window bounds nothing
   then) or whose headers mislead. A congestion episode cuts it by a tenth (the first
-  one from the rate we were sending at); while it binds and nothing is refused it grows,
-  quickly back towards the level last found too high, then beyond it slowly at first
+  one from the rate we were sending at), never from above what the upstream accepted
+  over the last seconds (``PACE_ACCEPTED_WINDOW``); while it binds and nothing is
+  refused it grows, quickly back towards the level last found too high, then beyond it
+  by a little a step on a plateau (``PACE_PLATEAU``: a burst may hide an overshoot),
   and faster while nothing pushes back, so capacity that returns is found in seconds.
+  Refusals whose body names a concurrency cap teach it nothing (``refusal``); nearly
+  every send of the last fifth of a second refused with no Retry-After (``swamped``)
+  holds the cooldown and probes, as a starved upstream does, rather than cutting a
+  tenth at a time while every send digs a debt where refusals count.
   Successes clock that growth; while none has come back for a step (replies that take
   seconds), the sends do, the door's silence vouching for the pace: back towards the
   level last found too high, and past it by the first step only. Only a success sent
