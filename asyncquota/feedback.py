@@ -388,9 +388,8 @@ class Pace:
     def swamped(self, now: float) -> bool:
         """Whether nearly everything sent over the last ``SWAMP_WINDOW`` was refused."""
         refused = self._short_refused.total(now)
-        return refused >= PACE_MIN_REFUSED and refused >= PACE_STARVED * self._short_sent.total(
-            now
-        )
+        sent = self._short_sent.total(now)
+        return refused >= PACE_MIN_REFUSED and refused >= PACE_STARVED * sent
 
     def due(self, now: float) -> bool:
         """Whether a step has passed since the last (``step`` would look at growth)."""
