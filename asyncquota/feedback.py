@@ -102,6 +102,11 @@ and a whole-second upstream wrongly taken for a punishing one would be honoured 
 for good (a second for a few milliseconds' wait). A value in milliseconds is taken at its
 word."""
 
+READING_LAG_MIN = 0.005
+"""The least time (seconds) a reply's reading is taken to have spent reaching us: what we
+took over it may not be counted in the reading (``TokenBucket.sync``'s ``lag``), until
+refusals have measured how long an exchange with the upstream takes."""
+
 REFUSAL_GAIN = 0.125
 """Weight of each new congestion reply's time in the smoothed refusal time."""
 
@@ -879,6 +884,9 @@ class Feedback:
         self._glances = tuple(glances)
         self._full_read_due = now + AMPLE_READ_INTERVAL
         age = now - sent_at
+        # The reading was written when the reply left the upstream: a refusal's time
+        # (a send and its answer) bounds how long ago that was.
+        lag = max(READING_LAG_MIN, self._refusal_time)
         token_rounding = _TOKEN_ROUNDING.get(snapshot.provider or "", 0)
         for gate, window, mark, level, rounding in (
             (self._rate, snapshot.requests, marks.rate_mark, marks.rate_level, 0),
@@ -899,6 +907,7 @@ class Feedback:
                     sent_mark=mark,
                     sent_age=age,
                     sent_level=level,
+                    lag=lag,
                 )
         requests = snapshot.requests
         if requests.limit and requests.remaining is not None:

@@ -61,6 +61,10 @@ _EPSILON = 1e-9
 _LEDGER_SIZE = 1024
 """Takes remembered while there is no mirror, to start one where our sends left the upstream."""
 
+_LATEST_SIZE = 64
+"""Takes remembered while a mirror stands, for the sends a reading may not count yet
+(``TokenBucket.sync``'s ``lag``)."""
+
 ANCHOR_REFILL_AFTER = 1.0
 """A reading from a reply slower than this (seconds from its send) is credited the refill
 since the send when it re-anchors a mirror (see ``TokenBucket.sync``)."""
@@ -184,6 +188,7 @@ class TokenBucket:
 
     __slots__ = (
         "_burst",
+        "_latest",
         "_learnt_at",
         "_learnt_limit",
         "_learnt_rate",
@@ -242,6 +247,8 @@ class TokenBucket:
         self._pending_fresh = False
         # While there is no mirror: recent (time, units) taken (negative: refunded).
         self._ledger: deque[tuple[float, float]] = deque(maxlen=_LEDGER_SIZE)
+        # While there is a mirror: the latest (time, units) taken (see ``sync``'s ``lag``).
+        self._latest: deque[tuple[float, float]] = deque(maxlen=_LATEST_SIZE)
         self._taken = 0.0  # every unit ever taken (refunds not subtracted): see ``taken``
         self._reserve = 0.0  # seconds of the mirror's refill held back (see ``hold_back``)
         # The most the upstream said it had left under the limit it stated last: the
@@ -518,6 +525,7 @@ class TokenBucket:
         self._taken += amount
         if self._mirror_burst is not None:
             self._mirror_level -= amount
+            self._latest.append((now, amount))
         else:
             self._ledger.append((now, amount))
 
@@ -556,6 +564,7 @@ class TokenBucket:
         sent_mark: float | None = None,
         sent_age: float = 0.0,
         sent_level: float | None = None,
+        lag: float = 0.0,
     ) -> None:
         """Fold what the upstream says in its rate-limit headers into the mirror.
 
@@ -583,6 +592,14 @@ class TokenBucket:
           reply, however long it took, and the mirror never holds the pace below what
           the upstream says it has. It is a lower bound while the mirror's rate is one
           (a send after the mark that the upstream had counted is subtracted twice).
+          Read at the reply, ``remaining`` was written ``lag`` seconds ago at most, and
+          what we took since (the sends on their way, or granted since) is not in it:
+          no higher than ``remaining`` less what we took over the last ``lag`` seconds
+          (within ``sent_age``). Else two replies at the edge of an empty bucket, a
+          millisecond apart, each gave back the same few units, and the sends granted
+          off the first were granted again off the second (the real-time row 9: a
+          reading of 4 left, 2 sends, a second reading of 4, 5 sends; 2 refused, each
+          buying a punishing upstream's second).
         - **Level, without a mark.** A ``sync`` only ever lowers the mirror's level, to
           ``remaining``;
           it never raises it: our sends not yet seen by the upstream are debited in the
@@ -618,16 +635,18 @@ class TokenBucket:
             sent_age: seconds since that send.
             sent_level: the mirror's level at that send (None: there was none), which a
                 slow reply's reading must contradict to raise the rate (see below).
+            lag: the most seconds the reading may have taken to reach us (see above).
 
         Raises:
-            ValueError: ``reset_after`` is negative or not finite, or ``limit`` is not a
-                finite number greater than 0.
+            ValueError: ``reset_after`` or ``lag`` is negative or not finite, or
+                ``limit`` is not a finite number greater than 0.
             TypeError: ``remaining`` is not a number.
         """
         if reset_after is not None:
             reset_after = _check_amount("reset_after", reset_after)
         if limit is not None:
             limit = _check_positive("limit", limit)
+        lag = _check_amount("lag", lag)
         if isinstance(remaining, bool) or not isinstance(remaining, int | float):
             raise TypeError(f"remaining must be a number, not {type(remaining).__name__}.")
         if not math.isfinite(remaining) or remaining < 0:
@@ -730,12 +749,23 @@ class TokenBucket:
                 self._learnt_rate = self._mirror_rate = raised
                 self._learnt_at = self._raised_at = now
                 anchored = remaining - since + self._mirror_rate * sent_age
-            self._mirror_level = min(burst, remaining, anchored)
+            late = self._taken_within(min(lag, sent_age), now)
+            self._mirror_level = min(burst, remaining - late, anchored)
             self._pending = None
             self._pending_fresh = False
             return
         self._pending = remaining
         self._pending_fresh = True  # the refund that comes next is counted in it already
+
+    def _taken_within(self, seconds: float, now: float) -> float:
+        """Units taken while the mirror stood, over the ``seconds`` before ``now``."""
+        since = now - seconds
+        units = 0.0
+        for at, amount in reversed(self._latest):
+            if at <= since:
+                break
+            units += amount
+        return units
 
     def _rescale(self, limit: float) -> None:
         """A new ``limit``: the refill bound measured under the old one scales with it.
@@ -1071,6 +1101,7 @@ class _BucketGate:
         sent_mark: float | None = None,
         sent_age: float = 0.0,
         sent_level: float | None = None,
+        lag: float = 0.0,
     ) -> None:
         """Fold the upstream's rate-limit headers into the mirror; see ``TokenBucket.sync``.
 
@@ -1078,7 +1109,7 @@ class _BucketGate:
         settled the request whose reply carried the headers.
 
         Raises:
-            ValueError: ``reset_after`` negative or not finite; ``limit`` not > 0.
+            ValueError: ``reset_after`` or ``lag`` negative or not finite; ``limit`` not > 0.
         """
         self._bucket.sync(
             remaining=remaining,
@@ -1088,6 +1119,7 @@ class _BucketGate:
             sent_mark=sent_mark,
             sent_age=sent_age,
             sent_level=sent_level,
+            lag=lag,
         )
         if self._waiters:
             asyncio.get_running_loop().call_soon(self._wake)

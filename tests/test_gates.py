@@ -468,6 +468,31 @@ def test_a_fixed_window_or_a_measured_bound_is_not_probed_past():
     assert bucket.mirror(1.1).rate == pytest.approx(ROOM * 20.0)
 
 
+def test_a_reading_at_the_reply_does_not_count_what_we_took_while_it_came():
+    # A mirror refilling about 200 a second, run dry by slow replies (streamed answers).
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=100, reset_after=0.5, limit=200, now=0.0, sent_mark=bucket.taken)
+    mark = bucket.taken
+    bucket.take(1, 9.99)  # long enough ago that the upstream counted it
+
+    def slow_reading(remaining: float, now: float) -> float:
+        bucket.sync(
+            remaining=remaining, reset_after=0.02, limit=200, now=now,
+            sent_mark=mark, sent_age=10.0, lag=0.005,
+        )
+        mirror = bucket.mirror(now)
+        assert mirror is not None
+        return mirror.level
+
+    assert slow_reading(4, 10.0) == pytest.approx(4.0)
+    bucket.take(2, 10.0005)  # granted off that reading
+    # A second reply written as the first was, before those two reached the upstream:
+    # its 4 left do not count them, and they are not granted again.
+    assert slow_reading(4, 10.001) == pytest.approx(2.0)
+    # Written after they were counted (they were sent longer than ``lag`` ago).
+    assert slow_reading(2, 10.01) == pytest.approx(2.0)
+
+
 def slow_reply_with_a_doubled_quota(bucket: TokenBucket) -> None:
     bucket.sync(
         remaining=150,
