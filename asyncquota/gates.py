@@ -188,6 +188,7 @@ class TokenBucket:
 
     __slots__ = (
         "_burst",
+        "_lag",
         "_latest",
         "_learnt_at",
         "_learnt_limit",
@@ -249,6 +250,7 @@ class TokenBucket:
         self._ledger: deque[tuple[float, float]] = deque(maxlen=_LEDGER_SIZE)
         # While there is a mirror: the latest (time, units) taken (see ``sync``'s ``lag``).
         self._latest: deque[tuple[float, float]] = deque(maxlen=_LATEST_SIZE)
+        self._lag = 0.0  # the last ``lag`` a reading came with
         self._taken = 0.0  # every unit ever taken (refunds not subtracted): see ``taken``
         self._reserve = 0.0  # seconds of the mirror's refill held back (see ``hold_back``)
         # The most the upstream said it had left under the limit it stated last: the
@@ -288,14 +290,17 @@ class TokenBucket:
         """What a bucket mirror says at ``now`` of sending at ``rate``: True if it refills
         at least that fast and stands at the most the upstream has shown it holds (sends
         at ``rate`` leave it full); False if it refills slower and stands under half of
-        that (sends at ``rate`` are draining it); None otherwise, or with no mirror."""
+        that (sends at ``rate`` are draining it); None otherwise, or with no mirror. Full
+        is but for what we took over the last reading's ``lag`` (see ``sync``): sends no
+        reading could count yet, which a full bucket took as well."""
         self._settle(now)
         burst = self._mirror_burst
         if burst is None or self._mirror_until != math.inf:
             return None
         top = self._top(burst)
         if rate <= self._mirror_rate:
-            return True if self._mirror_level >= top - 1 else None
+            full = self._mirror_level + self._taken_within(self._lag, now) >= top - 1
+            return True if full else None
         return False if 2 * self._mirror_level < top else None
 
     def _top(self, burst: float) -> float:
@@ -647,6 +652,7 @@ class TokenBucket:
         if limit is not None:
             limit = _check_positive("limit", limit)
         lag = _check_amount("lag", lag)
+        self._lag = lag
         if isinstance(remaining, bool) or not isinstance(remaining, int | float):
             raise TypeError(f"remaining must be a number, not {type(remaining).__name__}.")
         if not math.isfinite(remaining) or remaining < 0:

@@ -511,6 +511,24 @@ def test_a_full_mirror_vouches_for_a_pace_under_its_rate_and_a_draining_one_stop
     assert window.mirror_vouches(1.0, 0.0) is None
 
 
+def test_a_mirror_full_but_for_the_sends_no_reading_could_count_yet_still_vouches():
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=0, reset_after=1.0, limit=100, now=0.0)  # learnt at 99 a second
+    mark = bucket.taken
+    bucket.take(3, 1.999)  # on their way while the next reply came back
+    # A slow reply reads the bucket full: the three are not in it, and are taken off it.
+    bucket.sync(
+        remaining=100, reset_after=0.0, limit=100, now=2.0, sent_mark=mark, sent_age=5.0,
+        lag=0.005,
+    )
+    assert bucket.mirror(2.0).level == pytest.approx(97.0)
+    # Full, but for them: sent at 80 a second, the mirror still vouches.
+    assert bucket.mirror_vouches(80.0, 2.0) is True
+    # Once they are past the lag, 97 is not full any more (the refill has not made up for
+    # sends at the mirror's rate).
+    assert bucket.mirror_vouches(80.0, 2.006) is None
+
+
 def test_a_step_that_may_not_grow_holds_the_pace_and_starts_its_growth_over():
     pace = Pace()
     t = cut_from_100(pace)
