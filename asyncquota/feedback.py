@@ -104,8 +104,8 @@ word."""
 
 READING_LAG_MIN = 0.005
 """The least time (seconds) a reply's reading is taken to have spent reaching us: what we
-took over it may not be counted in the reading (``TokenBucket.sync``'s ``lag``), until
-refusals have measured how long an exchange with the upstream takes."""
+took over it may not be counted in the reading (``TokenBucket.sync``'s ``lag``). Refusals
+at the door measure how long an exchange with the upstream takes; until they do, this."""
 
 REFUSAL_GAIN = 0.125
 """Weight of each new congestion reply's time in the smoothed refusal time."""
@@ -468,6 +468,7 @@ class Feedback:
 
     __slots__ = (
         "_cooldown",
+        "_door_time",
         "_failed_probes",
         "_first_end",
         "_full_read_due",
@@ -522,6 +523,7 @@ class Feedback:
         self._reopened_at = -math.inf
         self._succeeded_at = -math.inf  # the last success (see ``sent``)
         self._refusal_time = 0.0  # smoothed seconds from a send to its congestion reply
+        self._door_time = 0.0  # the same, of refusals at the door only (see ``observe``)
         self._glances: tuple[tuple[str, float], ...] = ()
         self._full_read_due = -math.inf
         self._sends = 0  # every send, to measure what went between two looks at the mirror
@@ -686,6 +688,7 @@ class Feedback:
             rate_limited and not crowd and (not rtt or now - sent_at < AT_THE_DOOR * rtt)
         )
         if at_the_door:
+            self._door_time += REFUSAL_GAIN * (took - self._door_time)
             self._rate.probe_refuted()
         if not own_probe and at_the_door and self._pace.congested(now, sent_at):
             self._apply_pace()
@@ -884,9 +887,10 @@ class Feedback:
         self._glances = tuple(glances)
         self._full_read_due = now + AMPLE_READ_INTERVAL
         age = now - sent_at
-        # The reading was written when the reply left the upstream: a refusal's time
-        # (a send and its answer) bounds how long ago that was.
-        lag = max(READING_LAG_MIN, self._refusal_time)
+        # The reading was written when the reply left the upstream: a refusal's time at
+        # the door (a send and its answer, nothing worked on) bounds how long ago that was.
+        # Not an overloaded service's 529, which comes after the request was worked on.
+        lag = max(READING_LAG_MIN, self._door_time)
         token_rounding = _TOKEN_ROUNDING.get(snapshot.provider or "", 0)
         for gate, window, mark, level, rounding in (
             (self._rate, snapshot.requests, marks.rate_mark, marks.rate_level, 0),

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import types
 from typing import Any
 
 import pytest
@@ -527,6 +528,37 @@ def test_a_mirror_full_but_for_the_sends_no_reading_could_count_yet_still_vouche
     # Once they are past the lag, 97 is not full any more (the refill has not made up for
     # sends at the mirror's rate).
     assert bucket.mirror_vouches(80.0, 2.006) is None
+
+
+async def test_an_overloaded_services_slow_answer_does_not_make_readings_stale():
+    # A 529 comes after the request was worked on, here for 2 s: it says nothing of how
+    # long a reply takes to reach us. Taken for that, every reading would lose the sends
+    # of the last quarter of a second (the smoothed refusal time) as not counted in it.
+    loop = asyncio.get_running_loop()
+    rate = RateGate(per_minute=1e12)
+    feedback = Feedback(
+        cooldown=CooldownGate(), rate=rate, tokens=TokenGate(per_minute=1e12), rpm=1e12,
+        wall_clock=frozen_wall_clock,
+    )
+    rate.sync(remaining=0, reset_after=1.0, limit=100)  # a mirror of a bucket of 100
+    await asyncio.sleep(2.0)
+    now = loop.time()
+    feedback.congested(now, now - 2.0, None, 0, rate_limited=False)
+    mark = rate.taken
+    for _ in range(10):  # ten sends, 0.1 s apart
+        assert rate.try_acquire()
+        await asyncio.sleep(0.1)
+    headers = {
+        "x-ratelimit-limit-requests": "100",
+        "x-ratelimit-remaining-requests": "60",
+        "x-ratelimit-reset-requests": "400ms",
+    }
+    marks = types.SimpleNamespace(
+        rate_mark=mark, token_mark=0.0, rate_level=None, token_level=None
+    )
+    now = loop.time()
+    feedback.observe(headers, now, now - 10.0, marks)  # a streamed reply of 10 s
+    assert rate.mirror_level == pytest.approx(60.0)
 
 
 def test_a_step_that_may_not_grow_holds_the_pace_and_starts_its_growth_over():
