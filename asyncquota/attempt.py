@@ -4,7 +4,7 @@
         success      the limit gets a sample, the tokens are reconciled with the usage,
                      the headers re-anchor the gates' mirrors
         congestion   a rate-limit refusal: the pace, the mirrors and the cooldown answer
-                     it; a crowd refusal also cuts the concurrency limit
+                     it; a crowd refusal also cuts the concurrency limit, at once
         other        the limit learns nothing; the error is built for the caller
         no reply     a timeout is a congestion signal; a connection never made cost no
                      tokens
@@ -172,6 +172,8 @@ class Attempts:
                 # flight: the pace, the mirrors and the cooldown answer it; the
                 # concurrency limit keeps still.
                 permit.ignore()
+            elif kind == "crowd":
+                permit.crowded()  # says outright: too many in flight. Cut now
             else:
                 permit.dropped()
             reporter.throttled += 1

@@ -281,8 +281,12 @@ class ConcurrencyLimiter:
             self._waiting -= 1
             self._inflight += 1
 
-    def _release(self, permit: Permit, outcome: Ending) -> None:
-        """End a permit: free its slot, count the outcome, feed the limit, wake waiters."""
+    def _release(self, permit: Permit, outcome: Ending, *, crowd: bool = False) -> None:
+        """End a permit: free its slot, count the outcome, feed the limit, wake waiters.
+
+        ``crowd``: a drop that named too many in flight, told to a limit that has
+        ``on_crowd`` (``AIMD``) instead of ``on_sample``.
+        """
         inflight = self._inflight
         self._inflight = inflight - 1
         try:
@@ -295,7 +299,12 @@ class ConcurrencyLimiter:
             else:
                 self._succeeded += 1
             now = permit._loop.time()
-            capacity = self._limit.on_sample(now, now - permit.acquired_at, inflight, dropped)
+            rtt = now - permit.acquired_at
+            on_crowd = getattr(self._limit, "on_crowd", None) if crowd else None
+            if on_crowd is not None:
+                capacity = on_crowd(now, rtt, inflight)
+            else:
+                capacity = self._limit.on_sample(now, rtt, inflight, dropped)
             if self._ramp is not None:  # a growth being spread (rare: no call otherwise)
                 capacity = self._ramped(capacity)
             if capacity != self._capacity:
@@ -312,7 +321,8 @@ class ConcurrencyLimiter:
 
 
 class Permit:
-    """Leave to send one request; it ends in exactly one of ``success``, ``dropped``, ``ignore``.
+    """Leave to send one request; it ends in exactly one of ``success``, ``dropped`` (or
+    ``crowded``), ``ignore``.
 
     Also a context manager (``with permit:`` or ``async with await limiter.acquire() as
     permit:``): a block that ends without an explicit outcome counts as ``success()``
@@ -352,6 +362,18 @@ class Permit:
         """
         self._end("dropped")
 
+    def crowded(self) -> None:
+        """End with a refusal that names too many in flight (a concurrency cap's 429).
+
+        A congestion signal, as ``dropped`` (its ``outcome`` is ``"dropped"``), and one
+        that is no chance: a limit with ``on_crowd`` (``AIMD``) cuts at once, beyond the
+        tolerance it keeps for sporadic failures.
+
+        Raises:
+            RuntimeError: the permit has already ended.
+        """
+        self._end("dropped", crowd=True)
+
     def ignore(self) -> None:
         """End without teaching the limit anything: cancelled, or an error such as a 400.
 
@@ -360,14 +382,14 @@ class Permit:
         """
         self._end("ignore")
 
-    def _end(self, outcome: Ending) -> None:
+    def _end(self, outcome: Ending, *, crowd: bool = False) -> None:
         if self._outcome is not None:
             raise RuntimeError(
                 f"This permit already ended with {self._outcome}(); a permit ends exactly once, "
-                f"so {outcome}() is refused."
+                f"so {'crowded' if crowd else outcome}() is refused."
             )
         self._outcome = outcome
-        self._limiter._release(self, outcome)
+        self._limiter._release(self, outcome, crowd=crowd)
 
     def __enter__(self) -> Permit:
         return self

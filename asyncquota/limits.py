@@ -106,10 +106,16 @@ class _Episodes:
         """When the last episode began (-inf: never)."""
         return self._last_cut
 
-    def begins(self, now: float, rtt: float) -> bool:
-        """Whether a drop opens a new episode (then it is recorded as the latest cut)."""
+    def begins(self, now: float, rtt: float, *, chance: bool = True) -> bool:
+        """Whether a drop opens a new episode (then it is recorded as the latest cut).
+
+        ``chance``: the drop may have come at random, and the tolerance bears it; False
+        for one that says outright it was ours (a concurrency cap's refusal).
+        """
         window = DEFAULT_RTT if self.srtt is None else self.srtt
-        if now - rtt < self._last_cut or now - self._last_cut < window or self._tolerable():
+        if now - rtt < self._last_cut or now - self._last_cut < window:
+            return False
+        if chance and self._tolerable():
             return False
         self._last_cut = now
         return True
@@ -257,7 +263,8 @@ class AIMD:
       of requests at random (Anthropic's sporadic 529s) is not congested by us, and
       halving the limit for each such reply would pin it near ``sqrt(2 / 1 %)`` ≈ 14.
       A wall of 429s is far above any sensible tolerance and cuts after about
-      ``DROP_SHARE_MEMORY`` drops.
+      ``DROP_SHARE_MEMORY`` drops. A refusal that names a concurrency cap is no chance
+      and is not borne: it cuts at once (``on_crowd``).
 
     - Latency brake: with ``latency_room``, the mean round trip of each window of
       replies is compared with the fastest window of the last ``LATENCY_MEMORY``
@@ -345,16 +352,10 @@ class AIMD:
 
     def on_sample(self, now: float, rtt: float, inflight: int, dropped: bool) -> int:
         """Learn from one finished request and return the new limit (see ``Limit``)."""
-        if self._last_reply is not None and now - rtt - self._last_reply >= self._idle_reset:
-            self._ssthresh = float(self._max_limit)
-        self._last_reply = now
+        self._restart_if_idle(now, rtt)
         self._episodes.count(dropped)
         if dropped:
-            if self._episodes.begins(now, rtt):
-                self._limit = _cut(self._limit, self._backoff_ratio, self._min_limit)
-                self._ssthresh = self._limit
-                self._acked = 0
-            return int(self._limit)
+            return self._dropped(now, rtt, chance=True)
         self._episodes.observe(rtt)
         limit = int(self._limit)
         if inflight * 2 < limit:
@@ -377,6 +378,38 @@ class AIMD:
                 return limit
             self._acked = 0
             self._limit = min(self._limit + self._increase, float(self._max_limit))
+        return int(self._limit)
+
+    def on_crowd(self, now: float, rtt: float, inflight: int) -> int:
+        """A refusal that names too many in flight (a concurrency cap's): cut, no tolerance.
+
+        The limiter calls this instead of ``on_sample`` for a ``Permit.crowded()``. The
+        drop tolerance bears failures that come at random (a service failing 1 % of its
+        requests), and a wall of them crosses it after about ``DROP_SHARE_MEMORY`` drops.
+        A 429 saying "Too many concurrent requests" is no chance: it says this many in
+        flight is too many, and every send over the cap until the cut is refused too.
+        Borne up to the tolerance, some 20 of them came back before the first cut, at the
+        start of every night and whenever the limit outgrew the cap: most of the 1-1.8 %
+        of 429s of the robustness matrix's short rows (a cap of 48 in flight).
+
+        Returns:
+            The new limit.
+        """
+        del inflight  # on_sample's signature: a limiter forwards either the same way
+        self._restart_if_idle(now, rtt)
+        self._episodes.count(True)
+        return self._dropped(now, rtt, chance=False)
+
+    def _restart_if_idle(self, now: float, rtt: float) -> None:
+        if self._last_reply is not None and now - rtt - self._last_reply >= self._idle_reset:
+            self._ssthresh = float(self._max_limit)
+        self._last_reply = now
+
+    def _dropped(self, now: float, rtt: float, *, chance: bool) -> int:
+        if self._episodes.begins(now, rtt, chance=chance):
+            self._limit = _cut(self._limit, self._backoff_ratio, self._min_limit)
+            self._ssthresh = self._limit
+            self._acked = 0
         return int(self._limit)
 
     def on_stall(self, now: float, inflight: int) -> int:

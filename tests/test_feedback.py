@@ -931,3 +931,16 @@ async def test_long_replies_are_not_starved_by_a_limit_their_own_replies_clock()
     timeline = upstream.stats()["timeline"]
     admitted_ok = sum(row["admitted_ok"] for row in timeline if 15 <= row["t"] < 40)
     assert admitted_ok >= 0.6 * 100 * 25, (admitted_ok, sent)
+
+
+async def test_a_concurrency_caps_refusals_cut_the_limit_at_once_not_after_twenty():
+    # "Too many concurrent requests" is no chance: each send over the cap until the cut is
+    # refused too. Borne up to the drop tolerance (3 %, for a service failing at random),
+    # some 20 came back before the first cut, at the start and whenever the limit grew
+    # past the cap: most of the 429s of the robustness matrix's short rows.
+    upstream = upstream_of(rps=1000.0, max_concurrency=24)  # the cap alone binds
+    _, _, ok = await overload(upstream, 10, 300.0)
+    totals = upstream.stats()["totals"]
+    assert totals["429"] <= 5, totals  # 25 when the tolerance bore them
+    assert totals["max_inflight"] <= 24
+    assert min(ok) > 0, ok

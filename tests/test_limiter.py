@@ -108,6 +108,37 @@ async def test_each_ending_feeds_the_limit_exactly_once_with_rtt_and_inflight_at
     assert (stats.succeeded, stats.dropped, stats.ignored, stats.inflight) == (1, 1, 1, 0)
 
 
+class CrowdAwareLimit(RecordingLimit):
+    def __init__(self) -> None:
+        super().__init__(limit=3)
+        self.crowds: list[tuple[float, float, int]] = []
+
+    def on_crowd(self, now: float, rtt: float, inflight: int) -> int:
+        self.crowds.append((now, rtt, inflight))
+        return 1
+
+
+async def test_a_crowded_ending_is_a_drop_told_to_on_crowd_where_the_limit_has_it():
+    aware = CrowdAwareLimit()
+    limiter = ConcurrencyLimiter(aware)
+    first, second = await limiter.acquire(), await limiter.acquire()
+    await asyncio.sleep(0.5)
+    first.crowded()
+    assert aware.crowds == [(0.5, 0.5, 2)] and aware.samples == []
+    assert first.outcome == "dropped" and limiter.capacity == 1
+    assert limiter.statistics().dropped == 1
+    with pytest.raises(RuntimeError, match=r"crowded\(\) is refused"):
+        first.crowded()
+    second.ignore()
+    # A limit without on_crowd (any Limit of the protocol) gets the drop as on_sample's.
+    recording = RecordingLimit(limit=3)
+    plain = ConcurrencyLimiter(recording)
+    permit = await plain.acquire()
+    permit.crowded()
+    assert recording.samples == [(0.5, 0.0, 1, True)]
+    assert plain.statistics().dropped == 1
+
+
 async def test_a_second_ending_is_refused_and_records_nothing():
     recording = RecordingLimit()
     limiter = ConcurrencyLimiter(recording)

@@ -374,6 +374,28 @@ def test_a_wall_of_429s_from_the_start_cuts_after_about_twenty_drops():
     assert drops == 21 and limit.limit == 50
 
 
+def test_a_refusal_naming_a_concurrency_cap_cuts_at_once_whatever_the_tolerance():
+    limit = AIMD(initial=100, max_limit=100, drop_tolerance=0.03)
+    for i in range(100):  # a history of successes: the share of drops is nil
+        limit.on_sample(i * 0.01, 0.3, inflight=100, dropped=False)
+    assert limit.on_crowd(1.0, 0.002, inflight=100) == 50  # the first one cuts
+    assert limit.ssthresh == 50
+    # Its echoes within the round trip are one episode, as any drop's are; the next
+    # crowd refusal a round trip on is another.
+    assert limit.on_crowd(1.01, 0.002, inflight=51) == 50
+    assert limit.on_crowd(1.35, 0.002, inflight=51) == 25
+
+
+def test_a_crowd_refusal_is_a_reply_so_no_quiet_spell_follows_it():
+    limit = AIMD(initial=40, max_limit=100, drop_tolerance=0.03)
+    limit.on_sample(0.3, 0.3, inflight=40, dropped=False)
+    limit.on_crowd(25.0, 0.01, inflight=40)
+    assert (limit.limit, limit.ssthresh) == (20, 20)
+    # Sent 24.7 s after the last reply: no restart (idle_reset is 30 s), the threshold holds.
+    limit.on_sample(50.0, 0.3, inflight=20, dropped=False)
+    assert limit.ssthresh == 20
+
+
 def test_without_a_drop_tolerance_every_episode_cuts_as_before():
     limit = AIMD(initial=100, max_limit=100)
     assert limit.on_sample(1.0, 0.3, inflight=100, dropped=True) == 50
