@@ -172,8 +172,11 @@ class Attempts:
                 # flight: the pace, the mirrors and the cooldown answer it; the
                 # concurrency limit keeps still.
                 permit.ignore()
-            elif kind == "crowd":
-                permit.crowded()  # says outright: too many in flight. Cut now
+            elif kind == "crowd" and verdict.kind is Outcome.THROTTLED:
+                # A 429 that says outright: too many of ours in flight. Cut now. (An
+                # overloaded service's 503 / 529 may come at random: the tolerance bears
+                # those.)
+                permit.crowded()
             else:
                 permit.dropped()
             reporter.throttled += 1

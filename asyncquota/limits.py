@@ -190,12 +190,30 @@ class _Windows:
     that sat at one level all along has nothing to compare with. So while windows are
     short (under ``LATENCY_PROBE_RTT``), every ``LATENCY_PROBE_EVERY`` seconds one window
     runs at three quarters of the limit (BBR's ProbeRTT, in miniature).
+
+    The first window after a start (or a quiet spell: ``restart``) is not read. Closed
+    by a count of replies, it holds the first to come back of everything sent at once,
+    the shortest: in the robustness matrix's short rows (replies of 0.15-0.5 s, 0.325 s
+    on average) it read 0.274 s, and against it every ordinary window (0.33-0.34 s)
+    was 22 % slower: the limit came down a tenth at a time from 67 to 40 in 8 s with no
+    refusal, under what a capacity that doubled needed (row 19: 0.934 of the quota).
     """
 
-    __slots__ = ("_count", "_fastest", "_probe_at", "_room", "_started", "_sum", "probing", "slow")
+    __slots__ = (
+        "_count",
+        "_fastest",
+        "_probe_at",
+        "_room",
+        "_started",
+        "_sum",
+        "_survivors",
+        "probing",
+        "slow",
+    )
 
     def __init__(self, room: float) -> None:
         self._room = room
+        self._survivors = True  # the window being filled is the first after a start
         self._count = 0
         self._sum = 0.0
         self._started: float | None = None
@@ -216,6 +234,9 @@ class _Windows:
         mean = self._sum / self._count
         span = now - self._started
         self._count, self._sum, self._started = 0, 0.0, now
+        if self._survivors:
+            self._survivors = False
+            return 1.0
         fastest = self._fastest
         while fastest and fastest[-1][1] >= mean:
             fastest.pop()
@@ -233,6 +254,11 @@ class _Windows:
         if not was_probing and ratio > 1.0 + 1.5 * self._room:
             return 0.9
         return 1.0
+
+    def restart(self) -> None:
+        """Sends resume after a quiet spell: the window being filled is a first one again."""
+        self._survivors = True
+        self._count, self._sum, self._started = 0, 0.0, None
 
 
 class AIMD:
@@ -403,6 +429,8 @@ class AIMD:
     def _restart_if_idle(self, now: float, rtt: float) -> None:
         if self._last_reply is not None and now - rtt - self._last_reply >= self._idle_reset:
             self._ssthresh = float(self._max_limit)
+            if self._latency is not None:
+                self._latency.restart()
         self._last_reply = now
 
     def _dropped(self, now: float, rtt: float, *, chance: bool) -> int:

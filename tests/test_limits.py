@@ -421,22 +421,41 @@ def run_windows(limit: AIMD, now: float, rtts: list[float], inflight: int) -> tu
 def test_aimd_stops_growing_when_windows_of_replies_slow_down_and_comes_down_past_that():
     limit = AIMD(initial=100, max_limit=1000, latency_room=0.15)
     limit._ssthresh = 100.0  # congestion avoidance: one more per window of 100
-    now, answer = run_windows(limit, 0.0, [0.30] * 100, 100)  # the fastest window: 0.30
+    # The first window holds the first replies back of all sent at once, the shortest:
+    # it is not read (against 0.20 s, the next window would be 50 % slower: a cut).
+    now, answer = run_windows(limit, 0.0, [0.20] * 100, 100)
     assert answer == 101
-    # 10 % slower: still within the room, grows.
-    now, answer = run_windows(limit, now, [0.33] * 101, 101)
+    now, answer = run_windows(limit, now, [0.30] * 101, 101)  # the fastest window: 0.30
     assert answer == 102
+    # 10 % slower: still within the room, grows.
+    now, answer = run_windows(limit, now, [0.33] * 102, 102)
+    assert answer == 103
     # 20 % slower: more in flight brings nothing; the limit holds.
-    now, answer = run_windows(limit, now, [0.36] * 102 * 3, 102)
-    assert answer == 102 and limit.limit == 102
+    now, answer = run_windows(limit, now, [0.36] * 103 * 3, 103)
+    assert answer == 103 and limit.limit == 103
     # 30 % slower (beyond one and a half times the room): a tenth off per window.
-    now, answer = run_windows(limit, now, [0.39] * 102, 102)
-    assert limit.limit == 91  # 102 * 0.9
-    now, answer = run_windows(limit, now, [0.39] * 91, 91)
-    assert limit.limit == 82  # 102 * 0.9 * 0.9
+    now, answer = run_windows(limit, now, [0.39] * 103, 103)
+    assert limit.limit == 92  # 103 * 0.9
+    now, answer = run_windows(limit, now, [0.39] * 92, 92)
+    assert limit.limit == 83  # 103 * 0.9 * 0.9
     # Back to the fast replies: it grows again.
-    now, answer = run_windows(limit, now, [0.30] * 82, 82)
-    assert limit.limit == 83
+    now, answer = run_windows(limit, now, [0.30] * 83, 83)
+    assert limit.limit == 84
+
+
+def test_aimd_reads_no_window_of_the_first_replies_nor_of_those_after_a_quiet_spell():
+    limit = AIMD(initial=48, max_limit=100, latency_room=0.15, idle_reset=30.0)
+    limit._ssthresh = 48.0
+    size = max(48, LATENCY_WINDOW_MIN)
+    now, _ = run_windows(limit, 0.0, [0.27] * size, 48)  # the survivors of the start
+    now, _ = run_windows(limit, now, [0.34] * size * 4, 48)  # 26 % above them: unread
+    assert limit.limit > 48  # grew all along: no brake, no tenth off
+    # A minute without a reply: slow start again, up to 100, and the first window (100
+    # replies) again holds the shortest.
+    now, _ = run_windows(limit, now + 60.0, [0.20] * 100, 100)
+    assert limit.limit == 100
+    now, _ = run_windows(limit, now, [0.34] * 100 * 2, 100)
+    assert limit.limit == 100  # read against 0.20 s: 81
 
 
 def test_aimd_probes_a_lower_load_now_and_then_to_know_what_fast_is():
@@ -472,13 +491,16 @@ def test_aimd_reads_a_rise_of_a_few_milliseconds_as_our_own_loop_not_the_upstrea
     limit = AIMD(initial=32, max_limit=1000, latency_room=0.15)
     limit._ssthresh = 32.0
     size = max(32, LATENCY_WINDOW_MIN)
-    now, _ = run_windows(limit, 0.0, [0.005] * size, 32)
+    now, _ = run_windows(limit, 0.0, [0.005] * size, 32)  # the first window: not read
+    now, _ = run_windows(limit, now, [0.005] * size, 32)
     before = limit.limit
     now, _ = run_windows(limit, now, [0.008] * size * 3, 32)
     assert limit.limit > before  # still grows: no brake, no cut
     # The same shape at an LLM's scale (0.30 s → 0.48 s) is the upstream filling: it cuts.
     slow = AIMD(initial=32, max_limit=1000, latency_room=0.15)
     slow._ssthresh = 32.0
-    now, _ = run_windows(slow, 0.0, [0.30] * size, 32)
+    now, _ = run_windows(slow, 0.0, [0.30] * size, 32)  # the first window: not read
+    now, _ = run_windows(slow, now, [0.30] * size, 32)
+    before = slow.limit
     now, _ = run_windows(slow, now, [0.48] * size, 32)
-    assert slow.limit < 32
+    assert slow.limit < before
