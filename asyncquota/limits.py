@@ -41,6 +41,10 @@ class Limit(Protocol):
     """An algorithm that decides how many requests may be in flight.
 
     ``on_sample`` must return an integer of at least 1; the limiter takes it as its capacity.
+    Two more methods are optional, called by the limiter when a limit has them:
+    ``on_stall(now, inflight)`` (full a while, nothing back: may grow on time) and
+    ``on_crowd(now, rtt, inflight)`` (a refusal that names a concurrency cap, instead of
+    ``on_sample`` with ``dropped``). ``AIMD`` has both.
     """
 
     @property
