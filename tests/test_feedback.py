@@ -853,22 +853,29 @@ async def test_capacity_that_halves_and_returns_is_followed_within_three_seconds
     assert totals["429"] <= 0.05 * totals["requests"]
 
 
+async def halved_then_returned(
+    headers_style: str, *, seconds: int
+) -> tuple[list[int], dict[str, Any]]:
+    """Replies of 5-30 s, capacity halved at 10 s and back at 20 s (refusals free): the
+    requests admitted and answered each second, and the upstream's totals."""
+    upstream = upstream_of(
+        headers_style=headers_style, schedule=((10.0, 0.5), (20.0, 1.0)),
+        count_rejected=False, reply_seconds=(5.0, 30.0), max_concurrency=3000,
+    )
+    stats = await long_replies(upstream, seconds=seconds)
+    return [second["admitted_ok"] for second in stats["timeline"][:seconds]], stats["totals"]
+
+
 async def test_over_long_replies_capacity_that_returns_is_found_within_three_seconds():
     # Replies of 5-30 s: nothing answers the sends of the last seconds, so the pace grew
     # back by the door's silence alone, 4 % a step (50 to 100 a second took 9 s), while
     # every reading said the upstream's bucket was full. A mirror refilling at least at
     # the pace and standing full vouches for it: the growth speeds up as a fast reply's
     # would.
-    upstream = upstream_of(
-        headers_style="openai", schedule=((10.0, 0.5), (20.0, 1.0)), count_rejected=False,
-        reply_seconds=(5.0, 30.0), max_concurrency=3000,
-    )
-    stats = await long_replies(upstream, seconds=30)
-    admitted = [second["admitted_ok"] for second in stats["timeline"][:30]]
+    admitted, totals = await halved_then_returned("openai", seconds=30)
     # Admitted a second from the return (20 s): 55, 59, 64, 69, 75, 79, 87, 93, 100 before;
     # 56, 72, 89, 96, 103 now.
     assert sum(admitted[23:30]) >= 0.95 * 100 * 7, admitted
-    totals = stats["totals"]
     assert totals["429"] <= 0.02 * totals["requests"]
 
 
@@ -964,13 +971,7 @@ async def test_without_headers_a_capacity_that_returns_over_long_replies_is_foun
     # once the capacity is back (50 to 100 a second at 20 s). At 4 % a step the upstream
     # admitted 60, 64, 69, 75, 80, 87, 94, 101 a second from 20 s; at PACE_SILENT_GROWTH
     # (6 %), 62, 70, 77, 87, 97.
-    upstream = upstream_of(
-        headers_style="none", schedule=((10.0, 0.5), (20.0, 1.0)), count_rejected=False,
-        reply_seconds=(5.0, 30.0), max_concurrency=3000,
-    )
-    stats = await long_replies(upstream, seconds=32)
-    admitted = [second["admitted_ok"] for second in stats["timeline"][:32]]
+    admitted, totals = await halved_then_returned("none", seconds=32)
     found = next(s for s in range(20, 32) if admitted[s] >= 0.95 * 100)
     assert found <= 25, admitted  # at 27 when it grew at 4 %
-    totals = stats["totals"]
     assert totals["429"] <= 0.02 * totals["requests"]
