@@ -10,9 +10,9 @@ attempt to :class:`Feedback`, which turns it into three controls:
   sends one probe early (``PROBE_FIRST`` after the 429, then twice as long after each
   refused probe); the probe's success reopens the gate (the sends resume spread at the
   pace, not in a burst: the probe found one unit), its refusal keeps it shut. Only
-  on an upstream seen to punish early sends (a probe refused with a window provably
-  later than the one it probed: the window grew because we knocked) is every window
-  honoured in full, from then on.
+  on an upstream seen to punish early sends (a probe, or any request sent inside a
+  stated window, refused with a window provably later than that one: the window grew
+  because we knocked) is every window honoured in full, from then on.
 - **The pace** (:class:`Pace`): a requests-per-second ceiling learnt from congestion
   alone, for upstreams whose 429s come back at once (a concurrency window bounds nothing
   then) or whose headers mislead. A congestion episode cuts it by a tenth (the first
@@ -86,6 +86,23 @@ end (and at least ``PUNISHED_MARGIN_MIN`` seconds): our clock and its differ, an
 on its last millisecond costs a whole extension."""
 
 PUNISHED_MARGIN_MIN = 0.005
+
+PUNISHED_GROWTH = 0.5
+"""Seconds by which a window must have grown past the one stated before, for a request
+sent inside that one (a knock), to count towards proof that the upstream punishes early
+sends (beyond the stated values' resolution; values in ms only). A bucket's window moves
+by a unit's refill per refusal counted against it (10 ms at 100 a second); a punishing
+upstream's by a second or more per send. Sends land inside a window they did not know of
+when the upstream or our loop is held up for a few ms: the matrix's row 18 in real time
+saw 3-7 sends, 3 ms apart, inside a window of 5-10 ms, each adding a second. Learnt from
+them, no probe buys another second to learn it."""
+
+PUNISHED_KNOCKS = 2
+"""Knocks (``PUNISHED_GROWTH``) that prove punishment, with no success in between for a
+request sent inside a stated window. One is not enough: an upstream that states windows
+at random (0.05-1 s, and serves most requests sent inside them) knocked once now and
+then, and taken for a punishing one its every window was honoured in full, the pace
+careful: a third of the requests served."""
 
 PUNISHED_RESERVE = 0.1
 """On an upstream that punishes early sends, the seconds of its refill our mirrors keep
@@ -211,7 +228,20 @@ PACE_STEADY = 1.25
 """The most the last window's sending rate may exceed the accepted window's for the
 accepted rate to bound a cut: beyond, the sends were climbing, and the accepted window's
 first seconds, sent under the refill, say nothing of it (a capacity that returned, found
-at 1.7 times the rate of five seconds before, was cut to 0.85 of it)."""
+at 1.7 times the rate of five seconds before, was cut to 0.85 of it). Both rates are over
+the time we sent (``PACE_HELD_BURST``): a hold is no climb."""
+
+PACE_HELD_BURST = 1.0
+"""Seconds of refill an upstream's bucket is taken to store while we send nothing (a
+cooldown's hold, a lull: a gap of more than ``PACE_GAP``). Over a gap, the upstream
+refilled what we then spent at once, up to its burst; beyond it, the refill was lost. So
+the accepted rate that bounds a cut is taken over the accepted window less each gap's
+excess over this, and the sending rate it is compared with over the window less the gaps.
+A pace at 1.7-1.9 times the quota of an upstream without headers was never bounded by
+what it accepted: every window held the second of a punishing upstream's hold, and the
+sends after it read as a climb (the matrix's row 18 in real time: three walls in its first
+10 s, each after a hold and a second or two of sends at that pace into an empty
+bucket)."""
 
 PACE_MAX_GROWTH = 0.25
 """The largest single step of growth (a share of the pace)."""
@@ -278,6 +308,8 @@ class Pace:
         "_accepted_refused",
         "_accepted_sent",
         "_first",
+        "_gap_excess",
+        "_gaps",
         "_growth",
         "_held",
         "_idle_since",
@@ -303,6 +335,10 @@ class Pace:
         self._short_refused = SlidingCount(window=SWAMP_WINDOW, slices=4)
         self._accepted_sent = SlidingCount(window=PACE_ACCEPTED_WINDOW)
         self._accepted_refused = SlidingCount(window=PACE_ACCEPTED_WINDOW)
+        # Milliseconds without a send over the accepted window, and their excess over
+        # PACE_HELD_BURST: counts of whole ms, each counted when the sends resume.
+        self._gaps = SlidingCount(window=PACE_ACCEPTED_WINDOW)
+        self._gap_excess = SlidingCount(window=PACE_ACCEPTED_WINDOW)
         self._first = math.inf
         self._resumed = math.inf  # the first send after the last break (PACE_GAP)
         self._last_sent = -math.inf
@@ -325,8 +361,14 @@ class Pace:
         self._accepted_sent.add(now)
         if self._first == math.inf:
             self._first = now
-        if now - self._last_sent > PACE_GAP:
+        gap = now - self._last_sent
+        if gap > PACE_GAP:
             self._resumed = now
+            if gap != math.inf:
+                gap = min(gap, PACE_ACCEPTED_WINDOW)
+                self._gaps.add(now, round(1000 * gap))
+                if gap > PACE_HELD_BURST:
+                    self._gap_excess.add(now, round(1000 * (gap - PACE_HELD_BURST)))
         self._last_sent = now
 
     def congested(self, now: float, sent_at: float) -> bool:
@@ -363,10 +405,17 @@ class Pace:
         if now - self._first >= PACE_ACCEPTED_WINDOW:
             # What the upstream accepted lately bounds its refill from above, by less than
             # the rate refused after its burst ran out does (PACE_ACCEPTED_WINDOW); not
-            # after a climb, whose first seconds were sent under the refill.
+            # after a climb, whose first seconds were sent under the refill. Both over
+            # the time the upstream could serve us (PACE_HELD_BURST).
+            window = PACE_ACCEPTED_WINDOW
+            sending = window - min(self._gaps.total(now) / 1000, window)
+            served = window - min(self._gap_excess.total(now) / 1000, window)
+            if sending < PACE_WINDOW:
+                # Held nearly all the window: the sends after it say nothing of a rate.
+                sending = served = window
             sent_long = self._accepted_sent.total(now)
-            accepted = (sent_long - self._accepted_refused.total(now)) / PACE_ACCEPTED_WINDOW
-            steady = sent_count / PACE_WINDOW <= PACE_STEADY * sent_long / PACE_ACCEPTED_WINDOW
+            accepted = (sent_long - self._accepted_refused.total(now)) / served
+            steady = sent_count / PACE_WINDOW <= PACE_STEADY * sent_long / sending
             if steady and 0 < accepted < base:
                 base = accepted
         self._held = base
@@ -483,6 +532,7 @@ class Feedback:
         "_full_read_due",
         "_glances",
         "_interval",
+        "_knocks",
         "_last_reading",
         "_max_cooldown",
         "_mirror_probe",
@@ -497,6 +547,7 @@ class Feedback:
         "_succeeded_at",
         "_tokens",
         "_upstream_clock",
+        "_window",
         "fleet",
         "punishes",
         "quota",
@@ -528,6 +579,9 @@ class Feedback:
         self._interval = PROBE_FIRST
         self._stated_end = -math.inf  # the latest window end the upstream stated
         self._first_end = -math.inf  # the end the closure's first refusal stated
+        # The latest window end a 429 stated, and when the request that got it was sent.
+        self._window = (math.inf, -math.inf)
+        self._knocks = 0  # since the last success of a request sent inside a window
         self._failed_probes = 0  # in the current closure
         self._reopened_at = -math.inf
         self._succeeded_at = -math.inf  # the last success (see ``sent``)
@@ -624,6 +678,9 @@ class Feedback:
             self._interval = PROBE_FIRST
             self._failed_probes = 0
         self._succeeded_at = now
+        stated_by, stated_end = self._window
+        if stated_by <= sent_at <= stated_end:
+            self._knocks = 0  # served inside its window: no knock there was punished
         pace = self._pace
         if not pace.due(now):
             return
@@ -715,6 +772,8 @@ class Feedback:
                 cooldown.hold(now + STARVED_HOLD, probe_at=now + STARVED_PROBE)
             return
         end = now + retry_after
+        if rate_limited and not crowd:
+            self._knocked(sent_at, end, self._resolution(retry_after, form))
         if self.punishes:
             self._honour(end, retry_after)
         elif own_probe and not cooldown.is_open(now):
@@ -773,12 +832,35 @@ class Feedback:
             return 1.0 + self._upstream_clock.uncertainty
         return 1.0 if form == "whole-seconds" else 1e-3
 
+    def _knocked(self, sent_at: float, end: float, doubt: float) -> None:
+        """A 429 stating a window to ``end``, for a request sent at ``sent_at``.
+
+        If the request was sent inside the window stated last (after the request that
+        got it), and this window ends ``PUNISHED_GROWTH`` beyond that one's end (and
+        its doubt, ``_resolution``), it grew because we knocked; ``PUNISHED_KNOCKS``
+        such, and the upstream punishes.
+        """
+        stated_by, stated_end = self._window
+        if (
+            not self.punishes
+            and doubt < PUNISHED_GROWTH
+            and stated_by <= sent_at <= stated_end + doubt
+            and end - doubt > stated_end + PUNISHED_GROWTH
+        ):
+            self._knocks += 1
+            if self._knocks >= PUNISHED_KNOCKS:
+                self._punished()
+        if end > stated_end:
+            self._window = (sent_at, end)
+
     def _punished(self) -> None:
-        """The upstream punishes early sends: from now on its bucket is never run dry."""
+        """The upstream punishes early sends: from now on its bucket is never run dry,
+        and the pace's sends go one by one (``_apply_pace``)."""
         self.punishes = True
         self._pace.careful = True
         self._rate.hold_back(PUNISHED_RESERVE)
         self._tokens.hold_back(PUNISHED_RESERVE)
+        self._apply_pace()
 
     def _honour(self, end: float, retry_after: float) -> None:
         """Hold a punishing upstream's window in full; the first send after it goes alone.
@@ -840,8 +922,12 @@ class Feedback:
         if rate is None or rate * 60 >= self._rpm:
             self._rate.reconfigure(per_minute=self._rpm, burst=self._rpm_burst)
         else:
-            # A small burst: a pace held after a pause must not come back as a wave.
-            self._rate.reconfigure(per_minute=rate * 60, burst=max(1.0, rate * PACE_BURST))
+            # A small burst: a pace held after a pause must not come back as a wave. None
+            # on an upstream that punishes: a loop held up for a few ms let the pace's
+            # burst go at once, and each send after the first that found the bucket empty
+            # bought a second (the matrix's penalty rows in real time).
+            burst = 1.0 if self._pace.careful else max(1.0, rate * PACE_BURST)
+            self._rate.reconfigure(per_minute=rate * 60, burst=burst)
 
     # ------------------------------------------------------------------ headers
 

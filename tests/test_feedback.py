@@ -18,11 +18,13 @@ import pytest
 from asyncquota import MockTransport, QuotaError, Shaper, TokenBucket
 from asyncquota.feedback import (
     PACE_BETA,
+    PACE_BURST,
     PACE_FIRST_GROWTH,
     PACE_PLATEAU,
     PACE_PLATEAU_GROWTH,
     PACE_SILENT_GROWTH,
     PACE_STEP,
+    PUNISHED_GROWTH,
     Feedback,
     Pace,
 )
@@ -255,6 +257,50 @@ def test_a_cut_after_a_climb_is_from_the_rate_refused_not_the_climbs_average():
     assert pace.rate >= PACE_BETA * 150 * 0.9
 
 
+def test_a_cut_after_a_hold_is_bounded_by_what_the_upstream_accepted_while_it_could():
+    # 180 a second into an upstream refilling 100 (a second's burst), cut at the first wall
+    # to ~161; held 2.3 s (a punishing upstream's window), then ~1.2 s at that pace and
+    # the next wall. The sends after the hold are no climb: the last second's rate is
+    # steady against the five seconds' sends over the time we sent. What the upstream
+    # accepted bounds the cut, over the five seconds less the hold's excess over a
+    # second of burst (the refill it could not store). Before, the hold made the sends
+    # after it look like a climb: cut a tenth off ~146, at 1.3-1.9 times the quota for
+    # the first 10 s of the matrix's row 18 in real time.
+    pace = Pace()
+    t = sent(pace, 342, 0.0, 180.0)
+    for _ in range(6):
+        pace.congested(t, sent_at=t - 0.002)
+    first = pace.rate
+    assert first is not None
+    t = sent(pace, round(1.2 * first), t + 2.3, first)
+    refused = 6
+    while pace.rate == first:
+        pace.congested(t, sent_at=t - 0.002)
+        refused += 1
+    assert pace.rate is not None
+    # The window (slices of 0.5 s) holds the sends from 0.5 s on and every refusal; the
+    # upstream could serve for 5 - (2.3 - 1) = 3.7 s of it.
+    in_window = 342 - 90 + round(1.2 * first)
+    accepted = (in_window - refused) / 3.7
+    assert pace.rate == pytest.approx(PACE_BETA * accepted, rel=0.05)
+    assert pace.rate < 0.85 * first
+
+
+def test_a_long_hold_leaves_the_cut_to_the_rate_refused():
+    # Held 4.5 of the five seconds: the second of sends after it is all the window has,
+    # and says nothing of a rate the upstream accepted. The cut is a tenth off the pace.
+    pace = Pace()
+    t = sent(pace, 342, 0.0, 180.0)
+    for _ in range(6):
+        pace.congested(t, sent_at=t - 0.002)
+    first = pace.rate
+    assert first is not None
+    t = sent(pace, round(0.5 * first), t + 4.5, first)
+    while pace.rate == first:
+        pace.congested(t, sent_at=t - 0.002)
+    assert pace.rate == pytest.approx(PACE_BETA * first)
+
+
 def test_nearly_all_of_the_last_fifth_of_a_second_refused_is_a_swamped_upstream():
     pace = Pace()
     t = sent(pace, 100, 0.0, 100.0)  # a second of sends, none refused
@@ -463,6 +509,87 @@ async def test_after_a_window_of_milliseconds_the_first_send_goes_alone():
     fb.congested(t0, t0, 1.0, 0)
     assert await cooldown.wait(spread=10) == cooldown.generation  # a probe
     assert loop.time() == pytest.approx(t0 + 0.01)
+
+
+def knock(
+    fb: Feedback, sent_at: float, now: float, retry_after: float, form: str = "ms"
+) -> None:
+    fb.congested(now, sent_at, retry_after, 0, form=form)  # type: ignore[arg-type]
+
+
+def test_sends_inside_a_stated_window_that_grow_it_by_a_second_each_prove_punishment():
+    # "Retry after 5 ms", and requests sent 3 and 6 ms later, inside that window, are
+    # refused for one second and then two: the window grew because we knocked (the
+    # upstream or our loop held up for a few ms let them out before the first refusal
+    # came back). Learnt from that, the window is honoured in full: no probe buys
+    # another second to learn it.
+    cooldown = CooldownGate(ramp=0.0)
+    fb = unbounded_feedback(cooldown)
+    knock(fb, 9.998, 10.0, 0.005)
+    knock(fb, 10.001, 10.004, 1.0)
+    assert not fb.punishes  # one knock is not proof
+    knock(fb, 10.004, 10.005, 1.999)
+    assert fb.punishes
+    assert cooldown.closed_until is not None and cooldown.closed_until >= 12.004
+    assert not cooldown.probing
+
+
+def test_a_success_inside_a_stated_window_clears_the_knocks():
+    # An upstream that states windows at random and serves most requests sent inside
+    # them: a knock now and then is no punishment.
+    fb = unbounded_feedback(CooldownGate(ramp=0.0))
+    knock(fb, 9.998, 10.0, 0.5)
+    knock(fb, 10.001, 10.004, 1.0)
+    fb.succeeded(10.3, 0, sent_at=10.2)  # sent inside the window to 11.004, served
+    knock(fb, 10.25, 10.35, 1.2)  # a second knock: the window to 11.55
+    assert not fb.punishes
+
+
+@pytest.mark.parametrize(
+    ("case", "sent_at", "retry_after", "form"),
+    [
+        ("sent after the window ended: a window of its own", 10.010, 1.0, "ms"),
+        ("sent before the request that stated it", 9.990, 1.0, "ms"),
+        ("grown by a counted refusal's unit, 10 ms", 10.003, 0.012, "ms"),
+        ("grown by less than the proof asks", 10.003, PUNISHED_GROWTH, "ms"),
+        ("in whole seconds: a second's growth is the rounding's", 10.003, 2.0, "whole-seconds"),
+    ],
+)
+def test_a_longer_window_proves_nothing_unless_the_send_was_inside_and_it_grew_a_lot(
+    case: str, sent_at: float, retry_after: float, form: str
+) -> None:
+    fb = unbounded_feedback(CooldownGate(ramp=0.0))
+    first_form = "whole-seconds" if form == "whole-seconds" else "ms"
+    knock(fb, 9.998, 10.0, 1.0 if first_form == "whole-seconds" else 0.005, first_form)
+    knock(fb, sent_at, 10.005, retry_after, form)
+    assert not fb.punishes, case
+
+
+def test_on_a_punishing_upstream_the_paces_sends_go_one_by_one():
+    # The pace lets a twentieth of a second go at once, so that a pace held after a pause
+    # comes back spread. On an upstream that punishes, not even that: a loop held up for a
+    # few ms let the burst out at once, and each send after the first that found the
+    # bucket empty bought a second.
+    rate = RateGate(per_minute=1e12)
+    fb = Feedback(
+        cooldown=CooldownGate(ramp=0.0),
+        rate=rate,
+        tokens=TokenGate(per_minute=1e12),
+        rpm=1e12,
+        wall_clock=frozen_wall_clock,
+    )
+    for _ in range(400):
+        fb.sent(0.5, 0)
+    for _ in range(20):
+        fb.congested(1.0, 0.999, None, 0)
+    assert fb.pace is not None
+    assert rate.statistics().burst == pytest.approx(fb.pace * PACE_BURST)
+    assert rate.statistics().burst > 10
+    knock(fb, 1.010, 1.012, 0.005)
+    knock(fb, 1.013, 1.014, 1.0)
+    knock(fb, 1.014, 1.015, 1.999)
+    assert fb.punishes
+    assert rate.statistics().burst == 1.0
 
 
 def test_a_pace_that_never_binds_is_lifted():
