@@ -102,7 +102,9 @@ PUNISHED_KNOCKS = 2
 request sent inside a stated window. One is not enough: an upstream that states windows
 at random (0.05-1 s, and serves most requests sent inside them) knocked once now and
 then, and taken for a punishing one its every window was honoured in full, the pace
-careful: a third of the requests served."""
+careful: a third of the requests served. One knock's own window is honoured in full,
+though: a probe inside it would buy it another second (the real-time row 14 and 18 lost
+2 s so, one knock and then the probe that proved punishment)."""
 
 PUNISHED_RESERVE = 0.1
 """On an upstream that punishes early sends, the seconds of its refill our mirrors keep
@@ -772,9 +774,13 @@ class Feedback:
                 cooldown.hold(now + STARVED_HOLD, probe_at=now + STARVED_PROBE)
             return
         end = now + retry_after
-        if rate_limited and not crowd:
-            self._knocked(sent_at, end, self._resolution(retry_after, form))
-        if self.punishes:
+        knocked = rate_limited and not crowd and self._knocked(
+            sent_at, end, self._resolution(retry_after, form)
+        )
+        if self.punishes or (knocked and not own_probe):
+            # A knock, even one that proves nothing yet, is a window that grew because
+            # we sent inside it: a probe inside it now would buy it another second. (A
+            # refused probe's is judged below: it proves punishment on its own.)
             self._honour(end, retry_after)
         elif own_probe and not cooldown.is_open(now):
             # A whole-second (or HTTP-date) value is a ceiling: the true end lies within
@@ -832,26 +838,28 @@ class Feedback:
             return 1.0 + self._upstream_clock.uncertainty
         return 1.0 if form == "whole-seconds" else 1e-3
 
-    def _knocked(self, sent_at: float, end: float, doubt: float) -> None:
+    def _knocked(self, sent_at: float, end: float, doubt: float) -> bool:
         """A 429 stating a window to ``end``, for a request sent at ``sent_at``.
 
         If the request was sent inside the window stated last (after the request that
         got it), and this window ends ``PUNISHED_GROWTH`` beyond that one's end (and
         its doubt, ``_resolution``), it grew because we knocked; ``PUNISHED_KNOCKS``
-        such, and the upstream punishes.
+        such, and the upstream punishes. Whether this was a knock.
         """
         stated_by, stated_end = self._window
-        if (
+        knocked = (
             not self.punishes
             and doubt < PUNISHED_GROWTH
             and stated_by <= sent_at <= stated_end + doubt
             and end - doubt > stated_end + PUNISHED_GROWTH
-        ):
+        )
+        if knocked:
             self._knocks += 1
             if self._knocks >= PUNISHED_KNOCKS:
                 self._punished()
         if end > stated_end:
             self._window = (sent_at, end)
+        return knocked
 
     def _punished(self) -> None:
         """The upstream punishes early sends: from now on its bucket is never run dry,

@@ -527,7 +527,9 @@ def test_sends_inside_a_stated_window_that_grow_it_by_a_second_each_prove_punish
     fb = unbounded_feedback(cooldown)
     knock(fb, 9.998, 10.0, 0.005)
     knock(fb, 10.001, 10.004, 1.0)
-    assert not fb.punishes  # one knock is not proof
+    assert not fb.punishes  # one knock is not proof, but its window is waited out:
+    assert cooldown.closed_until is not None and cooldown.closed_until >= 11.004
+    assert not cooldown.probing  # a probe inside it would buy another second
     knock(fb, 10.004, 10.005, 1.999)
     assert fb.punishes
     assert cooldown.closed_until is not None and cooldown.closed_until >= 12.004
