@@ -257,6 +257,25 @@ def test_a_cut_after_a_climb_is_from_the_rate_refused_not_the_climbs_average():
     assert pace.rate >= PACE_BETA * 150 * 0.9
 
 
+def cut_at_180(pace: Pace) -> tuple[float, float]:
+    """342 sends at 180 a second (1.9 s), then six refusals: the first cut. The time after
+    the last send, and the pace it set."""
+    t = sent(pace, 342, 0.0, 180.0)
+    for _ in range(6):
+        pace.congested(t, sent_at=t - 0.002)
+    assert pace.rate is not None
+    return t, pace.rate
+
+
+def refused_until_cut(pace: Pace, t: float) -> int:
+    """Refusals at ``t`` until the pace is cut again; how many it took."""
+    before, refused = pace.rate, 0
+    while pace.rate == before:
+        pace.congested(t, sent_at=t - 0.002)
+        refused += 1
+    return refused
+
+
 def test_a_cut_after_a_hold_is_bounded_by_what_the_upstream_accepted_while_it_could():
     # 180 a second into an upstream refilling 100 (a second's burst), cut at the first wall
     # to ~161; held 2.3 s (a punishing upstream's window), then ~1.2 s at that pace and
@@ -264,19 +283,12 @@ def test_a_cut_after_a_hold_is_bounded_by_what_the_upstream_accepted_while_it_co
     # steady against the five seconds' sends over the time we sent. What the upstream
     # accepted bounds the cut, over the five seconds less the hold's excess over a
     # second of burst (the refill it could not store). Before, the hold made the sends
-    # after it look like a climb: cut a tenth off ~146, at 1.3-1.9 times the quota for
+    # after it look like a climb: cut a tenth off ~161, at 1.3-1.9 times the quota for
     # the first 10 s of the matrix's row 18 in real time.
     pace = Pace()
-    t = sent(pace, 342, 0.0, 180.0)
-    for _ in range(6):
-        pace.congested(t, sent_at=t - 0.002)
-    first = pace.rate
-    assert first is not None
+    t, first = cut_at_180(pace)
     t = sent(pace, round(1.2 * first), t + 2.3, first)
-    refused = 6
-    while pace.rate == first:
-        pace.congested(t, sent_at=t - 0.002)
-        refused += 1
+    refused = 6 + refused_until_cut(pace, t)
     assert pace.rate is not None
     # The window (slices of 0.5 s) holds the sends from 0.5 s on and every refusal; the
     # upstream could serve for 5 - (2.3 - 1) = 3.7 s of it.
@@ -290,14 +302,9 @@ def test_a_long_hold_leaves_the_cut_to_the_rate_refused():
     # Held 4.5 of the five seconds: the second of sends after it is all the window has,
     # and says nothing of a rate the upstream accepted. The cut is a tenth off the pace.
     pace = Pace()
-    t = sent(pace, 342, 0.0, 180.0)
-    for _ in range(6):
-        pace.congested(t, sent_at=t - 0.002)
-    first = pace.rate
-    assert first is not None
+    t, first = cut_at_180(pace)
     t = sent(pace, round(0.5 * first), t + 4.5, first)
-    while pace.rate == first:
-        pace.congested(t, sent_at=t - 0.002)
+    refused_until_cut(pace, t)
     assert pace.rate == pytest.approx(PACE_BETA * first)
 
 
