@@ -114,6 +114,17 @@ second or more, and sends timed one by one reach the upstream in clumps (a loop 
 the real-time penalty rows lost 10 s at once). The reserve costs its units once, not the
 rate."""
 
+PUNISHED_SPREAD = 2.0
+"""On an upstream that punishes, with no pace but a mirror of its bucket, the sends go one
+by one at no more than this many times the mirror's refill. A mirror is a close estimate,
+not the upstream's ledger, and its room spent at the speed of demand leaves the first
+refusal no time to come back before the next sends are inside its window: in the
+real-time matrix's row 9, a long reply's reading of 59 left let 23 sends out within 6 ms
+into a bucket that held far fewer, and the last 5, refused within 4 ms of each other,
+bought 5 s of penalty. At twice the refill a full bucket is still spent within a second
+or two, and the sends are never held under the quota: a learnt rate is a lower bound of
+the refill, and at least half of it with resets rounded up to the second."""
+
 PUNISHED_DRIFT = 0.01
 """How much later, per refused probe, than the closure's first stated end a whole-second
 window may end (beyond its rounding) without proving that our probes extend it: a refusal
@@ -636,6 +647,8 @@ class Feedback:
             # And a mirror no reading has verified for a while (see ``TokenBucket.probe``),
             # judged by what we sent since the last look.
             self._mirror_probe = (now, self._sends)
+            if self.punishes and pace.rate is None:
+                self._apply_pace()  # the spread follows the mirror's rate
             if not self.punishes and not pace.recent_refused(now):
                 self._rate.probe((self._sends - sends) / (now - due))
         if probe:
@@ -863,7 +876,8 @@ class Feedback:
 
     def _punished(self) -> None:
         """The upstream punishes early sends: from now on its bucket is never run dry,
-        and the pace's sends go one by one (``_apply_pace``)."""
+        and the sends go one by one, at the pace, or with none at most
+        ``PUNISHED_SPREAD`` times the mirror's refill (``_apply_pace``)."""
         self.punishes = True
         self._pace.careful = True
         self._rate.hold_back(PUNISHED_RESERVE)
@@ -927,6 +941,9 @@ class Feedback:
 
     def _apply_pace(self) -> None:
         rate = self._pace.rate
+        if rate is None and self.punishes:
+            mirror = self._rate.mirror_rate
+            rate = None if mirror is None else PUNISHED_SPREAD * mirror
         if rate is None or rate * 60 >= self._rpm:
             self._rate.reconfigure(per_minute=self._rpm, burst=self._rpm_burst)
         else:

@@ -1070,6 +1070,15 @@ class _BucketGate:
         bucket = self._bucket
         return None if bucket._mirror_burst is None else bucket._mirror_level
 
+    @property
+    def mirror_rate(self) -> float | None:
+        """The refill rate of the mirror of the upstream's bucket (None: no mirror, a fixed
+        window's, or one that has learnt no rate)."""
+        bucket = self._bucket
+        if bucket._mirror_burst is None or bucket._mirror_until != math.inf:
+            return None
+        return bucket._mirror_rate or None
+
     def at_least(self, rate: float) -> None:
         """The upstream refilled at least ``rate`` units a second; see ``TokenBucket.at_least``."""
         if self._bucket.at_least(rate, self._now()):

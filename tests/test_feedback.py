@@ -25,6 +25,7 @@ from asyncquota.feedback import (
     PACE_SILENT_GROWTH,
     PACE_STEP,
     PUNISHED_GROWTH,
+    PUNISHED_SPREAD,
     Feedback,
     Pace,
 )
@@ -599,6 +600,47 @@ def test_on_a_punishing_upstream_the_paces_sends_go_one_by_one():
     knock(fb, 1.014, 1.015, 1.999)
     assert fb.punishes
     assert rate.statistics().burst == 1.0
+
+
+async def test_on_a_punishing_upstream_with_no_pace_a_mirrors_room_goes_spread():
+    # A mirror is an estimate: its room spent at the speed of demand leaves the first
+    # refusal no time to come back before the next sends are inside its window (the
+    # real-time row 9: 23 sends within 6 ms off a reading of 59 left, 5 s of penalty). On
+    # an upstream that punishes, with no pace, they go one by one at twice its refill.
+    loop = asyncio.get_running_loop()
+    rate = RateGate(per_minute=1e12)
+    fb = Feedback(
+        cooldown=CooldownGate(ramp=0.0),
+        rate=rate,
+        tokens=TokenGate(per_minute=1e12),
+        rpm=1e12,
+        wall_clock=frozen_wall_clock,
+    )
+    rate.sync(remaining=0, reset_after=1.0, limit=100)  # learnt: 99 a second
+    assert rate.mirror_rate == pytest.approx(99.0)
+    await asyncio.sleep(2.0)  # the mirror refills: a bucket's room
+
+    async def ten_sends() -> float:
+        start = loop.time()
+        for _ in range(10):
+            await rate.acquire()
+            fb.sent(loop.time(), 0)
+        return loop.time() - start
+
+    start = loop.time()
+    for _ in range(10):  # nothing says the upstream punishes: at once
+        await rate.acquire()
+    assert loop.time() == start
+    t = loop.time()
+    knock(fb, t - 0.002, t, 0.005)
+    knock(fb, t + 0.001, t + 0.003, 1.0)
+    knock(fb, t + 0.003, t + 0.004, 1.999)
+    assert fb.punishes and fb.pace is None
+    assert await ten_sends() == pytest.approx(9 / (PUNISHED_SPREAD * 99.0), abs=1e-4)
+    # The spread follows the mirror's rate, looked at every pace step.
+    rate.sync(remaining=0, reset_after=0.5, limit=100)  # learnt: 198 a second
+    await asyncio.sleep(2.0)
+    assert await ten_sends() == pytest.approx(9 / (PUNISHED_SPREAD * 198.0), abs=1e-4)
 
 
 def test_a_pace_that_never_binds_is_lifted():
