@@ -122,8 +122,11 @@ refusal no time to come back before the next sends are inside its window: in the
 real-time matrix's row 9, a long reply's reading of 59 left let 23 sends out within 6 ms
 into a bucket that held far fewer, and the last 5, refused within 4 ms of each other,
 bought 5 s of penalty. At twice the refill a full bucket is still spent within a second
-or two, and the sends are never held under the quota: a learnt rate is a lower bound of
-the refill, and at least half of it with resets rounded up to the second."""
+or two, and the sends are not held under the quota where the mirror's rate is read off a
+bucket's ``limit``: a lower bound of the refill, and at least half of it with resets
+rounded up to the second. A per-minute ``limit`` over a second's bucket reads a rate far
+above the refill (row 14: 124 to 29 986 a second over one night, for 100 and then 200),
+and then the spread binds nothing."""
 
 PUNISHED_DRIFT = 0.01
 """How much later, per refused probe, than the closure's first stated end a whole-second
