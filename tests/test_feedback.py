@@ -580,14 +580,8 @@ def test_on_a_punishing_upstream_the_paces_sends_go_one_by_one():
     # comes back spread. On an upstream that punishes, not even that: a loop held up for a
     # few ms let the burst out at once, and each send after the first that found the
     # bucket empty bought a second.
-    rate = RateGate(per_minute=1e12)
-    fb = Feedback(
-        cooldown=CooldownGate(ramp=0.0),
-        rate=rate,
-        tokens=TokenGate(per_minute=1e12),
-        rpm=1e12,
-        wall_clock=frozen_wall_clock,
-    )
+    fb = unbounded_feedback(CooldownGate(ramp=0.0))
+    rate = fb._rate
     for _ in range(400):
         fb.sent(0.5, 0)
     for _ in range(20):
@@ -608,14 +602,8 @@ async def test_on_a_punishing_upstream_with_no_pace_a_mirrors_room_goes_spread()
     # real-time row 9: 23 sends within 6 ms off a reading of 59 left, 5 s of penalty). On
     # an upstream that punishes, with no pace, they go one by one at twice its refill.
     loop = asyncio.get_running_loop()
-    rate = RateGate(per_minute=1e12)
-    fb = Feedback(
-        cooldown=CooldownGate(ramp=0.0),
-        rate=rate,
-        tokens=TokenGate(per_minute=1e12),
-        rpm=1e12,
-        wall_clock=frozen_wall_clock,
-    )
+    fb = unbounded_feedback(CooldownGate(ramp=0.0))
+    rate = fb._rate
     rate.sync(remaining=0, reset_after=1.0, limit=100)  # learnt: 99 a second
     assert rate.mirror_rate == pytest.approx(99.0)
     await asyncio.sleep(2.0)  # the mirror refills: a bucket's room
