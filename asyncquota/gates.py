@@ -754,6 +754,14 @@ class TokenBucket:
                 self._rate_cap = max(self._rate_cap, raised)
                 self._learnt_rate = self._mirror_rate = raised
                 self._learnt_at = self._raised_at = now
+                previous = self._reading
+                if previous is not None and previous[3] != limit:
+                    # Raised under a new limit, the bound is of the new quota: a
+                    # measurement begun under the old one must not scale it once more
+                    # (``_rescale``). Scaled so, the real-time row 14's doubled from 168
+                    # to 336 a second at the first fast reply after the quota doubled
+                    # (to 200), and its empty bucket refused every 20 ms.
+                    self._reading = None
                 anchored = remaining - since + self._mirror_rate * sent_age
             late = self._taken_within(min(lag, sent_age), now)
             self._mirror_level = min(burst, remaining - late, anchored)

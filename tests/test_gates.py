@@ -523,6 +523,35 @@ def test_without_a_reserve_only_a_fast_reply_rescales_the_refill_bound():
     assert bucket.mirror(21.0).rate == pytest.approx(ROOM * 200.0)
 
 
+def test_a_bound_raised_under_a_new_limit_is_not_scaled_to_it_again():
+    # The refill bound measured under 6 000 a minute (100 a second); the quota doubles.
+    # A slow reply shows the new bucket full although we sent at the bound: raised a
+    # quarter, under the new limit. The first fast reply under it must not double that
+    # bound as if it were still the old quota's (the real-time row 14: 168 to 336 a
+    # second against a refill of 200, and refusals every 20 ms).
+    bucket = per_minute_bucket(reserve=0.0)
+    bucket.sync(  # its top: 100
+        remaining=100, reset_after=0.1, limit=6_000, now=1.0, sent_mark=bucket.taken
+    )
+    bucket.take(100, 1.0)  # the mirror had nothing left when the request went
+    mark, level = bucket.taken, bucket.mirror(1.0).level + 1
+    for second in range(2, 12):  # sent at the mirror's rate for the reply's 10 s
+        bucket.take(ROOM * 100.0, float(second))
+    bucket.sync(  # the new bucket, the old top scaled (200), full: the bound is raised
+        remaining=199,
+        reset_after=0.1,
+        limit=12_000,
+        now=11.0,
+        sent_mark=mark,
+        sent_age=10.0,
+        sent_level=level,
+    )
+    raised = 1.25 * ROOM * 100.0
+    assert bucket.mirror(11.0).rate == pytest.approx(raised)
+    bucket.sync(remaining=0, reset_after=1.0, limit=12_000, now=12.0, sent_mark=bucket.taken)
+    assert bucket.mirror(12.0).rate == pytest.approx(raised)
+
+
 def test_a_rate_the_upstream_was_seen_to_refill_at_least_raises_one_learnt_lower():
     # "0 of 100 left, full again in 2 s" (a reset rounded up to the second): 49.5 a second.
     bucket = TokenBucket(now=0.0, **UNBOUNDED)
