@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import email.utils
+import gc
 import random
 import statistics
 import time
@@ -835,3 +836,22 @@ async def test_the_server_process_serves_limits_reports_stats_and_stops():
     async with aiohttp.ClientSession() as session:
         with pytest.raises(aiohttp.ClientConnectionError):
             await session.get(base_url + "/stats")
+
+
+def test_the_server_process_collects_only_young_garbage_by_itself():
+    # Run in the server process before it serves: what start-up built is frozen out of
+    # every collection, and no full collection comes by itself (a pause of the model's
+    # own collector would hold its door shut for up to 170 ms, a stall the model never
+    # states). Restored here: this is the test process.
+    from asyncquota.testing.server import FULL_COLLECTIONS_AFTER, quiet_collector
+
+    threshold = gc.get_threshold()
+    try:
+        quiet_collector()
+        assert gc.get_freeze_count() > 0
+        young, middle, full = gc.get_threshold()
+        assert (young, middle) == threshold[:2]
+        assert full == FULL_COLLECTIONS_AFTER
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
