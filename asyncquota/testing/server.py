@@ -131,7 +131,7 @@ themselves within a night (see ``quiet_collector``)."""
 
 
 def quiet_collector() -> None:
-    """Keep the collector from holding up the server process's door (see below).
+    """Keep the collector from holding up the server process's door.
 
     The model states every way its door is slow (``UpstreamConfig``: latencies, hangs);
     a pause of its own collector is none of them. Full collections grew with the
