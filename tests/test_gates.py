@@ -339,33 +339,36 @@ def test_a_held_reserve_gives_a_measured_refill_twice_the_room():
     per_minute_bucket(reserve=0.1)  # measured while held: ROOM_HELD times (it asserts)
 
 
+def sent_a_while(remaining: float, *, drained: bool = True, limit: int = 6_000) -> TokenBucket:
+    """A per-minute bucket (top 100) sent at the mirror's rate for a reply's 10 s, then
+    that slow reply's reading: ``remaining`` under ``limit`` at 11 s."""
+    bucket = per_minute_bucket(reserve=0.0)
+    bucket.sync(  # its top: 100, and the mirror's level
+        remaining=100, reset_after=0.1, limit=6_000, now=1.0, sent_mark=bucket.taken
+    )
+    if drained:
+        bucket.take(100, 1.0)  # the mirror had nothing left when the request went
+    mark, level = bucket.taken, bucket.mirror(1.0).level + 1
+    for second in range(2, 12):  # sent at the mirror's rate for the reply's 10 s
+        bucket.take(ROOM * 100.0, float(second))
+    bucket.sync(
+        remaining=remaining,
+        reset_after=0.1,
+        limit=limit,
+        now=11.0,
+        sent_mark=mark,
+        sent_age=10.0,
+        sent_level=level,
+    )
+    return bucket
+
+
 def test_a_slow_reply_at_the_top_the_upstream_has_shown_raises_a_measured_rate():
     # A per-minute ``limit`` (6 000) over a bucket of 100: two fast readings bounded the
     # rate at a little over the refill they measured, 100 a second. Measured in a cooldown's
     # wake it can be low for good: the real-time row 14 held the pace at 89 a second of
     # 200 all night while every reading showed its bucket full. The mirror's burst (the
     # limit) is never full; the most ``remaining`` the upstream has shown is.
-    def sent_a_while(remaining: float, *, drained: bool = True) -> TokenBucket:
-        bucket = per_minute_bucket(reserve=0.0)
-        bucket.sync(  # its top: 100, and the mirror's level
-            remaining=100, reset_after=0.1, limit=6_000, now=1.0, sent_mark=bucket.taken
-        )
-        if drained:
-            bucket.take(100, 1.0)  # the mirror had nothing left when the request went
-        mark, level = bucket.taken, bucket.mirror(1.0).level + 1
-        for second in range(2, 12):  # sent at the mirror's rate for the reply's 10 s
-            bucket.take(ROOM * 100.0, float(second))
-        bucket.sync(
-            remaining=remaining,
-            reset_after=0.1,
-            limit=6_000,
-            now=11.0,
-            sent_mark=mark,
-            sent_age=10.0,
-            sent_level=level,
-        )
-        return bucket
-
     # Still at its top after all that: it refilled faster, the measured bound is refuted.
     assert sent_a_while(99).mirror(11.0).rate == pytest.approx(ROOM * 100.0 * 1.25)
     # Under its top, a level held steady proves only the rate we sent at.
@@ -529,23 +532,8 @@ def test_a_bound_raised_under_a_new_limit_is_not_scaled_to_it_again():
     # quarter, under the new limit. The first fast reply under it must not double that
     # bound as if it were still the old quota's (the real-time row 14: 168 to 336 a
     # second against a refill of 200, and refusals every 20 ms).
-    bucket = per_minute_bucket(reserve=0.0)
-    bucket.sync(  # its top: 100
-        remaining=100, reset_after=0.1, limit=6_000, now=1.0, sent_mark=bucket.taken
-    )
-    bucket.take(100, 1.0)  # the mirror had nothing left when the request went
-    mark, level = bucket.taken, bucket.mirror(1.0).level + 1
-    for second in range(2, 12):  # sent at the mirror's rate for the reply's 10 s
-        bucket.take(ROOM * 100.0, float(second))
-    bucket.sync(  # the new bucket, the old top scaled (200), full: the bound is raised
-        remaining=199,
-        reset_after=0.1,
-        limit=12_000,
-        now=11.0,
-        sent_mark=mark,
-        sent_age=10.0,
-        sent_level=level,
-    )
+    # The new bucket, the old top scaled (200), full: the bound is raised.
+    bucket = sent_a_while(199, limit=12_000)
     raised = 1.25 * ROOM * 100.0
     assert bucket.mirror(11.0).rate == pytest.approx(raised)
     bucket.sync(remaining=0, reset_after=1.0, limit=12_000, now=12.0, sent_mark=bucket.taken)
