@@ -1,6 +1,7 @@
 """Gates in virtual time: every timestamp below is exact loop time (looptime starts at 0)."""
 
 import asyncio
+import itertools
 import math
 import random
 
@@ -87,16 +88,22 @@ def sends(bucket: TokenBucket, count: int, start: float = 0.0) -> list[float]:
     return times
 
 
+def spacing(times: list[float]) -> list[float]:
+    """The time between each send and the next."""
+    return [later - earlier for earlier, later in itertools.pairwise(times)]
+
+
 UNBOUNDED = dict(rate=1e9, burst=1e9)  # our own quota out of the way: the mirror alone rules
 
 
-def test_two_left_of_61_with_a_reset_in_58_s_go_at_once_then_one_a_second():
+def test_two_left_of_61_with_a_reset_in_58_s_go_within_half_a_second_then_one_a_second():
     # 61 - 2 = 59 units refill in 58 s: remaining is floored, so one of them may be a
     # fraction; the rate that cannot be too high is (59 - 1) / 58, one a second.
     bucket = TokenBucket(now=0.0, **UNBOUNDED)
     bucket.sync(remaining=2, reset_after=58.0, limit=61, now=0.0)
     assert bucket.mirror(0.0) == MirrorStatistics(level=2.0, rate=1.0, burst=61.0, lapses_at=None)
-    assert sends(bucket, 5) == [0.0, 0.0, 1.0, 2.0, 3.0]
+    # the last one left is the bucket's bottom: it goes at twice the refill (_BOTTOM_SPREAD)
+    assert sends(bucket, 5) == [0.0, 0.5, 1.0, 2.0, 3.0]
 
 
 def test_nothing_left_of_11_with_a_reset_in_1_s_then_ten_a_second():
@@ -106,7 +113,8 @@ def test_nothing_left_of_11_with_a_reset_in_1_s_then_ten_a_second():
     assert sends(bucket, 4) == pytest.approx([0.1, 0.2, 0.3, 0.4])
     # left alone, the mirror fills to the upstream's limit and no further
     assert bucket.mirror(30.0).level == 11.0
-    assert sends(bucket, 12, start=30.0)[-2:] == pytest.approx([30.0, 30.1])
+    # ten at once; the eleventh, the bottom, 1 / (2 * 10) s behind them; then the refill
+    assert sends(bucket, 12, start=30.0)[-3:] == pytest.approx([30.0, 30.05, 30.1])
 
 
 def test_a_reading_holds_sends_back_a_minute_at_most():
@@ -159,11 +167,42 @@ def test_a_sync_lowers_the_mirror_but_never_raises_it():
 def test_sends_the_upstream_has_not_seen_stay_debited():
     bucket = TokenBucket(now=0.0, **UNBOUNDED)
     bucket.sync(remaining=3, reset_after=6.0, limit=10, now=0.0)  # 1 per second
-    bucket.take(3, 0.0)  # granted, not yet arrived
+    for _ in range(3):
+        bucket.take(1, 0.0)  # granted, not yet arrived
     # a reply that left the upstream before they arrived still says 3
     bucket.sync(remaining=3, reset_after=6.0, limit=10, now=0.0)
     assert bucket.time_until(1, 0.0) == 1.0
     assert bucket.mirror(0.0).level == 0.0
+
+
+def test_the_bottom_of_a_mirror_goes_one_by_one_at_twice_its_refill():
+    # 100 left of 200, refilling 200 a second: all but the bottom (a tenth of a second's
+    # refill: 20) at once; the bottom one by one at twice the refill while the level
+    # falls (by the refill's worth a second); then at the refill.
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=100, reset_after=0.495, limit=200, now=0.0)
+    assert bucket.mirror(0.0).rate == pytest.approx(200.0)
+    times = sends(bucket, 130)
+    gaps = spacing(times)
+    assert times[:79] == [0.0] * 79
+    assert gaps[79:118] == pytest.approx([1 / 400] * 39)
+    assert gaps[120:] == pytest.approx([1 / 200] * 9)
+
+
+def test_what_a_reading_finds_at_the_bottom_goes_one_by_one():
+    # The real-time matrix's row 9 on a busy machine: the mirror at its bottom, fast
+    # readings re-anchored it a few units up and let 27 sends out within 50 ms, two of
+    # them refused a millisecond apart: a second of penalty each. One by one, a send the
+    # mirror let out early is refused alone, and its refusal is back before the next.
+    bucket = TokenBucket(now=0.0, **UNBOUNDED)
+    bucket.sync(remaining=0, reset_after=0.995, limit=200, now=0.0)  # 200 a second
+    mark = bucket.taken
+    bucket.sync(
+        remaining=5, reset_after=0.975, limit=200, now=0.001, sent_mark=mark, sent_age=0.001
+    )
+    assert bucket.mirror(0.001).level == pytest.approx(5.0)
+    times = sends(bucket, 8, start=0.001)
+    assert times == pytest.approx([0.001 + k / 400 for k in range(8)])
 
 
 def test_a_grant_taken_before_the_first_headers_is_not_forgotten():
@@ -254,10 +293,14 @@ def test_a_reserve_keeps_seconds_of_the_refill_unspent_then_sends_go_at_the_rate
     bucket.sync(remaining=50, reset_after=0.5, limit=100, now=0.0)
     assert bucket.mirror(0.0).rate == pytest.approx(98.0)  # (100 - 50 - 1) / 0.5
     bucket.hold_back(10 / 98)
-    times = sends(bucket, 45)
-    assert times[:40] == [0.0] * 40  # 50 - 10 go at once
-    # then one a refill: the rate is untouched, only the last units stay put
-    assert times[40:] == pytest.approx([(k + 1) / 98 for k in range(5)])
+    times = sends(bucket, 65)
+    gaps = spacing(times)
+    # 50 - 10 - 9.8 (the bottom: a tenth of a second's refill above the reserve) at once
+    assert times[:30] == [0.0] * 30
+    # then one by one at twice the refill, the level falling a refill's worth a second,
+    # until only the reserve is left; then one a refill: the rate is untouched
+    assert gaps[29:48] == pytest.approx([1 / 196] * 19)
+    assert gaps[49:] == pytest.approx([1 / 98] * 15)
     assert bucket.mirror(times[-1]).level == pytest.approx(10.0)
 
 
@@ -294,13 +337,19 @@ def test_a_reserve_is_at_most_half_of_what_the_upstream_showed_it_holds():
     slow = {"limit": 12_000, "reset_after": 1.0, "now": 20.0, "sent_age": 10.0}
     bucket.sync(remaining=150, sent_mark=bucket.taken, **slow)
     assert bucket.time_until(1, 20.0) == 0.0
-    bucket.take(50, 20.0)  # 100 left, 99.5 of them held back: one more is half a unit short
+    # 100 left, 99.5 of them held back: one more is half a unit short. (The takes here
+    # end with a tenth of a unit: the bottom's spread behind a take, _BOTTOM_SPREAD, is
+    # then a twentieth of a unit's refill, shorter than what is asserted.)
+    bucket.take(49.9, 20.0)
+    bucket.take(0.1, 20.0)
     assert bucket.time_until(1, 20.0) == pytest.approx(0.5 / bucket.mirror(20.0).rate)
     # a new limit (the quota doubled) forgets the old bucket's top: the next reading is it
     bucket.sync(remaining=40, sent_mark=bucket.taken, **{**slow, "limit": 24_000})
-    assert bucket.time_until(1, 20.0) == 0.0
-    bucket.take(20, 20.0)  # 20 left, 20 held back
-    assert bucket.time_until(1, 20.0) == pytest.approx(1 / bucket.mirror(20.0).rate)
+    rate = bucket.mirror(20.0).rate
+    assert bucket.time_until(1, 20.0) == pytest.approx(0.05 / rate)  # the spread alone
+    bucket.take(19.9, 20.0)  # 20 left, 20 held back
+    bucket.take(0.1, 20.0)
+    assert bucket.time_until(1, 20.0) == pytest.approx(1 / rate)
 
 
 def per_minute_bucket(*, reserve: float) -> TokenBucket:
@@ -656,7 +705,7 @@ async def test_a_gate_paced_by_headers_sends_what_is_left_then_at_the_upstreams_
     assert gate.statistics().mirror == MirrorStatistics(
         level=2.0, rate=1.0, burst=61.0, lapses_at=None
     )
-    assert await admission_times(gate, 4) == [0.0, 0.0, 1.0, 2.0]
+    assert await admission_times(gate, 4) == [0.0, 0.5, 1.0, 2.0]  # the bottom: one by one
 
 
 async def test_a_fixed_window_holds_the_waiter_until_its_reset():
