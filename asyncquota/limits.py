@@ -422,13 +422,23 @@ class AIMD:
         start of every night and whenever the limit outgrew the cap: most of the 1-1.8 %
         of 429s of the robustness matrix's short rows (a cap of 48 in flight).
 
+        Whatever the episode, the limit is left under ``inflight`` (ours when it was
+        refused, itself included): that many was too many. A cut within an episode is
+        one, but the refusals come back at once, each freeing its slot for the next
+        send: the virtual matrix's row 7 (seed 5) cut 71 to 49 with 49 in flight, and the
+        one free slot sent 679 requests at one instant, every one refused.
+
         Returns:
             The new limit.
         """
-        del inflight  # on_sample's signature: a limiter forwards either the same way
         self._restart_if_idle(now, rtt)
         self._episodes.count(True)
-        return self._dropped(now, rtt, chance=False)
+        self._dropped(now, rtt, chance=False)
+        under = max(float(self._min_limit), float(inflight - 1))
+        if self._limit > under:
+            self._limit = under
+            self._ssthresh = min(self._ssthresh, under)
+        return int(self._limit)
 
     def _restart_if_idle(self, now: float, rtt: float) -> None:
         if self._last_reply is not None and now - rtt - self._last_reply >= self._idle_reset:

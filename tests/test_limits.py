@@ -386,6 +386,18 @@ def test_a_refusal_naming_a_concurrency_cap_cuts_at_once_whatever_the_tolerance(
     assert limit.on_crowd(1.35, 0.002, inflight=51) == 25
 
 
+def test_a_crowd_refusal_leaves_the_limit_under_what_was_in_flight_within_its_episode():
+    # The refusals come back at once, each freeing its slot: a cut that leaves the limit
+    # above what was in flight sends into the cap again and again within one episode.
+    limit = AIMD(initial=100, max_limit=100, drop_tolerance=0.03)
+    assert limit.on_crowd(1.0, 0.002, inflight=40) == 39  # half of 100 is 50: too many
+    assert limit.ssthresh == 39
+    # an echo within the episode, with one fewer in flight: under that too
+    assert limit.on_crowd(1.0, 0.002, inflight=39) == 38
+    # never under the least limit
+    assert limit.on_crowd(1.0, 0.002, inflight=1) == 1
+
+
 def test_a_crowd_refusal_is_a_reply_so_no_quiet_spell_follows_it():
     limit = AIMD(initial=40, max_limit=100, drop_tolerance=0.03)
     limit.on_sample(0.3, 0.3, inflight=40, dropped=False)
