@@ -518,7 +518,11 @@ class TokenBucket:
                 )
                 mirror = _shortfall(amount + reserve, self._mirror_level, burst, rate)
                 latest = self._latest
-                if latest and self._mirror_level - amount - reserve < _BOTTOM_SECONDS * rate:
+                if (
+                    latest
+                    and rate > 0.0
+                    and self._mirror_level - amount - reserve < _BOTTOM_SECONDS * rate
+                ):
                     # At the bottom: one by one, behind the last take (``_BOTTOM_SPREAD``).
                     at, units = latest[-1]
                     spread = at + units / (_BOTTOM_SPREAD * rate) - now
