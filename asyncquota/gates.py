@@ -137,8 +137,9 @@ within 50 ms at a mirror's refill of 162 a second, two refused 1 ms apart, 2 s o
 silence). The mirror's rate is a lower bound of the refill, at least half of it (see
 ``PUNISHED_SPREAD`` in ``feedback``, the same spread at every level once an upstream is
 known to punish): twice it does not hold the sends under the refill. Paired real-time
-runs of rows 9 and 14 on a busy machine (seeds 3-10): the lowest of 12 runs 0.978 of the
-quota with the spread, 0.916 without (row 9: a wall of 2 s)."""
+runs of rows 9 and 14 on a busy machine (seeds 3 and 5-10): 3 of 14 runs missed a target
+without the spread, 1 of 14 with it (row 14's first 10 s with seed 6, both ways); row
+9's lowest gave 0.916 of the quota without it (a wall of 2 s), 0.983 with it."""
 
 _BOTTOM_SECONDS = 0.1
 """How much of a bucket mirror's refill (seconds of it) is its bottom (``_BOTTOM_SPREAD``)."""

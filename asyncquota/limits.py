@@ -423,10 +423,10 @@ class AIMD:
         of 429s of the robustness matrix's short rows (a cap of 48 in flight).
 
         Whatever the episode, the limit is left under ``inflight`` (ours when it was
-        refused, itself included): that many was too many. A cut within an episode is
-        one, but the refusals come back at once, each freeing its slot for the next
-        send: the virtual matrix's row 7 (seed 5) cut 71 to 49 with 49 in flight, and the
-        one free slot sent 679 requests at one instant, every one refused.
+        refused, itself included): that many was too many. An episode cuts once, but
+        its refusals come back at once, each freeing its slot for the next send: the
+        virtual matrix's row 7 (seed 5) cut 71 to 49 with 49 in flight, and the one free
+        slot sent 679 requests at one instant, every one refused.
 
         Returns:
             The new limit.
